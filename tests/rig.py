@@ -1,0 +1,236 @@
+"""The test rig: nodes, a switch and pods built from real network namespaces and real OVS.
+
+Layout (DESIGN.md, "The test rig")::
+
+    <p>-sw   switch namespace: Linux bridge ``br0`` holding the gateway 172.18.0.1/16 and the
+             API server address 172.18.0.2/16; one veth per node is enslaved to it.
+    <p>-n1   a node: ``eth0`` (veth into the switch) with 172.18.10.11/16 and a default route via
+             172.18.0.1; its own ovsdb-server and ovs-vswitchd with a private run directory.
+    <p>-pod1 a pod: an empty namespace that CNI plugins fill.
+
+Every 172.18.x address lives inside namespaces this module created; the machine's own
+namespace is never given an address or a route. ``Rig.close()`` removes everything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+GATEWAY = "172.18.0.1"
+APISERVER_IP = "172.18.0.2"
+PREFIXLEN = 16
+RUN_ROOT = Path("/tmp/underlay-rig")
+
+
+class RigError(RuntimeError):
+    """A rig command failed; the message holds the command and its stderr."""
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture text output; raise RigError naming it when ``check`` fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise RigError(f"{' '.join(cmd)} -> {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def rig_available() -> str | None:
+    """Return None when the rig can run here, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "the rig needs root (network namespaces)"
+    for tool in ("ip", "ovsdb-server", "ovs-vswitchd", "ovsdb-tool", "ovs-vsctl"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    if not Path(OVS_SCHEMA).exists():
+        return f"{OVS_SCHEMA} missing"
+    return None
+
+
+@dataclass
+class Netns:
+    """A network namespace created by the rig (``/run/netns/<name>``)."""
+
+    name: str
+
+    @property
+    def path(self) -> str:
+        return f"/run/netns/{self.name}"
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` inside this namespace (``ip netns exec``)."""
+        return run("ip", "netns", "exec", self.name, *cmd, check=check, timeout=timeout)
+
+    def popen(self, *cmd: str, **kw: object) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` inside this namespace in the background."""
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], **kw)  # type: ignore[call-overload, no-any-return]
+
+    def ping(self, addr: str, count: int = 2, timeout: int = 2) -> bool:
+        """True when ``addr`` answers ICMP echo from inside this namespace."""
+        proc = self.run("ping", "-c", str(count), "-i", "0.2", "-W", str(timeout), addr, check=False)
+        return proc.returncode == 0
+
+    def addresses(self, dev: str) -> list[str]:
+        """IPv4/IPv6 global addresses of ``dev`` in CIDR form."""
+        out = self.run("ip", "-o", "addr", "show", "dev", dev, "scope", "global").stdout
+        return [line.split()[3] for line in out.splitlines()]
+
+    def default_route_dev(self) -> str | None:
+        """Device of the IPv4 default route, or None."""
+        out = self.run("ip", "-4", "route", "show", "default").stdout.split()
+        return out[out.index("dev") + 1] if "dev" in out else None
+
+    def link_exists(self, dev: str) -> bool:
+        return self.run("ip", "link", "show", "dev", dev, check=False).returncode == 0
+
+
+@dataclass
+class Node(Netns):
+    """A rig node: namespace, uplink ``eth0`` and a private OVS (ovsdb-server + ovs-vswitchd)."""
+
+    ip: str = ""
+    rundir: Path = field(default_factory=Path)
+
+    @property
+    def ovsdb(self) -> str:
+        """OVSDB connection string for ovsdbapp / ``ovs-vsctl --db``."""
+        return f"unix:{self.rundir / 'db.sock'}"
+
+    @property
+    def root(self) -> Path:
+        """Stand-in for the node's ``/``: persistence files are written under it."""
+        return self.rundir / "root"
+
+    def vsctl(self, *args: str, check: bool = True) -> str:
+        """``ovs-vsctl`` against this node's OVS; returns stdout stripped."""
+        return run("ovs-vsctl", f"--db={self.ovsdb}", "--timeout=10", *args, check=check).stdout.strip()
+
+    def start_ovs(self) -> None:
+        """Create a fresh OVS database and start ovsdb-server and ovs-vswitchd in the namespace."""
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        db = self.rundir / "conf.db"
+        if not db.exists():
+            run("ovsdb-tool", "create", str(db), OVS_SCHEMA)
+        d = self.rundir
+        self.run(
+            "ovsdb-server", str(db), f"--remote=punix:{d / 'db.sock'}",
+            f"--pidfile={d / 'ovsdb-server.pid'}", f"--unixctl={d / 'ovsdb-server.ctl'}",
+            f"--log-file={d / 'ovsdb-server.log'}", "--detach",
+        )  # fmt: skip
+        run("ovs-vsctl", f"--db={self.ovsdb}", "--no-wait", "init")
+        self.run(
+            "env", f"OVS_RUNDIR={d}", "ovs-vswitchd", self.ovsdb,
+            f"--pidfile={d / 'ovs-vswitchd.pid'}", f"--unixctl={d / 'ovs-vswitchd.ctl'}",
+            f"--log-file={d / 'ovs-vswitchd.log'}", "--detach",
+        )  # fmt: skip
+        # vswitchd is up once it has written its version into the database
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.vsctl("get", "Open_vSwitch", ".", "ovs_version", check=False).strip('"'):
+                return
+            time.sleep(0.05)
+        raise RigError(f"ovs-vswitchd of {self.name} did not start; see {d}/ovs-vswitchd.log")
+
+    def stop_ovs(self) -> None:
+        """Stop this node's OVS daemons (as a reboot would)."""
+        for daemon in ("ovs-vswitchd", "ovsdb-server"):
+            pidfile = self.rundir / f"{daemon}.pid"
+            try:
+                pid = int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            for _ in range(200):
+                if not _alive(pid):
+                    break
+                time.sleep(0.01)
+            else:
+                os.kill(pid, signal.SIGKILL)
+
+
+class Rig:
+    """A switch namespace with nodes and pods; use as a context manager or call ``close()``.
+
+    ``prefix`` keeps several rigs (and stale ones from a crashed run) apart; names stay within
+    the 15-character limit of Linux interface names where they become interfaces.
+    """
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self.prefix = prefix or f"u{uuid.uuid4().hex[:5]}"
+        self.dir = RUN_ROOT / self.prefix
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.nodes: dict[str, Node] = {}
+        self.pods: dict[str, Netns] = {}
+        self.switch = Netns(f"{self.prefix}-sw")
+        run("ip", "netns", "add", self.switch.name)
+        self.switch.run("ip", "link", "set", "lo", "up")
+        self.switch.run("ip", "link", "add", "br0", "type", "bridge")
+        self.switch.run("ip", "link", "set", "br0", "up")
+        self.switch.run("ip", "addr", "add", f"{GATEWAY}/{PREFIXLEN}", "dev", "br0")
+        self.switch.run("ip", "addr", "add", f"{APISERVER_IP}/{PREFIXLEN}", "dev", "br0")
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_node(self, name: str, ip: str, *, ovs: bool = True) -> Node:
+        """Create node ``name`` with ``eth0`` = ``ip``/16, default route via the gateway, and OVS."""
+        node = Node(f"{self.prefix}-{name}", ip=ip, rundir=self.dir / name)
+        run("ip", "netns", "add", node.name)
+        self.nodes[name] = node
+        outside = f"{self.prefix}{name}"[:15]
+        run("ip", "link", "add", "rigtmp0", "netns", node.name, "type", "veth",
+            "peer", "name", outside, "netns", self.switch.name)  # fmt: skip
+        node.run("ip", "link", "set", "rigtmp0", "name", "eth0")
+        self.switch.run("ip", "link", "set", outside, "master", "br0", "up")
+        node.run("ip", "link", "set", "lo", "up")
+        node.run("ip", "link", "set", "eth0", "up")
+        node.run("ip", "addr", "add", f"{ip}/{PREFIXLEN}", "dev", "eth0")
+        node.run("ip", "route", "add", "default", "via", GATEWAY)
+        if ovs:
+            node.start_ovs()
+        return node
+
+    def add_pod(self, name: str) -> Netns:
+        """Create an empty pod network namespace (loopback up)."""
+        pod = Netns(f"{self.prefix}-{name}")
+        run("ip", "netns", "add", pod.name)
+        pod.run("ip", "link", "set", "lo", "up")
+        self.pods[name] = pod
+        return pod
+
+    def delete_pod(self, name: str) -> None:
+        """Delete a pod namespace (as a runtime does after the pod is gone)."""
+        pod = self.pods.pop(name)
+        run("ip", "netns", "del", pod.name, check=False)
+
+    def close(self) -> None:
+        """Stop every daemon and delete every namespace this rig created."""
+        for node in self.nodes.values():
+            node.stop_ovs()
+        for ns in [*self.pods.values(), *self.nodes.values(), self.switch]:
+            run("ip", "netns", "del", ns.name, check=False)
+        self.nodes.clear()
+        self.pods.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
