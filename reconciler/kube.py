@@ -43,7 +43,8 @@ def api_client(kubeconfig: str | None = None, context: str | None = None) -> cli
 def has_cluster_config(kubeconfig: str | None = None) -> bool:
     """True when :func:`api_client` would find a configuration."""
     path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    return bool(kubeconfig) or os.path.exists(path) or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    return bool(kubeconfig) or os.path.exists(path) or in_cluster
 
 
 class Objects:
@@ -95,7 +96,7 @@ class Objects:
         return self.api.create_cluster_custom_object(r.group, r.version, r.plural, body, **kw)  # type: ignore[no-any-return]
 
     def replace_status(self, body: dict[str, Any]) -> dict[str, Any]:
-        """PUT the status subresource; ``body.metadata.resourceVersion`` makes it a CAS (409 if stale)."""
+        """PUT the status subresource; ``metadata.resourceVersion`` makes it a CAS (409 if stale)."""
         r = self.res
         md = body["metadata"]
         if r.namespaced:

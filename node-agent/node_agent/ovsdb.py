@@ -7,6 +7,8 @@ transactions. Source: ovsdbapp ``backend.ovs_idl`` (OVSDB RFC 7047 over a unix s
 
 from __future__ import annotations
 
+import contextlib
+
 from ovsdbapp.backend.ovs_idl import connection
 from ovsdbapp.schema.open_vswitch import impl_idl
 
@@ -35,7 +37,5 @@ def connect(remote: str = DEFAULT_REMOTE, timeout: float = 10.0) -> impl_idl.Ovs
 
 def disconnect(api: impl_idl.OvsdbIdl) -> None:
     """Stop the connection thread behind ``api`` (idempotent)."""
-    try:
+    with contextlib.suppress(Exception):  # already stopped
         api.ovsdb_connection.stop()
-    except Exception:  # already stopped
-        pass
