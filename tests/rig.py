@@ -73,7 +73,9 @@ class Netns:
     def path(self) -> str:
         return f"/run/netns/{self.name}"
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` inside this namespace (``ip netns exec``)."""
         return run("ip", "netns", "exec", self.name, *cmd, check=check, timeout=timeout)
 
@@ -83,7 +85,9 @@ class Netns:
 
     def ping(self, addr: str, count: int = 2, timeout: int = 2) -> bool:
         """True when ``addr`` answers ICMP echo from inside this namespace."""
-        proc = self.run("ping", "-c", str(count), "-i", "0.2", "-W", str(timeout), addr, check=False)
+        proc = self.run(
+            "ping", "-c", str(count), "-i", "0.2", "-W", str(timeout), addr, check=False
+        )
         return proc.returncode == 0
 
     def addresses(self, dev: str) -> list[str]:
@@ -119,7 +123,9 @@ class Node(Netns):
 
     def vsctl(self, *args: str, check: bool = True) -> str:
         """``ovs-vsctl`` against this node's OVS; returns stdout stripped."""
-        return run("ovs-vsctl", f"--db={self.ovsdb}", "--timeout=10", *args, check=check).stdout.strip()
+        return run(
+            "ovs-vsctl", f"--db={self.ovsdb}", "--timeout=10", *args, check=check
+        ).stdout.strip()
 
     def start_ovs(self) -> None:
         """Create a fresh OVS database and start ovsdb-server and ovs-vswitchd in the namespace."""
