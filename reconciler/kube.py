@@ -56,7 +56,7 @@ class Objects:
 
     def __init__(self, api: client.ApiClient, resource: Resource) -> None:
         self.res = resource
-        self.api = client.CustomObjectsApi(api)
+        self.api: Any = client.CustomObjectsApi(api)
 
     def _ns(self, namespace: str | None) -> list[str]:
         if self.res.namespaced:
@@ -69,19 +69,19 @@ class Objects:
         """GET one object; ApiException 404 when absent."""
         r = self.res
         if r.namespaced:
-            return self.api.get_namespaced_custom_object(  # type: ignore[no-any-return]
+            return self.api.get_namespaced_custom_object(
                 r.group, r.version, namespace, r.plural, name
             )
-        return self.api.get_cluster_custom_object(r.group, r.version, r.plural, name)  # type: ignore[no-any-return]
+        return self.api.get_cluster_custom_object(r.group, r.version, r.plural, name)
 
     def list(self, namespace: str | None = None, label_selector: str = "") -> dict[str, Any]:
         """LIST (all namespaces when ``namespace`` is None); returns the List object."""
         r = self.res
         if r.namespaced and namespace:
-            return self.api.list_namespaced_custom_object(  # type: ignore[no-any-return]
+            return self.api.list_namespaced_custom_object(
                 r.group, r.version, namespace, r.plural, label_selector=label_selector
             )
-        return self.api.list_cluster_custom_object(  # type: ignore[no-any-return]
+        return self.api.list_cluster_custom_object(
             r.group, r.version, r.plural, label_selector=label_selector
         )
 
@@ -90,20 +90,20 @@ class Objects:
         r = self.res
         ns = body.get("metadata", {}).get("namespace")
         if r.namespaced:
-            return self.api.create_namespaced_custom_object(  # type: ignore[no-any-return]
+            return self.api.create_namespaced_custom_object(
                 r.group, r.version, ns, r.plural, body, **kw
             )
-        return self.api.create_cluster_custom_object(r.group, r.version, r.plural, body, **kw)  # type: ignore[no-any-return]
+        return self.api.create_cluster_custom_object(r.group, r.version, r.plural, body, **kw)
 
     def replace_status(self, body: dict[str, Any]) -> dict[str, Any]:
         """PUT the status subresource; ``metadata.resourceVersion`` makes it a CAS (409 if stale)."""
         r = self.res
         md = body["metadata"]
         if r.namespaced:
-            return self.api.replace_namespaced_custom_object_status(  # type: ignore[no-any-return]
+            return self.api.replace_namespaced_custom_object_status(
                 r.group, r.version, md["namespace"], r.plural, md["name"], body
             )
-        return self.api.replace_cluster_custom_object_status(  # type: ignore[no-any-return]
+        return self.api.replace_cluster_custom_object_status(
             r.group, r.version, r.plural, md["name"], body
         )
 
@@ -121,10 +121,10 @@ class Objects:
         if dry_run:
             kw["dry_run"] = "All"
         if r.namespaced:
-            return self.api.patch_namespaced_custom_object(  # type: ignore[no-any-return]
+            return self.api.patch_namespaced_custom_object(
                 r.group, r.version, md["namespace"], r.plural, md["name"], body, **kw
             )
-        return self.api.patch_cluster_custom_object(  # type: ignore[no-any-return]
+        return self.api.patch_cluster_custom_object(
             r.group, r.version, r.plural, md["name"], body, **kw
         )
 
@@ -132,7 +132,7 @@ class Objects:
         """DELETE one object; ApiException 404 when already gone."""
         r = self.res
         if r.namespaced:
-            return self.api.delete_namespaced_custom_object(  # type: ignore[no-any-return]
+            return self.api.delete_namespaced_custom_object(
                 r.group, r.version, namespace, r.plural, name, **kw
             )
-        return self.api.delete_cluster_custom_object(r.group, r.version, r.plural, name, **kw)  # type: ignore[no-any-return]
+        return self.api.delete_cluster_custom_object(r.group, r.version, r.plural, name, **kw)
