@@ -136,3 +136,40 @@ class Objects:
                 r.group, r.version, namespace, r.plural, name, **kw
             )
         return self.api.delete_cluster_custom_object(r.group, r.version, r.plural, name, **kw)
+
+
+Key = tuple[str, str | None, str]
+
+
+def observe(api: client.ApiClient, resources: tuple[Resource, ...]) -> dict[Key, dict[str, Any]]:
+    """List every object of ``resources`` in the cluster (all namespaces), keyed by identity.
+
+    Returns {(kind, namespace or None, name): object}. One LIST per resource type. Raises
+    MissingCRD naming the CustomResourceDefinition when the API server does not serve a type.
+    """
+    out: dict[Key, dict[str, Any]] = {}
+    for res in resources:
+        try:
+            items = Objects(api, res).list()["items"]
+        except client.ApiException as exc:
+            if exc.status == 404:
+                raise MissingCRD(res) from exc
+            raise
+        for obj in items:
+            md = obj.get("metadata") or {}
+            obj.setdefault("apiVersion", res.api_version)
+            obj.setdefault("kind", res.kind)
+            out[(res.kind, md.get("namespace") if res.namespaced else None, md["name"])] = obj
+    return out
+
+
+class MissingCRD(RuntimeError):
+    """The API server does not serve a resource we need: its CRD is not installed."""
+
+    def __init__(self, res: Resource) -> None:
+        self.resource = res
+        super().__init__(
+            f"the cluster does not serve {res.kind} ({res.plural}.{res.group}/{res.version}): "
+            f"install the CustomResourceDefinition {res.plural}.{res.group} "
+            "(kubectl apply -k deploy/ or `underlay crds | kubectl apply -f -`)"
+        )

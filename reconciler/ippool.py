@@ -1,0 +1,71 @@
+"""SpiderIPPool arithmetic shared by the validator, the planner and the agent's IPAM.
+
+Spiderpool writes pool addresses as lists of single IPs or ``first-last`` ranges
+(``172.18.30.131-172.18.30.140``); ``status.allocatedIPs`` is a JSON *string* mapping each IP to
+``{"pod": "<ns>/<name>", "podUid": "<uid>"}`` (reference/spiderpool.md). Everything here works
+on netaddr objects and plain dicts; nothing talks to the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import netaddr
+
+
+class PoolSyntaxError(ValueError):
+    """An ``ips``/``excludeIPs`` entry is not an IP or a ``first-last`` range (message names it)."""
+
+
+def parse_entry(entry: str) -> netaddr.IPRange:
+    """One ``ips`` entry -> an IPRange (a single IP is a range of one).
+
+    Raises PoolSyntaxError for a malformed address, mixed families or ``first > last``.
+    """
+    text = str(entry).strip()
+    first, sep, last = text.partition("-")
+    try:
+        a = netaddr.IPAddress(first.strip())
+        b = netaddr.IPAddress(last.strip()) if sep else a
+    except (netaddr.AddrFormatError, ValueError) as exc:
+        raise PoolSyntaxError(f"{text!r} is not an IP address or a first-last range") from exc
+    if a.version != b.version:
+        raise PoolSyntaxError(f"{text!r} mixes IPv{a.version} and IPv{b.version}")
+    if a > b:
+        raise PoolSyntaxError(f"{text!r}: first address is above the last ({b}-{a}?)")
+    return netaddr.IPRange(a, b)
+
+
+def ipset(entries: Iterable[str] | None) -> netaddr.IPSet:
+    """Union of ``ips``-style entries. Raises PoolSyntaxError on the first bad entry."""
+    s = netaddr.IPSet()
+    for e in entries or ():
+        s.add(parse_entry(e))
+    return s
+
+
+def allocatable(spec: Mapping[str, Any]) -> netaddr.IPSet:
+    """IPs a pool may hand out: ``ips`` minus ``excludeIPs`` (Spiderpool's totalIPCount)."""
+    return ipset(spec.get("ips")) - ipset(spec.get("excludeIPs"))
+
+
+def allocated_ips(status: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Decode ``status.allocatedIPs`` (a JSON string, absent when empty) into a dict."""
+    raw = (status or {}).get("allocatedIPs")
+    if not raw:
+        return {}
+    data = json.loads(raw) if isinstance(raw, str) else raw
+    return dict(data)
+
+
+def encode_allocated(records: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Encode allocation records the way Spiderpool stores them (None when empty).
+
+    Keys are sorted by address so the string is stable for a given set of records.
+    """
+    if not records:
+        return None
+    ordered = {ip: dict(records[ip]) for ip in sorted(records, key=netaddr.IPAddress)}
+    return json.dumps(ordered, separators=(",", ":"))

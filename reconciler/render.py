@@ -1,0 +1,214 @@
+"""Render: turn validated Git documents into the objects the cluster should hold.
+
+Input: the documents the loader read (plain dicts, already validated). Output: a list of
+:class:`Desired` objects in apply order (OvsBridge, SpiderIPPool, SpiderMultusConfig, then one
+NetworkAttachmentDefinition per SpiderMultusConfig), each labelled as owned by this reconciler
+instance. No I/O here: same input, same output.
+
+NetworkAttachmentDefinition naming and annotations follow Spiderpool's SpiderMultusConfig
+controller (reference/spiderpool.md); the CNI config list uses our plugins (DESIGN.md, "What the
+reconciler writes").
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler import vocab
+from reconciler.vocab import Resource
+
+
+@dataclass
+class Desired:
+    """One object as the reconciler wants it in the cluster.
+
+    ``body`` is the full apply configuration (apiVersion, kind, metadata, spec). ``source`` is
+    ``file:line`` of the Git document it came from (the SMC's for a rendered NAD). ``owner``
+    is the (kind, namespace, name) of the object that must own it via ownerReference, if any.
+    """
+
+    resource: Resource
+    body: dict[str, Any]
+    source: str = ""
+    owner: tuple[str, str | None, str] | None = None
+    rendered_from: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+    @property
+    def namespace(self) -> str | None:
+        ns = self.body["metadata"].get("namespace")
+        return str(ns) if ns is not None else None
+
+    @property
+    def key(self) -> tuple[str, str | None, str]:
+        """(kind, namespace or None, name): identity of the object in the cluster."""
+        return (self.resource.kind, self.namespace, self.name)
+
+    def ref(self) -> str:
+        """``Kind namespace/name`` or ``Kind name`` for messages."""
+        ns = self.namespace
+        return f"{self.resource.kind} {ns + '/' if ns else ''}{self.name}"
+
+
+def ownership_labels(instance: str) -> dict[str, str]:
+    """The labels that mark an object as applied by reconciler ``instance``."""
+    return {vocab.LABEL_MANAGED_BY: vocab.MANAGED_BY_VALUE, vocab.LABEL_INSTANCE: instance}
+
+
+def _labelled(obj: Mapping[str, Any], instance: str) -> dict[str, Any]:
+    body = copy.deepcopy(dict(obj))
+    md = body.setdefault("metadata", {})
+    md["labels"] = {**(md.get("labels") or {}), **ownership_labels(instance)}
+    return body
+
+
+def nad_name(smc: Mapping[str, Any]) -> str:
+    """NAD name for a SpiderMultusConfig: annotation ``multus.spidernet.io/cr-name`` or its name."""
+    md = smc["metadata"]
+    return str((md.get("annotations") or {}).get(vocab.ANNO_SMC_CR_NAME) or md["name"])
+
+
+def _ipam(section: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    if spec.get("disableIPAM"):
+        return None
+    ipam: dict[str, Any] = {"type": vocab.CNI_IPAM_TYPE}
+    pools = section.get("ippools") or {}
+    if pools.get("ipv4"):
+        ipam["default_ipv4_ippool"] = list(pools["ipv4"])
+    if pools.get("ipv6"):
+        ipam["default_ipv6_ippool"] = list(pools["ipv6"])
+    return ipam
+
+
+def cni_plugins(smc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """CNI plugin list for a SpiderMultusConfig's ``spec`` (without name/cniVersion).
+
+    ovs -> ``underlay-ovs`` (bridge, vlan when non-zero, trunk, deviceID) with ``underlay-ipam``;
+    macvlan/ipvlan -> the reference ``macvlan``/``ipvlan`` plugin on ``master`` (``master.vlanID``
+    when a VLAN is set) with ``underlay-ipam``; custom -> ``customCNI`` verbatim. Spiderpool's
+    coordinator plugin is not rendered (underlay has none). Raises ValueError for a cniType we
+    cannot render (vlan, sriov, ib-sriov, ipoib), naming it.
+    """
+    spec = smc.get("spec") or {}
+    cni_type = spec.get("cniType", "custom")
+    if cni_type == "ovs":
+        ovs = spec.get("ovs") or {}
+        plugin: dict[str, Any] = {"type": vocab.CNI_OVS_TYPE, "bridge": ovs["bridge"]}
+        if ovs.get("vlan"):
+            plugin["vlan"] = ovs["vlan"]
+        if ovs.get("trunk"):
+            plugin["trunk"] = copy.deepcopy(ovs["trunk"])
+        if ovs.get("deviceID"):
+            plugin["deviceID"] = ovs["deviceID"]
+        ipam = _ipam(ovs, spec)
+        if ipam:
+            plugin["ipam"] = ipam
+        return [plugin]
+    if cni_type in ("macvlan", "ipvlan"):
+        sec = spec.get(cni_type) or {}
+        masters = list(sec.get("master") or [])
+        master = masters[0] if masters else ""
+        if sec.get("vlanID"):
+            master = f"{master}.{sec['vlanID']}"
+        plugin = {"type": cni_type, "master": master}
+        plugin["mode"] = "bridge" if cni_type == "macvlan" else "l2"
+        if sec.get("mtu"):
+            plugin["mtu"] = sec["mtu"]
+        ipam = _ipam(sec, spec)
+        if ipam:
+            plugin["ipam"] = ipam
+        return [plugin]
+    if cni_type == "custom":
+        raw = spec.get("customCNI")
+        if not raw:
+            return []
+        conf = json.loads(raw)
+        return list(conf["plugins"]) if "plugins" in conf else [conf]
+    raise ValueError(
+        f"cniType {cni_type!r} is not supported by underlay (ovs, macvlan, ipvlan, custom)"
+    )
+
+
+def render_nad(smc: Mapping[str, Any], instance: str) -> dict[str, Any]:
+    """The NetworkAttachmentDefinition for one SpiderMultusConfig.
+
+    Shape (Network Plumbing WG spec v1.2): ``spec.config`` is a CNI config *list* as a JSON
+    string: ``{"cniVersion", "name", "plugins": [...]}``. cniVersion comes from the annotation
+    ``multus.spidernet.io/cni-version`` (default 1.0.0), name from
+    ``cni.spidernet.io/cniconfig-name`` (default: the NAD name). The SMC's annotations are
+    copied, as Spiderpool does.
+    """
+    md = smc["metadata"]
+    annotations = dict(md.get("annotations") or {})
+    name = nad_name(smc)
+    conf = {
+        "cniVersion": annotations.get(vocab.ANNO_SMC_CNI_VERSION, vocab.CNI_DEFAULT_VERSION),
+        "name": annotations.get(vocab.ANNO_SMC_CNICONFIG_NAME, name),
+        "plugins": cni_plugins(smc),
+    }
+    nad_md: dict[str, Any] = {
+        "name": name,
+        "namespace": md["namespace"],
+        "labels": ownership_labels(instance),
+    }
+    if annotations:
+        nad_md["annotations"] = annotations
+    return {
+        "apiVersion": vocab.NAD_API_VERSION,
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": nad_md,
+        "spec": {"config": json.dumps(conf, separators=(",", ":"))},
+    }
+
+
+def render(documents: Iterable[Any], instance: str = vocab.DEFAULT_INSTANCE) -> list[Desired]:
+    """Desired objects for ``documents`` (loader Documents or plain dicts), in apply order.
+
+    Order: every OvsBridge, every SpiderIPPool, every SpiderMultusConfig, every rendered NAD;
+    within a kind by namespace/name, so the output is stable whatever the file order.
+    Documents of kinds outside ``vocab.USER_KINDS`` are ignored (the loader reports them).
+    """
+    by_kind: dict[str, list[Desired]] = {r.kind: [] for r in vocab.USER_KINDS}
+    nads: list[Desired] = []
+    for doc in documents:
+        obj = getattr(doc, "obj", doc)
+        source = _source(doc)
+        res = vocab.BY_KEY.get((obj.get("apiVersion"), obj.get("kind")))
+        if res is None or res not in vocab.USER_KINDS:
+            continue
+        d = Desired(res, _labelled(obj, instance), source=source)
+        by_kind[res.kind].append(d)
+        if res is vocab.SPIDER_MULTUS_CONFIG:
+            nads.append(
+                Desired(
+                    vocab.NETWORK_ATTACHMENT_DEFINITION,
+                    render_nad(obj, instance),
+                    source=source,
+                    owner=d.key,
+                    rendered_from=d.ref(),
+                )
+            )
+    out: list[Desired] = []
+    for res in vocab.USER_KINDS:
+        out.extend(sorted(by_kind[res.kind], key=lambda d: (d.namespace or "", d.name)))
+    out.extend(sorted(nads, key=lambda d: (d.namespace or "", d.name)))
+    return out
+
+
+def _source(doc: Any) -> str:
+    path = getattr(doc, "path", None)
+    if path is None:
+        return ""
+    mark = getattr(doc, "mark", None)
+    if callable(mark):
+        line, _col = mark(())
+        return f"{path}:{line}"
+    return str(path)
