@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import netaddr
+
 from reconciler import vocab
 from reconciler.vocab import Resource
 
@@ -185,6 +187,8 @@ def render(documents: Iterable[Any], instance: str = vocab.DEFAULT_INSTANCE) -> 
         if res is None or res not in vocab.USER_KINDS:
             continue
         d = Desired(res, _labelled(obj, instance), source=source)
+        if res is vocab.SPIDER_IPPOOL:
+            _default_ip_version(d.body)
         by_kind[res.kind].append(d)
         if res is vocab.SPIDER_MULTUS_CONFIG:
             nads.append(
@@ -201,6 +205,16 @@ def render(documents: Iterable[Any], instance: str = vocab.DEFAULT_INSTANCE) -> 
         out.extend(sorted(by_kind[res.kind], key=lambda d: (d.namespace or "", d.name)))
     out.extend(sorted(nads, key=lambda d: (d.namespace or "", d.name)))
     return out
+
+
+def _default_ip_version(pool: dict[str, Any]) -> None:
+    """Fill ``spec.ipVersion`` from ``spec.subnet`` when absent, as Spiderpool's webhook does."""
+    spec = pool.get("spec") or {}
+    if "ipVersion" not in spec and spec.get("subnet"):
+        try:
+            spec["ipVersion"] = netaddr.IPNetwork(str(spec["subnet"])).version
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            pass  # the validator reports the subnet
 
 
 def _source(doc: Any) -> str:

@@ -1,0 +1,158 @@
+"""Plan: SSA-aware diff, prune of owned objects only, pool safety rules."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from reconciler import render, vocab
+from reconciler.plan import Op, diff, format_plan, make_plan, managed_paths
+
+POOL = {
+    "apiVersion": "spiderpool.spidernet.io/v2beta1",
+    "kind": "SpiderIPPool",
+    "metadata": {"name": "ippool-test"},
+    "spec": {
+        "ips": ["172.18.30.131-172.18.30.140"],
+        "subnet": "172.18.0.0/16",
+        "gateway": "172.18.0.1",
+    },
+}
+
+
+def live_of(body: dict[str, Any], *, uid: str = "u1", fields: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+    """What the API server returns after an apply of ``body`` (server defaults added)."""
+    obj = copy.deepcopy(body)
+    obj["metadata"].update({"uid": uid, "resourceVersion": "7", "generation": 1})
+    obj["spec"].setdefault("disable", False)  # a server-side default we never set
+    if fields is not None:
+        obj["metadata"]["managedFields"] = [
+            {"manager": "underlay", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": fields}
+        ]
+    if status:
+        obj["status"] = status
+    return obj
+
+
+def desired(*docs: dict[str, Any]) -> list[render.Desired]:
+    return render.render(list(docs), "underlay")
+
+
+def test_against_empty_cluster_everything_is_created() -> None:
+    plan = make_plan(desired(POOL), {}, against_empty=True)
+    assert [a.op for a in plan.actions] == [Op.CREATE]
+    text = format_plan(plan)
+    assert "No cluster configured" in text and "+ create    SpiderIPPool ippool-test" in text
+    assert plan.summary().startswith("1 to create")
+
+
+def test_server_defaults_do_not_cause_drift() -> None:
+    d = desired(POOL)
+    live = live_of(d[0].body)
+    plan = make_plan(d, {d[0].key: live})
+    assert [a.op for a in plan.actions] == [Op.UNCHANGED]
+    assert not plan.has_changes
+
+
+def test_hand_edit_is_drift_and_listed_field_by_field() -> None:
+    d = desired(POOL)
+    live = live_of(d[0].body)
+    live["spec"]["gateway"] = "172.18.0.254"
+    (a,) = make_plan(d, {d[0].key: live}).actions
+    assert a.op is Op.UPDATE
+    assert [(c.path, c.before, c.after) for c in a.changes] == [("spec.gateway", "172.18.0.254", "172.18.0.1")]
+
+
+def test_field_we_applied_and_git_dropped_is_removed() -> None:
+    d = desired(POOL)
+    fields = {"f:spec": {"f:gateway": {}, "f:ips": {}, "f:subnet": {}, "f:vlan": {}}}
+    live = live_of(d[0].body, fields=fields)
+    live["spec"]["vlan"] = 30
+    (a,) = make_plan(d, {d[0].key: live}).actions
+    assert [(c.path, c.before, c.after) for c in a.changes] == [("spec.vlan", 30, None)]
+
+
+def test_managed_paths_fold_list_items() -> None:
+    live = {"metadata": {"managedFields": [
+        {"manager": "underlay", "operation": "Apply", "fieldsV1": {"f:spec": {"f:routes": {"k:{\"dst\":\"10.0.0.0/8\"}": {".": {}}}}}},
+        {"manager": "kubectl", "operation": "Update", "fieldsV1": {"f:spec": {"f:default": {}}}},
+    ]}}  # fmt: skip
+    assert managed_paths(live, "underlay") == {("spec", "routes")}
+
+
+def test_prune_only_touches_objects_with_our_instance_label() -> None:
+    d = desired(POOL)
+    ours = live_of(render.render([{**POOL, "metadata": {"name": "old"}}], "underlay")[0].body)
+    other_instance = live_of(render.render([{**POOL, "metadata": {"name": "blue"}}], "blue")[0].body)
+    unlabelled = live_of({**POOL, "metadata": {"name": "hand-made"}})
+    observed = {
+        ("SpiderIPPool", None, "old"): ours,
+        ("SpiderIPPool", None, "blue"): other_instance,
+        ("SpiderIPPool", None, "hand-made"): unlabelled,
+    }
+    plan = make_plan(d, observed)
+    assert [(a.op, a.name) for a in plan.actions] == [(Op.CREATE, "ippool-test"), (Op.PRUNE, "old")]
+
+
+def test_existing_object_without_our_label_is_never_updated() -> None:
+    d = desired(POOL)
+    live = live_of(POOL)  # same name, applied by someone else: no labels
+    (a,) = make_plan(d, {d[0].key: live}).actions
+    assert a.op is Op.BLOCKED and a.blocked_op is Op.UPDATE
+    assert vocab.LABEL_INSTANCE in a.reason
+
+
+def test_pool_with_allocations_is_not_pruned() -> None:
+    gone = live_of(
+        render.render([POOL], "underlay")[0].body,
+        allocatedIPs=json.dumps({"172.18.30.131": {"pod": "default/a", "podUid": "x"}}),
+        allocatedIPCount=1,
+    )
+    plan = make_plan([], {("SpiderIPPool", None, "ippool-test"): gone})
+    (a,) = plan.actions
+    assert a.op is Op.BLOCKED and a.blocked_op is Op.PRUNE
+    assert "1 allocated IP(s) (pods default/a)" in a.reason
+
+
+def test_pool_is_not_shrunk_below_its_allocations() -> None:
+    small = copy.deepcopy(POOL)
+    small["spec"]["ips"] = ["172.18.30.131-172.18.30.135"]
+    d = desired(small)
+    live = live_of(
+        desired(POOL)[0].body,
+        allocatedIPs=json.dumps({"172.18.30.139": {"pod": "default/b", "podUid": "y"}}),
+    )
+    (a,) = make_plan(d, {d[0].key: live}).actions
+    assert a.op is Op.BLOCKED
+    assert a.reason.startswith("would remove allocated IPs from the pool: 172.18.30.139 (default/b)")
+
+
+def test_subnet_is_immutable() -> None:
+    moved = copy.deepcopy(POOL)
+    moved["spec"].update(subnet="172.19.0.0/16", gateway="172.19.0.1", ips=["172.19.0.10"])
+    d = desired(moved)
+    (a,) = make_plan(d, {d[0].key: live_of(desired(POOL)[0].body)}).actions
+    assert a.op is Op.BLOCKED and "spec.subnet is immutable" in a.reason
+
+
+def test_nad_owner_reference_uses_the_live_smc_uid() -> None:
+    smc = {
+        "apiVersion": "spiderpool.spidernet.io/v2beta1",
+        "kind": "SpiderMultusConfig",
+        "metadata": {"name": "ovs-conf", "namespace": "kube-system"},
+        "spec": {"cniType": "ovs", "ovs": {"bridge": "br1"}},
+    }
+    d = desired(smc)
+    smc_live = live_of(d[0].body, uid="smc-uid")
+    nad_live = live_of(d[1].body, uid="nad-uid")  # no ownerReferences: drift
+    plan = make_plan(d, {d[0].key: smc_live, d[1].key: nad_live})
+    nad_action = plan.actions[1]
+    assert nad_action.op is Op.UPDATE
+    assert nad_action.changes[0].path == "metadata.ownerReferences"
+    assert nad_action.changes[0].after[0]["uid"] == "smc-uid"
+
+
+def test_diff_of_identical_objects_is_empty() -> None:
+    d = desired(POOL)[0].body
+    assert diff(d, live_of(d), "underlay") == []

@@ -1,0 +1,92 @@
+"""Source: real Git repositories fetched through gitpython (file:// and local paths)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import git
+import pytest
+
+from reconciler.source import SourceError, fetch, is_git_url, redact
+
+
+def make_repo(path: Path) -> git.Repo:
+    repo = git.Repo.init(path, initial_branch="main")
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "Test")
+        cw.set_value("user", "email", "test@example.com")
+    return repo
+
+
+def commit(repo: git.Repo, files: dict[str, str], msg: str) -> str:
+    root = Path(repo.working_tree_dir or ".")
+    for name, text in files.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        repo.index.add([name])
+    return str(repo.index.commit(msg).hexsha)
+
+
+def test_branch_tag_and_commit_are_checked_out_exactly(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "origin")
+    first = commit(repo, {"a.yaml": "one\n"}, "first")
+    repo.create_tag("v1")
+    second = commit(repo, {"a.yaml": "two\n", "b.yaml": "b\n"}, "second")
+    cache = tmp_path / "cache"
+
+    co = fetch(str(tmp_path / "origin"), "main", cache_dir=cache)
+    assert co.revision == second
+    assert (co.path / "a.yaml").read_text() == "two\n"
+
+    co = fetch((tmp_path / "origin").as_uri(), "v1", cache_dir=cache)
+    assert co.revision == first
+    assert (co.path / "a.yaml").read_text() == "one\n"
+    assert not (co.path / "b.yaml").exists(), "files of another revision must not linger"
+
+    co = fetch(str(tmp_path / "origin"), first, cache_dir=cache)
+    assert co.revision == first
+
+
+def test_new_commit_is_seen_on_the_next_fetch(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "origin")
+    commit(repo, {"a.yaml": "one\n"}, "first")
+    cache = tmp_path / "cache"
+    before = fetch(str(tmp_path / "origin"), "main", cache_dir=cache).revision
+    after_commit = commit(repo, {"a.yaml": "two\n"}, "second")
+    co = fetch(str(tmp_path / "origin"), "main", cache_dir=cache)
+    assert before != co.revision == after_commit
+    assert (co.path / "a.yaml").read_text() == "two\n"
+
+
+def test_fetch_is_shallow(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "origin")
+    for i in range(5):
+        commit(repo, {"a.yaml": f"{i}\n"}, f"c{i}")
+    co = fetch((tmp_path / "origin").as_uri(), "main", cache_dir=tmp_path / "cache")
+    assert len(list(git.Repo(co.path).iter_commits("HEAD"))) == 1
+
+
+def test_unknown_ref_names_ref_and_url(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "origin")
+    commit(repo, {"a.yaml": "x\n"}, "first")
+    with pytest.raises(SourceError, match=r"cannot fetch 'nope' from .*origin"):
+        fetch(str(tmp_path / "origin"), "nope", cache_dir=tmp_path / "cache")
+
+
+def test_unreachable_repository_is_a_clear_error_without_credentials(tmp_path: Path) -> None:
+    with pytest.raises(SourceError) as err:
+        fetch("https://user:s3cret@127.0.0.1:9/none.git", "main", cache_dir=tmp_path / "c")
+    assert "s3cret" not in str(err.value)
+    assert "https://***@127.0.0.1:9/none.git" in str(err.value)
+
+
+def test_redact_and_url_detection(tmp_path: Path) -> None:
+    assert redact("clone https://x-access-token:abc@github.com/o/r failed") == (
+        "clone https://***@github.com/o/r failed"
+    )
+    assert is_git_url("git@github.com:o/r.git")
+    assert is_git_url("https://example.com/r.git")
+    assert not is_git_url(str(tmp_path))
+    make_repo(tmp_path / "r")
+    assert is_git_url(str(tmp_path / "r"))
