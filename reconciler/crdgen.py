@@ -22,7 +22,15 @@ import yaml
 from reconciler import vocab
 from reconciler.vocab import Resource
 
-_DROP = {"$schema", "$id", "$defs", "$comment", "additionalProperties", "unevaluatedProperties", "examples"}
+_DROP = {
+    "$schema",
+    "$id",
+    "$defs",
+    "$comment",
+    "additionalProperties",
+    "unevaluatedProperties",
+    "examples",
+}
 
 PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
     "SpiderIPPool": [
@@ -52,13 +60,33 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
         {"name": "PERSISTENCE", "type": "string", "jsonPath": ".spec.persistence"},
     ],
     "OvsBridgeEnactment": [
-        {"name": "NODE", "type": "string", "jsonPath": f".metadata.labels.{vocab.LABEL_ENACTMENT_NODE.replace('.', '\\.')}"},
-        {"name": "BRIDGE", "type": "string", "jsonPath": f".metadata.labels.{vocab.LABEL_ENACTMENT_BRIDGE.replace('.', '\\.')}"},
-        {"name": "READY", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-        {"name": "REASON", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
+        {
+            "name": "NODE",
+            "type": "string",
+            "jsonPath": ".metadata.labels." + vocab.LABEL_ENACTMENT_NODE.replace(".", "\\."),
+        },
+        {
+            "name": "BRIDGE",
+            "type": "string",
+            "jsonPath": ".metadata.labels." + vocab.LABEL_ENACTMENT_BRIDGE.replace(".", "\\."),
+        },
+        {
+            "name": "READY",
+            "type": "string",
+            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        },
+        {
+            "name": "REASON",
+            "type": "string",
+            "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+        },
     ],
     "GitSync": [
-        {"name": "READY", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+        {
+            "name": "READY",
+            "type": "string",
+            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        },
         {"name": "REVISION", "type": "string", "jsonPath": ".status.lastAppliedRevision"},
     ],
 }
@@ -88,7 +116,10 @@ def _resolve(node: Any, root: dict[str, Any]) -> Any:
             target: Any = root
             for part in ref[2:].split("/"):
                 target = target[part]
-            merged = {**_resolve(copy.deepcopy(target), root), **{k: v for k, v in node.items() if k != "$ref"}}
+            merged = {
+                **_resolve(copy.deepcopy(target), root),
+                **{k: v for k, v in node.items() if k != "$ref"},
+            }
             return merged
         return {k: _resolve(v, root) for k, v in node.items()}
     if isinstance(node, list):
@@ -126,7 +157,12 @@ def to_structural(schema: dict[str, Any]) -> dict[str, Any]:
         elif k in ("anyOf", "oneOf", "allOf"):
             # logical junctors may only carry value validations, never types or structure
             out[k] = [
-                {kk: vv for kk, vv in to_structural(s).items() if kk not in ("type", "description", "default", "nullable", "properties", "items")}
+                {
+                    kk: vv
+                    for kk, vv in to_structural(s).items()
+                    if kk
+                    not in ("type", "description", "default", "nullable", "properties", "items")
+                }
                 for s in v
             ]
             out[k] = [s for s in out[k] if s]
@@ -139,7 +175,11 @@ def to_structural(schema: dict[str, Any]) -> dict[str, Any]:
     ap = schema.get("additionalProperties")
     if isinstance(ap, dict) and "properties" not in schema:
         out["additionalProperties"] = to_structural(ap)
-    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+    if (
+        out.get("type") == "object"
+        and "properties" not in out
+        and "additionalProperties" not in out
+    ):
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out
 
@@ -165,7 +205,10 @@ def crd_for(res: Resource) -> dict[str, Any]:
         if name not in ("apiVersion", "kind", "metadata", "spec", "status"):
             top["properties"][name] = to_structural(sub)
     if res.status and "status" not in top["properties"]:
-        top["properties"]["status"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        top["properties"]["status"] = {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+        }
     required = [r for r in schema.get("required", []) if r in ("spec",)]
     if required:
         top["required"] = required

@@ -12,6 +12,7 @@ reconciler writes").
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Iterable, Mapping
@@ -211,10 +212,10 @@ def _default_ip_version(pool: dict[str, Any]) -> None:
     """Fill ``spec.ipVersion`` from ``spec.subnet`` when absent, as Spiderpool's webhook does."""
     spec = pool.get("spec") or {}
     if "ipVersion" not in spec and spec.get("subnet"):
-        try:
-            spec["ipVersion"] = netaddr.IPNetwork(str(spec["subnet"])).version
-        except (netaddr.AddrFormatError, ValueError, TypeError):
-            pass  # the validator reports the subnet
+        with contextlib.suppress(netaddr.AddrFormatError, ValueError, TypeError):
+            spec["ipVersion"] = netaddr.IPNetwork(
+                str(spec["subnet"])
+            ).version  # else: the validator reports it
 
 
 def _source(doc: Any) -> str:
