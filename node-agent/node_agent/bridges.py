@@ -1,0 +1,800 @@
+"""Node-local bridge engine of the node agent: OvsBridge object -> this node's OVS, links, files.
+
+The daemon (which watches OvsBridge objects and writes OvsBridgeEnactment status) calls:
+
+- :meth:`DesiredBridge.for_node` / :meth:`DesiredBridge.from_object`: what one OvsBridge asks
+  of this node (nodeOverrides applied), :meth:`DesiredBridge.selects` for nodeSelector;
+- :func:`validate`: node-local problems (name too long, uplink missing, uplink already in
+  another bridge, datapath unavailable) as reasons; bad input changes nothing;
+- :func:`plan`: the changes :func:`enact` would make, in words, and the files it would write
+  (no-op mode; changes nothing); :func:`format_plan` prints it;
+- :func:`enact`: make the node match, probe (gateway, API server), roll back everything to the
+  exact prior state when a probe fails, then commit the persistence files;
+- :func:`remove`: blocked while pod ports remain; else addresses back to the uplink, bridge
+  deleted, files removed;
+- :func:`drift`: what differs between the live node and the desired state;
+- :class:`OvsdbWatcher` and :class:`FileWatcher`: call back when OVSDB rows or persistence files
+  of a bridge change, so the daemon can repair drift.
+
+Order of a change follows kubernetes-nmstate / os-net-config (shared/reference/persistence.md):
+OVS bridge + uplink port (one OVSDB transaction), bridge MAC := uplink MAC, addresses and routes
+uplink -> bridge, probe; only a successful probe commits the persistence files.
+
+Reboot replay: the agent records the IP configuration it moved in
+``/var/lib/underlay/bridges/<bridge>.json`` (under the node root, 0600). When neither the uplink
+nor the bridge has addresses (database wiped, addresses flushed), :func:`enact` puts the
+recorded addresses and routes on the bridge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node_agent import links, ovs, persistence, probe
+from node_agent.links import Address, LinkState, Route
+from node_agent.persistence import NodeNetConfig
+
+IFNAMSIZ_MAX = 15
+"""Longest Linux interface name (IFNAMSIZ 16 including the NUL)."""
+RECORD_DIR = "/var/lib/underlay/bridges"
+DEFAULT_BOND_MODE = "active-backup"
+DEFAULT_PROBE_TIMEOUT = 20.0
+
+STATUS_UNCHANGED = "unchanged"
+STATUS_CHANGED = "changed"
+STATUS_INVALID = "invalid"
+STATUS_ROLLED_BACK = "rolled-back"
+STATUS_FAILED = "failed"
+STATUS_REMOVED = "removed"
+STATUS_ABSENT = "absent"
+STATUS_BLOCKED = "blocked"
+
+
+class InvalidBridge(ValueError):
+    """The OvsBridge object cannot be turned into a DesiredBridge; names the object and field."""
+
+
+# --- desired state --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DesiredBridge:
+    """What one OvsBridge asks of one node (nodeOverrides for that node already applied).
+
+    Field names follow the OvsBridge schema (schemas/underlay.dev_v1alpha1_OvsBridge.json):
+    ``name`` = spec.bridge or metadata.name; ``uplinks``; ``bond_mode`` (bondMode);
+    ``move_addresses`` (moveAddresses); ``mtu`` (bytes or None); ``persistence``
+    (auto/netplan/networkmanager/none); ``datapath_type`` (auto/system/netdev);
+    ``probe_timeout`` (seconds, probeTimeoutSeconds); ``node_selector`` (equality selector).
+    """
+
+    object_name: str
+    name: str
+    uplinks: tuple[str, ...]
+    bond_mode: str = DEFAULT_BOND_MODE
+    move_addresses: bool = True
+    mtu: int | None = None
+    persistence: str = "auto"
+    datapath_type: str = "auto"
+    probe_timeout: float = DEFAULT_PROBE_TIMEOUT
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any], node_name: str) -> DesiredBridge:
+        """Build from an OvsBridge object (a dict as the Kubernetes API returns it) for node
+        ``node_name``: the nodeOverrides entry whose nodeName matches replaces uplinks, mtu,
+        moveAddresses and persistence. Raises InvalidBridge naming the object and field."""
+        meta = obj.get("metadata") or {}
+        spec = obj.get("spec") or {}
+        oname = meta.get("name")
+        if not isinstance(oname, str) or not oname:
+            raise InvalidBridge("OvsBridge without metadata.name")
+        uplinks = spec.get("uplinks")
+        mtu = spec.get("mtu")
+        move = spec.get("moveAddresses", True)
+        pers = spec.get("persistence", "auto")
+        for override in spec.get("nodeOverrides") or []:
+            if override.get("nodeName") == node_name:
+                uplinks = override.get("uplinks", uplinks)
+                mtu = override.get("mtu", mtu)
+                move = override.get("moveAddresses", move)
+                pers = override.get("persistence", pers)
+        if (
+            not isinstance(uplinks, list)
+            or not uplinks
+            or not all(isinstance(u, str) and u for u in uplinks)
+        ):
+            raise InvalidBridge(
+                f"OvsBridge {oname}: spec.uplinks must be a non-empty list of NIC names"
+            )
+        if len(set(uplinks)) != len(uplinks):
+            raise InvalidBridge(f"OvsBridge {oname}: spec.uplinks names a NIC twice: {uplinks}")
+        if pers not in ("auto", *persistence.BACKENDS):
+            raise InvalidBridge(f"OvsBridge {oname}: unknown spec.persistence {pers!r}")
+        dp = spec.get("datapathType", "auto")
+        if dp not in ("auto", ovs.DATAPATH_SYSTEM, ovs.DATAPATH_NETDEV):
+            raise InvalidBridge(f"OvsBridge {oname}: unknown spec.datapathType {dp!r}")
+        return cls(
+            object_name=oname,
+            name=spec.get("bridge") or oname,
+            uplinks=tuple(uplinks),
+            bond_mode=spec.get("bondMode", DEFAULT_BOND_MODE),
+            move_addresses=bool(move),
+            mtu=int(mtu) if mtu is not None else None,
+            persistence=pers,
+            datapath_type=dp,
+            probe_timeout=float(spec.get("probeTimeoutSeconds", DEFAULT_PROBE_TIMEOUT)),
+            node_selector=dict(spec.get("nodeSelector") or {}),
+        )
+
+    @classmethod
+    def for_node(
+        cls, obj: Mapping[str, Any], node_name: str, node_labels: Mapping[str, str]
+    ) -> DesiredBridge | None:
+        """:meth:`from_object`, or None when the nodeSelector does not select this node."""
+        desired = cls.from_object(obj, node_name)
+        return desired if desired.selects(node_labels) else None
+
+    def selects(self, node_labels: Mapping[str, str]) -> bool:
+        """True when every nodeSelector key=value is among ``node_labels`` (empty: all nodes)."""
+        return all(node_labels.get(k) == v for k, v in self.node_selector.items())
+
+
+@dataclass
+class NodeContext:
+    """Where the engine acts.
+
+    ``name``: node name; ``ovsdb``: ovsdbapp Open_vSwitch API from ``node_agent.ovsdb.connect``;
+    ``netns``: network namespace name for pyroute2 and probes (None: the agent's own, as in
+    production with hostNetwork); ``root``: directory persistence files are written under ("/"
+    in production); ``api_server``: (host, port) the API server probe connects to, None skips
+    it; ``link_timeout``: seconds to wait for vswitchd to create the bridge's interface.
+    """
+
+    name: str
+    ovsdb: Any
+    netns: str | None = None
+    root: Path = Path("/")
+    api_server: tuple[str, int] | None = None
+    link_timeout: float = 10.0
+
+
+# --- observation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Live state relevant to one bridge: OVS bridge, links (uplinks and the bridge's internal
+    interface; None = missing), file contents by node path (None = missing)."""
+
+    bridge: ovs.BridgeState | None
+    links: Mapping[str, LinkState | None]
+    files: Mapping[str, tuple[str, int] | None]
+
+
+def record_path(bridge: str) -> str:
+    """Node path of the replay record of ``bridge``."""
+    return f"{RECORD_DIR}/{bridge}.json"
+
+
+def _addr_json(a: Address) -> dict[str, Any]:
+    return {"cidr": a.cidr, "family": a.family, "nodad": a.nodad}
+
+
+def _route_json(r: Route) -> dict[str, Any]:
+    return dataclasses.asdict(r)
+
+
+def render_record(desired: DesiredBridge, cfg: NodeNetConfig) -> str:
+    """The replay record (JSON) of ``desired`` carrying ``cfg``."""
+    doc = {
+        "object": desired.object_name,
+        "bridge": desired.name,
+        "uplinks": list(desired.uplinks),
+        "mac": cfg.mac,
+        "addresses": [_addr_json(a) for a in cfg.addresses],
+        "routes": [_route_json(r) for r in cfg.routes],
+    }
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def read_record(root: Path | str, bridge: str) -> NodeNetConfig | None:
+    """The recorded IP configuration of ``bridge``, or None (absent or unreadable)."""
+    found = persistence.read_file(root, record_path(bridge))
+    if found is None:
+        return None
+    try:
+        doc = json.loads(found[0])
+        return NodeNetConfig(
+            mac=doc.get("mac"),
+            addresses=tuple(Address(**a) for a in doc.get("addresses", [])),
+            routes=tuple(Route(**r) for r in doc.get("routes", [])),
+        )
+    except (ValueError, TypeError):
+        return None
+
+
+def _all_paths(desired: DesiredBridge, root: Path) -> list[str]:
+    paths = {record_path(desired.name)}
+    for name in persistence.BACKENDS:
+        paths.update(persistence.get_backend(name, root).owned_paths(root, desired))
+    return sorted(paths)
+
+
+def observe(desired: DesiredBridge, node: NodeContext, extra_paths: Iterable[str] = ()) -> Observed:
+    """Read the live state of ``desired``'s bridge, uplinks and files on ``node``."""
+    bridge = ovs.read_bridge(node.ovsdb, desired.name)
+    with links.open_iproute(node.netns) as ipr:
+        states = {n: links.read_link(ipr, n) for n in (*desired.uplinks, desired.name)}
+    paths = set(_all_paths(desired, node.root)) | set(extra_paths)
+    files = {p: persistence.read_file(node.root, p) for p in sorted(paths)}
+    return Observed(bridge, states, files)
+
+
+def carried_config(desired: DesiredBridge, obs: Observed, root: Path) -> NodeNetConfig:
+    """The IP configuration the bridge must carry: what the bridge already has plus what is
+    still on the uplinks; when both are empty, the replay record; MAC of the first uplink.
+    Empty when moveAddresses is false."""
+    if not desired.move_addresses:
+        return NodeNetConfig()
+    first = obs.links.get(desired.uplinks[0])
+    br = obs.links.get(desired.name)
+    addrs: list[Address] = list(br.addresses) if br else []
+    routes: list[Route] = list(br.routes) if br else []
+    for u in desired.uplinks:
+        st = obs.links.get(u)
+        if st:
+            addrs += [a for a in st.addresses if a not in addrs]
+            routes += [r for r in st.routes if r not in routes]
+    mac = first.mac if first else None
+    if not addrs:
+        rec = read_record(root, desired.name)
+        if rec is not None:
+            addrs, routes = list(rec.addresses), list(rec.routes)
+            mac = mac or rec.mac
+    return NodeNetConfig(mac=mac, addresses=tuple(sorted(addrs)), routes=tuple(routes))
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def validate(desired: DesiredBridge, node: NodeContext) -> list[str]:
+    """Node-local problems of ``desired`` on ``node``, one clear sentence each ([] = fine).
+
+    Checks: bridge name at most 15 characters (Linux interface name), each uplink exists on
+    the node, no uplink is already a port of another OVS bridge, an uplink is not named like
+    the bridge, the requested datapath is usable.
+    """
+    reasons = []
+    if len(desired.name) > IFNAMSIZ_MAX:
+        reasons.append(
+            f"bridge name {desired.name!r} is {len(desired.name)} characters; Linux interface "
+            f"names are at most {IFNAMSIZ_MAX} (set spec.bridge to a shorter name)"
+        )
+    if desired.name in desired.uplinks:
+        reasons.append(f"uplink {desired.name} has the bridge's own name")
+    with links.open_iproute(node.netns) as ipr:
+        for u in desired.uplinks:
+            if links.read_link(ipr, u) is None:
+                reasons.append(f"uplink {u} does not exist on node {node.name}")
+    owners = ovs.interface_bridges(node.ovsdb)
+    for u in desired.uplinks:
+        other = owners.get(u)
+        if other is not None and other != desired.name:
+            reasons.append(
+                f"uplink {u} is already a port of OVS bridge {other} on node {node.name}"
+            )
+    if desired.name in owners and owners[desired.name] != desired.name:
+        reasons.append(
+            f"an interface named {desired.name} is already a port of OVS bridge {owners[desired.name]}"
+        )
+    try:
+        ovs.resolve_datapath(node.ovsdb, desired.datapath_type)
+    except ovs.OvsError as exc:
+        reasons.append(str(exc))
+    return reasons
+
+
+# --- plan -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change: ``area`` ("ovs", "link", "file") and ``text`` (a sentence for logs)."""
+
+    area: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`enact` would do. ``invalid``: reasons it would refuse (then nothing else is
+    filled); ``changes``; ``files``: node path -> (content, mode) it would write (only files
+    whose content differs); ``datapath``: resolved datapath; ``backend``: persistence backend;
+    ``stale``: files of ours that exist but are no longer rendered (e.g. the backend changed)."""
+
+    bridge: str
+    changes: tuple[Change, ...] = ()
+    files: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    invalid: tuple[str, ...] = ()
+    datapath: str = ""
+    backend: str = ""
+    stale: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to do (and nothing invalid)."""
+        return not self.changes and not self.invalid
+
+
+def _spec(desired: DesiredBridge, datapath: str, cfg: NodeNetConfig) -> ovs.BridgeSpec:
+    return ovs.BridgeSpec(
+        name=desired.name,
+        datapath_type=datapath,
+        uplinks=desired.uplinks,
+        bond_mode=desired.bond_mode,
+        mtu=desired.mtu,
+        hwaddr=cfg.mac if desired.move_addresses else None,
+    )
+
+
+def _render(
+    desired: DesiredBridge, datapath: str, cfg: NodeNetConfig, root: Path
+) -> tuple[str, dict[str, tuple[str, int]]]:
+    backend = persistence.get_backend(desired.persistence, root)
+    resolved = dataclasses.replace(desired, datapath_type=datapath)
+    files = dict(backend.render(resolved, cfg))
+    files[record_path(desired.name)] = (render_record(desired, cfg), persistence.FILE_MODE)
+    return backend.name, files
+
+
+def _link_changes(desired: DesiredBridge, obs: Observed, cfg: NodeNetConfig) -> list[Change]:
+    out: list[Change] = []
+    br = obs.links.get(desired.name)
+    for u in desired.uplinks:
+        st = obs.links.get(u)
+        if st is not None and not st.up:
+            out.append(Change("link", f"set {u} up"))
+    if br is None or not br.up:
+        out.append(Change("link", f"set {desired.name} up"))
+    if not desired.move_addresses:
+        return out
+    if cfg.mac and (br is None or br.mac != cfg.mac):
+        out.append(Change("link", f"set MAC of {desired.name} to {cfg.mac}"))
+    have_addrs = br.addresses if br else ()
+    have_routes = br.routes if br else ()
+    for u in desired.uplinks:
+        st = obs.links.get(u)
+        if st is None:
+            continue
+        for a in st.addresses:
+            out.append(Change("link", f"move address {a.cidr} from {u} to {desired.name}"))
+        for r in st.routes:
+            out.append(Change("link", f"move route {links.describe_route(r, u)} to {desired.name}"))
+    moved = {a for u in desired.uplinks if obs.links.get(u) for a in obs.links[u].addresses}  # type: ignore[union-attr]
+    for a in cfg.addresses:
+        if a not in have_addrs and a not in moved:
+            out.append(Change("link", f"add recorded address {a.cidr} to {desired.name}"))
+    moved_routes = {r for u in desired.uplinks if obs.links.get(u) for r in obs.links[u].routes}  # type: ignore[union-attr]
+    for r in cfg.routes:
+        if r not in have_routes and r not in moved_routes:
+            out.append(
+                Change("link", f"add recorded route {links.describe_route(r, desired.name)}")
+            )
+    return out
+
+
+def _plan(desired: DesiredBridge, node: NodeContext) -> tuple[Plan, Observed, NodeNetConfig]:
+    reasons = validate(desired, node)
+    if reasons:
+        return Plan(desired.name, invalid=tuple(reasons)), Observed(None, {}, {}), NodeNetConfig()
+    datapath = ovs.resolve_datapath(node.ovsdb, desired.datapath_type)
+    obs = observe(desired, node)
+    cfg = carried_config(desired, obs, node.root)
+    backend, files = _render(desired, datapath, cfg, node.root)
+    current = dict(obs.files)
+    for path in files:
+        if path not in current:
+            current[path] = persistence.read_file(node.root, path)
+    obs = Observed(obs.bridge, obs.links, current)
+    changes = [Change("ovs", t) for t in ovs.diff_bridge(obs.bridge, _spec(desired, datapath, cfg))]
+    changes += _link_changes(desired, obs, cfg)
+    to_write = {}
+    record = record_path(desired.name)
+    for path, (content, mode) in files.items():
+        cur = current[path]
+        if cur != (content, mode):
+            what = "create" if cur is None else ("rewrite edited" if cur[0] != content else "chmod")
+            source = "replay record" if path == record else backend
+            changes.append(Change("file", f"{what} {path} ({source})"))
+            to_write[path] = (content, mode)
+    stale = tuple(p for p, cur in current.items() if cur is not None and p not in files)
+    changes += [Change("file", f"remove stale {p}") for p in stale]
+    return Plan(desired.name, tuple(changes), to_write, (), datapath, backend, stale), obs, cfg
+
+
+def plan(desired: DesiredBridge, node: NodeContext) -> Plan:
+    """What :func:`enact` would change on ``node`` (no-op mode: reads only, changes nothing).
+
+    Validation problems come back in ``Plan.invalid``. Raises ovs.OvsError / links.LinkError
+    only when the node's state cannot be read.
+    """
+    return _plan(desired, node)[0]
+
+
+def format_plan(p: Plan) -> str:
+    """Human-readable text of a plan: one line per change, then each file's content."""
+    if p.invalid:
+        return f"bridge {p.bridge}: invalid\n" + "".join(f"  - {r}\n" for r in p.invalid)
+    if not p.changes:
+        return f"bridge {p.bridge}: no change\n"
+    lines = [f"bridge {p.bridge} (datapath {p.datapath}, persistence {p.backend}):"]
+    lines += [f"  [{c.area}] {c.text}" for c in p.changes]
+    for path, (content, mode) in p.files.items():
+        lines.append(f"--- {path} (mode {mode:04o})")
+        lines += content.rstrip("\n").splitlines()
+    return "\n".join(lines) + "\n"
+
+
+# --- enact / rollback -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnactResult:
+    """Outcome of :func:`enact`.
+
+    ``status``: unchanged | changed | invalid | rolled-back | failed; ``changes``: sentences for
+    logs (what was done, even if later rolled back); ``files``: node paths written; ``reason``:
+    why invalid / rolled back / failed (names the probe: "probe gateway failed: ..."); ``probe``:
+    the probe result when probes ran; ``rollback``: sentences of what rollback did;
+    ``duration``: seconds.
+    """
+
+    bridge: str
+    status: str
+    changes: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    reason: str | None = None
+    probe: probe.ProbeResult | None = None
+    rollback: tuple[str, ...] = ()
+    duration: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        """True when the node was changed and the change stands."""
+        return self.status == STATUS_CHANGED
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    bridge: ovs.BridgeState | None
+    links: Mapping[str, LinkState | None]
+    files: Mapping[str, tuple[str, int] | None]
+
+
+def _rollback(desired: DesiredBridge, node: NodeContext, snap: _Snapshot) -> list[str]:
+    """Put OVS, links and files back exactly as ``snap`` had them."""
+    done: list[str] = []
+    br_snap = snap.links.get(desired.name)
+    with links.open_iproute(node.netns) as ipr:
+        if br_snap is None:
+            done += links.strip(ipr, desired.name)
+        if ovs.restore_bridge(node.ovsdb, desired.name, snap.bridge):
+            done.append(
+                f"restored OVS bridge {desired.name} ({'deleted' if snap.bridge is None else 'as before'})"
+            )
+        for u in desired.uplinks:
+            st = snap.links.get(u)
+            if st is not None:
+                done += links.apply_state(ipr, st)
+        if br_snap is not None:
+            links.wait_for_link(ipr, desired.name, node.link_timeout)
+            done += links.apply_state(ipr, br_snap)
+    for path, cur in snap.files.items():
+        if cur is None:
+            if persistence.remove_file(node.root, path):
+                done.append(f"removed {path}")
+        elif persistence.write_atomic(node.root, path, cur[0], cur[1]):
+            done.append(f"restored {path}")
+    return done
+
+
+def _probe_targets(
+    desired: DesiredBridge, node: NodeContext, cfg: NodeNetConfig, obs: Observed
+) -> probe.ProbeTargets:
+    gateways = [r.gateway for r in cfg.routes if r.is_default and r.gateway]
+    if not gateways:
+        for st in obs.links.values():
+            if st is not None:
+                gateways += links.default_gateways(st)
+    gateways.sort(key=lambda g: ":" in g)  # IPv4 first
+    return probe.ProbeTargets(
+        gateway=gateways[0] if gateways else None,
+        api_server=node.api_server,
+        timeout=desired.probe_timeout,
+    )
+
+
+def _apply_links(desired: DesiredBridge, node: NodeContext, cfg: NodeNetConfig) -> list[str]:
+    done: list[str] = []
+    with links.open_iproute(node.netns) as ipr:
+        for u in desired.uplinks:
+            if links.set_up(ipr, links.require_link(ipr, u)):
+                done.append(f"set {u} up")
+        br = links.wait_for_link(ipr, desired.name, node.link_timeout)
+        if not desired.move_addresses:
+            if links.set_up(ipr, br):
+                done.append(f"set {desired.name} up")
+            return done
+        done += links.takeover(ipr, desired.uplinks[0], desired.name, node.link_timeout)
+        for u in desired.uplinks[1:]:
+            done += links.move(ipr, u, desired.name)
+        done += links.add_config(ipr, desired.name, cfg.addresses, cfg.routes)
+    return done
+
+
+def enact(desired: DesiredBridge, node: NodeContext, *, run_probes: bool = True) -> EnactResult:
+    """Make ``node`` match ``desired``; see the module docstring for the order of steps.
+
+    Idempotent: when :func:`plan` is empty, returns status ``unchanged`` and writes nothing.
+    Invalid input (:func:`validate`) returns ``invalid`` with the reasons, nothing changed.
+    When a probe fails (``run_probes``; gateway ICMP, then API server TCP, within
+    desired.probe_timeout s) or any step raises, everything is rolled back to the snapshot
+    taken before the first change and the status is ``rolled-back`` (probe) or ``failed``.
+    Persistence files are written only after the probes pass.
+    """
+    start = time.monotonic()
+    p, obs, cfg = _plan(desired, node)
+    if p.invalid:
+        return EnactResult(
+            desired.name,
+            STATUS_INVALID,
+            reason="; ".join(p.invalid),
+            duration=time.monotonic() - start,
+        )
+    if not p.changes:
+        return EnactResult(desired.name, STATUS_UNCHANGED, duration=time.monotonic() - start)
+    snap = _Snapshot(obs.bridge, obs.links, obs.files)
+    done: list[str] = []
+    written: list[str] = []
+    result_probe: probe.ProbeResult | None = None
+    try:
+        done += ovs.ensure_bridge(node.ovsdb, _spec(desired, p.datapath, cfg))
+        done += _apply_links(desired, node, cfg)
+        if run_probes and done:
+            result_probe = probe.run_probes(_probe_targets(desired, node, cfg, obs), node.netns)
+            if not result_probe.ok:
+                undone = _rollback(desired, node, snap)
+                return EnactResult(
+                    desired.name,
+                    STATUS_ROLLED_BACK,
+                    tuple(done),
+                    (),
+                    f"probe {result_probe.failed} failed: {result_probe.detail}; rolled back",
+                    result_probe,
+                    tuple(undone),
+                    time.monotonic() - start,
+                )
+        for path, (content, mode) in p.files.items():
+            if persistence.write_atomic(node.root, path, content, mode):
+                written.append(path)
+        for path in p.stale:
+            if persistence.remove_file(node.root, path):
+                written.append(path)
+    except Exception as exc:  # roll back whatever happened, report the cause
+        try:
+            undone = _rollback(desired, node, snap)
+        except Exception as exc2:
+            undone = [f"rollback failed too: {exc2}"]
+        return EnactResult(
+            desired.name,
+            STATUS_FAILED,
+            tuple(done),
+            (),
+            f"{type(exc).__name__}: {exc}; rolled back",
+            result_probe,
+            tuple(undone),
+            time.monotonic() - start,
+        )
+    return EnactResult(
+        desired.name,
+        STATUS_CHANGED,
+        tuple(done) + tuple(f"wrote {w}" for w in written),
+        tuple(written),
+        None,
+        result_probe,
+        (),
+        time.monotonic() - start,
+    )
+
+
+# --- remove ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoveResult:
+    """Outcome of :func:`remove`: ``status`` removed | absent | blocked | failed; ``reason``
+    (why blocked/failed); ``changes`` (sentences); ``files`` (node paths removed)."""
+
+    bridge: str
+    status: str
+    reason: str | None = None
+    changes: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+
+
+def remove(desired: DesiredBridge, node: NodeContext) -> RemoveResult:
+    """Take ``desired``'s bridge off ``node``: refuses (``blocked``, with the pod ports named)
+    while pod ports remain, or when the bridge was not created by the agent; otherwise moves
+    addresses and routes back to the first uplink, deletes the bridge (one transaction) and
+    removes the persistence files of every backend and the replay record. Idempotent: a node
+    without the bridge or files gives ``absent``."""
+    state = ovs.read_bridge(node.ovsdb, desired.name)
+    if state is not None:
+        pods = [p for p in state.ports if p.is_pod]
+        if pods:
+            names = ", ".join(
+                f"{p.name} (pod {p.external_ids.get(ovs.POD_UID_KEY, '?')}, "
+                f"{p.external_ids.get(ovs.POD_IFACE_KEY, '?')})"
+                for p in pods
+            )
+            return RemoveResult(
+                desired.name, STATUS_BLOCKED, f"bridge {desired.name} still has pod ports: {names}"
+            )
+        if not state.owned:
+            return RemoveResult(
+                desired.name,
+                STATUS_BLOCKED,
+                f"bridge {desired.name} was not created by the underlay agent "
+                f"(external_ids {ovs.OWNER_KEY} is not {ovs.OWNER_AGENT})",
+            )
+    changes: list[str] = []
+    with links.open_iproute(node.netns) as ipr:
+        if desired.move_addresses and links.read_link(ipr, desired.uplinks[0]) is not None:
+            changes += links.restore(ipr, desired.name, desired.uplinks[0])
+    if ovs.delete_bridge(node.ovsdb, desired.name):
+        changes.append(f"deleted OVS bridge {desired.name}")
+    removed = [p for p in _all_paths(desired, node.root) if persistence.remove_file(node.root, p)]
+    changes += [f"removed {p}" for p in removed]
+    status = STATUS_REMOVED if changes else STATUS_ABSENT
+    return RemoveResult(desired.name, status, None, tuple(changes), tuple(removed))
+
+
+# --- drift ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One difference between the live node and the desired state.
+
+    ``kind``: bridge-missing | uplink-port-missing | ovs-config | link | file-missing |
+    file-edited | invalid; ``detail``: a sentence.
+    """
+
+    kind: str
+    detail: str
+
+
+def drift(desired: DesiredBridge, node: NodeContext) -> list[Drift]:
+    """Compare the live node with ``desired`` ([] = in sync), so the daemon can repair with
+    :func:`enact`. Reads only."""
+    p = plan(desired, node)
+    if p.invalid:
+        return [Drift("invalid", r) for r in p.invalid]
+    out = []
+    for c in p.changes:
+        if c.area == "ovs":
+            if c.text.startswith("create OVS bridge"):
+                kind = "bridge-missing"
+            elif c.text.startswith(("add uplink port", "add bond port", "set interfaces of port")):
+                kind = "uplink-port-missing"
+            else:
+                kind = "ovs-config"
+        elif c.area == "file":
+            kind = "file-missing" if c.text.startswith("create ") else "file-edited"
+        else:
+            kind = "link"
+        out.append(Drift(kind, c.text))
+    return out
+
+
+# --- watchers -------------------------------------------------------------------------------
+
+
+class OvsdbWatcher:
+    """Calls ``callback(bridge_name)`` when OVSDB rows of a watched bridge change.
+
+    Uses ovsdbapp row events (RowEvent on Bridge/Port/Interface: create, update, delete) on the
+    agent's existing connection; ``callback`` runs in ovsdbapp's notify thread (keep it short,
+    e.g. queue a repair). ``bridges``: names to watch; ports/interfaces are matched by the
+    ``underlay.dev/bridge`` external_id or by name. Call :meth:`stop` to unregister.
+    """
+
+    def __init__(self, api: Any, bridges: Iterable[str], callback: Callable[[str], None]) -> None:
+        from ovsdbapp.backend.ovs_idl import event as row_event
+
+        self.api = api
+        self.bridges = set(bridges)
+        self.callback = callback
+        watcher = self
+
+        class _Event(row_event.RowEvent):
+            def __init__(self, table: str) -> None:
+                super().__init__((self.ROW_CREATE, self.ROW_UPDATE, self.ROW_DELETE), table, None)
+                self.event_name = f"underlay-{table}"
+
+            def match_fn(self, event: str, row: Any, old: Any = None) -> bool:
+                return watcher._bridge_of(row) is not None
+
+            def run(self, event: str, row: Any, old: Any) -> None:
+                name = watcher._bridge_of(row)
+                if name is not None:
+                    watcher.callback(name)
+
+        self._events = [_Event(t) for t in ("Bridge", "Port", "Interface")]
+        handler = api.idl.notify_handler
+        handler.watch_events(self._events)
+
+    def _bridge_of(self, row: Any) -> str | None:
+        ids = getattr(row, "external_ids", {}) or {}
+        name = ids.get(ovs.BRIDGE_KEY) or getattr(row, "name", None)
+        return name if name in self.bridges else None
+
+    def stop(self) -> None:
+        """Unregister the row events."""
+        self.api.idl.notify_handler.unwatch_events(self._events)
+
+
+class FileWatcher:
+    """Calls ``callback(path)`` (node path) when a watched persistence file is created, edited
+    or deleted under ``root``; uses watchfiles (inotify) in a daemon thread. :meth:`stop` ends it.
+    """
+
+    def __init__(
+        self, root: Path | str, paths: Iterable[str], callback: Callable[[str], None]
+    ) -> None:
+        import watchfiles
+
+        self.root = Path(root)
+        self.paths = {str(persistence.node_path(root, p)): p for p in paths}
+        dirs = sorted({str(Path(p).parent) for p in self.paths})
+        for d in dirs:
+            Path(d).mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self.callback = callback
+
+        def loop() -> None:
+            for changes in watchfiles.watch(
+                *dirs,
+                stop_event=self._stop,
+                debounce=200,
+                step=50,
+                rust_timeout=500,
+                yield_on_timeout=False,
+            ):
+                for _change, path in changes:
+                    if path in self.paths:
+                        self.callback(self.paths[path])
+
+        self._thread = threading.Thread(target=loop, name="underlay-file-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (returns within about half a second)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def watched_paths(desired: DesiredBridge, node: NodeContext) -> list[str]:
+    """Node paths a :class:`FileWatcher` should watch for ``desired`` (its rendered files)."""
+    datapath = ovs.resolve_datapath(node.ovsdb, desired.datapath_type)
+    obs = observe(desired, node)
+    cfg = carried_config(desired, obs, node.root)
+    return sorted(_render(desired, datapath, cfg, node.root)[1])
