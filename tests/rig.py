@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -103,6 +104,31 @@ class Netns:
     def link_exists(self, dev: str) -> bool:
         return self.run("ip", "link", "show", "dev", dev, check=False).returncode == 0
 
+    def listen_tcp(self, addr: str, port: int) -> socket.socket:
+        """A listening TCP socket on ``addr``:``port`` inside this namespace (the kernel completes
+        handshakes up to the backlog, so no accept loop is needed). Close it to stop listening."""
+        from pyroute2 import netns as pr_netns
+
+        pr_netns.pushns(self.name)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            pr_netns.popns()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(128)
+        return sock
+
+    def snapshot(self) -> dict[str, str]:
+        """``ip addr``, ``ip -4 route``, ``ip -6 route`` and ``ip link`` of this namespace, for
+        before/after comparisons (counters and timers excluded)."""
+        return {
+            "addr": self.run("ip", "addr").stdout,
+            "route4": self.run("ip", "-4", "route", "show", "table", "all").stdout,
+            "route6": self.run("ip", "-6", "route", "show", "table", "main").stdout,
+            "link": self.run("ip", "-o", "link").stdout,
+        }
+
 
 @dataclass
 class Node(Netns):
@@ -152,6 +178,16 @@ class Node(Netns):
                 return
             time.sleep(0.05)
         raise RigError(f"ovs-vswitchd of {self.name} did not start; see {d}/ovs-vswitchd.log")
+
+    def ovs_show(self) -> str:
+        """``ovs-vsctl show`` without the volatile database UUID line."""
+        return "\n".join(self.vsctl("show").splitlines()[1:])
+
+    def reboot_ovs(self) -> None:
+        """Simulate a reboot of OVS: stop the daemons, delete the database, start fresh."""
+        self.stop_ovs()
+        (self.rundir / "conf.db").unlink(missing_ok=True)
+        self.start_ovs()
 
     def stop_ovs(self) -> None:
         """Stop this node's OVS daemons (as a reboot would)."""
