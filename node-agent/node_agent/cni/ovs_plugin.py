@@ -1,0 +1,363 @@
+"""``underlay-ovs``: attach a pod to an OVS bridge (veth + OVS port + VLAN), ovs-cni semantics.
+
+Config (CNI network config; names as ovs-cni)::
+
+    {"type": "underlay-ovs", "bridge": "br1", "vlan": 10, "trunk": [{"id": 20}, {"minID": 30,
+     "maxID": 40}], "mtu": 1500, "ofport_request": 0, "interface_type": "", "mac": "...",
+     "ipam": {"type": "underlay-ipam" | any IPAM plugin in CNI_PATH, ...}}
+
+ADD: the bridge must exist; IPAM runs first (so the pod MAC can be derived from the IPv4,
+``0a:58:`` + octets, unless ``mac``/CNI_ARGS ``MAC``/runtimeConfig ``mac`` asks for one); a
+veth is created with a random host name and the peer directly inside the pod namespace;
+one OVSDB transaction adds Interface + Port (external_ids, see :mod:`node_agent.cni.ports`)
+to the bridge; the pod interface gets the IPs and routes, is set up and announces each IPv4
+with a gratuitous ARP. Any failure undoes what was done. ``vlan`` > 0 without ``trunk``
+makes an access port; ``trunk`` a trunk port; ``vlan`` 0 or absent and no trunk: untagged.
+DEL: finds the port by ``contId`` + ``contIface``, deletes port and veth, then IPAM DEL;
+tolerates a missing netns/port and repeats. CHECK: port, veth, pod interface and the
+prevResult addresses must be present. Ports left with an OVS ``error`` by dead pods are purged
+on every ADD/DEL. Sources: CNI spec 1.0.0; reference/cni-ovs.md (ovs-cni behaviour).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from reconciler.vocab import CNI_IPAM_TYPE
+
+from . import delegate, ports
+from .errors import (
+    BRIDGE_MISSING,
+    CHECK_FAILED,
+    INVALID_CONFIG,
+    LINK_FAILURE,
+    OVS_FAILURE,
+    UNKNOWN_CONTAINER,
+    UNSUPPORTED_FIELD,
+    CniError,
+)
+from .podnet import (
+    LinkError,
+    configure_pod_interface,
+    create_veth,
+    delete_link,
+    link_exists,
+    mac_from_ipv4,
+    pod_interface_state,
+)
+from .request import CniRequest
+from .result import parse
+
+if TYPE_CHECKING:
+    from .server import CniAgent
+
+log = logging.getLogger(__name__)
+
+MAX_VLAN = 4095
+
+
+@dataclass
+class OvsNetConf:
+    """The validated underlay-ovs config (see module docstring)."""
+
+    bridge: str
+    vlan: int | None = None
+    trunks: list[int] = field(default_factory=list)
+    mtu: int | None = None
+    ofport_request: int | None = None
+    interface_type: str = ""
+    mac: str | None = None
+    ipam: dict[str, Any] = field(default_factory=dict)
+
+
+def _int_field(conf: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    val = conf.get(key)
+    if val is None:
+        return None
+    if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
+        raise CniError(INVALID_CONFIG, f"{key} must be an integer in {lo}..{hi}, got {val!r}")
+    return val
+
+
+def _trunks(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise CniError(INVALID_CONFIG, "trunk must be a list of {id} or {minID, maxID}")
+    out: list[int] = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise CniError(INVALID_CONFIG, f"trunk entry {item!r} is not an object")
+        vid = _int_field(item, "id", 0, MAX_VLAN)
+        lo = _int_field(item, "minID", 0, MAX_VLAN)
+        hi = _int_field(item, "maxID", 0, MAX_VLAN)
+        if vid is not None:
+            out.append(vid)
+        if lo is not None or hi is not None:
+            if lo is None or hi is None or lo > hi:
+                raise CniError(
+                    INVALID_CONFIG, f"trunk range {item!r} needs minID <= maxID, both set"
+                )
+            out.extend(range(lo, hi + 1))
+        if vid is None and lo is None and hi is None:
+            raise CniError(INVALID_CONFIG, f"trunk entry {item!r} has neither id nor minID/maxID")
+    return sorted(set(out))
+
+
+def parse_conf(config: dict[str, Any], args: dict[str, str] | None = None) -> OvsNetConf:
+    """Validate the underlay-ovs config; raises CniError 7 naming the bad field."""
+    bridge = config.get("bridge")
+    if not isinstance(bridge, str) or not bridge:
+        raise CniError(INVALID_CONFIG, 'underlay-ovs config needs "bridge" (an OVS bridge name)')
+    if config.get("deviceID"):
+        raise CniError(UNSUPPORTED_FIELD, "deviceID (OVS hardware offload) is not supported")
+    vlan = _int_field(config, "vlan", 0, MAX_VLAN)
+    trunks = _trunks(config.get("trunk"))
+    mtu = _int_field(config, "mtu", 68, 65535)
+    ofport = _int_field(config, "ofport_request", 0, 65279)
+    itype = config.get("interface_type") or ""
+    if not isinstance(itype, str):
+        raise CniError(INVALID_CONFIG, "interface_type must be a string")
+    ipam = config.get("ipam") or {}
+    if not isinstance(ipam, dict) or (ipam and not isinstance(ipam.get("type"), str)):
+        raise CniError(INVALID_CONFIG, 'ipam must be an object with a "type"')
+    mac = None
+    runtime = config.get("runtimeConfig") or {}
+    for candidate in ((args or {}).get("MAC"), runtime.get("mac"), config.get("mac")):
+        if candidate:
+            mac = str(candidate).lower()
+            break
+    if mac is not None and (
+        len(mac.split(":")) != 6 or not all(len(b) == 2 for b in mac.split(":"))
+    ):
+        raise CniError(INVALID_CONFIG, f"mac {mac!r} is not a MAC address")
+    return OvsNetConf(
+        bridge=bridge,
+        vlan=vlan if vlan else None,
+        trunks=trunks,
+        mtu=mtu,
+        ofport_request=ofport or None,
+        interface_type=itype,
+        mac=mac,
+        ipam=ipam,
+    )
+
+
+# --- IPAM delegation ------------------------------------------------------------------------
+def _ipam_add(agent: CniAgent, req: CniRequest, conf: OvsNetConf) -> dict[str, Any] | None:
+    if not conf.ipam:
+        return None
+    if conf.ipam["type"] == CNI_IPAM_TYPE:
+        from . import ipam_plugin
+
+        return ipam_plugin.allocate(agent, req)
+    return delegate.exec_plugin(conf.ipam["type"], "ADD", req.env, req.stdin, req.path)
+
+
+def _ipam_del(agent: CniAgent, req: CniRequest, conf: OvsNetConf) -> None:
+    if not conf.ipam:
+        return
+    if conf.ipam["type"] == CNI_IPAM_TYPE:
+        from . import ipam_plugin
+
+        ipam_plugin.release(agent, req)
+        return
+    delegate.exec_plugin(conf.ipam["type"], "DEL", req.env, req.stdin, req.path)
+
+
+def _ipam_check(agent: CniAgent, req: CniRequest, conf: OvsNetConf) -> None:
+    if not conf.ipam:
+        return
+    if conf.ipam["type"] == CNI_IPAM_TYPE:
+        from . import ipam_plugin
+
+        ipam_plugin.verify(agent, req)
+        return
+    delegate.exec_plugin(conf.ipam["type"], "CHECK", req.env, req.stdin, req.path)
+
+
+# --- port bookkeeping -----------------------------------------------------------------------
+def _remove(agent: CniAgent, found: list[ports.PodPort]) -> None:
+    """Delete these ports from OVSDB and their host veths (which takes the pod end too)."""
+    if not found:
+        return
+    ports.detach_ports(agent.ovs, [p.name for p in found])
+    for p in found:
+        delete_link(p.name, agent.host_netns)
+
+
+def purge_error_ports(agent: CniAgent) -> list[str]:
+    """Delete our ports whose Interface has an OVS ``error`` and whose veth is gone.
+
+    Such ports are left by pods whose namespace vanished without a DEL (crash, reboot).
+    Returns the purged port names. Errors are logged, never raised (opportunistic).
+    """
+    try:
+        stale = [
+            p
+            for p in ports.find_pod_ports(agent.ovs)
+            if p.errors and not link_exists(p.name, agent.host_netns)
+        ]
+        if stale:
+            ports.detach_ports(agent.ovs, [p.name for p in stale])
+            log.info("purged stale pod ports %s", [(p.name, p.errors) for p in stale])
+        return [p.name for p in stale]
+    except Exception:
+        log.exception("purging stale pod ports failed")
+        return []
+
+
+# --- commands -------------------------------------------------------------------------------
+def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
+    """CNI ADD; returns the result (1.0.0 shape). Raises CniError; undoes partial work."""
+    conf = parse_conf(req.config, req.args)
+    if not os.path.exists(req.netns):
+        raise CniError(UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
+    ovs = agent.ovs
+    if not ports.bridge_exists(ovs, conf.bridge):
+        raise CniError(
+            BRIDGE_MISSING,
+            f"OVS bridge {conf.bridge} does not exist on node {agent.node_name} "
+            f"(OVSDB {agent.ovsdb_remote or 'of the agent'})",
+        )
+    purge_error_ports(agent)
+    # a retried ADD (runtime restarted mid-way) replaces what the first try left
+    _remove(agent, ports.find_pod_ports(ovs, contId=req.container_id, contIface=req.ifname))
+
+    ipam_result = _ipam_add(agent, req, conf) or {"ips": [], "routes": [], "dns": {}}
+    host: str | None = None
+    attached = False
+    try:
+        ips = ipam_result.get("ips", [])
+        mac = conf.mac
+        if mac is None:
+            v4 = [ip["address"] for ip in ips if ":" not in ip["address"]]
+            mac = mac_from_ipv4(v4[0]) if v4 else None
+        try:
+            host, _, host_mac = create_veth(
+                req.netns, req.ifname, mtu=conf.mtu, peer_mac=mac, host_netns=agent.host_netns
+            )
+        except LinkError as exc:
+            raise CniError(LINK_FAILURE, str(exc)) from exc
+        ext = {
+            ports.EXT_OWNER: ports.OWNER,
+            ports.EXT_CONTAINER_ID: req.container_id,
+            ports.EXT_NETNS: req.netns,
+            ports.EXT_IFNAME: req.ifname,
+            ports.EXT_POD_UID: req.pod_uid,
+            ports.EXT_POD: f"{req.pod_namespace}/{req.pod_name}" if req.pod_name else "",
+        }
+        try:
+            port = ports.attach_port(
+                ovs,
+                conf.bridge,
+                host,
+                ext,
+                tag=conf.vlan,
+                trunks=conf.trunks,
+                interface_type=conf.interface_type,
+                ofport_request=conf.ofport_request,
+            )
+        except ports.BridgeMissing as exc:
+            raise CniError(
+                BRIDGE_MISSING,
+                f"OVS bridge {conf.bridge} does not exist on node {agent.node_name}",
+            ) from exc
+        except Exception as exc:
+            raise CniError(
+                OVS_FAILURE, f"adding port {host} to bridge {conf.bridge}: {exc}"
+            ) from exc
+        attached = True
+        if port.errors:
+            raise CniError(
+                OVS_FAILURE,
+                f"ovs-vswitchd rejected port {host} on bridge {conf.bridge}: {'; '.join(port.errors)}",
+            )
+        try:
+            _, pod_mac = configure_pod_interface(
+                req.netns, req.ifname, ips, ipam_result.get("routes", [])
+            )
+        except (LinkError, OSError) as exc:
+            raise CniError(LINK_FAILURE, str(exc)) from exc
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if attached and host:
+                ports.detach_ports(ovs, [host])
+        with contextlib.suppress(Exception):
+            if host:
+                delete_link(host, agent.host_netns)
+        try:
+            _ipam_del(agent, req, conf)
+        except Exception:
+            log.exception("IPAM rollback of %s failed", req.describe())
+        raise
+    return {
+        "interfaces": [
+            {"name": host, "mac": host_mac},
+            {"name": req.ifname, "mac": pod_mac, "sandbox": req.netns},
+        ],
+        "ips": [{**ip, "interface": 1} for ip in ips],
+        "routes": ipam_result.get("routes", []),
+        "dns": ipam_result.get("dns", {}),
+    }
+
+
+def cmd_del(agent: CniAgent, req: CniRequest) -> None:
+    """CNI DEL: remove port, veth and IP allocation; succeeds when they are already gone.
+
+    Raises CniError only to report a partial cleanup (the server still exits 0 for DEL).
+    """
+    problems: list[str] = []
+    try:
+        conf: OvsNetConf | None = parse_conf(req.config, req.args)
+    except CniError as exc:
+        conf = None
+        problems.append(f"config: {exc.msg}")
+    try:
+        _remove(
+            agent, ports.find_pod_ports(agent.ovs, contId=req.container_id, contIface=req.ifname)
+        )
+    except Exception as exc:
+        problems.append(f"OVS port: {getattr(exc, 'msg', exc)}")
+    if conf is not None:
+        try:
+            _ipam_del(agent, req, conf)
+        except Exception as exc:
+            problems.append(f"IPAM: {getattr(exc, 'msg', exc)}")
+    purge_error_ports(agent)
+    if problems:
+        raise CniError(OVS_FAILURE, "; ".join(problems))
+
+
+def cmd_check(agent: CniAgent, req: CniRequest) -> None:
+    """CNI CHECK: the port (no OVS error), host veth, pod interface and prevResult IPs exist."""
+    conf = parse_conf(req.config, req.args)
+    prev = req.config.get("prevResult")
+    if not isinstance(prev, dict):
+        raise CniError(INVALID_CONFIG, "CHECK needs prevResult in the config")
+    found = ports.find_pod_ports(agent.ovs, contId=req.container_id, contIface=req.ifname)
+    if not found:
+        raise CniError(CHECK_FAILED, f"no OVS port for container {req.container_id} {req.ifname}")
+    port = found[0]
+    if port.bridge != conf.bridge:
+        raise CniError(
+            CHECK_FAILED, f"port {port.name} is on bridge {port.bridge}, not {conf.bridge}"
+        )
+    if port.errors:
+        raise CniError(CHECK_FAILED, f"port {port.name} has OVS errors: {'; '.join(port.errors)}")
+    if not link_exists(port.name, agent.host_netns):
+        raise CniError(CHECK_FAILED, f"host veth {port.name} is missing on node {agent.node_name}")
+    state = pod_interface_state(req.netns, req.ifname)
+    if state is None:
+        raise CniError(CHECK_FAILED, f"{req.ifname} is missing in {req.netns}")
+    prev_result = parse(prev, who="prevResult")
+    for ip in prev_result["ips"]:
+        if ip["address"] not in state["addresses"]:
+            raise CniError(CHECK_FAILED, f"{ip['address']} is not on {req.ifname} in {req.netns}")
+    if conf.mtu and state["mtu"] != conf.mtu:
+        raise CniError(CHECK_FAILED, f"{req.ifname} has MTU {state['mtu']}, config says {conf.mtu}")
+    _ipam_check(agent, req, conf)

@@ -1,0 +1,194 @@
+"""Pod ports on OVS bridges: one OVSDB transaction per attach, lookup by external_ids, purge.
+
+A pod attachment is one Port with one Interface (the host end of the pod's veth, type
+``system`` unless the config asks otherwise). The Port carries ovs-cni's external_ids
+(``contNetns``, ``contIface``, ``contPodUid``, ``owner``) plus ``contId`` (the CNI container
+id, so DEL finds the port after the netns is gone) and ``contPod`` (``<namespace>/<name>``).
+Source: k8snetworkplumbingwg/ovs-cni behaviour (reference/cni-ovs.md); OVSDB schema
+``Open_vSwitch`` (Bridge.ports, Port.tag/trunks/vlan_mode, Interface.error); ovsdbapp commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ovsdbapp.backend.ovs_idl import command, idlutils
+
+# --- external_ids keys on pod ports (ovs-cni names where ovs-cni has one) -------------------
+EXT_CONTAINER_ID = "contId"
+EXT_NETNS = "contNetns"
+EXT_IFNAME = "contIface"
+EXT_POD_UID = "contPodUid"
+EXT_POD = "contPod"
+EXT_OWNER = "owner"
+OWNER = "underlay-ovs"
+"""Value of ``external_ids:owner`` on every port this plugin creates (ovs-cni uses ``ovs-cni``)."""
+
+
+class BridgeMissing(LookupError):
+    """The bridge named by the CNI config is not in this node's OVSDB."""
+
+
+@dataclass(frozen=True)
+class PodPort:
+    """A pod port found in OVSDB: its name, bridge, external_ids and interface errors."""
+
+    name: str
+    bridge: str | None
+    external_ids: dict[str, str]
+    errors: tuple[str, ...]
+    ofports: tuple[int, ...]
+
+
+class AttachPortCommand(command.BaseCommand):
+    """Insert Interface + Port with external_ids and VLAN settings and add it to ``bridge``.
+
+    Runs as one OVSDB transaction (ovsdbapp command). ``tag`` makes an access port; ``trunks``
+    (list of VLAN ids) a trunk port; neither: a trunk of all VLANs (OVS default), as ovs-cni.
+    Raises BridgeMissing when the bridge does not exist; the transaction then changes nothing.
+    """
+
+    def __init__(
+        self,
+        api: Any,
+        bridge: str,
+        name: str,
+        external_ids: dict[str, str],
+        *,
+        tag: int | None = None,
+        trunks: list[int] | None = None,
+        interface_type: str = "",
+        ofport_request: int | None = None,
+        mtu_request: int | None = None,
+    ) -> None:
+        super().__init__(api)
+        self.bridge = bridge
+        self.name = name
+        self.external_ids = external_ids
+        self.tag = tag
+        self.trunks = trunks
+        self.interface_type = interface_type
+        self.ofport_request = ofport_request
+        self.mtu_request = mtu_request
+
+    def run_idl(self, txn: Any) -> None:
+        br = idlutils.row_by_value(self.api.idl, "Bridge", "name", self.bridge, None)
+        if br is None:
+            raise BridgeMissing(self.bridge)
+        iface = txn.insert(self.api._tables["Interface"])
+        iface.name = self.name
+        if self.interface_type:
+            iface.type = self.interface_type
+        if self.ofport_request is not None:
+            iface.ofport_request = [self.ofport_request]
+        if self.mtu_request is not None:
+            iface.mtu_request = [self.mtu_request]
+        iface.external_ids = dict(self.external_ids)
+        port = txn.insert(self.api._tables["Port"])
+        port.name = self.name
+        port.interfaces = [iface]
+        port.external_ids = dict(self.external_ids)
+        if self.tag is not None:
+            port.tag = [self.tag]
+            port.vlan_mode = ["access"]
+        elif self.trunks:
+            port.trunks = sorted(set(self.trunks))
+            port.vlan_mode = ["trunk"]
+        br.addvalue("ports", port)
+        # ovsdbapp's vsctl transaction then waits for ovs-vswitchd to apply it (next_cfg)
+        txn.expected_ifaces.add(iface.uuid)
+        self.result = port.uuid
+
+
+class DetachPortsCommand(command.BaseCommand):
+    """Remove the named ports (and their interfaces) from whatever bridge holds them.
+
+    Missing ports are skipped, so a second DEL changes nothing (idempotent).
+    """
+
+    def __init__(self, api: Any, names: list[str]) -> None:
+        super().__init__(api)
+        self.names = names
+
+    def run_idl(self, txn: Any) -> None:
+        wanted = set(self.names)
+        removed = []
+        for br in self.api._tables["Bridge"].rows.values():
+            for port in list(br.ports):
+                if port.name in wanted:
+                    br.delvalue("ports", port)
+                    port.delete()
+                    removed.append(port.name)
+        self.result = removed
+
+
+def _port_bridges(api: Any) -> dict[Any, str]:
+    return {port.uuid: br.name for br in api.tables["Bridge"].rows.values() for port in br.ports}
+
+
+def bridge_exists(api: Any, bridge: str) -> bool:
+    """True when ``bridge`` is a row of this node's Bridge table (read from the IDL cache)."""
+    return any(b.name == bridge for b in list(api.tables["Bridge"].rows.values()))
+
+
+def find_pod_ports(api: Any, **match: str) -> list[PodPort]:
+    """Ports owned by this plugin whose external_ids include every ``key=value`` in ``match``.
+
+    Keyword names are external_ids keys, e.g. ``find_pod_ports(api, contId=cid, contIface="eth0")``.
+    Reads the IDL cache (ovsdbapp keeps it in sync with the server).
+    """
+    bridges = _port_bridges(api)
+    found = []
+    for port in list(api.tables["Port"].rows.values()):
+        ext = dict(port.external_ids)
+        if ext.get(EXT_OWNER) != OWNER:
+            continue
+        if any(ext.get(k) != v for k, v in match.items()):
+            continue
+        errors = tuple(e for i in port.interfaces for e in i.error)
+        ofports = tuple(o for i in port.interfaces for o in i.ofport)
+        found.append(PodPort(port.name, bridges.get(port.uuid), ext, errors, ofports))
+    return found
+
+
+def attach_port(
+    api: Any,
+    bridge: str,
+    name: str,
+    external_ids: dict[str, str],
+    *,
+    tag: int | None = None,
+    trunks: list[int] | None = None,
+    interface_type: str = "",
+    ofport_request: int | None = None,
+    mtu_request: int | None = None,
+) -> PodPort:
+    """Run :class:`AttachPortCommand` and return the new port as OVSDB now shows it.
+
+    Raises BridgeMissing, or the ovsdbapp/RuntimeError of a failed transaction.
+    """
+    cmd = AttachPortCommand(
+        api,
+        bridge,
+        name,
+        external_ids,
+        tag=tag,
+        trunks=trunks,
+        interface_type=interface_type,
+        ofport_request=ofport_request,
+        mtu_request=mtu_request,
+    )
+    cmd.execute(check_error=True, log_errors=False)
+    ports = [p for p in find_pod_ports(api) if p.name == name]
+    if not ports:
+        raise RuntimeError(f"port {name} vanished from bridge {bridge} right after it was added")
+    return ports[0]
+
+
+def detach_ports(api: Any, names: list[str]) -> list[str]:
+    """Delete the named ports in one transaction; returns the names that existed."""
+    if not names:
+        return []
+    result = DetachPortsCommand(api, names).execute(check_error=True, log_errors=False)
+    return list(result or [])
