@@ -56,6 +56,8 @@ __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_MAX_NODES",
     "DEFAULT_NAMESPACE",
+    "ERROR",
+    "WARNING",
     "YAML_SUFFIXES",
     "Document",
     "JSONPath",

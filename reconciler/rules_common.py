@@ -1,0 +1,256 @@
+"""Semantic rules shared by every kind, and the cross-document index the other rules use.
+
+Kubernetes API conventions: object names are DNS-1123 subdomains, namespaces DNS-1123 labels,
+label keys qualified names with values of at most 63 characters (k8s.io/apimachinery
+validation). Every rule here reads plain data and never assumes the schema passed: values of
+the wrong type are skipped (the schema reports them).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler import vocab
+from reconciler.loader import WARNING, Document, Problem
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+@dataclass
+class PoolInfo:
+    """What the SpiderIPPool rules parsed from one pool (netaddr objects), for cross checks.
+
+    ``net``: the subnet (canonical network) or None; ``family``: 4, 6 or None;
+    ``entries``: (field path, netaddr.IPRange) of the valid ``ips`` entries;
+    ``allocatable``: netaddr.IPSet of ips minus excludeIPs.
+    """
+
+    doc: Document
+    net: Any = None
+    family: int | None = None
+    entries: list[tuple[tuple[str | int, ...], Any]] = field(default_factory=list)
+    allocatable: Any = None
+
+
+@dataclass
+class Context:
+    """Indexes over all documents of one validation run.
+
+    ``pools``: SpiderIPPool by name; ``nads``: SpiderMultusConfig by (namespace, name of the
+    NetworkAttachmentDefinition it renders); ``bridges``: OvsBridge by the bridge name it
+    makes; ``pool_info``: parsed pools (filled by the SpiderIPPool rules).
+    """
+
+    documents: list[Document]
+    pools: dict[str, list[Document]] = field(default_factory=dict)
+    nads: dict[tuple[str, str], list[Document]] = field(default_factory=dict)
+    bridges: dict[str, list[Document]] = field(default_factory=dict)
+    pool_info: dict[int, PoolInfo] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, documents: Iterable[Document]) -> Context:
+        """Index ``documents`` (all kinds; documents without a name are left out)."""
+        ctx = cls(list(documents))
+        for d in ctx.documents:
+            if d.name is None:
+                continue
+            if d.resource is vocab.SPIDER_IPPOOL:
+                ctx.pools.setdefault(d.name, []).append(d)
+            elif d.resource is vocab.SPIDER_MULTUS_CONFIG and d.namespace is not None:
+                ctx.nads.setdefault((d.namespace, nad_name(d)), []).append(d)
+            elif d.resource is vocab.OVS_BRIDGE:
+                b = bridge_name(d)
+                if b is not None:
+                    ctx.bridges.setdefault(b, []).append(d)
+        return ctx
+
+
+def nad_name(doc: Document) -> str:
+    """Name of the NetworkAttachmentDefinition a SpiderMultusConfig renders.
+
+    Spiderpool: the ``multus.spidernet.io/cr-name`` annotation, else ``metadata.name``.
+    """
+    cr = doc.get(("metadata", "annotations", vocab.ANNO_SMC_CR_NAME))
+    if isinstance(cr, str) and cr:
+        return cr
+    return doc.name or ""
+
+
+def bridge_name(doc: Document) -> str | None:
+    """Bridge an OvsBridge makes: ``spec.bridge``, else ``metadata.name`` (None if neither)."""
+    b = doc.get(("spec", "bridge"))
+    if isinstance(b, str) and b:
+        return b
+    return doc.name
+
+
+def suggest_dns1123(name: str, max_len: int = 253, label: bool = False) -> str:
+    """A DNS-1123 name close to ``name``: lower-cased, other characters turned into ``-``."""
+    s = name.lower()
+    s = re.sub(r"[^a-z0-9.-]" if not label else r"[^a-z0-9-]", "-", s)
+    s = re.sub(r"-{2,}", "-", s).strip("-.")
+    return s[:max_len].rstrip("-.") or "name"
+
+
+def check_dns1123(
+    doc: Document, path: tuple[str | int, ...], value: Any, what: str, *, label: bool = False
+) -> list[Problem]:
+    """``value`` must be a DNS-1123 subdomain (or label): rule ``name-not-dns1123``."""
+    if not isinstance(value, str) or not value:
+        return []
+    limit = 63 if label else 253
+    pattern = DNS1123_LABEL if label else DNS1123_SUBDOMAIN
+    form = "DNS-1123 label" if label else "DNS-1123 subdomain"
+    if len(value) <= limit and pattern.match(value):
+        return []
+    reason = (
+        f"is {len(value)} characters, more than {limit}"
+        if len(value) > limit
+        else "may only hold lower-case letters, digits, '-'"
+        + ("" if label else " and '.'")
+        + ", starting and ending with a letter or digit"
+    )
+    return [
+        doc.problem(
+            path,
+            rule="name-not-dns1123",
+            message=f'{what} "{value}" is not a {form}: it {reason}',
+            hint=f"write {suggest_dns1123(value, limit, label)}",
+        )
+    ]
+
+
+def _qualified_key_problem(key: str) -> str | None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
+        return f'prefix "{prefix}" is not a DNS-1123 subdomain'
+    if not name:
+        return "name part is empty"
+    if len(name) > 63:
+        return f"name part is {len(name)} characters, more than 63"
+    if not _QUALIFIED_NAME.match(name):
+        return "name part may only hold letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+    return None
+
+
+def check_label_map(
+    doc: Document,
+    path: tuple[str | int, ...],
+    labels: Any,
+    *,
+    values: bool = True,
+    what: str = "label",
+) -> list[Problem]:
+    """Keys (and, with ``values``, values) of a label map: rule ``label-invalid``."""
+    if not isinstance(labels, dict):
+        return []
+    out: list[Problem] = []
+    for k, v in labels.items():
+        reason = _qualified_key_problem(k)
+        if reason:
+            out.append(
+                doc.problem(
+                    (*path, k),
+                    rule="label-invalid",
+                    message=f'{what} key "{k}" is not valid: {reason}',
+                    hint="write a key like example.com/name",
+                    at_key=True,
+                )
+            )
+        if values and isinstance(v, str) and (len(v) > 63 or not _LABEL_VALUE.match(v)):
+            out.append(
+                doc.problem(
+                    (*path, k),
+                    rule="label-invalid",
+                    message=f'{what} value "{v}" is not valid: at most 63 letters, digits, '
+                    "'-', '_' or '.', starting and ending with a letter or digit",
+                    hint="shorten it or replace the other characters with '-'",
+                )
+            )
+    return out
+
+
+def check_metadata(doc: Document) -> list[Problem]:
+    """Name, namespace, labels and annotation keys of any document; ``namespace-defaulted``."""
+    out = check_dns1123(doc, ("metadata", "name"), doc.get(("metadata", "name")), "name")
+    if doc.resource.namespaced:
+        if doc.namespace_defaulted:
+            out.append(
+                doc.problem(
+                    ("metadata",),
+                    rule="namespace-defaulted",
+                    severity=WARNING,
+                    message=f'no metadata.namespace: {doc.kind} is namespaced, so it goes into "default"',
+                    hint="add namespace: default, or the namespace you mean",
+                    at_key=True,
+                )
+            )
+        else:
+            out += check_dns1123(
+                doc,
+                ("metadata", "namespace"),
+                doc.get(("metadata", "namespace")),
+                "namespace",
+                label=True,
+            )
+    out += check_label_map(doc, ("metadata", "labels"), doc.get(("metadata", "labels")))
+    out += check_label_map(
+        doc,
+        ("metadata", "annotations"),
+        doc.get(("metadata", "annotations")),
+        values=False,
+        what="annotation",
+    )
+    if "status" in doc.obj:
+        out.append(
+            doc.problem(
+                ("status",),
+                rule="status-ignored",
+                severity=WARNING,
+                message="status is written by the cluster; the reconciler ignores it here",
+                hint="remove status",
+                at_key=True,
+            )
+        )
+    return out
+
+
+def check_duplicates(ctx: Context) -> list[Problem]:
+    """Same kind/namespace/name defined twice: rule ``duplicate-object`` on each repeat."""
+    first: dict[tuple[str, str | None, str], Document] = {}
+    out: list[Problem] = []
+    for d in ctx.documents:
+        if d.name is None:
+            continue
+        key = (d.kind, d.namespace, d.name)
+        if key not in first:
+            first[key] = d
+            continue
+        f = first[key]
+        line, col = f.mark(("metadata", "name"))
+        out.append(
+            d.problem(
+                ("metadata", "name"),
+                rule="duplicate-object",
+                message=f"{d.ref()} is already defined at {f.path}:{line}:{col}",
+                hint="rename one of them or delete the copy",
+            )
+        )
+    return out
+
+
+def selectors_overlap(a: Any, b: Any) -> bool:
+    """Whether two equality node selectors (``{label: value}``) can select one node.
+
+    Absent or empty selects every node. Two selectors are disjoint only when they require
+    different values for the same label.
+    """
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return True
+    return all(a[k] == b[k] for k in a.keys() & b.keys())

@@ -1,0 +1,466 @@
+"""Semantic rules of SpiderIPPool (Spiderpool 1.2.x, reference/spiderpool.md), with netaddr.
+
+Per pool: canonical subnet, ipVersion against the subnet, every ``ips``/``excludeIPs`` entry a
+valid IP or ``first-last`` range (first <= last) inside the subnet, gateway inside the subnet
+and not allocatable unless excluded, routes (no default route, canonical dst of the pool's
+family, gw inside the subnet, no duplicate dst), multusName syntax and references.
+Across pools: subnets of one family overlap only when identical; no address is allocatable
+from two pools.
+
+Addresses are written as Spiderpool (Go ``net.ParseIP``) reads them: no spaces, no zone, no
+leading zeros; a canonical CIDR is what Go's ``net.IPNet.String()`` prints (RFC 5952 for IPv6).
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import netaddr
+
+from reconciler import vocab
+from reconciler.loader import WARNING, Document, Problem, format_path
+from reconciler.rules_common import Context, PoolInfo
+
+Path = tuple[str | int, ...]
+
+
+def parse_ip(text: str) -> netaddr.IPAddress | None:
+    """An IP address in Go ``net.ParseIP`` syntax, or None."""
+    if not text or text != text.strip() or "%" in text:
+        return None
+    try:
+        return netaddr.IPAddress(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        return None
+
+
+def parse_cidr(text: str) -> netaddr.IPNetwork | None:
+    """A CIDR ``address/prefix`` (prefix required), or None."""
+    addr, slash, prefix = text.partition("/")
+    if not slash or not prefix.isdigit() or parse_ip(addr) is None:
+        return None
+    try:
+        return netaddr.IPNetwork(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        return None
+
+
+def canonical(net: netaddr.IPNetwork) -> str:
+    """``net`` as Go prints a parsed CIDR: network address (host bits cleared)/prefix."""
+    return str(net.cidr)
+
+
+def _family(version: int) -> str:
+    return f"IPv{version}"
+
+
+def _parse_entry(
+    doc: Document, path: Path, text: Any
+) -> tuple[netaddr.IPRange | None, list[Problem]]:
+    """One ``ips``/``excludeIPs`` entry -> IPRange, or the problems it has."""
+    if not isinstance(text, str):
+        return None, []
+    first, dash, last = text.partition("-")
+    a = parse_ip(first)
+    b = parse_ip(last) if dash else a
+    if a is None or b is None:
+        hint = "write one address like 172.18.30.131 or a range like 172.18.30.131-172.18.30.140"
+        if text != text.replace(" ", ""):
+            hint = f"write {text.replace(' ', '')} (no spaces)"
+        return None, [
+            doc.problem(
+                path,
+                rule="ip-invalid",
+                message=f'"{text}" is not an IP address or a first-last range',
+                hint=hint,
+            )
+        ]
+    if a.version != b.version:
+        return None, [
+            doc.problem(
+                path,
+                rule="ip-invalid",
+                message=f'range "{text}" mixes IPv{a.version} and IPv{b.version}',
+                hint="write both ends in the pool's family",
+            )
+        ]
+    if a > b:
+        return None, [
+            doc.problem(
+                path,
+                rule="range-reversed",
+                message=f'range "{text}" starts above its end',
+                hint=f"write {b}-{a}",
+            )
+        ]
+    return netaddr.IPRange(a, b), []
+
+
+def _in_subnet(
+    doc: Document, path: Path, text: str, r: netaddr.IPRange, net: netaddr.IPNetwork
+) -> list[Problem]:
+    if r.version != net.version:
+        return [
+            doc.problem(
+                path,
+                rule="ip-outside-subnet",
+                message=f'"{text}" is an {_family(r.version)} address but subnet {canonical(net)} '
+                f"is {_family(net.version)}",
+                hint=f"use addresses inside {canonical(net)}",
+            )
+        ]
+    if r.first >= net.first and r.last <= net.last:
+        return []
+    return [
+        doc.problem(
+            path,
+            rule="ip-outside-subnet",
+            message=f'"{text}" is outside subnet {canonical(net)}',
+            hint=f"use addresses inside {canonical(net)}",
+        )
+    ]
+
+
+def check_pool(doc: Document, ctx: Context) -> list[Problem]:
+    """Per-pool rules; records a :class:`PoolInfo` in ``ctx.pool_info`` for the cross checks."""
+    info = PoolInfo(doc)
+    ctx.pool_info[id(doc)] = info
+    spec = doc.get(("spec",))
+    if not isinstance(spec, dict):
+        return []
+    out: list[Problem] = []
+    net: netaddr.IPNetwork | None = None
+    subnet = spec.get("subnet")
+    if isinstance(subnet, str):
+        net = parse_cidr(subnet)
+        if net is None:
+            out.append(
+                doc.problem(
+                    ("spec", "subnet"),
+                    rule="subnet-invalid",
+                    message=f'"{subnet}" is not a CIDR (address/prefix length)',
+                    hint="write a network like 172.18.0.0/16",
+                )
+            )
+        elif canonical(net) != subnet:
+            why = "host bits are set" if net.ip != net.network else "not in canonical form"
+            out.append(
+                doc.problem(
+                    ("spec", "subnet"),
+                    rule="subnet-not-canonical",
+                    message=f'"{subnet}" is not a canonical CIDR: {why}',
+                    hint=f"write {canonical(net)}",
+                )
+            )
+    version = spec.get("ipVersion")
+    if net is not None and version in (4, 6) and version != net.version:
+        out.append(
+            doc.problem(
+                ("spec", "ipVersion"),
+                rule="ip-version-mismatch",
+                message=f"ipVersion {version} does not match subnet {canonical(net)} "
+                f"({_family(net.version)})",
+                hint=f"write ipVersion: {net.version}, or leave it out",
+            )
+        )
+    info.net = net.cidr if net is not None else None
+    info.family = net.version if net is not None else (version if version in (4, 6) else None)
+
+    sets: dict[str, netaddr.IPSet] = {}
+    for field in ("ips", "excludeIPs"):
+        entries = spec.get(field)
+        s = netaddr.IPSet()
+        sets[field] = s
+        if not isinstance(entries, list):
+            continue
+        seen: list[tuple[netaddr.IPRange, str, Path]] = []
+        for i, text in enumerate(entries):
+            path = ("spec", field, i)
+            r, problems = _parse_entry(doc, path, text)
+            out += problems
+            if r is None:
+                continue
+            assert isinstance(text, str)
+            if net is not None:
+                bad = _in_subnet(doc, path, text, r, net)
+                out += bad
+                if bad:
+                    continue
+            for prev, prev_text, prev_path in seen:
+                if r.first <= prev.last and prev.first <= r.last:
+                    out.append(
+                        doc.problem(
+                            path,
+                            rule="ip-duplicate",
+                            severity=WARNING,
+                            message=f'"{text}" overlaps "{prev_text}" ({format_path(prev_path)}) '
+                            "of the same pool",
+                            hint="list each address once",
+                        )
+                    )
+                    break
+            seen.append((r, text, path))
+            s.add(r)
+            if field == "ips":
+                info.entries.append((path, r))
+    info.allocatable = sets["ips"] - sets["excludeIPs"]
+
+    gateway = spec.get("gateway")
+    if isinstance(gateway, str):
+        gw = parse_ip(gateway)
+        if gw is None:
+            out.append(
+                doc.problem(
+                    ("spec", "gateway"),
+                    rule="ip-invalid",
+                    message=f'gateway "{gateway}" is not an IP address',
+                    hint="write one address such as 172.18.0.1",
+                )
+            )
+        elif net is not None and gw not in net:
+            out.append(
+                doc.problem(
+                    ("spec", "gateway"),
+                    rule="gateway-outside-subnet",
+                    message=f"gateway {gateway} is outside subnet {canonical(net)}",
+                    hint=f"use an address inside {canonical(net)}",
+                )
+            )
+        elif gw in sets["ips"] and gw not in sets["excludeIPs"]:
+            entry = next(
+                (spec["ips"][p[2]] for p, r in info.entries if gw in r),
+                "",
+            )
+            out.append(
+                doc.problem(
+                    ("spec", "gateway"),
+                    rule="gateway-allocatable",
+                    message=f'gateway {gateway} is inside ips ("{entry}") and not excluded, '
+                    "so a pod could get it",
+                    hint=f"add {gateway} to excludeIPs, or take it out of ips",
+                )
+            )
+    out += _check_routes(doc, spec.get("routes"), net, info.family)
+    out += _check_multus_names(doc, ctx, spec.get("multusName"))
+    return out
+
+
+def _check_routes(
+    doc: Document, routes: Any, net: netaddr.IPNetwork | None, family: int | None
+) -> list[Problem]:
+    if not isinstance(routes, list):
+        return []
+    out: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        dst = route.get("dst")
+        if isinstance(dst, str):
+            path = ("spec", "routes", i, "dst")
+            d = parse_cidr(dst)
+            if d is None:
+                out.append(
+                    doc.problem(
+                        path,
+                        rule="route-invalid",
+                        message=f'route dst "{dst}" is not a CIDR',
+                        hint="write a network like 10.10.0.0/16",
+                    )
+                )
+            elif d.prefixlen == 0:
+                out.append(
+                    doc.problem(
+                        path,
+                        rule="route-default",
+                        message=f"route dst {dst} is a default route",
+                        hint="set spec.gateway instead of a default route",
+                    )
+                )
+            elif family is not None and d.version != family:
+                out.append(
+                    doc.problem(
+                        path,
+                        rule="route-invalid",
+                        message=f"route dst {dst} is {_family(d.version)} but the pool is "
+                        f"{_family(family)}",
+                        hint=f"write an {_family(family)} destination",
+                    )
+                )
+            elif canonical(d) != dst:
+                out.append(
+                    doc.problem(
+                        path,
+                        rule="route-invalid",
+                        message=f'route dst "{dst}" is not a canonical CIDR',
+                        hint=f"write {canonical(d)}",
+                    )
+                )
+            else:
+                if dst in seen:
+                    out.append(
+                        doc.problem(
+                            path,
+                            rule="route-duplicate",
+                            message=f"route dst {dst} is already in spec.routes[{seen[dst]}]",
+                            hint="keep one route per destination",
+                        )
+                    )
+                else:
+                    seen[dst] = i
+        gw_text = route.get("gw")
+        if isinstance(gw_text, str):
+            path = ("spec", "routes", i, "gw")
+            gw = parse_ip(gw_text)
+            if gw is None:
+                out.append(
+                    doc.problem(
+                        path,
+                        rule="route-invalid",
+                        message=f'route gw "{gw_text}" is not an IP address',
+                        hint="write one address inside the subnet",
+                    )
+                )
+            elif net is not None and gw not in net:
+                out.append(
+                    doc.problem(
+                        path,
+                        rule="route-gateway-outside-subnet",
+                        message=f"route gw {gw_text} is outside subnet {canonical(net)}",
+                        hint=f"use a next hop inside {canonical(net)}",
+                    )
+                )
+    return out
+
+
+def parse_multus_name(entry: str) -> tuple[str, str] | None:
+    """``namespace/name`` or ``name`` (= ``kube-system/name``, Spiderpool) -> (ns, name)."""
+    ns, slash, name = entry.partition("/")
+    if not slash:
+        ns, name = vocab.SYSTEM_NAMESPACE, entry
+    if not ns or not name or "/" in name:
+        return None
+    return ns, name
+
+
+def _check_multus_names(doc: Document, ctx: Context, names: Any) -> list[Problem]:
+    if not isinstance(names, list):
+        return []
+    out: list[Problem] = []
+    for i, entry in enumerate(names):
+        if not isinstance(entry, str):
+            continue
+        path = ("spec", "multusName", i)
+        key = parse_multus_name(entry)
+        if key is None:
+            out.append(
+                doc.problem(
+                    path,
+                    rule="multus-name-invalid",
+                    message=f'multusName "{entry}" is not name or namespace/name',
+                    hint="write e.g. kube-system/ovs-conf",
+                )
+            )
+        elif key not in ctx.nads:
+            out.append(
+                doc.problem(
+                    path,
+                    rule="multus-config-not-found",
+                    severity=WARNING,
+                    message=f"no SpiderMultusConfig in the repository renders {key[0]}/{key[1]}",
+                    hint="check the name; fine if that Multus config is managed outside Git",
+                )
+            )
+    return out
+
+
+def check_overlaps(ctx: Context) -> list[Problem]:
+    """Cross-pool rules ``subnet-overlap`` and ``ip-overlap`` (call after :func:`check_pool`)."""
+    infos = [ctx.pool_info[id(d)] for d in ctx.documents if id(d) in ctx.pool_info]
+    return _subnet_overlaps(infos) + _ip_overlaps(infos)
+
+
+def _where(doc: Document, path: Path) -> str:
+    line, col = doc.mark(path)
+    return f"{doc.path}:{line}:{col}"
+
+
+def _subnet_overlaps(infos: list[PoolInfo]) -> list[Problem]:
+    out: list[Problem] = []
+    for family in (4, 6):
+        by_net: dict[str, list[PoolInfo]] = {}
+        for info in infos:
+            if info.net is not None and info.net.version == family:
+                by_net.setdefault(str(info.net), []).append(info)
+        nets = sorted(by_net, key=lambda n: (by_net[n][0].net.first, by_net[n][0].net.prefixlen))
+        stack: list[str] = []
+        for n in nets:
+            net = by_net[n][0].net
+            while stack and by_net[stack[-1]][0].net.last < net.first:
+                stack.pop()
+            if stack:
+                outer = by_net[stack[-1]][0]
+                for info in by_net[n]:
+                    out.append(
+                        info.doc.problem(
+                            ("spec", "subnet"),
+                            rule="subnet-overlap",
+                            message=f"subnet {n} overlaps subnet {stack[-1]} of {outer.doc.ref()} "
+                            f"({_where(outer.doc, ('spec', 'subnet'))})",
+                            hint=f"use subnet {stack[-1]} here too, or a subnet that does not overlap",
+                        )
+                    )
+            stack.append(n)
+    return out
+
+
+def _ip_overlaps(infos: list[PoolInfo]) -> list[Problem]:
+    """Pairs of pools whose allocatable sets intersect; reported on the later pool."""
+    order = {id(info): i for i, info in enumerate(infos)}
+    out: list[Problem] = []
+    for family in (4, 6):
+        ranges: list[tuple[int, int, int]] = []  # (first, last, pool index)
+        for i, info in enumerate(infos):
+            if info.allocatable is None or not info.allocatable:
+                continue
+            for r in info.allocatable.iter_ipranges():
+                if r.version == family:
+                    ranges.append((r.first, r.last, i))
+        ranges.sort()
+        active: list[tuple[int, int, int]] = []  # heap of (last, first, pool index)
+        pairs: dict[tuple[int, int], tuple[int, int]] = {}
+        for first, last, i in ranges:
+            while active and active[0][0] < first:
+                heapq.heappop(active)
+            for a_last, a_first, j in active:
+                if j != i:
+                    key = (min(i, j), max(i, j))
+                    lo, hi = max(first, a_first), min(last, a_last)
+                    if key not in pairs:
+                        pairs[key] = (lo, hi)
+            heapq.heappush(active, (last, first, i))
+        for (i, j), (lo, hi) in sorted(pairs.items()):
+            earlier, later = infos[i], infos[j]
+            if order[id(earlier)] > order[id(later)]:
+                earlier, later = later, earlier
+            shared = netaddr.IPRange(netaddr.IPAddress(lo, family), netaddr.IPAddress(hi, family))
+            path = next(
+                (p for p, r in later.entries if r.first <= hi and lo <= r.last),
+                ("spec", "ips"),
+            )
+            other = next(
+                (p for p, r in earlier.entries if r.first <= hi and lo <= r.last),
+                ("spec", "ips"),
+            )
+            shared_text = str(shared[0]) if lo == hi else f"{shared[0]}-{shared[-1]}"
+            out.append(
+                later.doc.problem(
+                    path,
+                    rule="ip-overlap",
+                    message=f'"{later.doc.get(path)}" overlaps "{earlier.doc.get(other)}" of '
+                    f"{earlier.doc.ref()} ({_where(earlier.doc, other)}) at {shared_text}",
+                    hint="give each pool its own addresses, or add the shared ones to excludeIPs",
+                )
+            )
+    return out

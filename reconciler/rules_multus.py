@@ -1,0 +1,275 @@
+"""Semantic rules of SpiderMultusConfig (Spiderpool 1.2.x, reference/spiderpool.md).
+
+Exactly one per-type section matching ``cniType`` (``custom``, the default, has none and may
+carry ``customCNI``); JSON in ``customCNI``/``chainCNIJsonData``; two or more ``master``
+interfaces need ``bond``; OVS trunk entries; references to OvsBridges and SpiderIPPools of the
+repository (missing ones are warnings: they may be managed outside Git); the
+NetworkAttachmentDefinition names the configs render must not collide.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+from reconciler import vocab
+from reconciler.loader import WARNING, Document, Problem
+from reconciler.rules_common import Context, check_dns1123, nad_name
+from reconciler.rules_ippool import parse_multus_name
+
+SECTIONS = ("macvlan", "ipvlan", "ovs")
+"""Per-type sections underlay renders, each named after its cniType."""
+
+UNSUPPORTED = ("vlan", "sriov", "ib-sriov", "ipoib")
+"""Spiderpool cniTypes underlay does not render (no per-type section in our schema)."""
+
+_EXAMPLE = {
+    "ovs": "add ovs: {bridge: br1}",
+    "macvlan": "add macvlan: {master: [eth0]}",
+    "ipvlan": "add ipvlan: {master: [eth0]}",
+}
+
+
+def _json_object_problem(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    if not isinstance(value, dict):
+        return "must be a JSON object ({...})"
+    return None
+
+
+def check_smc(doc: Document, ctx: Context) -> list[Problem]:
+    """Per-config rules (see module docstring)."""
+    spec = doc.get(("spec",))
+    out = check_dns1123(
+        doc,
+        ("metadata", "annotations", vocab.ANNO_SMC_CR_NAME),
+        doc.get(("metadata", "annotations", vocab.ANNO_SMC_CR_NAME)),
+        "NetworkAttachmentDefinition name",
+    )
+    if not isinstance(spec, dict):
+        return out
+    cni_type = spec.get("cniType", "custom")
+    if not isinstance(cni_type, str):
+        return out
+    if cni_type in UNSUPPORTED:
+        out.append(
+            doc.problem(
+                ("spec", "cniType"),
+                rule="cni-type-unsupported",
+                message=f"cniType {cni_type} is not supported by underlay",
+                hint="use ovs, macvlan, ipvlan or custom",
+            )
+        )
+    for section in SECTIONS:
+        if section in spec and section != cni_type:
+            out.append(
+                doc.problem(
+                    ("spec", section),
+                    rule="cni-type-section",
+                    message=f'section "{section}" does not match cniType {cni_type}',
+                    hint=f"remove {section}, or set cniType: {section}",
+                    at_key=True,
+                )
+            )
+    if cni_type in SECTIONS and cni_type not in spec:
+        out.append(
+            doc.problem(
+                ("spec", "cniType") if "cniType" in spec else ("spec",),
+                rule="cni-type-section",
+                message=f'cniType {cni_type} needs an "{cni_type}" section',
+                hint=_EXAMPLE[cni_type],
+            )
+        )
+    custom = spec.get("customCNI")
+    if "customCNI" in spec and cni_type != "custom":
+        out.append(
+            doc.problem(
+                ("spec", "customCNI"),
+                rule="cni-type-section",
+                message=f"customCNI is only used with cniType custom, not {cni_type}",
+                hint="remove customCNI, or set cniType: custom",
+                at_key=True,
+            )
+        )
+    elif isinstance(custom, str) and custom.strip():
+        why = _json_object_problem(custom)
+        if why:
+            out.append(
+                doc.problem(
+                    ("spec", "customCNI"),
+                    rule="custom-cni-invalid-json",
+                    message=f"customCNI {why}",
+                    hint='write a CNI config object, e.g. {"cniVersion": "1.0.0", "type": "bridge"}',
+                )
+            )
+    chain = spec.get("chainCNIJsonData")
+    if isinstance(chain, list):
+        for i, item in enumerate(chain):
+            if isinstance(item, str):
+                why = _json_object_problem(item)
+                if why:
+                    out.append(
+                        doc.problem(
+                            ("spec", "chainCNIJsonData", i),
+                            rule="chain-cni-invalid-json",
+                            message=f"chained plugin {why}",
+                            hint='write one plugin object, e.g. {"type": "tuning"}',
+                        )
+                    )
+    for section in SECTIONS:
+        body = spec.get(section)
+        if isinstance(body, dict):
+            out += _check_section(doc, ctx, section, body)
+    return out
+
+
+def _check_section(
+    doc: Document, ctx: Context, section: str, body: dict[str, Any]
+) -> list[Problem]:
+    out: list[Problem] = []
+    base = ("spec", section)
+    master = body.get("master")
+    if isinstance(master, list) and len(master) >= 2 and "bond" not in body:
+        out.append(
+            doc.problem(
+                (*base, "master"),
+                rule="bond-required",
+                message=f"{len(master)} master interfaces need a bond",
+                hint="add bond: {name: bond0, mode: 1}, or keep one master",
+            )
+        )
+    if section == "ovs":
+        out += _check_trunk(doc, body.get("trunk"))
+        bridge = body.get("bridge")
+        if isinstance(bridge, str) and bridge and bridge not in ctx.bridges:
+            close = difflib.get_close_matches(bridge, list(ctx.bridges), n=1)
+            out.append(
+                doc.problem(
+                    (*base, "bridge"),
+                    rule="bridge-not-found",
+                    severity=WARNING,
+                    message=f'no OvsBridge in the repository makes bridge "{bridge}"',
+                    hint=f"did you mean {close[0]}?"
+                    if close
+                    else "add an OvsBridge for it; fine if the bridge is made outside Git",
+                )
+            )
+    pools = body.get("ippools")
+    if isinstance(pools, dict):
+        for family_key, family in (("ipv4", 4), ("ipv6", 6)):
+            names = pools.get(family_key)
+            if isinstance(names, list):
+                for i, name in enumerate(names):
+                    if isinstance(name, str):
+                        out += _check_pool_ref(
+                            doc, ctx, (*base, "ippools", family_key, i), name, family
+                        )
+    return out
+
+
+def _check_trunk(doc: Document, trunk: Any) -> list[Problem]:
+    if not isinstance(trunk, list):
+        return []
+    out: list[Problem] = []
+    for i, entry in enumerate(trunk):
+        if not isinstance(entry, dict):
+            continue
+        path = ("spec", "ovs", "trunk", i)
+        has_id, has_min, has_max = ("id" in entry), ("minID" in entry), ("maxID" in entry)
+        if not ((has_id and not has_min and not has_max) or (not has_id and has_min and has_max)):
+            out.append(
+                doc.problem(
+                    path,
+                    rule="trunk-entry-invalid",
+                    message="a trunk entry has either id, or both minID and maxID",
+                    hint="write {id: 100} or {minID: 100, maxID: 200}",
+                )
+            )
+            continue
+        lo, hi = entry.get("minID"), entry.get("maxID")
+        if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+            out.append(
+                doc.problem(
+                    (*path, "minID"),
+                    rule="trunk-range-reversed",
+                    message=f"minID {lo} is above maxID {hi}",
+                    hint=f"write minID: {hi}, maxID: {lo}",
+                )
+            )
+    return out
+
+
+def _check_pool_ref(
+    doc: Document, ctx: Context, path: tuple[str | int, ...], name: str, family: int
+) -> list[Problem]:
+    found = ctx.pools.get(name)
+    if not found:
+        return [
+            doc.problem(
+                path,
+                rule="ippool-not-found",
+                severity=WARNING,
+                message=f'no SpiderIPPool "{name}" in the repository',
+                hint="check the name; fine if the pool is managed outside Git",
+            )
+        ]
+    pool = found[0]
+    info = ctx.pool_info.get(id(pool))
+    out: list[Problem] = []
+    if info is not None and info.family is not None and info.family != family:
+        other = "ipv6" if family == 4 else "ipv4"
+        out.append(
+            doc.problem(
+                path,
+                rule="ippool-family-mismatch",
+                message=f"SpiderIPPool {name} is IPv{info.family} but is listed under ipv{family}",
+                hint=f"move it to ippools.{other}",
+            )
+        )
+    allowed = pool.get(("spec", "multusName"))
+    if isinstance(allowed, list) and allowed and doc.namespace is not None:
+        me = (doc.namespace, nad_name(doc))
+        keys = {parse_multus_name(a) for a in allowed if isinstance(a, str)}
+        if me not in keys:
+            out.append(
+                doc.problem(
+                    path,
+                    rule="ippool-multus-mismatch",
+                    severity=WARNING,
+                    message=f"SpiderIPPool {name} only serves multusName "
+                    f"{', '.join(str(a) for a in allowed)}, so pods attached through "
+                    f"{me[0]}/{me[1]} never get it",
+                    hint=f"add {me[0]}/{me[1]} to the pool's multusName",
+                )
+            )
+    return out
+
+
+def check_nad_names(ctx: Context) -> list[Problem]:
+    """Two SpiderMultusConfigs rendering one NetworkAttachmentDefinition: ``nad-name-conflict``.
+
+    Configs with the same namespace/name are left to ``duplicate-object``.
+    """
+    out: list[Problem] = []
+    for (ns, nad), docs in ctx.nads.items():
+        first = docs[0]
+        for d in docs[1:]:
+            if d.name == first.name:
+                continue
+            anno = ("metadata", "annotations", vocab.ANNO_SMC_CR_NAME)
+            path = anno if d.get(anno) else ("metadata", "name")
+            line, col = first.mark(("metadata", "name"))
+            out.append(
+                d.problem(
+                    path,
+                    rule="nad-name-conflict",
+                    message=f"NetworkAttachmentDefinition {ns}/{nad} is also rendered from "
+                    f"{first.ref()} ({first.path}:{line}:{col})",
+                    hint=f"set another {vocab.ANNO_SMC_CR_NAME} annotation",
+                )
+            )
+    return out

@@ -1,0 +1,368 @@
+"""Validate loaded documents: JSON Schema (Draft 2020-12, ``schemas/``) plus semantic rules.
+
+``validate(documents)`` returns every :class:`~reconciler.loader.Problem` across all documents;
+``validate_repo(root)`` loads and validates in one call and is what ``underlay validate`` and
+the reconciler run (the reconciler applies nothing while any error exists).
+
+JSON Schema errors are mapped back to ``file:line:column`` through the loader's marks: unknown
+and missing fields point at the mapping key, wrong values at the value. Messages say what is
+wrong and the hint what to write instead (a close spelling for a typo such as ``gatway``).
+Semantic rules live in ``rules_common``, ``rules_ippool``, ``rules_multus`` and
+``rules_bridge``; rule ids are listed in ``reconciler.rules.RULES``.
+
+Schema features used (all map onto Kubernetes structural schemas, see reconciler.crdgen):
+type, properties, required, items, enum, pattern, minimum/maximum, minLength/maxLength,
+minItems/maxItems, additionalProperties (false or a schema), default, description, format
+(date-time, in status only), anyOf (OvsBridge.spec.maxUnavailable, int-or-string) and the
+``x-kubernetes-*`` annotations. No ``$ref``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import ValidationError
+
+from reconciler import vocab
+from reconciler.loader import (
+    DEFAULT_MAX_FILE_BYTES,
+    ERROR,
+    Document,
+    Problem,
+    load_repo,
+)
+from reconciler.rules_bridge import check_bridge, check_bridge_conflicts
+from reconciler.rules_common import Context, check_duplicates, check_metadata
+from reconciler.rules_ippool import check_overlaps, check_pool
+from reconciler.rules_multus import check_nad_names, check_smc
+from reconciler.vocab import Resource
+
+__all__ = [
+    "Problem",
+    "has_errors",
+    "load_schema",
+    "schema_dir",
+    "schema_file",
+    "schema_problems",
+    "validate",
+    "validate_repo",
+    "validator_for",
+]
+
+
+def schema_file(res: Resource) -> str:
+    """File name of ``res``'s schema: ``<group>_<version>_<Kind>.json``."""
+    return f"{res.group}_{res.version}_{res.kind}.json"
+
+
+def schema_dir() -> Path:
+    """Directory holding the JSON Schemas (the ``reconciler.schemas`` package, else ``schemas/``
+    next to the ``reconciler`` package in a source checkout)."""
+    try:
+        d = Path(str(resources.files("reconciler.schemas")))
+        if d.is_dir():
+            return d
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "schemas"
+
+
+@functools.cache
+def load_schema(res: Resource) -> dict[str, Any]:
+    """The JSON Schema of ``res`` (raises FileNotFoundError naming the file)."""
+    path = schema_dir() / schema_file(res)
+    if not path.is_file():
+        raise FileNotFoundError(f"schema {path} is missing")
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+@functools.cache
+def validator_for(res: Resource) -> jsonschema.protocols.Validator:
+    """A Draft 2020-12 validator of ``res``'s schema (checked once, then cached)."""
+    schema = load_schema(res)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+# --- JSON Schema errors -> problems ---------------------------------------------------------
+
+_MISSING_HINT = {
+    "subnet": "add subnet: 172.18.0.0/16",
+    "uplinks": "add uplinks: [eth0]",
+    "bridge": "add bridge: br1",
+    "master": "add master: [eth0]",
+    "name": "add name: <object name>",
+    "spec": "add spec:",
+    "metadata": "add metadata: with a name",
+    "dst": "add dst: <network CIDR>",
+    "gw": "add gw: <next hop inside the subnet>",
+    "key": "add key: <label key>",
+    "operator": "add operator: In, NotIn, Exists or DoesNotExist",
+    "nodeName": "add nodeName: <node name>",
+    "mode": "add mode: 1 (active-backup)",
+}
+
+_SERVER_FIELDS = {
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+    "selfLink",
+    "ownerReferences",
+    "finalizers",
+    "generateName",
+}
+
+_PATTERN_TEXT = {
+    "^[A-Za-z0-9_.-]+$": "an interface name (letters, digits, '_', '.', '-')",
+    "^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\\.[0-7]$": "a PCI address like 0000:03:00.1",
+    "^([0-9a-fA-F]{2}:[0-9a-fA-F]{2})?$": "two hex bytes like 0a:1b",
+    "^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$": "a CNI network name (letters, digits, '_', '.', '-')",
+    "^(100|[1-9][0-9]?)%$": "a percentage from 1% to 100%",
+}
+
+_TYPE_NAMES = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {json.dumps(value)}"
+    if isinstance(value, list):
+        return "a list"
+    return "a mapping"
+
+
+def _type_hint(expected: list[str], value: Any) -> str:
+    if isinstance(value, str) and ("integer" in expected or "number" in expected):
+        try:
+            float(value)
+            return f"remove the quotes: {value}"
+        except ValueError:
+            pass
+    if isinstance(value, str) and "boolean" in expected and value.lower() in ("true", "false"):
+        return f"remove the quotes: {value.lower()}"
+    if "string" in expected and isinstance(value, (int, float, bool)):
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        return f'quote it: "{text}"'
+    if "array" in expected and not isinstance(value, (list, dict)) and value is not None:
+        return f"write a list: [{value}]"
+    return f"write {' or '.join(_TYPE_NAMES.get(t, t) for t in expected)}"
+
+
+def _error_problems(doc: Document, err: ValidationError) -> list[Problem]:
+    path = tuple(err.absolute_path)
+    kw = err.validator
+    schema = err.schema if isinstance(err.schema, dict) else {}
+    value = err.instance
+    if kw == "additionalProperties" and isinstance(value, dict):
+        allowed = list(schema.get("properties", {}))
+        out = []
+        for key in value:
+            if key in allowed:
+                continue
+            if path == ("metadata",) and key == "namespace":
+                message = f"{doc.kind} is cluster-scoped: metadata.namespace is not allowed"
+                hint = "remove namespace"
+            elif path == ("metadata",) and key in _SERVER_FIELDS:
+                message = f'unknown field "{key}": the API server sets it'
+                hint = f"remove {key}"
+            else:
+                message = f'unknown field "{key}"'
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = (
+                    f"did you mean {close[0]}?"
+                    if close
+                    else f"allowed here: {', '.join(allowed)}"
+                    if allowed
+                    else "remove it"
+                )
+            out.append(
+                doc.problem(
+                    (*path, key), rule="unknown-field", message=message, hint=hint, at_key=True
+                )
+            )
+        return out
+    if kw == "required" and isinstance(value, dict):
+        return [
+            doc.problem(
+                (*path, name),
+                rule="missing-field",
+                message=f'missing required field "{name}"',
+                hint=_MISSING_HINT.get(name, f"add {name}:"),
+                at_key=True,
+            )
+            for name in err.validator_value
+            if name not in value
+        ]
+    if kw == "type":
+        raw = err.validator_value
+        expected: list[str] = [str(t) for t in raw] if isinstance(raw, list) else [str(raw)]
+        names = " or ".join(_TYPE_NAMES.get(t, t) for t in expected)
+        return [
+            doc.problem(
+                path,
+                rule="wrong-type",
+                message=f"must be {names}, got {_describe(value)}",
+                hint=_type_hint(expected, value),
+            )
+        ]
+    if kw == "enum":
+        options = [str(o) for o in err.validator_value]
+        close = difflib.get_close_matches(str(value).lower(), [o.lower() for o in options], n=1)
+        pick = next((o for o in options if close and o.lower() == close[0]), None)
+        return [
+            doc.problem(
+                path,
+                rule="invalid-value",
+                message=f"{_describe(value)} is not one of {', '.join(options)}",
+                hint=f"write {pick}" if pick else f"write one of {', '.join(options)}",
+            )
+        ]
+    if kw == "pattern":
+        what = _PATTERN_TEXT.get(err.validator_value, f"the pattern {err.validator_value}")
+        return [
+            doc.problem(
+                path,
+                rule="pattern-mismatch",
+                message=f"{_describe(value)} is not {what}",
+                hint=f"write {what}",
+            )
+        ]
+    if kw in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        lo, hi = schema.get("minimum"), schema.get("maximum")
+        if lo is not None and hi is not None:
+            message = f"{value} is out of range {lo}-{hi}"
+            hint = f"write a number from {lo} to {hi}"
+        elif lo is not None:
+            message, hint = f"{value} is below the minimum {lo}", f"write {lo} or more"
+        else:
+            message, hint = f"{value} is above the maximum {hi}", f"write {hi} or less"
+        return [doc.problem(path, rule="out-of-range", message=message, hint=hint)]
+    if kw in ("minLength", "maxLength", "minItems", "maxItems"):
+        n = err.validator_value
+        unit = "character" if "Length" in kw else "item"
+        plural = "" if n == 1 else "s"
+        size = len(value) if isinstance(value, (str, list)) else 0
+        if kw == "minLength" and n == 1:
+            message, hint = "must not be empty", "write a value"
+        elif kw.startswith("min"):
+            message = f"has {size} {unit}{'' if size == 1 else 's'}, needs at least {n}"
+            hint = f"write at least {n} {unit}{plural}"
+        else:
+            message = f"has {size} {unit}{'' if size == 1 else 's'}, at most {n} allowed"
+            hint = f"write at most {n} {unit}{plural}"
+        return [doc.problem(path, rule="bad-length", message=message, hint=hint)]
+    if kw in ("anyOf", "oneOf"):
+        desc = schema.get("description", "")
+        return [
+            doc.problem(
+                path,
+                rule="invalid-value",
+                message=f"{_describe(value)} is not valid here",
+                hint=desc.rstrip(".") if desc else "see the schema",
+            )
+        ]
+    return [doc.problem(path, rule="schema", message=err.message)]
+
+
+def schema_problems(doc: Document) -> list[Problem]:
+    """JSON Schema problems of one document, mapped to its file positions."""
+    out: list[Problem] = []
+    for err in validator_for(doc.resource).iter_errors(doc.obj):
+        out.extend(_error_problems(doc, err))
+    return out
+
+
+# --- running everything ---------------------------------------------------------------------
+
+_PER_KIND = {
+    vocab.SPIDER_IPPOOL.kind: check_pool,
+    vocab.SPIDER_MULTUS_CONFIG.kind: check_smc,
+    vocab.OVS_BRIDGE.kind: check_bridge,
+}
+
+
+def validate(documents: Iterable[Document], *, strict: bool = False) -> list[Problem]:
+    """Schema and semantic problems of ``documents`` (all of the repository, for cross rules).
+
+    Warnings become errors under ``strict``. Sorted by file, line, column. Never raises for
+    bad content.
+    """
+    docs = list(documents)
+    ctx = Context.build(docs)
+    problems: list[Problem] = []
+    for d in docs:
+        problems += schema_problems(d)
+        problems += check_metadata(d)
+    # pools first: the Multus config rules read their parsed families
+    for kind in (vocab.SPIDER_IPPOOL.kind, vocab.OVS_BRIDGE.kind, vocab.SPIDER_MULTUS_CONFIG.kind):
+        check = _PER_KIND[kind]
+        for d in docs:
+            if d.kind == kind:
+                problems += check(d, ctx)
+    problems += check_duplicates(ctx)
+    problems += check_overlaps(ctx)
+    problems += check_nad_names(ctx)
+    problems += check_bridge_conflicts(ctx)
+    return _finish(problems, strict)
+
+
+def _finish(problems: list[Problem], strict: bool) -> list[Problem]:
+    if strict:
+        problems = [p.as_error() for p in problems]
+    unique = dict.fromkeys(problems)
+    return sorted(unique, key=Problem.sort_key)
+
+
+def has_errors(problems: Sequence[Problem]) -> bool:
+    """True when any problem is an error (the reconciler then applies nothing)."""
+    return any(p.severity == ERROR for p in problems)
+
+
+def validate_repo(
+    root: Path | str,
+    paths: Sequence[Path | str] | None = None,
+    *,
+    strict: bool = False,
+    ignore_unknown_kinds: bool = False,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> tuple[list[Document], list[Problem]]:
+    """Load ``paths`` under ``root`` (default: all of it) and validate every document.
+
+    Returns (documents, problems): loading and validation problems together, sorted, warnings
+    raised to errors under ``strict``. Raises NotADirectoryError when ``root`` is not a
+    directory.
+    """
+    loaded = load_repo(
+        root, paths, ignore_unknown_kinds=ignore_unknown_kinds, max_file_bytes=max_file_bytes
+    )
+    problems = loaded.problems + validate(loaded.documents)
+    return loaded.documents, _finish(problems, strict)
