@@ -186,7 +186,7 @@ def check_metadata(doc: Document) -> list[Problem]:
                     ("metadata",),
                     rule="namespace-defaulted",
                     severity=WARNING,
-                    message=f'no metadata.namespace: {doc.kind} is namespaced, so it goes into "default"',
+                    message=f'namespace is missing; {doc.kind} is namespaced, so it goes into "default"',
                     hint="add namespace: default, or the namespace you mean",
                     at_key=True,
                 )

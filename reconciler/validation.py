@@ -46,6 +46,7 @@ from reconciler.vocab import Resource
 
 __all__ = [
     "Problem",
+    "finalize",
     "has_errors",
     "load_schema",
     "schema_dir",
@@ -332,10 +333,11 @@ def validate(documents: Iterable[Document], *, strict: bool = False) -> list[Pro
     problems += check_overlaps(ctx)
     problems += check_nad_names(ctx)
     problems += check_bridge_conflicts(ctx)
-    return _finish(problems, strict)
+    return finalize(problems, strict=strict)
 
 
-def _finish(problems: list[Problem], strict: bool) -> list[Problem]:
+def finalize(problems: Iterable[Problem], *, strict: bool = False) -> list[Problem]:
+    """Deduplicate and sort ``problems``; under ``strict`` every warning becomes an error."""
     if strict:
         problems = [p.as_error() for p in problems]
     unique = dict.fromkeys(problems)
@@ -365,4 +367,4 @@ def validate_repo(
         root, paths, ignore_unknown_kinds=ignore_unknown_kinds, max_file_bytes=max_file_bytes
     )
     problems = loaded.problems + validate(loaded.documents)
-    return loaded.documents, _finish(problems, strict)
+    return loaded.documents, finalize(problems, strict=strict)
