@@ -739,8 +739,22 @@ class OvsdbWatcher:
                     watcher.callback(name)
 
         self._events = [_Event(t) for t in ("Bridge", "Port", "Interface")]
-        handler = api.idl.notify_handler
-        handler.watch_events(self._events)
+        self._handler = self._event_handler(api.idl)
+        self._handler.watch_events(self._events)
+
+    @staticmethod
+    def _event_handler(idl: Any) -> Any:
+        """The IDL's RowEventHandler; a plain ``ovs.db.idl.Idl`` (what ovsdbapp's
+        ``OvsdbIdl.from_server`` builds) gets one: its ``notify(event, row, updates)`` hook,
+        called for every row change, is pointed at the handler."""
+        from ovsdbapp import event as ovsdb_event
+
+        handler = getattr(idl, "notify_handler", None)
+        if handler is None:
+            handler = ovsdb_event.RowEventHandler()
+            idl.notify_handler = handler
+            idl.notify = handler.notify
+        return handler
 
     def _bridge_of(self, row: Any) -> str | None:
         ids = getattr(row, "external_ids", {}) or {}
@@ -749,7 +763,7 @@ class OvsdbWatcher:
 
     def stop(self) -> None:
         """Unregister the row events."""
-        self.api.idl.notify_handler.unwatch_events(self._events)
+        self._handler.unwatch_events(self._events)
 
 
 class FileWatcher:

@@ -438,6 +438,26 @@ def _new_port(txn: Any, api: Any, br: Any, state: PortState) -> Any:
     return port
 
 
+def _set_if_differs(row: Any, column: str, value: Any) -> None:
+    if getattr(row, column) != value:
+        setattr(row, column, value)
+
+
+def _update_port(row: Any, want: PortState) -> None:
+    """Set the configurable columns of an existing Port row and its Interfaces to ``want``."""
+    _set_if_differs(row, "external_ids", dict(want.external_ids))
+    _set_if_differs(row, "bond_mode", [want.bond_mode] if want.bond_mode is not None else [])
+    _set_if_differs(row, "tag", [want.tag] if want.tag is not None else [])
+    _set_if_differs(row, "trunks", list(want.trunks))
+    by_name = {i.name: i for i in want.interfaces}
+    for iface in row.interfaces:
+        w = by_name[iface.name]
+        _set_if_differs(iface, "type", w.type)
+        _set_if_differs(iface, "mtu_request", [w.mtu_request] if w.mtu_request is not None else [])
+        _set_if_differs(iface, "external_ids", dict(w.external_ids))
+        _set_if_differs(iface, "options", dict(w.options))
+
+
 def _delete_port(br: Any, port: Any) -> None:
     br.delvalue("ports", port)
     for iface in port.interfaces:
@@ -568,10 +588,12 @@ class _RestoreBridgeCommand(ovs_command.BaseCommand):
                 _delete_port(br, row)
         for name, want in wanted.items():
             row = live.get(name)
-            if row is None or _port_state(row) != want:
+            if row is None or sorted(i.name for i in row.interfaces) != list(want.interface_names):
                 if row is not None:
                     _delete_port(br, row)
                 _new_port(txn, self.api, br, want)
+            else:
+                _update_port(row, want)  # same rows (same UUIDs), columns as in the snapshot
 
 
 def ensure_bridge(api: Any, spec: BridgeSpec) -> list[str]:
