@@ -299,6 +299,10 @@ def schema_problems(doc: Document) -> list[Problem]:
     out: list[Problem] = []
     for err in validator_for(doc.resource).iter_errors(doc.obj):
         out.extend(_error_problems(doc, err))
+    # a value of the wrong type also fails its enum/pattern/range: report the type only
+    mistyped = {p.field for p in out if p.rule == "wrong-type"}
+    if mistyped:
+        out = [p for p in out if p.rule == "wrong-type" or p.field not in mistyped]
     return out
 
 

@@ -1,0 +1,1099 @@
+"""One test per validation rule: exact ``file:line:column``, object, field, message and hint.
+
+Each case writes a small repository into a temporary directory, runs the same
+``validate_repo`` the CLI and the reconciler run, and compares every formatted problem.
+The loader's own rules are in test_loader.py; every rule id of ``reconciler.rules.RULES`` is
+covered by one of the two files (test_every_rule_has_a_case).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from reconciler.loader import load_text
+from reconciler.validation import has_errors, validate, validate_repo
+
+POOL = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\n"
+SMC = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderMultusConfig\n"
+BR = "apiVersion: underlay.dev/v1alpha1\nkind: OvsBridge\n"
+
+
+def y(text: str) -> str:
+    return textwrap.dedent(text).lstrip("\n")
+
+
+def run(tmp_path: Path, files: dict[str, str], **kw: bool) -> list[str]:
+    for name, text in files.items():
+        p = tmp_path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    _docs, problems = validate_repo(tmp_path, **kw)
+    return [p.format() for p in problems]
+
+
+# (case id, rule id, files, expected lines, validate_repo kwargs)
+CASES: list[tuple[str, str, dict[str, str], list[str], dict[str, bool]]] = [
+    # --- JSON Schema -------------------------------------------------------------------
+    (
+        "unknown-field",
+        "unknown-field",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              subnet: 172.18.0.0/16
+              gatway: 172.18.0.1
+            """)
+        },
+        [
+            'p.yaml:7:3: error: SpiderIPPool p1 spec.gatway: unknown field "gatway" (did you mean gateway?)'
+        ],
+        {},
+    ),
+    (
+        "unknown-field-namespace-on-cluster-scoped",
+        "unknown-field",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+              namespace: kube-system
+            spec:
+              subnet: 172.18.0.0/16
+            """)
+        },
+        [
+            "p.yaml:5:3: error: SpiderIPPool p1 metadata.namespace: SpiderIPPool is cluster-scoped: "
+            "metadata.namespace is not allowed (remove namespace)"
+        ],
+        {},
+    ),
+    (
+        "missing-field",
+        "missing-field",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              ips: [172.18.30.131]
+            """)
+        },
+        [
+            'p.yaml:5:1: error: SpiderIPPool p1 spec.subnet: missing required field "subnet" '
+            "(add subnet: 172.18.0.0/16)"
+        ],
+        {},
+    ),
+    (
+        "wrong-type",
+        "wrong-type",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              subnet: 172.18.0.0/16
+              ipVersion: "4"
+            """)
+        },
+        [
+            'p.yaml:7:14: error: SpiderIPPool p1 spec.ipVersion: must be an integer, got string "4" '
+            "(remove the quotes: 4)",
+        ],
+        {},
+    ),
+    (
+        "invalid-value",
+        "invalid-value",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: ovs-conf
+              namespace: kube-system
+            spec:
+              cniType: OVS
+            """)
+        },
+        [
+            'm.yaml:7:12: error: SpiderMultusConfig kube-system/ovs-conf spec.cniType: string "OVS" '
+            "is not one of macvlan, ipvlan, vlan, sriov, ovs, ib-sriov, ipoib, custom (write ovs)"
+        ],
+        {},
+    ),
+    (
+        "pattern-mismatch",
+        "pattern-mismatch",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: ovs-conf
+              namespace: kube-system
+            spec:
+              cniType: ovs
+              ovs:
+                bridge: br1
+                deviceID: "03:00.1"
+            """),
+            "b.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: [eth0]\n",
+        },
+        [
+            "m.yaml:10:15: error: SpiderMultusConfig kube-system/ovs-conf spec.ovs.deviceID: string "
+            '"03:00.1" is not a PCI address like 0000:03:00.1 (write a PCI address like 0000:03:00.1)'
+        ],
+        {},
+    ),
+    (
+        "out-of-range",
+        "out-of-range",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: ovs-conf
+              namespace: kube-system
+            spec:
+              cniType: ovs
+              ovs:
+                bridge: br1
+                vlan: 4095
+            """),
+            "b.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: [eth0]\n",
+        },
+        [
+            "m.yaml:10:11: error: SpiderMultusConfig kube-system/ovs-conf spec.ovs.vlan: 4095 is out "
+            "of range 0-4094 (write a number from 0 to 4094)"
+        ],
+        {},
+    ),
+    (
+        "bad-length",
+        "bad-length",
+        {"b.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: []\n"},
+        [
+            "b.yaml:6:12: error: OvsBridge br1 spec.uplinks: has 0 items, needs at least 1 "
+            "(write at least 1 item)"
+        ],
+        {},
+    ),
+    # --- every kind -----------------------------------------------------------------------
+    (
+        "name-not-dns1123",
+        "name-not-dns1123",
+        {"p.yaml": POOL + "metadata:\n  name: IPPool_Test\nspec:\n  subnet: 172.18.0.0/16\n"},
+        [
+            'p.yaml:4:9: error: SpiderIPPool IPPool_Test metadata.name: name "IPPool_Test" is not a '
+            "DNS-1123 subdomain: it may only hold lower-case letters, digits, '-' and '.', starting "
+            "and ending with a letter or digit (write ippool-test)"
+        ],
+        {},
+    ),
+    (
+        "label-invalid",
+        "label-invalid",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+              labels:
+                team/net/x: a
+            spec:
+              subnet: 172.18.0.0/16
+            """)
+        },
+        [
+            'p.yaml:6:5: error: SpiderIPPool p1 metadata.labels["team/net/x"]: label key "team/net/x" '
+            'is not valid: prefix "team/net" is not a DNS-1123 subdomain (write a key like '
+            "example.com/name)"
+        ],
+        {},
+    ),
+    (
+        "duplicate-object",
+        "duplicate-object",
+        {
+            "a.yaml": POOL + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n",
+            "b.yaml": POOL + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n",
+        },
+        [
+            "b.yaml:4:9: error: SpiderIPPool p1 metadata.name: SpiderIPPool p1 is already defined at "
+            "a.yaml:4:9 (rename one of them or delete the copy)"
+        ],
+        {},
+    ),
+    (
+        "namespace-defaulted",
+        "namespace-defaulted",
+        {
+            "m.yaml": SMC + "metadata:\n  name: c1\nspec:\n  cniType: custom\n",
+        },
+        [
+            "m.yaml:3:1: warning: SpiderMultusConfig default/c1 metadata: namespace is missing; "
+            'SpiderMultusConfig is namespaced, so it goes into "default" (add namespace: default, '
+            "or the namespace you mean)"
+        ],
+        {},
+    ),
+    (
+        "status-ignored",
+        "status-ignored",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\nstatus:\n  allocatedIPCount: 1\n"
+        },
+        [
+            "p.yaml:7:1: warning: SpiderIPPool p1 status: status is written by the cluster; the "
+            "reconciler ignores it here (remove status)"
+        ],
+        {},
+    ),
+    # --- SpiderIPPool -----------------------------------------------------------------------
+    (
+        "subnet-invalid",
+        "subnet-invalid",
+        {"p.yaml": POOL + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0\n"},
+        [
+            'p.yaml:6:11: error: SpiderIPPool p1 spec.subnet: "172.18.0.0" is not a CIDR '
+            "(address/prefix length) (write a network like 172.18.0.0/16)"
+        ],
+        {},
+    ),
+    (
+        "subnet-not-canonical",
+        "subnet-not-canonical",
+        {"p.yaml": POOL + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.1/16\n"},
+        [
+            'p.yaml:6:11: error: SpiderIPPool p1 spec.subnet: "172.18.0.1/16" is not a canonical '
+            "CIDR: host bits are set (write 172.18.0.0/16)"
+        ],
+        {},
+    ),
+    (
+        "subnet-not-canonical-ipv6",
+        "subnet-not-canonical",
+        {"p.yaml": POOL + "metadata:\n  name: p1\nspec:\n  subnet: FD00:0::/64\n"},
+        [
+            'p.yaml:6:11: error: SpiderIPPool p1 spec.subnet: "FD00:0::/64" is not a canonical '
+            "CIDR: not in canonical form (write fd00::/64)"
+        ],
+        {},
+    ),
+    (
+        "ip-version-mismatch",
+        "ip-version-mismatch",
+        {"p.yaml": POOL + "metadata:\n  name: p1\nspec:\n  subnet: fd00::/64\n  ipVersion: 4\n"},
+        [
+            "p.yaml:7:14: error: SpiderIPPool p1 spec.ipVersion: ipVersion 4 does not match subnet "
+            "fd00::/64 (IPv6) (write ipVersion: 6, or leave it out)"
+        ],
+        {},
+    ),
+    (
+        "ip-invalid",
+        "ip-invalid",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  ips:\n  - 172.18.30.300\n"
+        },
+        [
+            'p.yaml:8:5: error: SpiderIPPool p1 spec.ips[0]: "172.18.30.300" is not an IP address '
+            "or a first-last range (write one address like 172.18.30.131 or a range like "
+            "172.18.30.131-172.18.30.140)"
+        ],
+        {},
+    ),
+    (
+        "ip-invalid-spaces",
+        "ip-invalid",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  excludeIPs:\n"
+            + '  - "172.18.30.131 - 172.18.30.133"\n'
+        },
+        [
+            'p.yaml:8:5: error: SpiderIPPool p1 spec.excludeIPs[0]: "172.18.30.131 - 172.18.30.133" '
+            "is not an IP address or a first-last range (write 172.18.30.131-172.18.30.133 "
+            "(no spaces))"
+        ],
+        {},
+    ),
+    (
+        "range-reversed",
+        "range-reversed",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  ips:\n"
+            + "  - 172.18.30.140-172.18.30.131\n"
+        },
+        [
+            'p.yaml:8:5: error: SpiderIPPool p1 spec.ips[0]: range "172.18.30.140-172.18.30.131" '
+            "starts above its end (write 172.18.30.131-172.18.30.140)"
+        ],
+        {},
+    ),
+    (
+        "ip-outside-subnet",
+        "ip-outside-subnet",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  ips:\n"
+            + "  - 172.18.255.250-172.19.0.5\n  excludeIPs: [fd00::1]\n"
+        },
+        [
+            'p.yaml:8:5: error: SpiderIPPool p1 spec.ips[0]: "172.18.255.250-172.19.0.5" is outside '
+            "subnet 172.18.0.0/16 (use addresses inside 172.18.0.0/16)",
+            'p.yaml:9:16: error: SpiderIPPool p1 spec.excludeIPs[0]: "fd00::1" is an IPv6 address '
+            "but subnet 172.18.0.0/16 is IPv4 (use addresses inside 172.18.0.0/16)",
+        ],
+        {},
+    ),
+    (
+        "ip-duplicate",
+        "ip-duplicate",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  ips:\n"
+            + "  - 172.18.30.131-172.18.30.140\n  - 172.18.30.135\n"
+        },
+        [
+            'p.yaml:9:5: warning: SpiderIPPool p1 spec.ips[1]: "172.18.30.135" overlaps '
+            '"172.18.30.131-172.18.30.140" (spec.ips[0]) of the same pool (list each address once)'
+        ],
+        {},
+    ),
+    (
+        "gateway-outside-subnet",
+        "gateway-outside-subnet",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  gateway: 172.19.0.1\n"
+        },
+        [
+            "p.yaml:7:12: error: SpiderIPPool p1 spec.gateway: gateway 172.19.0.1 is outside subnet "
+            "172.18.0.0/16 (use an address inside 172.18.0.0/16)"
+        ],
+        {},
+    ),
+    (
+        "gateway-invalid",
+        "ip-invalid",
+        {"p.yaml": POOL + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  gateway: gw\n"},
+        [
+            'p.yaml:7:12: error: SpiderIPPool p1 spec.gateway: gateway "gw" is not an IP address '
+            "(write one address such as 172.18.0.1)"
+        ],
+        {},
+    ),
+    (
+        "gateway-allocatable",
+        "gateway-allocatable",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              subnet: 172.18.0.0/16
+              ips: [172.18.0.1-172.18.0.10]
+              gateway: 172.18.0.1
+            """)
+        },
+        [
+            "p.yaml:8:12: error: SpiderIPPool p1 spec.gateway: gateway 172.18.0.1 is inside ips "
+            '("172.18.0.1-172.18.0.10") and not excluded, so a pod could get it (add 172.18.0.1 to '
+            "excludeIPs, or take it out of ips)"
+        ],
+        {},
+    ),
+    (
+        "gateway-excluded-is-fine",
+        "gateway-allocatable",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              subnet: 172.18.0.0/16
+              ips: [172.18.0.1-172.18.0.10]
+              excludeIPs: [172.18.0.1]
+              gateway: 172.18.0.1
+            """)
+        },
+        [],
+        {},
+    ),
+    (
+        "route-invalid",
+        "route-invalid",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              subnet: 172.18.0.0/16
+              routes:
+              - dst: 10.10.0.1/16
+                gw: 172.18.0.1
+              - dst: fd00::/64
+                gw: nexthop
+            """)
+        },
+        [
+            'p.yaml:8:10: error: SpiderIPPool p1 spec.routes[0].dst: route dst "10.10.0.1/16" is not '
+            "a canonical CIDR (write 10.10.0.0/16)",
+            "p.yaml:10:10: error: SpiderIPPool p1 spec.routes[1].dst: route dst fd00::/64 is IPv6 "
+            "but the pool is IPv4 (write an IPv4 destination)",
+            'p.yaml:11:9: error: SpiderIPPool p1 spec.routes[1].gw: route gw "nexthop" is not an IP '
+            "address (write one address inside the subnet)",
+        ],
+        {},
+    ),
+    (
+        "route-default",
+        "route-default",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              subnet: 172.18.0.0/16
+              routes:
+              - {dst: 0.0.0.0/0, gw: 172.18.0.1}
+            """)
+        },
+        [
+            "p.yaml:8:11: error: SpiderIPPool p1 spec.routes[0].dst: route dst 0.0.0.0/0 is a "
+            "default route (set spec.gateway instead of a default route)"
+        ],
+        {},
+    ),
+    (
+        "route-gateway-outside-subnet",
+        "route-gateway-outside-subnet",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              subnet: 172.18.0.0/16
+              routes:
+              - {dst: 10.10.0.0/16, gw: 10.0.0.1}
+            """)
+        },
+        [
+            "p.yaml:8:29: error: SpiderIPPool p1 spec.routes[0].gw: route gw 10.0.0.1 is outside "
+            "subnet 172.18.0.0/16 (use a next hop inside 172.18.0.0/16)"
+        ],
+        {},
+    ),
+    (
+        "route-duplicate",
+        "route-duplicate",
+        {
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              subnet: 172.18.0.0/16
+              routes:
+              - {dst: 10.10.0.0/16, gw: 172.18.0.1}
+              - {dst: 10.10.0.0/16, gw: 172.18.0.2}
+            """)
+        },
+        [
+            "p.yaml:9:11: error: SpiderIPPool p1 spec.routes[1].dst: route dst 10.10.0.0/16 is "
+            "already in spec.routes[0] (keep one route per destination)"
+        ],
+        {},
+    ),
+    (
+        "subnet-overlap",
+        "subnet-overlap",
+        {
+            "a.yaml": POOL + "metadata:\n  name: a\nspec:\n  subnet: 172.18.0.0/16\n",
+            "b.yaml": POOL + "metadata:\n  name: b\nspec:\n  subnet: 172.18.1.0/24\n",
+            "c.yaml": POOL + "metadata:\n  name: c\nspec:\n  subnet: 172.18.0.0/16\n",
+        },
+        [
+            "b.yaml:6:11: error: SpiderIPPool b spec.subnet: subnet 172.18.1.0/24 overlaps subnet "
+            "172.18.0.0/16 of SpiderIPPool a (a.yaml:6:11) (use subnet 172.18.0.0/16 here too, or a "
+            "subnet that does not overlap)"
+        ],
+        {},
+    ),
+    (
+        "ip-overlap",
+        "ip-overlap",
+        {
+            "a.yaml": POOL
+            + "metadata:\n  name: a\nspec:\n  subnet: 172.18.0.0/16\n  ips:\n"
+            + "  - 172.18.30.131-172.18.30.140\n",
+            "b.yaml": POOL
+            + "metadata:\n  name: b\nspec:\n  subnet: 172.18.0.0/16\n  ips:\n"
+            + "  - 172.18.30.100\n  - 172.18.30.138-172.18.30.150\n"
+            + "  excludeIPs: [172.18.30.138]\n",
+        },
+        [
+            'b.yaml:9:5: error: SpiderIPPool b spec.ips[1]: "172.18.30.138-172.18.30.150" overlaps '
+            '"172.18.30.131-172.18.30.140" of SpiderIPPool a (a.yaml:8:5) at '
+            "172.18.30.139-172.18.30.140 (give each pool its own addresses, or add the shared ones "
+            "to excludeIPs)"
+        ],
+        {},
+    ),
+    (
+        "multus-name-invalid",
+        "multus-name-invalid",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  multusName: [a/b/c]\n"
+        },
+        [
+            'p.yaml:7:16: error: SpiderIPPool p1 spec.multusName[0]: multusName "a/b/c" is not name '
+            "or namespace/name (write e.g. kube-system/ovs-conf)"
+        ],
+        {},
+    ),
+    (
+        "multus-config-not-found",
+        "multus-config-not-found",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  multusName: [ovs-conf]\n"
+        },
+        [
+            "p.yaml:7:16: warning: SpiderIPPool p1 spec.multusName[0]: no SpiderMultusConfig in the "
+            "repository renders kube-system/ovs-conf (check the name; fine if that Multus config is "
+            "managed outside Git)"
+        ],
+        {},
+    ),
+    (
+        "multus-config-not-found-strict",
+        "multus-config-not-found",
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  multusName: [ovs-conf]\n"
+        },
+        [
+            "p.yaml:7:16: error: SpiderIPPool p1 spec.multusName[0]: no SpiderMultusConfig in the "
+            "repository renders kube-system/ovs-conf (check the name; fine if that Multus config is "
+            "managed outside Git)"
+        ],
+        {"strict": True},
+    ),
+    # --- SpiderMultusConfig -------------------------------------------------------------------
+    (
+        "cni-type-section",
+        "cni-type-section",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: ovs
+              macvlan:
+                master: [eth0]
+              customCNI: "{}"
+            """)
+        },
+        [
+            "m.yaml:7:12: error: SpiderMultusConfig kube-system/c1 spec.cniType: cniType ovs needs an "
+            '"ovs" section (add ovs: {bridge: br1})',
+            'm.yaml:8:3: error: SpiderMultusConfig kube-system/c1 spec.macvlan: section "macvlan" '
+            "does not match cniType ovs (remove macvlan, or set cniType: macvlan)",
+            "m.yaml:10:3: error: SpiderMultusConfig kube-system/c1 spec.customCNI: customCNI is only "
+            "used with cniType custom, not ovs (remove customCNI, or set cniType: custom)",
+        ],
+        {},
+    ),
+    (
+        "cni-type-unsupported",
+        "cni-type-unsupported",
+        {
+            "m.yaml": SMC
+            + "metadata:\n  name: c1\n  namespace: kube-system\nspec:\n  cniType: sriov\n"
+        },
+        [
+            "m.yaml:7:12: error: SpiderMultusConfig kube-system/c1 spec.cniType: cniType sriov is not "
+            "supported by underlay (use ovs, macvlan, ipvlan or custom)"
+        ],
+        {},
+    ),
+    (
+        "custom-cni-invalid-json",
+        "custom-cni-invalid-json",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: custom
+              customCNI: '{"type": "bridge",}'
+            """)
+        },
+        [
+            "m.yaml:8:14: error: SpiderMultusConfig kube-system/c1 spec.customCNI: customCNI is not "
+            "valid JSON: Expecting property name enclosed in double quotes at line 1 column 19 "
+            '(write a CNI config object, e.g. {"cniVersion": "1.0.0", "type": "bridge"})'
+        ],
+        {},
+    ),
+    (
+        "chain-cni-invalid-json",
+        "chain-cni-invalid-json",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: custom
+              chainCNIJsonData:
+              - '{"type": "tuning"}'
+              - '["tuning"]'
+            """)
+        },
+        [
+            "m.yaml:10:5: error: SpiderMultusConfig kube-system/c1 spec.chainCNIJsonData[1]: chained "
+            'plugin must be a JSON object ({...}) (write one plugin object, e.g. {"type": "tuning"})'
+        ],
+        {},
+    ),
+    (
+        "bond-required",
+        "bond-required",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: macvlan
+              macvlan:
+                master: [eth0, eth1]
+            """)
+        },
+        [
+            "m.yaml:9:13: error: SpiderMultusConfig kube-system/c1 spec.macvlan.master: 2 master "
+            "interfaces need a bond (add bond: {name: bond0, mode: 1}, or keep one master)"
+        ],
+        {},
+    ),
+    (
+        "trunk-entry-invalid",
+        "trunk-entry-invalid",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: ovs
+              ovs:
+                bridge: br1
+                trunk:
+                - minID: 10
+                - {id: 5, minID: 1, maxID: 4}
+            """),
+            "b.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: [eth0]\n",
+        },
+        [
+            "m.yaml:11:7: error: SpiderMultusConfig kube-system/c1 spec.ovs.trunk[0]: a trunk entry "
+            "has either id, or both minID and maxID (write {id: 100} or {minID: 100, maxID: 200})",
+            "m.yaml:12:7: error: SpiderMultusConfig kube-system/c1 spec.ovs.trunk[1]: a trunk entry "
+            "has either id, or both minID and maxID (write {id: 100} or {minID: 100, maxID: 200})",
+        ],
+        {},
+    ),
+    (
+        "trunk-range-reversed",
+        "trunk-range-reversed",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: ovs
+              ovs:
+                bridge: br1
+                trunk:
+                - {minID: 200, maxID: 100}
+            """),
+            "b.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: [eth0]\n",
+        },
+        [
+            "m.yaml:11:15: error: SpiderMultusConfig kube-system/c1 spec.ovs.trunk[0].minID: minID "
+            "200 is above maxID 100 (write minID: 100, maxID: 200)"
+        ],
+        {},
+    ),
+    (
+        "bridge-not-found",
+        "bridge-not-found",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: ovs
+              ovs:
+                bridge: br2
+            """),
+            "b.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: [eth0]\n",
+        },
+        [
+            "m.yaml:9:13: warning: SpiderMultusConfig kube-system/c1 spec.ovs.bridge: no OvsBridge in "
+            'the repository makes bridge "br2" (did you mean br1?)'
+        ],
+        {},
+    ),
+    (
+        "bridge-not-found-strict",
+        "bridge-not-found",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: ovs
+              ovs:
+                bridge: trunk0
+            """),
+        },
+        [
+            "m.yaml:9:13: error: SpiderMultusConfig kube-system/c1 spec.ovs.bridge: no OvsBridge in "
+            'the repository makes bridge "trunk0" (add an OvsBridge for it; fine if the bridge is '
+            "made outside Git)"
+        ],
+        {"strict": True},
+    ),
+    (
+        "ippool-not-found",
+        "ippool-not-found",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: macvlan
+              macvlan:
+                master: [eth0]
+                ippools:
+                  ipv4: [pool-v4]
+            """)
+        },
+        [
+            "m.yaml:11:14: warning: SpiderMultusConfig kube-system/c1 spec.macvlan.ippools.ipv4[0]: no "
+            'SpiderIPPool "pool-v4" in the repository (check the name; fine if the pool is managed '
+            "outside Git)"
+        ],
+        {},
+    ),
+    (
+        "ippool-family-mismatch",
+        "ippool-family-mismatch",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: macvlan
+              macvlan:
+                master: [eth0]
+                ippools:
+                  ipv4: [v6pool]
+            """),
+            "p.yaml": POOL + "metadata:\n  name: v6pool\nspec:\n  subnet: fd00::/64\n",
+        },
+        [
+            "m.yaml:11:14: error: SpiderMultusConfig kube-system/c1 spec.macvlan.ippools.ipv4[0]: "
+            "SpiderIPPool v6pool is IPv6 but is listed under ipv4 (move it to ippools.ipv6)"
+        ],
+        {},
+    ),
+    (
+        "ippool-multus-mismatch",
+        "ippool-multus-mismatch",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: macvlan
+              macvlan:
+                master: [eth0]
+                ippools:
+                  ipv4: [p1]
+            """),
+            "p.yaml": POOL
+            + y("""
+            metadata:
+              name: p1
+            spec:
+              subnet: 172.18.0.0/16
+              multusName: [kube-system/c2]
+            """),
+        },
+        [
+            "m.yaml:11:14: warning: SpiderMultusConfig kube-system/c1 spec.macvlan.ippools.ipv4[0]: "
+            "SpiderIPPool p1 only serves multusName kube-system/c2, so pods attached through "
+            "kube-system/c1 never get it (add kube-system/c1 to the pool's multusName)",
+            "p.yaml:7:16: warning: SpiderIPPool p1 spec.multusName[0]: no SpiderMultusConfig in the "
+            "repository renders kube-system/c2 (check the name; fine if that Multus config is "
+            "managed outside Git)",
+        ],
+        {},
+    ),
+    (
+        "nad-name-conflict",
+        "nad-name-conflict",
+        {
+            "m.yaml": SMC
+            + "metadata:\n  name: c1\n  namespace: kube-system\nspec:\n  cniType: custom\n---\n"
+            + SMC
+            + y("""
+            metadata:
+              name: c2
+              namespace: kube-system
+              annotations:
+                multus.spidernet.io/cr-name: c1
+            spec:
+              cniType: custom
+            """),
+        },
+        [
+            'm.yaml:15:34: error: SpiderMultusConfig kube-system/c2 metadata.annotations["multus.'
+            'spidernet.io/cr-name"]: NetworkAttachmentDefinition kube-system/c1 is also rendered '
+            "from SpiderMultusConfig kube-system/c1 (m.yaml:4:9) (set another "
+            "multus.spidernet.io/cr-name annotation)"
+        ],
+        {},
+    ),
+    # --- OvsBridge ----------------------------------------------------------------------------
+    (
+        "bridge-name-invalid",
+        "bridge-name-invalid",
+        {
+            "b.yaml": BR
+            + "metadata:\n  name: bridge-for-the-storage-net\nspec:\n  uplinks: [eth1]\n"
+        },
+        [
+            "b.yaml:4:9: error: OvsBridge bridge-for-the-storage-net metadata.name: without "
+            'spec.bridge the bridge is named "bridge-for-the-storage-net", which is not a Linux '
+            "interface name (1-15 letters, digits, '_', '.', '-') (set spec.bridge to a name of at "
+            "most 15 characters, e.g. br1)"
+        ],
+        {},
+    ),
+    (
+        "bridge-conflict",
+        "bridge-conflict",
+        {
+            "a.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: [eth0]\n",
+            "b.yaml": BR
+            + y("""
+            metadata:
+              name: storage
+            spec:
+              bridge: br1
+              uplinks: [eth1]
+              nodeSelector: {role: storage}
+            """),
+        },
+        [
+            "b.yaml:6:11: error: OvsBridge storage spec.bridge: bridge br1 is also made by OvsBridge "
+            "br1 (a.yaml:4:9) on nodes both select (keep one OvsBridge per bridge, or give the "
+            "nodeSelectors different values for one label)"
+        ],
+        {},
+    ),
+    (
+        "uplink-conflict",
+        "uplink-conflict",
+        {
+            "a.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: [eth0]\n",
+            "b.yaml": BR
+            + "metadata:\n  name: br2\nspec:\n  uplinks: [eth1, eth0]\n"
+            + "  nodeSelector: {role: storage}\n"
+            + "---\n"
+            + BR
+            + "metadata:\n  name: br3\nspec:\n  uplinks: [eth1]\n"
+            + "  nodeSelector: {role: compute}\n",
+        },
+        [
+            "b.yaml:6:19: error: OvsBridge br2 spec.uplinks[1]: uplink eth0 is also an uplink of "
+            "OvsBridge br1 (a.yaml:6:13) on nodes both select (a NIC can be the uplink of one "
+            "bridge only; use another NIC or disjoint nodeSelectors)"
+        ],
+        {},
+    ),
+    (
+        "uplink-duplicate",
+        "uplink-duplicate",
+        {"b.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: [eth0, eth1, eth0]\n"},
+        [
+            "b.yaml:6:25: error: OvsBridge br1 spec.uplinks[2]: uplink eth0 is listed twice (also at "
+            "index 0) (list each NIC once)"
+        ],
+        {},
+    ),
+    (
+        "uplink-is-bridge",
+        "uplink-is-bridge",
+        {"b.yaml": BR + "metadata:\n  name: br1\nspec:\n  uplinks: [br1]\n"},
+        [
+            "b.yaml:6:13: error: OvsBridge br1 spec.uplinks[0]: uplink br1 is the bridge itself "
+            "(name the node's physical NIC, e.g. eth0)"
+        ],
+        {},
+    ),
+    (
+        "node-override-duplicate",
+        "node-override-duplicate",
+        {
+            "b.yaml": BR
+            + y("""
+            metadata:
+              name: br1
+            spec:
+              uplinks: [eth0]
+              nodeOverrides:
+              - nodeName: worker-1
+                uplinks: [ens3]
+              - nodeName: worker-1
+                mtu: 9000
+            """)
+        },
+        [
+            "b.yaml:10:15: error: OvsBridge br1 spec.nodeOverrides[1].nodeName: node worker-1 "
+            "already has an override (spec.nodeOverrides[0]) (merge the two overrides)"
+        ],
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected", "kwargs"),
+    [pytest.param(c[2], c[3], c[4], id=c[0]) for c in CASES],
+)
+def test_rule(
+    tmp_path: Path, files: dict[str, str], expected: list[str], kwargs: dict[str, bool]
+) -> None:
+    assert run(tmp_path, files, **kwargs) == expected
+
+
+def test_cases_name_their_rule(tmp_path: Path) -> None:
+    """Each case that expects findings produces findings of the rule it is filed under."""
+    for case_id, rule_id, files, expected, kwargs in CASES:
+        d = tmp_path / case_id
+        d.mkdir()
+        for name, text in files.items():
+            (d / name).write_text(text)
+        _docs, problems = validate_repo(d, **kwargs)
+        if expected:
+            assert rule_id in {p.rule for p in problems}, case_id
+
+
+def test_quickstart_is_clean() -> None:
+    root = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
+    docs, problems = validate_repo(root, strict=True)
+    assert problems == []
+    assert sorted(d.ref() for d in docs) == [
+        "OvsBridge br1",
+        "SpiderIPPool ippool-test",
+        "SpiderMultusConfig kube-system/ovs-conf",
+    ]
+    pool = next(d for d in docs if d.kind == "SpiderIPPool")
+    assert pool.obj["spec"] == {
+        "ips": ["172.18.30.131-172.18.30.140"],
+        "subnet": "172.18.0.0/16",
+        "gateway": "172.18.0.1",
+        "multusName": ["kube-system/ovs-conf"],
+    }
+
+
+def test_warnings_do_not_block_but_errors_do(tmp_path: Path) -> None:
+    warn = run(
+        tmp_path,
+        {
+            "p.yaml": POOL
+            + "metadata:\n  name: p1\nspec:\n  subnet: 172.18.0.0/16\n  multusName: [x]\n"
+        },
+    )
+    assert len(warn) == 1 and ": warning: " in warn[0]
+    _docs, problems = validate_repo(tmp_path)
+    assert not has_errors(problems)
+    _docs, problems = validate_repo(tmp_path, strict=True)
+    assert has_errors(problems)
+
+
+def test_validate_accepts_documents_from_load_text() -> None:
+    """validate() works on any Documents (the reconciler passes what the loader read)."""
+    res = load_text(POOL + "metadata:\n  name: p1\nspec:\n  subnet: 10.0.0.1/8\n", "x.yaml")
+    problems = validate(res.documents)
+    assert [p.rule for p in problems] == ["subnet-not-canonical"]
+    assert (problems[0].line, problems[0].column) == (6, 11)
+
+
+def test_overlap_detection_scales_to_many_pools(tmp_path: Path) -> None:
+    """2,000 disjoint pools in one subnet are clean; a pool overlapping three is reported thrice."""
+    base = int(ipaddress.IPv4Address("10.0.1.0"))
+    docs = []
+    for i in range(2000):
+        first = ipaddress.IPv4Address(base + 10 * i)
+        docs.append(
+            POOL
+            + f"metadata:\n  name: p{i}\nspec:\n  subnet: 10.0.0.0/8\n  ips:\n"
+            + f"  - {first}-{first + 9}\n"
+        )
+    (tmp_path / "pools.yaml").write_text("---\n".join(docs))
+    _docs, problems = validate_repo(tmp_path)
+    assert problems == []
+    (tmp_path / "zz-extra.yaml").write_text(
+        POOL
+        + "metadata:\n  name: extra\nspec:\n  subnet: 10.0.0.0/8\n  ips: [10.0.1.5-10.0.1.25]\n"
+    )
+    _docs, problems = validate_repo(tmp_path)
+    assert [(p.file, p.line, p.rule, p.message.split(" at ")[-1]) for p in problems] == [
+        ("zz-extra.yaml", 7, "ip-overlap", "10.0.1.5-10.0.1.9"),
+        ("zz-extra.yaml", 7, "ip-overlap", "10.0.1.10-10.0.1.19"),
+        ("zz-extra.yaml", 7, "ip-overlap", "10.0.1.20-10.0.1.25"),
+    ]
