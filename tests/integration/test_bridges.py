@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_agent import bridges, ovs, ovsdb
+from node_agent import bridges, ovs, ovsdb, probe
 from node_agent.bridges import DesiredBridge, NodeContext
 
 from tests.rig import APISERVER_IP, GATEWAY, Node, Rig
@@ -457,3 +457,39 @@ def test_watchers_call_back_within_5_seconds(rig: Rig, agents: list[Agent]) -> N
     finally:
         ow.stop()
         fw.stop()
+
+
+def test_two_uplinks_make_one_bond_port(rig: Rig, agents: list[Agent]) -> None:
+    """Structure only: the rig's switch is one Linux bridge, so a bond's backup leg would loop."""
+    a = add(agents, rig, "n1", N1_IP)
+    a.node.run("ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1peer")
+    d = a.desired(ovs_bridge(uplinks=["eth0", "eth1"], bondMode="balance-slb"))
+    res = bridges.enact(d, a.ctx, run_probes=False)
+    assert res.status == "changed", res.reason
+    assert res.probe is None
+    assert a.node.vsctl("list-ports", "br1").split() == ["br1-bond"]
+    assert a.node.vsctl("get", "Port", "br1-bond", "bond_mode") == "balance-slb"
+    ifaces = a.node.vsctl(
+        "--columns=name", "--bare", "find", "Interface", f"external_ids:{ovs.BRIDGE_KEY}=br1"
+    )
+    assert sorted(ifaces.split()) == ["br1", "eth0", "eth1"]
+    assert a.node.run("ip", "link", "show", "eth1").stdout.count(",UP") == 1  # uplinks brought up
+    assert bridges.enact(d, a.ctx, run_probes=False).status == "unchanged"
+    # back to one uplink: the bond port is replaced by port eth0 in one transaction
+    one = a.desired(ovs_bridge())
+    assert bridges.enact(one, a.ctx, run_probes=False).status == "changed"
+    assert sorted(a.node.vsctl("list-ports", "br1").split()) == ["eth0"]
+
+
+def test_probes_answer_and_fail_by_name(rig: Rig, agents: list[Agent]) -> None:
+    a = add(agents, rig, "n1", N1_IP)
+    ns = a.node.name
+    assert probe.icmp_echo(GATEWAY, 1.0, ns)
+    assert not probe.icmp_echo("172.18.99.99", 0.3, ns)  # nobody has it
+    assert probe.tcp_connect(APISERVER_IP, API_PORT, 1.0, ns)
+    assert not probe.tcp_connect(APISERVER_IP, API_PORT + 1, 1.0, ns)
+    ok = probe.run_probes(probe.ProbeTargets(GATEWAY, (APISERVER_IP, API_PORT), 2.0), ns)
+    assert ok.ok and ok.failed is None
+    bad = probe.run_probes(probe.ProbeTargets("172.18.99.99", (APISERVER_IP, API_PORT), 1.0), ns)
+    assert (bad.ok, bad.failed) == (False, "gateway")
+    assert 1.0 <= bad.elapsed < 3
