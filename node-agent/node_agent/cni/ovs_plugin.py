@@ -45,6 +45,7 @@ from .podnet import (
     configure_pod_interface,
     create_veth,
     delete_link,
+    host_link_names,
     link_exists,
     mac_from_ipv4,
     pod_interface_state,
@@ -191,17 +192,20 @@ def _remove(agent: CniAgent, found: list[ports.PodPort]) -> None:
 
 
 def purge_error_ports(agent: CniAgent) -> list[str]:
-    """Delete our ports whose Interface has an OVS ``error`` and whose veth is gone.
+    """Delete our ports whose pod is gone: an OVS ``error`` on the Interface, or no host veth.
 
-    Such ports are left by pods whose namespace vanished without a DEL (crash, reboot).
-    Returns the purged port names. Errors are logged, never raised (opportunistic).
+    ovs-vswitchd sets ``error`` on such ports after a restart ("could not open network
+    device"); with the userspace (netdev) datapath it does not notice a vanished veth at all,
+    so a port whose host veth no longer exists is dead too (ADD creates the veth before the
+    port, DEL removes the port before the veth). Returns the purged port names. Errors are
+    logged, never raised (opportunistic).
     """
     try:
-        stale = [
-            p
-            for p in ports.find_pod_ports(agent.ovs)
-            if p.errors and not link_exists(p.name, agent.host_netns)
-        ]
+        owned = ports.find_pod_ports(agent.ovs)
+        if not owned:
+            return []
+        present = host_link_names(agent.host_netns)
+        stale = [p for p in owned if p.errors or p.name not in present]
         if stale:
             ports.detach_ports(agent.ovs, [p.name for p in stale])
             log.info("purged stale pod ports %s", [(p.name, p.errors) for p in stale])
@@ -209,6 +213,11 @@ def purge_error_ports(agent: CniAgent) -> list[str]:
     except Exception:
         log.exception("purging stale pod ports failed")
         return []
+
+
+def purge_soon(agent: CniAgent) -> None:
+    """Run :func:`purge_error_ports` in the background (at most one run at a time)."""
+    agent.background("purge-pod-ports", lambda: purge_error_ports(agent))
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -224,7 +233,6 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             f"OVS bridge {conf.bridge} does not exist on node {agent.node_name} "
             f"(OVSDB {agent.ovsdb_remote or 'of the agent'})",
         )
-    purge_error_ports(agent)
     # a retried ADD (runtime restarted mid-way) replaces what the first try left
     _remove(agent, ports.find_pod_ports(ovs, contId=req.container_id, contIface=req.ifname))
 
@@ -295,6 +303,7 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
         except Exception:
             log.exception("IPAM rollback of %s failed", req.describe())
         raise
+    purge_soon(agent)
     return {
         "interfaces": [
             {"name": host, "mac": host_mac},
@@ -304,6 +313,12 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
         "routes": ipam_result.get("routes", []),
         "dns": ipam_result.get("dns", {}),
     }
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, CniError):
+        return exc.msg
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def cmd_del(agent: CniAgent, req: CniRequest) -> None:
@@ -322,13 +337,13 @@ def cmd_del(agent: CniAgent, req: CniRequest) -> None:
             agent, ports.find_pod_ports(agent.ovs, contId=req.container_id, contIface=req.ifname)
         )
     except Exception as exc:
-        problems.append(f"OVS port: {getattr(exc, 'msg', exc)}")
+        problems.append(f"OVS port: {_why(exc)}")
     if conf is not None:
         try:
             _ipam_del(agent, req, conf)
         except Exception as exc:
-            problems.append(f"IPAM: {getattr(exc, 'msg', exc)}")
-    purge_error_ports(agent)
+            problems.append(f"IPAM: {_why(exc)}")
+    purge_soon(agent)
     if problems:
         raise CniError(OVS_FAILURE, "; ".join(problems))
 

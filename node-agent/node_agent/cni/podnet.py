@@ -158,6 +158,16 @@ def delete_link(name: str, host_netns: str | None = None) -> bool:
     return run_in_netns(host_netns, work)
 
 
+def host_link_names(host_netns: str | None = None) -> set[str]:
+    """Names of all links in ``host_netns`` (None: the caller's namespace), one netlink dump."""
+
+    def work() -> set[str]:
+        with IPRoute() as ipr:
+            return {link.get("ifname") for link in ipr.get_links()}
+
+    return run_in_netns(host_netns, work)
+
+
 def link_exists(name: str, host_netns: str | None = None) -> bool:
     """True when link ``name`` exists in ``host_netns`` (None: the caller's namespace)."""
 

@@ -116,10 +116,13 @@ class DetachPortsCommand(command.BaseCommand):
         removed = []
         for br in self.api._tables["Bridge"].rows.values():
             for port in list(br.ports):
-                if port.name in wanted:
+                name = port.name
+                if name in wanted:
                     br.delvalue("ports", port)
+                    for iface in port.interfaces:
+                        iface.delete()
                     port.delete()
-                    removed.append(port.name)
+                    removed.append(name)
         self.result = removed
 
 

@@ -81,6 +81,7 @@ class CniAgent:
         self._ipam: Any = None
         self._lock = threading.Lock()
         self._busy: dict[tuple[str, str], list[Any]] = {}
+        self._running: set[str] = set()
         from . import ipam_plugin, ovs_plugin
 
         self.plugins: dict[str, dict[str, Handler]] = {
@@ -126,6 +127,29 @@ class CniAgent:
 
                 self._ipam = Ipam(self.kube, self.node_name)
             return self._ipam
+
+    def background(self, key: str, fn: Callable[[], object]) -> bool:
+        """Run ``fn`` in a daemon thread unless a run under ``key`` is still going.
+
+        Returns True when a run was started. Used for opportunistic housekeeping that must
+        not delay a CNI answer (purging dead pod ports).
+        """
+        with self._lock:
+            if key in self._running:
+                return False
+            self._running.add(key)
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("background task %s failed", key)
+            finally:
+                with self._lock:
+                    self._running.discard(key)
+
+        threading.Thread(target=run, name=key, daemon=True).start()
+        return True
 
     def close(self) -> None:
         """Close the OVSDB connection if this agent opened it (idempotent)."""

@@ -1,0 +1,529 @@
+"""underlay-ovs on real OVS in rig nodes, executed as a container runtime executes CNI plugins.
+
+The agent runs as a process inside the node namespace (``ip netns exec``), the installed shim
+is executed inside the node namespace with CNI_* env and the config on stdin; IPAM is Debian's
+host-local here (the Kubernetes-backed underlay-ipam is tested in test_ipam_*.py).
+The helpers at the top are shared with test_ipam_kube.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_agent.cni.install import install_shims
+
+from tests.rig import GATEWAY, Netns, Node, Rig
+
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+REF_PLUGINS = "/usr/lib/cni"
+UID = "6f4c1c5e-0000-4000-8000-000000000001"
+
+
+# --- helpers (shared) ------------------------------------------------------------------------
+class Agent:
+    """``python -m node_agent.cni.server`` running inside a rig node's namespace."""
+
+    def __init__(
+        self,
+        node: Node,
+        workdir: Path,
+        *,
+        kubeconfig: str | None = None,
+        node_name: str | None = None,
+    ) -> None:
+        self.node = node
+        self.socket = str(workdir / f"{node.name}.sock")
+        self.bin_dir = workdir / f"{node.name}-bin"
+        self.log = workdir / f"{node.name}-agent.log"
+        install_shims(self.bin_dir, self.socket, python=PYTHON)
+        cmd = [
+            sys.executable,
+            "-m",
+            "node_agent.cni.server",
+            "--socket",
+            self.socket,
+            "--ovsdb",
+            node.ovsdb,
+            "--node-name",
+            node_name or node.name.rsplit("-", 1)[1],
+            "-v",
+        ]
+        if kubeconfig:
+            cmd += ["--kubeconfig", kubeconfig]
+        with open(self.log, "wb") as logf:
+            self.proc = node.popen(
+                *cmd, stdout=subprocess.PIPE, stderr=logf, cwd=str(Path(__file__).parents[2])
+            )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != b"ready":
+            self.proc.kill()
+            raise RuntimeError(f"agent did not start: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    @property
+    def cni_path(self) -> str:
+        return f"{self.bin_dir}:{REF_PLUGINS}"
+
+
+def exec_plugin(
+    node: Node,
+    cni_path: str,
+    command: str,
+    conf: dict[str, Any],
+    *,
+    netns: str,
+    cid: str,
+    ifname: str = "eth0",
+    pod: tuple[str, str, str] = ("default", "p1", UID),
+) -> tuple[int, dict[str, Any] | None, str]:
+    """Execute the plugin ``conf["type"]`` from ``cni_path`` inside ``node`` like a runtime."""
+    binary = next(
+        Path(d) / conf["type"] for d in cni_path.split(":") if (Path(d) / conf["type"]).exists()
+    )
+    env = {
+        "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
+        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod[0]};K8S_POD_NAME={pod[1]};K8S_POD_UID={pod[2]}",
+        "CNI_PATH": cni_path, "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }  # fmt: skip
+    p = subprocess.run(
+        ["ip", "netns", "exec", node.name, str(binary)],
+        input=json.dumps(conf).encode(),
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    out = json.loads(p.stdout) if p.stdout.strip() else None
+    return p.returncode, out, p.stderr.decode()
+
+
+class Runtime:
+    """Runs a CNI config list like libcni: ADD in order with prevResult, DEL in reverse, CHECK."""
+
+    def __init__(self, node: Node, cni_path: str) -> None:
+        self.node = node
+        self.cni_path = cni_path
+        self.cache: dict[tuple[str, str], dict[str, Any]] = {}
+
+    @staticmethod
+    def _plugin_conf(
+        conflist: dict[str, Any], plugin: dict[str, Any], prev: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        conf = {**plugin, "name": conflist["name"], "cniVersion": conflist["cniVersion"]}
+        if prev is not None:
+            conf["prevResult"] = prev
+        return conf
+
+    def add(
+        self,
+        conflist: dict[str, Any],
+        netns: Netns | str,
+        cid: str,
+        ifname: str = "eth0",
+        **kw: Any,
+    ) -> dict[str, Any]:
+        path = netns if isinstance(netns, str) else netns.path
+        prev = None
+        for plugin in conflist["plugins"]:
+            rc, out, err = exec_plugin(
+                self.node,
+                self.cni_path,
+                "ADD",
+                self._plugin_conf(conflist, plugin, prev),
+                netns=path,
+                cid=cid,
+                ifname=ifname,
+                **kw,
+            )
+            if rc != 0:
+                raise CniFailure(rc, out, err)
+            prev = out
+        assert prev is not None
+        self.cache[(cid, ifname)] = prev
+        return prev
+
+    def delete(
+        self,
+        conflist: dict[str, Any],
+        netns: Netns | str,
+        cid: str,
+        ifname: str = "eth0",
+        **kw: Any,
+    ) -> list[str]:
+        path = netns if isinstance(netns, str) else netns.path
+        prev = self.cache.get((cid, ifname))
+        notes = []
+        for plugin in reversed(conflist["plugins"]):
+            rc, out, err = exec_plugin(
+                self.node,
+                self.cni_path,
+                "DEL",
+                self._plugin_conf(conflist, plugin, prev),
+                netns=path,
+                cid=cid,
+                ifname=ifname,
+                **kw,
+            )
+            if rc != 0:
+                raise CniFailure(rc, out, err)
+            notes.append(err)
+        return notes
+
+    def check(
+        self, conflist: dict[str, Any], netns: Netns, cid: str, ifname: str = "eth0", **kw: Any
+    ) -> None:
+        prev = self.cache[(cid, ifname)]
+        for plugin in conflist["plugins"]:
+            rc, out, err = exec_plugin(
+                self.node,
+                self.cni_path,
+                "CHECK",
+                self._plugin_conf(conflist, plugin, prev),
+                netns=netns.path,
+                cid=cid,
+                ifname=ifname,
+                **kw,
+            )
+            if rc != 0:
+                raise CniFailure(rc, out, err)
+
+
+class CniFailure(Exception):
+    def __init__(self, rc: int, out: dict[str, Any] | None, err: str) -> None:
+        super().__init__(f"exit {rc}: {out} {err}")
+        self.rc, self.out, self.err = rc, out, err
+
+    @property
+    def code(self) -> int:
+        return int((self.out or {}).get("code", -1))
+
+    @property
+    def msg(self) -> str:
+        return str((self.out or {}).get("msg", ""))
+
+
+def make_bridge(node: Node, bridge: str = "br1") -> None:
+    """br1 (userspace datapath: no OVS kernel module here) with the node's eth0 as uplink."""
+    node.vsctl("add-br", bridge, "--", "set", "Bridge", bridge, "datapath_type=netdev")
+    node.vsctl("add-port", bridge, "eth0")
+    node.run("ip", "link", "set", bridge, "up")
+
+
+def ovs_port_of(node: Node, cid: str) -> str | None:
+    out = node.vsctl("--bare", "--columns=name", "find", "Port", f"external_ids:contId={cid}")
+    return out.strip() or None
+
+
+def wait_for(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def host_local(range_start: str, range_end: str, data_dir: Path) -> dict[str, Any]:
+    return {
+        "type": "host-local", "dataDir": str(data_dir),
+        "ranges": [[{"subnet": "172.18.0.0/16", "rangeStart": range_start, "rangeEnd": range_end, "gateway": GATEWAY}]],
+        "routes": [{"dst": "0.0.0.0/0"}],
+    }  # fmt: skip
+
+
+def conflist(
+    *plugins: dict[str, Any], version: str = "1.0.0", name: str = "ovs-conf"
+) -> dict[str, Any]:
+    return {"cniVersion": version, "name": name, "plugins": list(plugins)}
+
+
+# --- fixtures --------------------------------------------------------------------------------
+@pytest.fixture
+def one_node(rig: Rig, tmp_path: Path) -> Any:
+    node = rig.add_node("n1", "172.18.10.11")
+    make_bridge(node)
+    agent = Agent(node, tmp_path)
+    try:
+        yield rig, node, agent, Runtime(node, agent.cni_path)
+    finally:
+        agent.stop()
+
+
+# --- tests -----------------------------------------------------------------------------------
+@pytest.mark.root
+def test_two_pods_on_two_nodes_ping_with_host_local(rig: Rig, tmp_path: Path) -> None:
+    """ADD on two nodes: veth, OVS port with external_ids, MAC from IPv4, routes; pods ping."""
+    agents = []
+    try:
+        results = {}
+        pods = {}
+        for i, (name, ip, lo, hi) in enumerate(
+            [
+                ("n1", "172.18.10.11", "172.18.30.131", "172.18.30.135"),
+                ("n2", "172.18.10.12", "172.18.30.136", "172.18.30.140"),
+            ]
+        ):
+            node = rig.add_node(name, ip)
+            make_bridge(node)
+            agent = Agent(node, tmp_path)
+            agents.append(agent)
+            pods[name] = rig.add_pod(f"p{i + 1}")
+            conf = conflist(
+                {
+                    "type": "underlay-ovs",
+                    "bridge": "br1",
+                    "ipam": host_local(lo, hi, tmp_path / f"hl-{name}"),
+                }
+            )
+            rt = Runtime(node, agent.cni_path)
+            results[name] = (
+                rt,
+                conf,
+                rt.add(conf, pods[name], f"cid-{name}", pod=("default", f"p{i + 1}", f"uid-{i}")),
+            )
+        r1 = results["n1"][2]
+        assert r1["cniVersion"] == "1.0.0"
+        host, cont = r1["interfaces"]
+        assert host["name"].startswith("veth") and len(host["name"]) == 12 and "sandbox" not in host
+        assert cont == {"name": "eth0", "mac": "0a:58:ac:12:1e:83", "sandbox": pods["n1"].path}
+        assert r1["ips"] == [{"address": "172.18.30.131/16", "gateway": GATEWAY, "interface": 1}]
+        assert pods["n1"].addresses("eth0") == ["172.18.30.131/16"]
+        assert pods["n1"].default_route_dev() == "eth0"
+        n1 = rig.nodes["n1"]
+        port = ovs_port_of(n1, "cid-n1")
+        assert port == host["name"]
+        want = {
+            "contId": "cid-n1",
+            "contIface": "eth0",
+            "contNetns": pods["n1"].path,
+            "contPodUid": "uid-0",
+            "contPod": "default/p1",
+            "owner": "underlay-ovs",
+        }
+        for key, value in want.items():
+            assert n1.vsctl("get", "Port", port, f"external_ids:{key}").strip('"') == value
+        assert port in n1.vsctl("list-ports", "br1").split()
+        assert n1.run("cat", f"/proc/sys/net/ipv6/conf/{port}/accept_ra").stdout.strip() == "0"
+        assert pods["n1"].ping("172.18.30.136"), "pod on n1 cannot reach pod on n2"
+        assert pods["n2"].ping(GATEWAY), "pod on n2 cannot reach the gateway"
+        assert pods["n1"].ping(GATEWAY)
+        # DEL removes port and veth; a second DEL is fine
+        rt, conf, _ = results["n1"]
+        rt.delete(conf, pods["n1"], "cid-n1")
+        assert ovs_port_of(n1, "cid-n1") is None
+        assert not n1.link_exists(port)
+        assert not pods["n1"].link_exists("eth0")
+        rt.delete(conf, pods["n1"], "cid-n1")
+    finally:
+        for a in agents:
+            a.stop()
+
+
+@pytest.mark.root
+def test_vlan_access_trunk_and_mtu(one_node: Any, tmp_path: Path) -> None:
+    rig, node, _agent, rt = one_node
+    p1, p2 = rig.add_pod("p1"), rig.add_pod("p2")
+    access = conflist(
+        {
+            "type": "underlay-ovs",
+            "bridge": "br1",
+            "vlan": 100,
+            "mtu": 1400,
+            "ipam": host_local("172.18.30.131", "172.18.30.140", tmp_path / "hl"),
+        }
+    )
+    rt.add(access, p1, "c1")
+    port = ovs_port_of(node, "c1")
+    assert port is not None
+    assert node.vsctl("get", "Port", port, "tag") == "100"
+    assert node.vsctl("get", "Port", port, "vlan_mode") == "access"
+    assert "mtu 1400" in node.run("ip", "link", "show", port).stdout
+    assert "mtu 1400" in p1.run("ip", "link", "show", "eth0").stdout
+    trunk = conflist(
+        {
+            "type": "underlay-ovs",
+            "bridge": "br1",
+            "trunk": [{"id": 10}, {"minID": 20, "maxID": 22}],
+            "ipam": host_local("172.18.30.131", "172.18.30.140", tmp_path / "hl"),
+        }
+    )
+    rt.add(trunk, p2, "c2")
+    port2 = ovs_port_of(node, "c2")
+    assert port2 is not None
+    assert node.vsctl("get", "Port", port2, "trunks") == "[10, 20, 21, 22]"
+    assert node.vsctl("get", "Port", port2, "tag") == "[]"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0"])
+def test_old_result_versions_carry_ip_version(one_node: Any, tmp_path: Path, version: str) -> None:
+    rig, _node, _agent, rt = one_node
+    pod = rig.add_pod("p1")
+    conf = conflist(
+        {
+            "type": "underlay-ovs",
+            "bridge": "br1",
+            "ipam": host_local("172.18.30.131", "172.18.30.140", tmp_path / "hl"),
+        },
+        version=version,
+    )
+    r = rt.add(conf, pod, "c1")
+    assert r["cniVersion"] == version
+    assert r["ips"] == [
+        {"version": "4", "address": "172.18.30.131/16", "gateway": GATEWAY, "interface": 1}
+    ]
+
+
+@pytest.mark.root
+def test_chain_with_prev_result_check_and_reverse_del(one_node: Any, tmp_path: Path) -> None:
+    """underlay-ovs followed by Debian's tuning plugin; CHECK passes, then detects drift."""
+    rig, node, _agent, rt = one_node
+    pod = rig.add_pod("p1")
+    conf = conflist(
+        {
+            "type": "underlay-ovs",
+            "bridge": "br1",
+            "ipam": host_local("172.18.30.131", "172.18.30.140", tmp_path / "hl"),
+        },
+        {"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.rp_filter": "0"}},
+    )
+    r = rt.add(conf, pod, "c1")
+    assert r["ips"][0]["address"] == "172.18.30.131/16"  # tuning passed our result through
+    rt.check(conf, pod, "c1")
+    pod.run("ip", "addr", "del", "172.18.30.131/16", "dev", "eth0")
+    with pytest.raises(CniFailure) as e:
+        rt.check(conf, pod, "c1")
+    assert e.value.code == 108 and "172.18.30.131/16" in e.value.msg
+    rt.delete(conf, pod, "c1")
+    assert ovs_port_of(node, "c1") is None
+    # host-local got its DEL too: the reservation file is gone
+    assert (tmp_path / "hl" / "ovs-conf").is_dir()
+    assert not (tmp_path / "hl" / "ovs-conf" / "172.18.30.131").exists()
+
+
+@pytest.mark.root
+def test_bridge_missing_is_a_clear_error_and_changes_nothing(one_node: Any, tmp_path: Path) -> None:
+    rig, _node, _agent, rt = one_node
+    pod = rig.add_pod("p1")
+    conf = conflist(
+        {
+            "type": "underlay-ovs",
+            "bridge": "br-nope",
+            "ipam": host_local("172.18.30.131", "172.18.30.140", tmp_path / "hl"),
+        }
+    )
+    with pytest.raises(CniFailure) as e:
+        rt.add(conf, pod, "c1")
+    assert e.value.code == 105
+    assert "br-nope" in e.value.msg and "n1" in e.value.msg
+    assert not pod.link_exists("eth0")
+    assert not list((tmp_path / "hl").glob("*/172.*")) if (tmp_path / "hl").exists() else True
+
+
+@pytest.mark.root
+def test_del_after_netns_deleted_and_stale_port_purge(one_node: Any, tmp_path: Path) -> None:
+    rig, node, _agent, rt = one_node
+    conf = conflist(
+        {
+            "type": "underlay-ovs",
+            "bridge": "br1",
+            "ipam": host_local("172.18.30.131", "172.18.30.140", tmp_path / "hl"),
+        }
+    )
+    p1 = rig.add_pod("p1")
+    netns1 = p1.path
+    rt.add(conf, p1, "c1")
+    rig.delete_pod("p1")
+    notes = rt.delete(conf, netns1, "c1")  # the runtime's DEL after the sandbox is gone
+    assert all("incomplete" not in n for n in notes), notes
+    assert ovs_port_of(node, "c1") is None
+    rt.delete(conf, netns1, "c1")  # and again
+
+    # a pod that dies without DEL leaves a dead port; the next ADD purges it in the background
+    p2 = rig.add_pod("p2")
+    rt.add(conf, p2, "c2")
+    dead = ovs_port_of(node, "c2")
+    rig.delete_pod("p2")
+    p3 = rig.add_pod("p3")
+    rt.add(conf, p3, "c3")
+    wait_for(lambda: dead not in node.vsctl("list-ports", "br1").split(), what=f"purge of {dead}")
+    assert ovs_port_of(node, "c3") in node.vsctl("list-ports", "br1").split()
+
+
+@pytest.mark.root
+def test_purge_after_ovs_restart_marks_interface_error(one_node: Any, tmp_path: Path) -> None:
+    """After ovs-vswitchd restarts, ports of vanished pods carry an error; a DEL purges them."""
+    rig, node, _agent, rt = one_node
+    conf = conflist(
+        {
+            "type": "underlay-ovs",
+            "bridge": "br1",
+            "ipam": host_local("172.18.30.131", "172.18.30.140", tmp_path / "hl"),
+        }
+    )
+    p1 = rig.add_pod("p1")
+    rt.add(conf, p1, "c1")
+    dead = ovs_port_of(node, "c1")
+    rig.delete_pod("p1")
+    node.stop_ovs()
+    node.start_ovs()
+    wait_for(
+        lambda: "No such device" in node.vsctl("get", "Interface", str(dead), "error"),
+        what="interface error",
+    )
+    rt.delete(conf, "/run/netns/unrelated", "other-container")
+    wait_for(lambda: dead not in node.vsctl("list-ports", "br1").split(), what=f"purge of {dead}")
+
+
+@pytest.mark.root
+def test_failed_ipam_leaves_nothing_behind(one_node: Any, tmp_path: Path) -> None:
+    rig, node, _agent, rt = one_node
+    pod = rig.add_pod("p1")
+    conf = conflist(
+        {
+            "type": "underlay-ovs",
+            "bridge": "br1",
+            "ipam": {"type": "host-local", "ranges": "broken"},
+        }
+    )
+    with pytest.raises(CniFailure) as e:
+        rt.add(conf, pod, "c1")
+    assert e.value.code == 109 and "host-local" in e.value.msg
+    assert ovs_port_of(node, "c1") is None
+    assert not pod.link_exists("eth0")
+    assert [n for n in node.vsctl("list-ports", "br1").split() if n.startswith("veth")] == []
+
+
+@pytest.mark.root
+def test_retried_add_replaces_leftovers(one_node: Any, tmp_path: Path) -> None:
+    rig, node, _agent, rt = one_node
+    pod = rig.add_pod("p1")
+    conf = conflist(
+        {
+            "type": "underlay-ovs",
+            "bridge": "br1",
+        }
+    )
+    rt.add(conf, pod, "c1")
+    first = ovs_port_of(node, "c1")
+    rt.add(conf, pod, "c1")  # same container and interface again (runtime retry)
+    second = ovs_port_of(node, "c1")
+    assert second and second != first
+    assert [n for n in node.vsctl("list-ports", "br1").split() if n.startswith("veth")] == [second]
+    assert pod.link_exists("eth0")
