@@ -27,15 +27,15 @@ class PoolInfo:
     """What the SpiderIPPool rules parsed from one pool (netaddr objects), for cross checks.
 
     ``net``: the subnet (canonical network) or None; ``family``: 4, 6 or None;
-    ``entries``: (field path, netaddr.IPRange) of the valid ``ips`` entries;
-    ``allocatable``: netaddr.IPSet of ips minus excludeIPs.
+    ``entries``: (field path, (version, first, last)) of the valid ``ips`` entries;
+    ``allocatable``: merged (version, first, last) integer spans of ips minus excludeIPs.
     """
 
     doc: Document
     net: Any = None
     family: int | None = None
     entries: list[tuple[tuple[str | int, ...], Any]] = field(default_factory=list)
-    allocatable: Any = None
+    allocatable: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass

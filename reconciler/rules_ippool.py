@@ -13,6 +13,7 @@ leading zeros; a canonical CIDR is what Go's ``net.IPNet.String()`` prints (RFC 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from typing import Any
 
@@ -51,14 +52,51 @@ def canonical(net: netaddr.IPNetwork) -> str:
     return str(net.cidr)
 
 
+Span = tuple[int, int, int]
+"""(IP version, first, last) of a run of addresses, integers as netaddr gives them."""
+
+
+def merge_spans(spans: list[Span]) -> list[Span]:
+    """Sorted, merged spans (adjacent and overlapping runs joined)."""
+    out: list[Span] = []
+    for v, a, b in sorted(spans):
+        if out and out[-1][0] == v and a <= out[-1][2] + 1:
+            if b > out[-1][2]:
+                out[-1] = (v, out[-1][1], b)
+        else:
+            out.append((v, a, b))
+    return out
+
+
+def subtract_spans(spans: list[Span], minus: list[Span]) -> list[Span]:
+    """``spans`` without the addresses of ``minus`` (both merged, as from merge_spans)."""
+    out: list[Span] = []
+    for v, a, b in spans:
+        for mv, ma, mb in minus:
+            if mv != v or mb < a or ma > b:
+                continue
+            if ma > a:
+                out.append((v, a, ma - 1))
+            a = mb + 1
+            if a > b:
+                break
+        if a <= b:
+            out.append((v, a, b))
+    return out
+
+
+def span_contains(spans: list[Span], version: int, value: int) -> bool:
+    """Whether merged ``spans`` hold the address ``value`` of ``version``."""
+    i = bisect.bisect_right(spans, (version, value, 1 << 130)) - 1
+    return i >= 0 and spans[i][0] == version and spans[i][1] <= value <= spans[i][2]
+
+
 def _family(version: int) -> str:
     return f"IPv{version}"
 
 
-def _parse_entry(
-    doc: Document, path: Path, text: Any
-) -> tuple[netaddr.IPRange | None, list[Problem]]:
-    """One ``ips``/``excludeIPs`` entry -> IPRange, or the problems it has."""
+def _parse_entry(doc: Document, path: Path, text: Any) -> tuple[Span | None, list[Problem]]:
+    """One ``ips``/``excludeIPs`` entry -> (version, first, last), or the problems it has."""
     if not isinstance(text, str):
         return None, []
     first, dash, last = text.partition("-")
@@ -94,23 +132,24 @@ def _parse_entry(
                 hint=f"write {b}-{a}",
             )
         ]
-    return netaddr.IPRange(a, b), []
+    return (a.version, int(a), int(b)), []
 
 
 def _in_subnet(
-    doc: Document, path: Path, text: str, r: netaddr.IPRange, net: netaddr.IPNetwork
+    doc: Document, path: Path, text: str, r: Span, net: netaddr.IPNetwork
 ) -> list[Problem]:
-    if r.version != net.version:
+    version, first, last = r
+    if version != net.version:
         return [
             doc.problem(
                 path,
                 rule="ip-outside-subnet",
-                message=f'"{text}" is an {_family(r.version)} address but subnet {canonical(net)} '
+                message=f'"{text}" is an {_family(version)} address but subnet {canonical(net)} '
                 f"is {_family(net.version)}",
                 hint=f"use addresses inside {canonical(net)}",
             )
         ]
-    if r.first >= net.first and r.last <= net.last:
+    if first >= net.first and last <= net.last:
         return []
     return [
         doc.problem(
@@ -120,6 +159,31 @@ def _in_subnet(
             hint=f"use addresses inside {canonical(net)}",
         )
     ]
+
+
+def _duplicates(
+    doc: Document, field: str, entries: list[Any], valid: list[tuple[Span, int]]
+) -> list[Problem]:
+    """Entries of one list that share addresses (``ip-duplicate``), on the later entry."""
+    out: list[Problem] = []
+    widest: tuple[Span, int] | None = None
+    for span, i in sorted(valid):
+        if widest is not None and widest[0][0] == span[0] and span[1] <= widest[0][2]:
+            j = widest[1]
+            later, earlier = (i, j) if i > j else (j, i)
+            out.append(
+                doc.problem(
+                    ("spec", field, later),
+                    rule="ip-duplicate",
+                    severity=WARNING,
+                    message=f'"{entries[later]}" overlaps "{entries[earlier]}" '
+                    f"({format_path(('spec', field, earlier))}) of the same pool",
+                    hint="list each address once",
+                )
+            )
+        if widest is None or widest[0][0] != span[0] or span[2] > widest[0][2]:
+            widest = (span, i)
+    return out
 
 
 def check_pool(doc: Document, ctx: Context) -> list[Problem]:
@@ -167,44 +231,33 @@ def check_pool(doc: Document, ctx: Context) -> list[Problem]:
     info.net = net.cidr if net is not None else None
     info.family = net.version if net is not None else (version if version in (4, 6) else None)
 
-    sets: dict[str, netaddr.IPSet] = {}
+    spans: dict[str, list[Span]] = {}
     for field in ("ips", "excludeIPs"):
         entries = spec.get(field)
-        s = netaddr.IPSet()
-        sets[field] = s
+        s: list[Span] = []
         if not isinstance(entries, list):
             continue
-        seen: list[tuple[netaddr.IPRange, str, Path]] = []
+        valid: list[tuple[Span, int]] = []
         for i, text in enumerate(entries):
             path = ("spec", field, i)
             r, problems = _parse_entry(doc, path, text)
             out += problems
             if r is None:
                 continue
-            assert isinstance(text, str)
             if net is not None:
-                bad = _in_subnet(doc, path, text, r, net)
+                bad = _in_subnet(doc, path, str(text), r, net)
                 out += bad
                 if bad:
                     continue
-            for prev, prev_text, prev_path in seen:
-                if r.first <= prev.last and prev.first <= r.last:
-                    out.append(
-                        doc.problem(
-                            path,
-                            rule="ip-duplicate",
-                            severity=WARNING,
-                            message=f'"{text}" overlaps "{prev_text}" ({format_path(prev_path)}) '
-                            "of the same pool",
-                            hint="list each address once",
-                        )
-                    )
-                    break
-            seen.append((r, text, path))
-            s.add(r)
+            valid.append((r, i))
+            s.append(r)
             if field == "ips":
                 info.entries.append((path, r))
-    info.allocatable = sets["ips"] - sets["excludeIPs"]
+        out += _duplicates(doc, field, entries, valid)
+        spans[field] = merge_spans(s)
+    spans.setdefault("ips", [])
+    spans.setdefault("excludeIPs", [])
+    info.allocatable = subtract_spans(spans["ips"], spans["excludeIPs"])
 
     gateway = spec.get("gateway")
     if isinstance(gateway, str):
@@ -227,9 +280,15 @@ def check_pool(doc: Document, ctx: Context) -> list[Problem]:
                     hint=f"use an address inside {canonical(net)}",
                 )
             )
-        elif gw in sets["ips"] and gw not in sets["excludeIPs"]:
+        elif span_contains(spans["ips"], gw.version, int(gw)) and not span_contains(
+            spans["excludeIPs"], gw.version, int(gw)
+        ):
             entry = next(
-                (spec["ips"][p[2]] for p, r in info.entries if gw in r),
+                (
+                    spec["ips"][p[2]]
+                    for p, r in info.entries
+                    if r[0] == gw.version and r[1] <= int(gw) <= r[2]
+                ),
                 "",
             )
             out.append(
@@ -422,11 +481,9 @@ def _ip_overlaps(infos: list[PoolInfo]) -> list[Problem]:
     for family in (4, 6):
         ranges: list[tuple[int, int, int]] = []  # (first, last, pool index)
         for i, info in enumerate(infos):
-            if info.allocatable is None or not info.allocatable:
-                continue
-            for r in info.allocatable.iter_ipranges():
-                if r.version == family:
-                    ranges.append((r.first, r.last, i))
+            for v, a, b in info.allocatable or ():
+                if v == family:
+                    ranges.append((a, b, i))
         ranges.sort()
         active: list[tuple[int, int, int]] = []  # heap of (last, first, pool index)
         pairs: dict[tuple[int, int], tuple[int, int]] = {}
@@ -444,16 +501,16 @@ def _ip_overlaps(infos: list[PoolInfo]) -> list[Problem]:
             earlier, later = infos[i], infos[j]
             if order[id(earlier)] > order[id(later)]:
                 earlier, later = later, earlier
-            shared = netaddr.IPRange(netaddr.IPAddress(lo, family), netaddr.IPAddress(hi, family))
             path = next(
-                (p for p, r in later.entries if r.first <= hi and lo <= r.last),
+                (p for p, r in later.entries if r[1] <= hi and lo <= r[2]),
                 ("spec", "ips"),
             )
             other = next(
-                (p for p, r in earlier.entries if r.first <= hi and lo <= r.last),
+                (p for p, r in earlier.entries if r[1] <= hi and lo <= r[2]),
                 ("spec", "ips"),
             )
-            shared_text = str(shared[0]) if lo == hi else f"{shared[0]}-{shared[-1]}"
+            lo_ip, hi_ip = netaddr.IPAddress(lo, family), netaddr.IPAddress(hi, family)
+            shared_text = str(lo_ip) if lo == hi else f"{lo_ip}-{hi_ip}"
             out.append(
                 later.doc.problem(
                     path,

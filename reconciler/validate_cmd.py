@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "paths",
         nargs="*",
         metavar="PATH",
-        help="files or directories to check (default: the current directory)",
+        help="files or directories to check (default: the whole root)",
     )
     p.add_argument(
         "--strict",
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, out: Any = None, err: Any = None) -> int:
         print("underlay validate: error: --max-file-bytes must be positive", file=err)
         return EXIT_ERROR
     paths: list[Path] = []
-    for raw in args.paths or ["."]:
+    for raw in args.paths or [str(root)]:
         path = Path(raw)
         if not path.is_absolute():
             path = Path.cwd() / path
