@@ -29,7 +29,11 @@ def connect(remote: str = DEFAULT_REMOTE, timeout: float = 10.0) -> impl_idl.Ovs
     try:
         idl = connection.OvsdbIdl.from_server(remote, "Open_vSwitch")
         conn = connection.Connection(idl=idl, timeout=timeout)
-        api = impl_idl.OvsdbIdl(conn)
+        # ovsdbapp keeps the connection in a class attribute (Backend._ovsdb_connection): a
+        # subclass per connection keeps two databases in one process (tests, rig) apart and
+        # lets a reconnect after disconnect() build a fresh connection.
+        cls = type("NodeOvsdbIdl", (impl_idl.OvsdbIdl,), {"_ovsdb_connection": None})
+        api = cls(conn)
     except Exception as exc:
         raise OvsdbUnavailable(f"cannot reach OVSDB at {remote}: {exc}") from exc
     return api

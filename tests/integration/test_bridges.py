@@ -25,23 +25,6 @@ N1_IP = "172.18.10.11"
 N2_IP = "172.18.10.12"
 
 
-def connect(remote: str) -> Any:
-    """An ovsdbapp Open_vSwitch API for one rig node, built like ``node_agent.ovsdb.connect``.
-
-    ovsdbapp keeps the connection in a class attribute (``Backend._ovsdb_connection``), so every
-    API object of a process shares the FIRST connection: two rig nodes in one test process
-    would both talk to the first node's database, and a reconnect after a reboot would reuse
-    the stopped connection. A subclass per connection keeps them apart (asked of ovsdb.py).
-    """
-    from ovsdbapp.backend.ovs_idl import connection
-    from ovsdbapp.schema.open_vswitch import impl_idl
-
-    idl = connection.OvsdbIdl.from_server(remote, "Open_vSwitch")
-    conn = connection.Connection(idl=idl, timeout=10.0)
-    per_node = type("NodeOvsdbIdl", (impl_idl.OvsdbIdl,), {"_ovsdb_connection": None})
-    return per_node(conn)
-
-
 def ovs_bridge(name: str = "br1", **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "underlay.dev/v1alpha1",
@@ -63,7 +46,7 @@ class Agent:
             base.chmod(0o600)
         else:
             self.node.root.mkdir(parents=True, exist_ok=True)
-        self.api = connect(self.node.ovsdb)
+        self.api = ovsdb.connect(self.node.ovsdb)
         self.ctx = NodeContext(
             name, self.api, self.node.name, self.node.root, (APISERVER_IP, API_PORT)
         )
@@ -73,7 +56,7 @@ class Agent:
 
     def reconnect(self) -> None:
         ovsdb.disconnect(self.api)
-        self.api = connect(self.node.ovsdb)
+        self.api = ovsdb.connect(self.node.ovsdb)
         self.ctx.ovsdb = self.api
 
     def close(self) -> None:
