@@ -1,0 +1,308 @@
+"""``underlay validate`` as CI runs it: output formats, colour, exit codes.
+
+The command runs as a real process (``python -m reconciler.validate_cmd`` and through the
+``underlay`` CLI), on repositories written to temporary directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pty
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from reconciler import validate_cmd
+from reconciler.rules import RULES
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
+
+BAD_POOL = """\
+apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata:
+  name: ippool-test
+spec:
+  subnet: 172.18.0.1/16
+  gatway: 172.18.0.1
+  multusName: [kube-system/ovs-conf]
+"""
+
+WARN_ONLY = """\
+apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata:
+  name: p1
+spec:
+  subnet: 172.18.0.0/16
+  multusName: [kube-system/ovs-conf]
+"""
+
+EXPECTED_TEXT = [
+    'pools.yaml:6:11: error: SpiderIPPool ippool-test spec.subnet: "172.18.0.1/16" is not a '
+    "canonical CIDR: host bits are set (write 172.18.0.0/16)",
+    'pools.yaml:7:3: error: SpiderIPPool ippool-test spec.gatway: unknown field "gatway" (did '
+    "you mean gateway?)",
+    "pools.yaml:8:16: warning: SpiderIPPool ippool-test spec.multusName[0]: no "
+    "SpiderMultusConfig in the repository renders kube-system/ovs-conf (check the name; fine if "
+    "that Multus config is managed outside Git)",
+    "2 errors, 1 warning in 1 file (1 document)",
+]
+
+
+def validate(
+    cwd: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    module: str = "reconciler.validate_cmd",
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    full_env.update(env or {})
+    cmd = [sys.executable, "-m", module] + (["validate"] if module == "reconciler.cli" else [])
+    return subprocess.run(
+        [*cmd, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def bad_repo(tmp_path: Path) -> Path:
+    (tmp_path / "pools.yaml").write_text(BAD_POOL)
+    return tmp_path
+
+
+def test_text_output_and_exit_code(bad_repo: Path) -> None:
+    r = validate(bad_repo)
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.splitlines() == EXPECTED_TEXT
+    assert "\033[" not in r.stdout  # not a terminal: no colour
+
+
+def test_clean_repository_exits_0() -> None:
+    r = validate(QUICKSTART, "--strict")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "ok: 3 documents in 3 files\n", "")
+
+
+def test_paths_relative_to_cwd_and_root(tmp_path: Path) -> None:
+    """Only the files named are read: the pool's Multus config is then not seen (a warning)."""
+    r = validate(tmp_path, "--root", str(QUICKSTART), str(QUICKSTART / "ippool.yaml"))
+    assert r.returncode == 0
+    assert r.stdout.splitlines() == [
+        "ippool.yaml:13:5: warning: SpiderIPPool ippool-test spec.multusName[0]: no "
+        "SpiderMultusConfig in the repository renders kube-system/ovs-conf (check the name; fine "
+        "if that Multus config is managed outside Git)",
+        "1 warning in 1 file (1 document)",
+    ]
+
+
+def test_warnings_pass_unless_strict(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(WARN_ONLY)
+    r = validate(tmp_path)
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[-1] == "1 warning in 1 file (1 document)"
+    r = validate(tmp_path, "--strict")
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        "p.yaml:7:16: error: SpiderIPPool p1 spec.multusName[0]: no SpiderMultusConfig in the "
+        "repository renders kube-system/ovs-conf (check the name; fine if that Multus config is "
+        "managed outside Git)",
+        "1 error in 1 file (1 document)",
+    ]
+
+
+def test_unknown_kinds_flag(tmp_path: Path) -> None:
+    (tmp_path / "app.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n")
+    assert validate(tmp_path).returncode == 1
+    r = validate(tmp_path, "--ignore-unknown-kinds")
+    assert (r.returncode, r.stdout) == (0, "ok: 0 documents in 1 file\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.yaml"], "underlay validate: error: missing.yaml: no such file or directory\n"),
+        (["--root", "nope"], "underlay validate: error: root nope is not a directory\n"),
+        (
+            ["--max-file-bytes", "0"],
+            "underlay validate: error: --max-file-bytes must be positive\n",
+        ),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    r = validate(tmp_path, *args)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", message)
+
+
+def test_bad_option_exits_2(tmp_path: Path) -> None:
+    r = validate(tmp_path, "--format", "xml")
+    assert r.returncode == 2
+    assert "invalid choice: 'xml'" in r.stderr
+
+
+def test_register_adds_the_subcommand(bad_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What reconciler/cli.py does: register() on its subparsers, then args.func(args)."""
+    parser = argparse.ArgumentParser(prog="underlay")
+    sub = parser.add_subparsers(dest="command", required=True)
+    validate_cmd.register(sub)
+    args = parser.parse_args(["validate", "--format", "json", "--root", str(bad_repo)])
+    monkeypatch.chdir(bad_repo)
+    out, err = io.StringIO(), io.StringIO()
+    assert args.func(args, out, err) == 1
+    assert json.loads(out.getvalue())["summary"]["errors"] == 2
+    assert err.getvalue() == ""
+
+
+def test_json_format(bad_repo: Path) -> None:
+    r = validate(bad_repo, "--format", "json")
+    assert r.returncode == 1
+    doc = json.loads(r.stdout)
+    assert doc["version"] == 1
+    assert doc["summary"] == {
+        "files": 1,
+        "documents": 1,
+        "errors": 2,
+        "warnings": 1,
+        "strict": False,
+    }
+    assert doc["problems"][0] == {
+        "severity": "error",
+        "file": "pools.yaml",
+        "line": 6,
+        "column": 11,
+        "kind": "SpiderIPPool",
+        "namespace": None,
+        "name": "ippool-test",
+        "field": "spec.subnet",
+        "message": '"172.18.0.1/16" is not a canonical CIDR: host bits are set',
+        "hint": "write 172.18.0.0/16",
+        "rule": "subnet-not-canonical",
+    }
+    assert [p["rule"] for p in doc["problems"]] == [
+        "subnet-not-canonical",
+        "unknown-field",
+        "multus-config-not-found",
+    ]
+
+
+def test_github_format_escapes_properties(tmp_path: Path) -> None:
+    (tmp_path / "a,b:c.yaml").write_text(BAD_POOL)
+    r = validate(tmp_path, "--format", "github")
+    assert r.returncode == 1
+    out = r.stdout.splitlines()
+    assert out[0] == (
+        "::error file=a%2Cb%3Ac.yaml,line=6,col=11,title=underlay validate%3A subnet-not-canonical::"
+        'SpiderIPPool ippool-test spec.subnet: "172.18.0.1/16" is not a canonical CIDR: host bits '
+        "are set (write 172.18.0.0/16)"
+    )
+    assert out[2].startswith(
+        "::warning file=a%2Cb%3Ac.yaml,line=8,col=16,title=underlay validate%3A "
+        "multus-config-not-found::"
+    )
+    assert out[3] == "2 errors, 1 warning in 1 file (1 document)"
+
+
+def test_junit_format(bad_repo: Path) -> None:
+    (bad_repo / "good.yaml").write_text((QUICKSTART / "ovsbridge.yaml").read_text())
+    r = validate(bad_repo, "--format", "junit")
+    assert r.returncode == 1
+    root = ET.fromstring(r.stdout)
+    assert root.tag == "testsuites"
+    assert (root.get("tests"), root.get("failures")) == ("2", "1")
+    cases = {c.get("name"): c for c in root.iter("testcase")}
+    assert set(cases) == {"good.yaml", "pools.yaml"}
+    assert cases["good.yaml"].find("failure") is None
+    failure = cases["pools.yaml"].find("failure")
+    assert failure is not None
+    assert failure.get("type") == "subnet-not-canonical"
+    assert failure.get("message") == (
+        '2 errors: "172.18.0.1/16" is not a canonical CIDR: host bits are set'
+    )
+    assert (failure.text or "").splitlines() == EXPECTED_TEXT[:3]
+
+
+def test_sarif_format(bad_repo: Path) -> None:
+    r = validate(bad_repo, "--format", "sarif")
+    assert r.returncode == 1
+    log = json.loads(r.stdout)
+    assert log["version"] == "2.1.0"
+    assert log["$schema"].endswith("sarif-2.1.0.json")
+    (run,) = log["runs"]
+    driver = run["tool"]["driver"]
+    assert driver["name"] == "underlay validate"
+    assert [rule["id"] for rule in driver["rules"]] == list(RULES)
+    results = run["results"]
+    assert [(res["ruleId"], res["level"]) for res in results] == [
+        ("subnet-not-canonical", "error"),
+        ("unknown-field", "error"),
+        ("multus-config-not-found", "warning"),
+    ]
+    first = results[0]
+    assert driver["rules"][first["ruleIndex"]]["id"] == "subnet-not-canonical"
+    assert first["locations"][0]["physicalLocation"] == {
+        "artifactLocation": {"uri": "pools.yaml", "uriBaseId": "%SRCROOT%"},
+        "region": {"startLine": 6, "startColumn": 11},
+    }
+    assert first["properties"] == {
+        "kind": "SpiderIPPool",
+        "name": "ippool-test",
+        "field": "spec.subnet",
+        "hint": "write 172.18.0.0/16",
+    }
+
+
+def run_on_tty(cwd: Path, env: dict[str, str]) -> str:
+    """Run the command with stdout on a pseudo-terminal; return what it printed."""
+    master, slave = pty.openpty()
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    full_env.update(env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler.validate_cmd"],
+        cwd=cwd,
+        env=full_env,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO once the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    return b"".join(chunks).decode()
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(bad_repo: Path) -> None:
+    coloured = run_on_tty(bad_repo, {"TERM": "xterm"})
+    assert "\033[1m\033[31merror:\033[0m" in coloured
+    assert "\033[1m\033[33mwarning:\033[0m" in coloured
+    plain = run_on_tty(bad_repo, {"TERM": "xterm", "NO_COLOR": "1"})
+    assert "\033[" not in plain
+    assert plain.replace("\r\n", "\n").splitlines() == EXPECTED_TEXT
+
+
+def test_pre_commit_hook_definition() -> None:
+    import re
+
+    import yaml
+
+    hooks = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / ".pre-commit-hooks.yaml").read_text()
+    )
+    (hook,) = hooks
+    assert hook["id"] == "underlay-validate"
+    assert hook["entry"] == "underlay validate"
+    assert hook["pass_filenames"] is True
+    files = re.compile(hook["files"])
+    assert files.search("pools/ippool.yaml") and files.search("a.yml")
+    assert not files.search("README.md")
