@@ -59,6 +59,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_VLAN = 4095
+"""Highest trunk VLAN id (ovs-cni)."""
+MAX_ACCESS_VLAN = 4094
+"""Highest access VLAN (Spiderpool SpiderMultusConfig ovs.vlan; 4095 is reserved)."""
 
 
 @dataclass
@@ -116,7 +119,7 @@ def parse_conf(config: dict[str, Any], args: dict[str, str] | None = None) -> Ov
         raise CniError(INVALID_CONFIG, 'underlay-ovs config needs "bridge" (an OVS bridge name)')
     if config.get("deviceID"):
         raise CniError(UNSUPPORTED_FIELD, "deviceID (OVS hardware offload) is not supported")
-    vlan = _int_field(config, "vlan", 0, MAX_VLAN)
+    vlan = _int_field(config, "vlan", 0, MAX_ACCESS_VLAN)
     trunks = _trunks(config.get("trunk"))
     mtu = _int_field(config, "mtu", 68, 65535)
     ofport = _int_field(config, "ofport_request", 0, 65279)
