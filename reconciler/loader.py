@@ -182,7 +182,7 @@ def format_path(path: Iterable[str | int]) -> str:
     for p in path:
         if isinstance(p, int):
             out.append(f"[{p}]")
-        elif p and _SIMPLE_KEY.issuperset(p) and not p[0].isdigit():
+        elif p and _SIMPLE_KEY.issuperset(p) and (p[0].isalpha() or p[0] == "_"):
             out.append(f".{p}" if out else p)
         else:
             out.append('["' + p.replace("\\", "\\\\").replace('"', '\\"') + '"]')

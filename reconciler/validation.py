@@ -178,6 +178,21 @@ def _type_hint(expected: list[str], value: Any) -> str:
     return f"write {' or '.join(_TYPE_NAMES.get(t, t) for t in expected)}"
 
 
+def _closest(value: str, options: list[str]) -> str | None:
+    """The option ``value`` most likely misspells: same letters in another case, else the one
+    clearly closest (ties give None, so a hint never picks arbitrarily)."""
+    for o in options:
+        if o.lower() == value.lower():
+            return o
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, value.lower(), o.lower()).ratio(), o) for o in options),
+        reverse=True,
+    )
+    if scored and scored[0][0] >= 0.75 and (len(scored) == 1 or scored[0][0] > scored[1][0]):
+        return scored[0][1]
+    return None
+
+
 def _error_problems(doc: Document, err: ValidationError) -> list[Problem]:
     path = tuple(err.absolute_path)
     kw = err.validator
@@ -237,8 +252,7 @@ def _error_problems(doc: Document, err: ValidationError) -> list[Problem]:
         ]
     if kw == "enum":
         options = [str(o) for o in err.validator_value]
-        close = difflib.get_close_matches(str(value).lower(), [o.lower() for o in options], n=1)
-        pick = next((o for o in options if close and o.lower() == close[0]), None)
+        pick = _closest(str(value), options)
         return [
             doc.problem(
                 path,
