@@ -9,12 +9,15 @@ covered by one of the two files (test_every_rule_has_a_case).
 from __future__ import annotations
 
 import ipaddress
+import os
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from reconciler.loader import load_text
+from reconciler.loader import load_repo, load_text
+from reconciler.rules import RULES
 from reconciler.validation import has_errors, validate, validate_repo
 
 POOL = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\n"
@@ -1097,3 +1100,43 @@ def test_overlap_detection_scales_to_many_pools(tmp_path: Path) -> None:
         ("zz-extra.yaml", 7, "ip-overlap", "10.0.1.10-10.0.1.19"),
         ("zz-extra.yaml", 7, "ip-overlap", "10.0.1.20-10.0.1.25"),
     ]
+
+
+def test_every_rule_has_a_case(tmp_path: Path) -> None:
+    """Every rule id of the catalogue is produced by a case here, in the corpus or below.
+
+    ``schema`` is the fallback for JSON Schema keywords our schemas do not use (none today).
+    The exact messages of the loading rules are asserted in test_loader.py.
+    """
+    produced: set[str] = set()
+    for case_id, _rule, files, _expected, kwargs in CASES:
+        d = tmp_path / case_id
+        d.mkdir()
+        for name, text in files.items():
+            (d / name).write_text(text)
+        produced |= {p.rule for p in validate_repo(d, **kwargs)[1]}
+    corpus = Path(__file__).resolve().parents[1] / "bad-repos"
+    for case in corpus.iterdir():
+        args = (case / "args.txt").read_text().split() if (case / "args.txt").exists() else []
+        limit = (
+            int(args[args.index("--max-file-bytes") + 1]) if "--max-file-bytes" in args else None
+        )
+        kwargs2: dict[str, Any] = {"strict": "--strict" in args}
+        if limit:
+            kwargs2["max_file_bytes"] = limit
+        produced |= {p.rule for p in validate_repo(case, **kwargs2)[1]}
+    loader_only = tmp_path / "loader-only"
+    loader_only.mkdir()
+    os.mkfifo(loader_only / "fifo.yaml")
+    (loader_only / "broken.yaml").symlink_to(loader_only / "nowhere.yaml")
+    produced |= {p.rule for p in load_repo(loader_only, ["missing.yaml", "/", "."]).problems}
+    for text, kw in [
+        ("a: [1, 2, 3]", {"max_nodes": 2}),
+        ("a: &x [1, *x]", {}),
+        ("a: " + "[" * 70 + "]" * 70, {}),
+        ("a: !!set {x}\n? [k]\n: v\n", {}),
+        ("kind: X\n", {}),
+        ("- 1\n", {}),
+    ]:
+        produced |= {p.rule for p in load_text(text, "t.yaml", **kw).problems}
+    assert set(RULES) - {"schema"} - produced == set()
