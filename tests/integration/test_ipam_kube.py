@@ -413,9 +413,9 @@ def test_two_agent_processes_allocate_200_distinct_ips(cluster: Cluster, tmp_pat
 @pytest.fixture
 def rig_cluster(rig: Rig, cluster: Cluster, tmp_path: Path) -> Iterator[tuple[Rig, Cluster, str]]:
     """The emulator reachable from node namespaces at the rig's API server address."""
-    port = cluster.em.listen_in_netns(rig.switch.path, APISERVER_IP, 6443)
+    url = cluster.em.listen_in_netns(rig.switch.path, APISERVER_IP, 6443)
     kubeconfig = str(tmp_path / "node-kubeconfig")
-    cluster.em.write_kubeconfig(kubeconfig, server=f"http://{APISERVER_IP}:{port or 6443}")
+    cluster.em.write_kubeconfig(kubeconfig, server_url=url)
     yield rig, cluster, kubeconfig
 
 

@@ -1,0 +1,230 @@
+"""Benchmark: CNI ADD+DEL cycle of our plugins vs Debian's reference plugins, on the rig.
+
+One rig node (own ovsdb-server/ovs-vswitchd, br1 over eth0, userspace datapath), the node
+agent running inside it, one pod namespace. Each cycle executes the plugins exactly as a
+runtime does (CNI_* env, config on stdin; the child joins the node's network namespace
+before exec) for ADD and then DEL, and is timed as a whole. Cases, interleaved cycle by
+cycle so machine noise hits all alike:
+
+- ``underlay-ovs + underlay-ipam``: our plugins, IPAM through the Kubernetes API emulator
+  (tests/kube/emulator.py) reached from the node at the rig's API server address;
+- ``underlay-ovs + host-local``: our main plugin with Debian's IPAM;
+- ``bridge + host-local``: Debian's reference plugins from /usr/lib/cni (the baseline).
+
+Prints median and p95 per case and the ratio of medians to the baseline. Needs root.
+
+    /tmp/venv/bin/python bench/bench_cni.py [--cycles 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import contextlib
+
+from node_agent.cni.install import install_shims
+
+from tests.rig import APISERVER_IP, GATEWAY, Node, Rig
+
+REF = "/usr/lib/cni"
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exec_in(
+    node: Node, binary: str, env: dict[str, str], conf: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Execute ``binary`` with ``env`` and ``conf`` on stdin inside ``node``'s namespace."""
+    fd = os.open(node.path, os.O_RDONLY)
+
+    def enter() -> None:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+
+    try:
+        p = subprocess.run(
+            [binary],
+            input=json.dumps(conf).encode(),
+            env=env,
+            capture_output=True,
+            preexec_fn=enter,
+            pass_fds=(fd,),
+            check=False,
+        )
+    finally:
+        os.close(fd)
+    if p.returncode != 0:
+        raise RuntimeError(f"{binary} {env['CNI_COMMAND']}: {p.stdout!r} {p.stderr!r}")
+    return json.loads(p.stdout) if p.stdout.strip() else None
+
+
+def cycle(node: Node, cni_path: str, conf: dict[str, Any], netns: str, uid: str) -> float:
+    """One ADD + DEL of a single-plugin config; returns seconds."""
+    env = {
+        "CNI_CONTAINERID": "bench", "CNI_NETNS": netns, "CNI_IFNAME": "eth0", "CNI_PATH": cni_path,
+        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=bench;K8S_POD_UID={uid}",
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }  # fmt: skip
+    binary = next(
+        f"{d}/{conf['type']}" for d in cni_path.split(":") if os.path.exists(f"{d}/{conf['type']}")
+    )
+    t0 = time.perf_counter()
+    result = exec_in(node, binary, {**env, "CNI_COMMAND": "ADD"}, conf)
+    exec_in(node, binary, {**env, "CNI_COMMAND": "DEL"}, {**conf, "prevResult": result})
+    return time.perf_counter() - t0
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cycles", type=int, default=100)
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cni-"))
+    rig = Rig()
+    agent = None
+    em = None
+    try:
+        node = rig.add_node("n1", "172.18.10.11")
+        node.vsctl("add-br", "br1", "--", "set", "Bridge", "br1", "datapath_type=netdev")
+        node.vsctl("add-port", "br1", "eth0")
+        pod = rig.add_pod("p1")
+        sock = str(tmp / "agent.sock")
+        bin_dir = tmp / "bin"
+        install_shims(bin_dir, sock)
+        cni_path = f"{bin_dir}:{REF}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "node_agent.cni.server",
+            "--socket",
+            sock,
+            "--ovsdb",
+            node.ovsdb,
+            "--node-name",
+            "n1",
+        ]
+        uid = "bench-uid"
+        try:
+            from reconciler.kube import Objects, api_client
+            from reconciler.vocab import SPIDER_ENDPOINT, SPIDER_IPPOOL
+            from tests.kube.emulator import Emulator  # written by another engineer
+
+            em = Emulator()
+            em.start()
+            em.register(SPIDER_IPPOOL)
+            em.register(SPIDER_ENDPOINT)
+            local_kc = str(tmp / "kc-local")
+            em.write_kubeconfig(local_kc)
+            api = api_client(local_kc)
+            from kubernetes import client
+
+            core = client.CoreV1Api(api)
+            for ns in ("default",):
+                with contextlib.suppress(Exception):
+                    core.create_namespace({"metadata": {"name": ns}})
+            core.create_node({"metadata": {"name": "n1"}})
+            created = core.create_namespaced_pod(
+                "default",
+                {
+                    "metadata": {"name": "bench"},
+                    "spec": {"containers": [{"name": "c", "image": "x"}]},
+                },
+            )
+            uid = created.metadata.uid
+            Objects(api, SPIDER_IPPOOL).create(
+                {
+                    "apiVersion": "spiderpool.spidernet.io/v2beta1",
+                    "kind": "SpiderIPPool",
+                    "metadata": {"name": "bench"},
+                    "spec": {
+                        "subnet": "172.18.0.0/16",
+                        "ips": ["172.18.40.1-172.18.40.254"],
+                        "gateway": GATEWAY,
+                    },
+                }
+            )
+            url = em.listen_in_netns(rig.switch.path, APISERVER_IP, 6443)
+            node_kc = str(tmp / "kc-node")
+            em.write_kubeconfig(node_kc, server_url=url)
+            cmd += ["--kubeconfig", node_kc]
+        except ImportError:
+            print("tests/kube/emulator.py not available: skipping underlay-ovs + underlay-ipam")
+            em = None
+        with open(tmp / "agent.log", "wb") as log:
+            agent = node.popen(*cmd, stdout=subprocess.PIPE, stderr=log)
+        assert agent.stdout is not None and agent.stdout.readline().strip() == b"ready"
+        hl = {
+            "type": "host-local",
+            "dataDir": str(tmp / "hl"),
+            "ranges": [
+                [
+                    {
+                        "subnet": "172.18.0.0/16",
+                        "rangeStart": "172.18.41.1",
+                        "rangeEnd": "172.18.41.254",
+                        "gateway": GATEWAY,
+                    }
+                ]
+            ],
+            "routes": [{"dst": "0.0.0.0/0"}],
+        }
+        base = {"cniVersion": "1.0.0", "name": "bench"}
+        cases: dict[str, dict[str, Any]] = {}
+        if em is not None:
+            cases["underlay-ovs + underlay-ipam"] = {
+                **base,
+                "type": "underlay-ovs",
+                "bridge": "br1",
+                "ipam": {"type": "underlay-ipam", "default_ipv4_ippool": ["bench"]},
+            }
+        cases["underlay-ovs + host-local"] = {
+            **base,
+            "type": "underlay-ovs",
+            "bridge": "br1",
+            "ipam": hl,
+        }
+        cases["bridge + host-local (reference)"] = {
+            **base,
+            "type": "bridge",
+            "bridge": "cnibench0",
+            "ipam": hl,
+        }
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(5):  # warm-up: connections, page cache, first bridge creation
+            for conf in cases.values():
+                cycle(node, cni_path, conf, pod.path, uid)
+        for _ in range(a.cycles):
+            for name, conf in cases.items():
+                times[name].append(cycle(node, cni_path, conf, pod.path, uid))
+        ref = statistics.median(times["bridge + host-local (reference)"])
+        print(f"ADD+DEL cycles: {a.cycles} per case, interleaved; one node, userspace datapath")
+        print(f"{'case':34} {'median ms':>10} {'p95 ms':>8} {'ratio':>6}")
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"{name:34} {med * 1000:10.1f} {pct(ts, 0.95) * 1000:8.1f} {med / ref:6.2f}")
+    finally:
+        if agent is not None:
+            agent.terminate()
+            agent.wait(10)
+        if em is not None:
+            em.stop()
+        rig.close()
+
+
+if __name__ == "__main__":
+    main()
