@@ -1,0 +1,124 @@
+"""Robustness (hypothesis): bad content never crashes the validator.
+
+Valid quick-start documents get a random subtree replaced by random data (any JSON-like
+value, including wrong types and nulls); the YAML is dumped, loaded and validated. Every run
+must return problems, not raise, and every problem must carry a known rule, a position inside
+the file and the object it is about.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reconciler.loader import dump_yaml, load_text
+from reconciler.rules import RULES
+from reconciler.validation import validate
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
+BASE = [
+    d.obj
+    for f in sorted(QUICKSTART.glob("*.yaml"))
+    for d in load_text(f.read_text(), f.name).documents
+]
+EXTRA: list[dict[str, Any]] = [
+    {
+        "apiVersion": "spiderpool.spidernet.io/v2beta1",
+        "kind": "SpiderMultusConfig",
+        "metadata": {"name": "m", "namespace": "default", "annotations": {"a": "b"}},
+        "spec": {
+            "cniType": "macvlan",
+            "macvlan": {"master": ["eth0"], "vlanID": 5, "ippools": {"ipv4": ["ippool-test"]}},
+            "ovs": {"bridge": "br1", "trunk": [{"minID": 1, "maxID": 2}]},
+            "chainCNIJsonData": ["{}"],
+            "customCNI": "{}",
+        },
+    },
+    {
+        "apiVersion": "spiderpool.spidernet.io/v2beta1",
+        "kind": "SpiderIPPool",
+        "metadata": {"name": "p6", "labels": {"x": "y"}},
+        "spec": {
+            "subnet": "fd00::/64",
+            "ipVersion": 6,
+            "ips": ["fd00::10-fd00::20"],
+            "excludeIPs": ["fd00::15"],
+            "gateway": "fd00::1",
+            "routes": [{"dst": "fd01::/64", "gw": "fd00::2"}],
+            "multusName": ["default/m"],
+            "nodeAffinity": {"matchLabels": {"a": "b"}},
+        },
+    },
+    {
+        "apiVersion": "underlay.dev/v1alpha1",
+        "kind": "OvsBridge",
+        "metadata": {"name": "br2"},
+        "spec": {
+            "uplinks": ["eth1"],
+            "nodeSelector": {"r": "1"},
+            "nodeOverrides": [{"nodeName": "n1", "uplinks": ["eth2"]}],
+            "maxUnavailable": "25%",
+        },
+    },
+]
+
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+    st.sampled_from(["172.18.0.0/16", "10.0.0.1-10.0.0.0", "fd00::1", "0.0.0.0/0", "a/b/c", "br1"]),
+)
+JSONISH = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += paths(v, (*prefix, i))
+    return out
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> list[dict[str, Any]]:
+    docs = copy.deepcopy(BASE + EXTRA)
+    for _ in range(draw(st.integers(1, 4))):
+        doc = draw(st.sampled_from(docs))
+        candidates = [p for p in paths(doc) if p and p[0] not in ("apiVersion", "kind")]
+        path = draw(st.sampled_from(candidates))
+        parent = doc
+        for step in path[:-1]:
+            parent = parent[step]
+        parent[path[-1]] = draw(JSONISH)
+    return docs
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_mutated_documents_give_problems_not_exceptions(docs: list[dict[str, Any]]) -> None:
+    text = dump_yaml(docs)
+    res = load_text(text, "fuzz.yaml")
+    problems = res.problems + validate(res.documents, strict=True)
+    n_lines = text.count("\n") + 1
+    for p in problems:
+        assert p.rule in RULES, p.format()
+        assert 1 <= p.line <= n_lines and p.column >= 1, p.format()
+        assert p.severity == "error"
+        assert p.message
+        if p.rule not in ("non-string-key", "duplicate-key"):
+            assert p.kind is not None, p.format()
