@@ -12,14 +12,13 @@ int-or-string unions become ``x-kubernetes-int-or-string``; metadata is left to 
 from __future__ import annotations
 
 import copy
-import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from reconciler import vocab
+from reconciler.validation import load_schema
 from reconciler.vocab import Resource
 
 _DROP = {
@@ -90,21 +89,6 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
         {"name": "REVISION", "type": "string", "jsonPath": ".status.lastAppliedRevision"},
     ],
 }
-
-
-def schema_file(res: Resource) -> str:
-    """File name of the JSON Schema for ``res`` inside ``schemas/``: ``<group>_<version>_<Kind>.json``."""
-    return f"{res.group}_{res.version}_{res.kind}.json"
-
-
-def load_schema(res: Resource) -> dict[str, Any]:
-    """The JSON Schema document for ``res`` (raises FileNotFoundError naming it)."""
-    name = schema_file(res)
-    ref = resources.files("reconciler.schemas").joinpath(name)
-    if not ref.is_file():
-        raise FileNotFoundError(f"schemas/{name} is missing")
-    data: dict[str, Any] = json.loads(ref.read_text(encoding="utf-8"))
-    return data
 
 
 def _resolve(node: Any, root: dict[str, Any]) -> Any:
@@ -186,7 +170,7 @@ def to_structural(schema: dict[str, Any]) -> dict[str, Any]:
 
 def crd_for(res: Resource) -> dict[str, Any]:
     """The apiextensions.k8s.io/v1 CustomResourceDefinition for ``res``."""
-    raw = load_schema(res)
+    raw = copy.deepcopy(load_schema(res))
     schema = _resolve(raw, raw)
     props = dict(schema.get("properties") or {})
     top: dict[str, Any] = {

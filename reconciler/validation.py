@@ -64,15 +64,8 @@ def schema_file(res: Resource) -> str:
 
 
 def schema_dir() -> Path:
-    """Directory holding the JSON Schemas (the ``reconciler.schemas`` package, else ``schemas/``
-    next to the ``reconciler`` package in a source checkout)."""
-    try:
-        d = Path(str(resources.files("reconciler.schemas")))
-        if d.is_dir():
-            return d
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "schemas"
+    """Directory holding the JSON Schemas: the ``reconciler.schemas`` package (``schemas/``)."""
+    return Path(str(resources.files("reconciler.schemas")))
 
 
 @functools.cache
