@@ -37,16 +37,31 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="directory of YAML to use; with --repo, a sub-directory inside the repository (default: all of it)",
     )
-    g.add_argument("--repo", metavar="URL", help="Git repository: https://, ssh://, git@host:path, file:// or a local path")
-    g.add_argument("--ref", default="main", help="branch, tag or commit to use with --repo (default: main)")
-    g.add_argument("--cache-dir", type=Path, help="where Git checkouts are kept (default: ~/.cache/underlay)")
+    g.add_argument(
+        "--repo",
+        metavar="URL",
+        help="Git repository: https://, ssh://, git@host:path, file:// or a local path",
+    )
+    g.add_argument(
+        "--ref", default="main", help="branch, tag or commit to use with --repo (default: main)"
+    )
+    g.add_argument(
+        "--cache-dir", type=Path, help="where Git checkouts are kept (default: ~/.cache/underlay)"
+    )
     g.add_argument("--strict", action="store_true", help="treat validation warnings as errors")
-    g.add_argument("--ignore-unknown-kinds", action="store_true", help="skip documents of kinds underlay does not manage")
+    g.add_argument(
+        "--ignore-unknown-kinds",
+        action="store_true",
+        help="skip documents of kinds underlay does not manage",
+    )
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
-    g.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster)")
+    g.add_argument(
+        "--kubeconfig",
+        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster)",
+    )
     g.add_argument("--context", help="kubeconfig context to use")
     g.add_argument(
         "--instance",
@@ -83,10 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _source_args(p)
     _cluster_args(p)
-    p.add_argument("-o", "--output", choices=["text", "yaml", "json"], default="text", help="text (default): one line per object; yaml/json: the objects that would be written")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "yaml", "json"],
+        default="text",
+        help="text (default): one line per object; yaml/json: the objects that would be written",
+    )
     p.add_argument("--no-prune", action="store_true", help="do not plan deletions")
     p.add_argument("--all", action="store_true", help="also list unchanged objects")
-    p.add_argument("--exit-code", action="store_true", help="exit 1 when there are changes, 0 when none (like git diff --exit-code)")
+    p.add_argument(
+        "--exit-code",
+        action="store_true",
+        help="exit 1 when there are changes, 0 when none (like git diff --exit-code)",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
@@ -114,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _source_args(p)
     _cluster_args(p)
-    p.add_argument("--interval", default="60s", help="poll interval: 30s, 5m, 1h or seconds (default: %(default)s)")
+    p.add_argument(
+        "--interval",
+        default="60s",
+        help="poll interval: 30s, 5m, 1h or seconds (default: %(default)s)",
+    )
     p.add_argument("--no-prune", action="store_true", help="never delete objects that left Git")
-    p.add_argument("--once", action="store_true", help="run a single pass and exit (for tests and cron)")
+    p.add_argument(
+        "--once", action="store_true", help="run a single pass and exit (for tests and cron)"
+    )
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser(
@@ -213,7 +244,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"Revision {revision} of {args.repo} ({args.ref})")
         print(format_plan(res.plan, verbose=args.all))
     else:
-        objs = [a.desired.body for a in res.plan.actions if a.desired is not None and (args.all or a.op in (Op.CREATE, Op.UPDATE))]
+        objs = [
+            a.desired.body
+            for a in res.plan.actions
+            if a.desired is not None and (args.all or a.op in (Op.CREATE, Op.UPDATE))
+        ]
         if args.output == "json":
             print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}, indent=2))
         else:
@@ -243,7 +278,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         for a in plan.blocked:
             print(f"blocked {a.ref()}: {a.reason}")
     else:
-        done = {op: sum(1 for a in outcome.done if a.op is op) for op in set(a.op for a in outcome.done)}
+        done = {
+            op: sum(1 for a in outcome.done if a.op is op) for op in set(a.op for a in outcome.done)
+        }
         from reconciler.plan import Op
 
         print(

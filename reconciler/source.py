@@ -44,7 +44,7 @@ def is_git_url(spec: str) -> bool:
     if "://" in spec or re.match(r"^[\w.-]+@[\w.-]+:", spec):
         return True
     p = Path(spec)
-    return (p / ".git").exists() or (p / "HEAD").is_file() and (p / "objects").is_dir()
+    return (p / ".git").exists() or ((p / "HEAD").is_file() and (p / "objects").is_dir())
 
 
 def default_cache_dir() -> Path:
@@ -63,7 +63,9 @@ def _url_for_git(url: str) -> str:
     return url
 
 
-def fetch(url: str, ref: str = "main", *, cache_dir: Path | None = None, depth: int = 1) -> Checkout:
+def fetch(
+    url: str, ref: str = "main", *, cache_dir: Path | None = None, depth: int = 1
+) -> Checkout:
     """Fetch ``ref`` (branch, tag or commit SHA) of ``url`` and check it out; return the Checkout.
 
     Shallow (``depth`` commits) when the server allows it. Raises SourceError with the
