@@ -17,7 +17,7 @@ from typing import Any
 
 from kubernetes import client
 
-from reconciler import vocab
+from reconciler import ippool, vocab
 from reconciler.kube import Key, Objects
 from reconciler.plan import Action, Op, Plan, with_owner
 
@@ -53,6 +53,34 @@ def _body(a: Action, uids: dict[Key, str]) -> dict[str, Any]:
     if owner is not None and owner in uids:
         body = with_owner(body, {}, owner, uids[owner])
     return body
+
+
+def _sync_pool_counts(
+    api: client.ApiClient, live: dict[str, Any], log: Callable[[str], None]
+) -> None:
+    """Keep ``status.totalIPCount``/``allocatedIPCount`` right after the pool's spec changed.
+
+    Compare-and-swap on the resourceVersion read (the agents' IPAM writes the same status);
+    on 409 re-read and retry. Allocation records are never touched here.
+    """
+    objs = Objects(api, vocab.SPIDER_IPPOOL)
+    for _ in range(10):
+        status = dict(live.get("status") or {})
+        records = ippool.allocated_ips(status)
+        want = ippool.pool_status(live.get("spec") or {}, records)
+        if all(status.get(k) == v for k, v in want.items()):
+            return
+        body = {**live, "status": {**status, **want}}
+        try:
+            objs.replace_status(body)
+            return
+        except client.ApiException as exc:
+            if exc.status != 409:
+                log(
+                    f"could not update status of SpiderIPPool {live['metadata']['name']}: {api_message(exc)}"
+                )
+                return
+        live = objs.get(live["metadata"]["name"])
 
 
 def execute(
@@ -96,6 +124,8 @@ def execute(
             log(f"failed to apply {a.ref()}: {api_message(exc)}")
             continue
         uids[a.key] = live["metadata"]["uid"]
+        if a.resource is vocab.SPIDER_IPPOOL:
+            _sync_pool_counts(api, live, log)
         out.done.append(a)
         if a.op is Op.CREATE:
             log(f"created {a.ref()}")

@@ -69,3 +69,21 @@ def encode_allocated(records: Mapping[str, Mapping[str, Any]]) -> str | None:
         return None
     ordered = {ip: dict(records[ip]) for ip in sorted(records, key=netaddr.IPAddress)}
     return json.dumps(ordered, separators=(",", ":"))
+
+
+def pool_status(
+    spec: Mapping[str, Any], records: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The status Spiderpool shows for a pool with allocation ``records``.
+
+    ``{"allocatedIPs": <JSON string, absent when empty>, "allocatedIPCount": n,
+    "totalIPCount": len(ips - excludeIPs)}``.
+    """
+    status: dict[str, Any] = {
+        "allocatedIPCount": len(records),
+        "totalIPCount": allocatable(spec).size,
+    }
+    encoded = encode_allocated(records)
+    if encoded is not None:
+        status["allocatedIPs"] = encoded
+    return status

@@ -8,6 +8,7 @@ Source: Kubernetes API conventions; client-go loading rules (KUBECONFIG, in-clus
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -110,23 +111,31 @@ class Objects:
     def apply(
         self, body: dict[str, Any], field_manager: str, *, force: bool = True, dry_run: bool = False
     ) -> dict[str, Any]:
-        """Server-side apply ``body`` (``application/apply-patch+yaml``) as ``field_manager``."""
+        """Server-side apply ``body`` (``application/apply-patch+yaml``) as ``field_manager``.
+
+        Returns the object the API server answered with. The body is read raw: an apply that
+        creates answers 201 Created, which the generated client does not deserialize.
+        """
         r = self.res
         md = body["metadata"]
         kw: dict[str, Any] = {
             "field_manager": field_manager,
             "force": force,
             "_content_type": "application/apply-patch+yaml",
+            "_preload_content": False,
         }
         if dry_run:
             kw["dry_run"] = "All"
         if r.namespaced:
-            return self.api.patch_namespaced_custom_object(
+            resp = self.api.patch_namespaced_custom_object(
                 r.group, r.version, md["namespace"], r.plural, md["name"], body, **kw
             )
-        return self.api.patch_cluster_custom_object(
-            r.group, r.version, r.plural, md["name"], body, **kw
-        )
+        else:
+            resp = self.api.patch_cluster_custom_object(
+                r.group, r.version, r.plural, md["name"], body, **kw
+            )
+        data: dict[str, Any] = json.loads(resp.data)
+        return data
 
     def delete(self, name: str, namespace: str | None = None, **kw: Any) -> dict[str, Any]:
         """DELETE one object; ApiException 404 when already gone."""

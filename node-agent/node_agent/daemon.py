@@ -358,17 +358,8 @@ class BridgeAgent:
             ops.append({"op": "remove", "path": f"/status/capacity/{key}"})
             if node.status and node.status.allocatable and resource in node.status.allocatable:
                 ops.append({"op": "remove", "path": f"/status/allocatable/{key}"})
-        self.core.api_client.call_api(
-            f"/api/v1/nodes/{self.node.name}/status",
-            "PATCH",
-            body=ops,
-            header_params={
-                "Content-Type": "application/json-patch+json",
-                "Accept": "application/json",
-            },
-            auth_settings=["BearerToken"],
-            _return_http_data_only=True,
-            _preload_content=False,
+        self.core.patch_node_status(
+            self.node.name, ops, _content_type="application/json-patch+json"
         )
         log.info("Node %s: %s %s", self.node.name, "published" if present else "withdrew", resource)
 
