@@ -147,10 +147,18 @@ def render_nad(smc: Mapping[str, Any], instance: str) -> dict[str, Any]:
     string: ``{"cniVersion", "name", "plugins": [...]}``. cniVersion comes from the annotation
     ``multus.spidernet.io/cni-version`` (default 1.0.0), name from
     ``cni.spidernet.io/cniconfig-name`` (default: the NAD name). The SMC's annotations are
-    copied, as Spiderpool does.
+    copied, as Spiderpool does. An ovs NAD also carries ``k8s.v1.cni.cncf.io/resourceName:
+    underlay.dev/<bridge>``, the Node extended resource the agent publishes while the bridge is
+    Ready, unless the SMC sets that annotation itself.
     """
     md = smc["metadata"]
     annotations = dict(md.get("annotations") or {})
+    spec = smc.get("spec") or {}
+    if spec.get("cniType") == "ovs" and (spec.get("ovs") or {}).get("bridge"):
+        # pods that need the bridge are scheduled only where the agent published it (ovs-cni marker)
+        annotations.setdefault(
+            vocab.ANNO_NAD_RESOURCE_NAME, vocab.NODE_RESOURCE_PREFIX + spec["ovs"]["bridge"]
+        )
     name = nad_name(smc)
     conf = {
         "cniVersion": annotations.get(vocab.ANNO_SMC_CNI_VERSION, vocab.CNI_DEFAULT_VERSION),

@@ -204,6 +204,7 @@ def test_quickstart_from_git_commit_to_pods_pinging(
         "bridge": "br1",
         "ipam": {"type": "underlay-ipam"},
     }
+    assert nad["metadata"]["annotations"][vocab.ANNO_NAD_RESOURCE_NAME] == "underlay.dev/br1"
     smc = cluster.get(vocab.SPIDER_MULTUS_CONFIG, "ovs-conf", "kube-system")
     assert smc is not None
     assert nad["metadata"]["ownerReferences"][0]["uid"] == smc["metadata"]["uid"]

@@ -49,6 +49,9 @@ def test_quickstart_nad_is_the_design_example() -> None:
         "plugins": [{"type": "underlay-ovs", "bridge": "br1", "ipam": {"type": "underlay-ipam"}}],
     }
     assert nad.owner == ("SpiderMultusConfig", "kube-system", "ovs-conf")
+    assert nad.body["metadata"]["annotations"] == {
+        "k8s.v1.cni.cncf.io/resourceName": "underlay.dev/br1"
+    }
 
 
 def test_every_object_carries_the_ownership_labels_and_input_is_not_modified() -> None:
@@ -105,7 +108,9 @@ def test_output_order_is_independent_of_input_order() -> None:
 
 
 def test_ip_version_is_inferred_from_the_subnet_like_spiderpools_webhook() -> None:
-    v4, v6 = render.render([POOL, {**POOL, "metadata": {"name": "v6"}, "spec": {"subnet": "fd00::/64"}}])
+    v4, v6 = render.render(
+        [POOL, {**POOL, "metadata": {"name": "v6"}, "spec": {"subnet": "fd00::/64"}}]
+    )
     assert v4.body["spec"]["ipVersion"] == 4
     assert v6.body["spec"]["ipVersion"] == 6
     assert "ipVersion" not in POOL["spec"]
