@@ -456,6 +456,7 @@ class Ipam:
         max_attempts: int = 60,
         backoff: float = 0.004,
         backoff_cap: float = 0.25,
+        cache_ttl: float = 5.0,
     ) -> None:
         self.api = api
         self.node_name = node_name
@@ -463,10 +464,13 @@ class Ipam:
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.backoff_cap = backoff_cap
+        self.cache_ttl = cache_ttl
         self.pools = Objects(api, SPIDER_IPPOOL)
         self.endpoints = Objects(api, SPIDER_ENDPOINT)
         self.core: Any = client.CoreV1Api(api)
         self._locks: dict[str, threading.Lock] = {}
+        self._pool_cache: dict[str, dict[str, Any]] = {}
+        self._ttl_cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self._locks_guard = threading.Lock()
         self.conflicts = 0
         """Status writes that got 409 Conflict (for benchmarks and tests)."""
@@ -511,15 +515,33 @@ class Ipam:
                 return {}
             raise
 
+    def _cached(self, kind: str, name: str, read: Callable[..., Any]) -> dict[str, Any]:
+        """A Namespace or Node, read at most once per ``cache_ttl`` seconds (``{}`` if absent).
+
+        Their labels and annotations change rarely; Spiderpool reads them from informer
+        caches too.
+        """
+        key = (kind, name)
+        hit = self._ttl_cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.cache_ttl:
+            return hit[1]
+        obj = self._get_optional(f"reading {kind} {name}", read, name)
+        self._ttl_cache[key] = (now, obj)
+        return obj
+
     def get_pool(self, name: str, source: str = "") -> dict[str, Any]:
         """The SpiderIPPool ``name``; CniError 102 (naming it and ``source``) when absent."""
         try:
-            return self._call(f"reading SpiderIPPool {name}", lambda: self.pools.get(name))
+            pool = self._call(f"reading SpiderIPPool {name}", lambda: self.pools.get(name))
         except ApiException as exc:
             if exc.status == 404:
+                self._pool_cache.pop(name, None)
                 by = f" (named by {source})" if source else ""
                 raise CniError(POOL_NOT_FOUND, f"SpiderIPPool {name} not found{by}") from exc
             raise
+        self._pool_cache[name] = pool
+        return pool
 
     def _lock(self, pool: str) -> threading.Lock:
         with self._locks_guard:
@@ -537,21 +559,35 @@ class Ipam:
         """Read-modify-write pool ``name``'s status with the read resourceVersion.
 
         ``mutate(pool, records)`` changes ``records`` in place and returns ``(changed, value)``;
-        nothing is written when ``changed`` is false. ``first`` is an already read copy used
-        for the first attempt. On 409 Conflict the pool is re-read and ``mutate`` runs again.
+        nothing is written when ``changed`` is false. The first attempt may use ``first`` or
+        this agent's last seen copy of the pool (what its own last write returned): a write
+        from a stale copy is refused with 409 Conflict by the API server, and decisions that
+        write nothing (a record already there, the pool full) are only trusted on a fresh
+        read. On 409 the pool is re-read and ``mutate`` runs again, up to ``max_attempts``.
         Returns ``value``. Raises CniError 102/11, or what ``mutate`` raises.
         """
         with self._lock(name):
-            pool = first
+            pool = first or self._pool_cache.get(name)
+            fresh = False
             for attempt in range(self.max_attempts):
                 if pool is None:
                     pool = self.get_pool(name)
+                    fresh = True
                 try:
                     records = decode_allocated(pool.get("status"))
                 except ValueError as exc:
                     raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc
-                changed, value = mutate(pool, records)
+                try:
+                    changed, value = mutate(pool, records)
+                except _Exhausted:
+                    if not fresh:
+                        pool = None
+                        continue
+                    raise
                 if not changed:
+                    if not fresh:
+                        pool = None
+                        continue
                     return value
                 body = dict(pool)
                 body["status"] = {
@@ -561,13 +597,13 @@ class Ipam:
                 if not records:
                     body["status"].pop("allocatedIPs", None)
                 try:
-                    self._call(
+                    written = self._call(
                         f"writing SpiderIPPool {name} status",
                         partial(self.pools.replace_status, body),
                     )
-                    return value
                 except ApiException as exc:
                     if exc.status == 404:
+                        self._pool_cache.pop(name, None)
                         raise CniError(POOL_NOT_FOUND, f"SpiderIPPool {name} was deleted") from exc
                     if exc.status != 409:
                         raise CniError(
@@ -576,7 +612,12 @@ class Ipam:
                         ) from exc
                     self.conflicts += 1
                     pool = None
-                    self._sleep(attempt)
+                    if fresh:
+                        self._sleep(attempt)
+                    continue
+                if isinstance(written, dict) and written.get("metadata"):
+                    self._pool_cache[name] = written
+                return value
             raise CniError(
                 TRY_AGAIN_LATER,
                 f"SpiderIPPool {name}: {self.max_attempts} conflicting status writes in a row; try again",
@@ -598,21 +639,12 @@ class Ipam:
                 f"pod {req.pod_ref} has UID {pod_uid} in the API server but the runtime asks for "
                 f"UID {req.pod_uid} (recreated pod?)",
             )
-        cache: dict[str, dict[str, Any]] = {}
 
         def namespace() -> dict[str, Any]:
-            if "ns" not in cache:
-                cache["ns"] = self._get_optional(
-                    f"reading namespace {req.namespace}", self.core.read_namespace, req.namespace
-                )
-            return cache["ns"]
+            return self._cached("Namespace", req.namespace, self.core.read_namespace)
 
         def node() -> dict[str, Any]:
-            if "node" not in cache:
-                cache["node"] = self._get_optional(
-                    f"reading node {self.node_name}", self.core.read_node, self.node_name
-                )
-            return cache["node"]
+            return self._cached("Node", self.node_name, self.core.read_node)
 
         listed: list[dict[str, Any]] = []
 
@@ -644,7 +676,7 @@ class Ipam:
                             listed,
                         )
                     )
-            self._record_endpoint(req, uid, pod, done)
+            self._record_endpoint(req, uid, pod, done, endpoint)
         except BaseException:
             for a in done:
                 try:
@@ -671,7 +703,7 @@ class Ipam:
         eligible: list[dict[str, Any]] = []
         rejected: list[str] = []
         for name in names:
-            pool = known.get(name) or self.get_pool(name, source)
+            pool = known.get(name) or self._pool_cache.get(name) or self.get_pool(name, source)
             why = pool_rejection(
                 pool, family, pod=pod, ifname=req.ifname, node_name=self.node_name,
                 node=node, namespace=namespace, system_namespace=self.system_namespace,
@@ -785,14 +817,21 @@ class Ipam:
         return entry
 
     def _record_endpoint(
-        self, req: IpamRequest, uid: str, pod: dict[str, Any], done: list[Allocation]
+        self,
+        req: IpamRequest,
+        uid: str,
+        pod: dict[str, Any],
+        done: list[Allocation],
+        first: dict[str, Any] | None = None,
     ) -> None:
         entry = self._entry(req, done)
         owner = next(
             (o for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")), None
         )
+        ep: dict[str, Any] | None = first
         for attempt in range(self.max_attempts):
-            ep = self._get_endpoint(req.namespace, req.pod_name)
+            if attempt > 0 or ep is None:
+                ep = self._get_endpoint(req.namespace, req.pod_name)
             if ep is None:
                 body = {
                     "apiVersion": SPIDERPOOL_API_VERSION,
@@ -905,12 +944,16 @@ class Ipam:
                     name = pool["metadata"]["name"]
                     released += [(name, i) for i in self._release_in_pool(name, uid, None, keep)]
         if mine:
-            self._drop_endpoint_entry(req, uid)
+            self._drop_endpoint_entry(req, uid, endpoint)
         return released
 
-    def _drop_endpoint_entry(self, req: IpamRequest, uid: str) -> None:
+    def _drop_endpoint_entry(
+        self, req: IpamRequest, uid: str, first: dict[str, Any] | None = None
+    ) -> None:
+        ep = first
         for attempt in range(self.max_attempts):
-            ep = self._get_endpoint(req.namespace, req.pod_name)
+            if attempt > 0 or ep is None:
+                ep = self._get_endpoint(req.namespace, req.pod_name)
             cur = self._current(ep)
             if ep is None or cur.get("uid") != uid:
                 return

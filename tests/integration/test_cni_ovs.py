@@ -53,6 +53,8 @@ class Agent:
             node.ovsdb,
             "--node-name",
             node_name or node.name.rsplit("-", 1)[1],
+            "--purge-interval",
+            "0",
             "-v",
         ]
         if kubeconfig:
@@ -327,7 +329,7 @@ def test_two_pods_on_two_nodes_ping_with_host_local(rig: Rig, tmp_path: Path) ->
         rt, conf, _ = results["n1"]
         rt.delete(conf, pods["n1"], "cid-n1")
         assert ovs_port_of(n1, "cid-n1") is None
-        assert not n1.link_exists(port)
+        wait_for(lambda: not n1.link_exists(port), what=f"veth {port} deleted")  # deferred
         assert not pods["n1"].link_exists("eth0")
         rt.delete(conf, pods["n1"], "cid-n1")
     finally:

@@ -24,7 +24,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from reconciler.vocab import CNI_IPAM_TYPE
@@ -42,6 +45,7 @@ from .errors import (
 )
 from .podnet import (
     LinkError,
+    announce,
     configure_pod_interface,
     create_veth,
     delete_link,
@@ -185,13 +189,24 @@ def _ipam_check(agent: CniAgent, req: CniRequest, conf: OvsNetConf) -> None:
 
 
 # --- port bookkeeping -----------------------------------------------------------------------
-def _remove(agent: CniAgent, found: list[ports.PodPort]) -> None:
-    """Delete these ports from OVSDB and their host veths (which takes the pod end too)."""
+def _remove(agent: CniAgent, found: list[ports.PodPort], *, defer: bool = False) -> None:
+    """Delete these ports from OVSDB, then their host veths (which takes the pod end too).
+
+    With ``defer`` the veth deletion (a kernel RCU grace period, ~20 ms) runs after the
+    answer; a later ADD of the same netns/ifname waits for it (:meth:`CniAgent.defer`).
+    """
     if not found:
         return
     ports.detach_ports(agent.ovs, [p.name for p in found])
     for p in found:
-        delete_link(p.name, agent.host_netns)
+        if defer:
+            key = (
+                p.external_ids.get(ports.EXT_NETNS, ""),
+                p.external_ids.get(ports.EXT_IFNAME, ""),
+            )
+            agent.defer(key, partial(delete_link, p.name, agent.host_netns))
+        else:
+            delete_link(p.name, agent.host_netns)
 
 
 def purge_error_ports(agent: CniAgent) -> list[str]:
@@ -219,13 +234,38 @@ def purge_error_ports(agent: CniAgent) -> list[str]:
 
 
 def purge_soon(agent: CniAgent) -> None:
-    """Run :func:`purge_error_ports` in the background (at most one run at a time)."""
+    """Run :func:`purge_error_ports` in the background: one run at a time, and at most once
+    per ``agent.purge_interval`` seconds."""
+    now = time.monotonic()
+    if now - agent.last_purge < agent.purge_interval:
+        return
+    agent.last_purge = now
     agent.background("purge-pod-ports", lambda: purge_error_ports(agent))
 
 
 # --- commands -------------------------------------------------------------------------------
+def _announce_when_ready(
+    agent: CniAgent, port: str, netns: str, ifname: str, mac: str, ipv4s: list[str]
+) -> None:
+    """After ovs-vswitchd has the port (ofport assigned), send the gratuitous ARPs.
+
+    Runs after the ADD answer. A port that vswitchd rejected is logged with its error.
+    """
+    seen = ports.wait_ofport(agent.ovs, port)
+    if seen is not None and seen.errors:
+        log.error("ovs-vswitchd reports errors on pod port %s: %s", port, "; ".join(seen.errors))
+        return
+    if ipv4s:
+        announce(netns, ifname, mac, ipv4s)
+
+
 def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
-    """CNI ADD; returns the result (1.0.0 shape). Raises CniError; undoes partial work."""
+    """CNI ADD; returns the result (1.0.0 shape). Raises CniError; undoes partial work.
+
+    IPAM runs concurrently with the veth and port creation (the pod MAC, derived from the
+    IPv4, is set when the pod interface is configured). The gratuitous ARPs go out after
+    the answer, once ovs-vswitchd has the port.
+    """
     conf = parse_conf(req.config, req.args)
     if not os.path.exists(req.netns):
         raise CniError(UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
@@ -237,21 +277,16 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             f"(OVSDB {agent.ovsdb_remote or 'of the agent'})",
         )
     # a retried ADD (runtime restarted mid-way) replaces what the first try left
+    agent.wait_deferred((req.netns, req.ifname))
     _remove(agent, ports.find_pod_ports(ovs, contId=req.container_id, contIface=req.ifname))
 
-    ipam_result = _ipam_add(agent, req, conf) or {"ips": [], "routes": [], "dns": {}}
+    ipam_future = agent.executor.submit(_ipam_add, agent, req, conf)
+    attach_future: Future[ports.PodPort] | None = None
     host: str | None = None
-    attached = False
     try:
-        ips = ipam_result.get("ips", [])
-        mac = conf.mac
-        if mac is None:
-            v4 = [ip["address"] for ip in ips if ":" not in ip["address"]]
-            mac = mac_from_ipv4(v4[0]) if v4 else None
         try:
-            host, _, host_mac = create_veth(
-                req.netns, req.ifname, mtu=conf.mtu, peer_mac=mac, host_netns=agent.host_netns
-            )
+            veth = create_veth(req.netns, req.ifname, mtu=conf.mtu, host_netns=agent.host_netns)
+            host, host_mac = veth.host, veth.mac
         except LinkError as exc:
             raise CniError(LINK_FAILURE, str(exc)) from exc
         ext = {
@@ -262,17 +297,36 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             ports.EXT_POD_UID: req.pod_uid,
             ports.EXT_POD: f"{req.pod_namespace}/{req.pod_name}" if req.pod_name else "",
         }
+        # the OVS port and the pod side are independent once the veth exists
+        attach_future = agent.executor.submit(
+            ports.attach_port,
+            ovs,
+            conf.bridge,
+            host,
+            ext,
+            tag=conf.vlan,
+            trunks=conf.trunks,
+            interface_type=conf.interface_type,
+            ofport_request=conf.ofport_request,
+            wait=False,
+        )
+        ipam_result = ipam_future.result() or {"ips": [], "routes": [], "dns": {}}
+        ips = ipam_result.get("ips", [])
+        v4 = [ip["address"].split("/")[0] for ip in ips if ":" not in ip["address"]]
+        mac = conf.mac or (mac_from_ipv4(v4[0]) if v4 else None)
         try:
-            port = ports.attach_port(
-                ovs,
-                conf.bridge,
-                host,
-                ext,
-                tag=conf.vlan,
-                trunks=conf.trunks,
-                interface_type=conf.interface_type,
-                ofport_request=conf.ofport_request,
+            _, pod_mac = configure_pod_interface(
+                req.netns,
+                req.ifname,
+                ips,
+                ipam_result.get("routes", []),
+                mac=mac,
+                index=veth.peer_index,
             )
+        except (LinkError, OSError) as exc:
+            raise CniError(LINK_FAILURE, str(exc)) from exc
+        try:
+            attach_future.result()
         except ports.BridgeMissing as exc:
             raise CniError(
                 BRIDGE_MISSING,
@@ -282,30 +336,27 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             raise CniError(
                 OVS_FAILURE, f"adding port {host} to bridge {conf.bridge}: {exc}"
             ) from exc
-        attached = True
-        if port.errors:
-            raise CniError(
-                OVS_FAILURE,
-                f"ovs-vswitchd rejected port {host} on bridge {conf.bridge}: {'; '.join(port.errors)}",
-            )
-        try:
-            _, pod_mac = configure_pod_interface(
-                req.netns, req.ifname, ips, ipam_result.get("routes", [])
-            )
-        except (LinkError, OSError) as exc:
-            raise CniError(LINK_FAILURE, str(exc)) from exc
     except BaseException:
+        started: list[Future[Any]] = [ipam_future]
+        if attach_future is not None:
+            started.append(attach_future)
+        wait(started)
         with contextlib.suppress(Exception):
-            if attached and host:
+            if attach_future is not None and attach_future.exception() is None and host:
                 ports.detach_ports(ovs, [host])
         with contextlib.suppress(Exception):
             if host:
                 delete_link(host, agent.host_netns)
-        try:
-            _ipam_del(agent, req, conf)
-        except Exception:
-            log.exception("IPAM rollback of %s failed", req.describe())
+        if ipam_future.exception() is None:
+            try:
+                _ipam_del(agent, req, conf)
+            except Exception:
+                log.exception("IPAM rollback of %s failed", req.describe())
         raise
+    agent.background(
+        f"announce:{host}",
+        lambda: _announce_when_ready(agent, host, req.netns, req.ifname, pod_mac, v4),
+    )
     purge_soon(agent)
     return {
         "interfaces": [
@@ -335,15 +386,15 @@ def cmd_del(agent: CniAgent, req: CniRequest) -> None:
     except CniError as exc:
         conf = None
         problems.append(f"config: {exc.msg}")
+    ipam_future = agent.executor.submit(_ipam_del, agent, req, conf) if conf else None
     try:
-        _remove(
-            agent, ports.find_pod_ports(agent.ovs, contId=req.container_id, contIface=req.ifname)
-        )
+        found = ports.find_pod_ports(agent.ovs, contId=req.container_id, contIface=req.ifname)
+        _remove(agent, found, defer=True)
     except Exception as exc:
         problems.append(f"OVS port: {_why(exc)}")
-    if conf is not None:
+    if ipam_future is not None:
         try:
-            _ipam_del(agent, req, conf)
+            ipam_future.result()
         except Exception as exc:
             problems.append(f"IPAM: {_why(exc)}")
     purge_soon(agent)

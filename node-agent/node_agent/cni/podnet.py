@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -65,6 +65,15 @@ def run_in_netns(path: str | None, fn: Callable[[], T]) -> T:
     return box["value"]
 
 
+class Veth(NamedTuple):
+    """A created veth pair: host end name, index and MAC, and the pod end's ifindex."""
+
+    host: str
+    ifindex: int
+    mac: str
+    peer_index: int
+
+
 def random_veth_name() -> str:
     """``veth`` + 8 random hex digits (12 characters, within IFNAMSIZ)."""
     return VETH_PREFIX + secrets.token_hex(4)
@@ -83,18 +92,18 @@ def create_veth(
     mtu: int | None = None,
     peer_mac: str | None = None,
     host_netns: str | None = None,
-) -> tuple[str, int, str]:
+) -> Veth:
     """Create a veth pair: a random ``vethXXXXXXXX`` on the host, ``peer_name`` in ``peer_netns``.
 
     The peer is created directly inside the pod namespace (its name is checked against the
     pod's links, not the host's), with ``peer_mac`` and ``mtu`` when given; the host end gets
-    the same ``mtu``, accept_ra=0 and is set up. ``host_netns`` selects the host namespace
-    (None: the caller's). Returns ``(host_name, host_index, host_mac)``. Raises LinkError
-    naming the links, or FileNotFoundError when ``peer_netns`` is missing.
+    the same ``mtu``, accept_ra=0 and is up. ``host_netns`` selects the host namespace
+    (None: the caller's). Returns a :class:`Veth`. Raises LinkError naming the links, or
+    FileNotFoundError when ``peer_netns`` is missing.
     """
     pod_fd = os.open(peer_netns, os.O_RDONLY | os.O_CLOEXEC)
 
-    def work() -> tuple[str, int, str]:
+    def work() -> Veth:
         with IPRoute() as ipr:
             for _ in range(8):
                 host = random_veth_name()
@@ -103,7 +112,7 @@ def create_veth(
                     peer["address"] = peer_mac
                 if mtu:
                     peer["mtu"] = mtu
-                kw: dict[str, Any] = {"ifname": host, "kind": "veth", "peer": peer}
+                kw: dict[str, Any] = {"ifname": host, "kind": "veth", "peer": peer, "state": "up"}
                 if mtu:
                     kw["mtu"] = mtu
                 try:
@@ -122,10 +131,8 @@ def create_veth(
             else:
                 raise LinkError("no free random veth name after 8 tries")
             _sysctl(f"net/ipv6/conf/{host}/accept_ra", "0")
-            idx = ipr.link_lookup(ifname=host)[0]
-            ipr.link("set", index=idx, state="up")
-            mac = ipr.get_links(idx)[0].get("address")
-            return host, idx, mac
+            link = ipr.link("get", ifname=host)[0]
+            return Veth(host, link["index"], link.get("address"), link.get("IFLA_LINK") or 0)
 
     try:
         return run_in_netns(host_netns, work)
@@ -184,22 +191,38 @@ def configure_pod_interface(
     ips: list[dict[str, Any]],
     routes: list[dict[str, Any]],
     *,
-    garp: bool = True,
+    mac: str | None = None,
+    index: int | None = None,
+    garp: bool = False,
 ) -> tuple[int, str]:
-    """Inside ``netns_path``: add ``ips`` to ``ifname``, set it up, add ``routes``, announce.
+    """Inside ``netns_path``: set ``mac``, add ``ips`` to ``ifname``, set it up, add ``routes``.
 
     ``ips`` are CNI IP configs (``address`` in CIDR form); ``routes`` CNI routes (``dst``,
     optional ``gw``; a route without ``gw`` uses the first gateway of its family). Existing
-    identical addresses/routes are accepted (idempotent). After link-up one gratuitous ARP
-    per IPv4 is sent (RFC 5227 announcement). Returns ``(ifindex, mac)``; raises LinkError.
+    identical addresses/routes are accepted (idempotent). With ``garp`` one gratuitous ARP
+    per IPv4 is sent after link-up (:func:`announce` does it later, off the hot path).
+    ``index`` (the pod end's ifindex, known from :func:`create_veth`) saves a lookup.
+    Returns ``(ifindex, mac)``; raises LinkError.
     """
 
     def work() -> tuple[int, str]:
         with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                raise LinkError(f"{ifname} not found in {netns_path}")
-            idx = found[0]
+            if index:
+                idx = index
+            else:
+                found = ipr.link_lookup(ifname=ifname)
+                if not found:
+                    raise LinkError(f"{ifname} not found in {netns_path}")
+                idx = found[0]
+            up: dict[str, Any] = {"index": idx, "state": "up"}
+            if mac:
+                up["address"] = mac
+            try:
+                ipr.link("set", **up)
+            except NetlinkError as exc:
+                raise LinkError(
+                    f"cannot set {ifname} up (MAC {mac}) in {netns_path}: {exc}"
+                ) from exc
             for ip in ips:
                 addr, plen = ip["address"].split("/")
                 try:
@@ -209,7 +232,6 @@ def configure_pod_interface(
                         raise LinkError(
                             f"cannot add {ip['address']} to {ifname} in {netns_path}: {exc}"
                         ) from exc
-            ipr.link("set", index=idx, state="up")
             gateways: dict[int, str] = {}
             for ip in ips:
                 if ip.get("gateway"):
@@ -227,12 +249,12 @@ def configure_pod_interface(
                         raise LinkError(
                             f"cannot add route {dst} via {gw} dev {ifname} in {netns_path}: {exc}"
                         ) from exc
-            mac = ipr.get_links(idx)[0].get("address")
+            link_mac: str = mac or ipr.get_links(idx)[0].get("address")
         if garp:
             for ip in ips:
                 if _family(ip["address"]) == 4:
-                    send_gratuitous_arp(ifname, mac, ip["address"].split("/")[0])
-        return idx, mac
+                    send_gratuitous_arp(ifname, link_mac, ip["address"].split("/")[0])
+        return idx, link_mac
 
     return run_in_netns(netns_path, work)
 
@@ -257,6 +279,20 @@ def send_gratuitous_arp(ifname: str, mac: str, ipv4: str) -> None:
             s.send(eth + arp)
         except OSError as exc:
             raise OSError(exc.errno, f"gratuitous ARP for {ipv4} on {ifname}: {exc}") from exc
+
+
+def announce(netns_path: str, ifname: str, mac: str, ipv4s: list[str]) -> None:
+    """Send one gratuitous ARP per address in ``ipv4s`` out of ``ifname`` inside ``netns_path``.
+
+    Closing a packet socket waits for a kernel RCU grace period (~16 ms measured), so
+    callers run this after answering the runtime. OSError when the namespace or link is gone.
+    """
+
+    def work() -> None:
+        for ip in ipv4s:
+            send_gratuitous_arp(ifname, mac, ip)
+
+    run_in_netns(netns_path, work)
 
 
 def pod_interface_state(netns_path: str, ifname: str) -> dict[str, Any] | None:

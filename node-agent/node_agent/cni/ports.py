@@ -10,10 +10,12 @@ Source: k8snetworkplumbingwg/ovs-cni behaviour (reference/cni-ovs.md); OVSDB sch
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ovsdbapp.backend.ovs_idl import command, idlutils
+from ovsdbapp.backend.ovs_idl.transaction import Transaction
 
 # --- external_ids keys on pod ports (ovs-cni names where ovs-cni has one) -------------------
 EXT_CONTAINER_ID = "contId"
@@ -96,8 +98,8 @@ class AttachPortCommand(command.BaseCommand):
             port.trunks = sorted(set(self.trunks))
             port.vlan_mode = ["trunk"]
         br.addvalue("ports", port)
-        # ovsdbapp's vsctl transaction then waits for ovs-vswitchd to apply it (next_cfg)
-        txn.expected_ifaces.add(iface.uuid)
+        if hasattr(txn, "expected_ifaces"):  # a vsctl-style transaction waits for vswitchd
+            txn.expected_ifaces.add(iface.uuid)
         self.result = port.uuid
 
 
@@ -155,6 +157,20 @@ def find_pod_ports(api: Any, **match: str) -> list[PodPort]:
     return found
 
 
+def _commit(api: Any, cmd: Any, wait: bool) -> Any:
+    """Commit ``cmd`` alone; ``wait`` also waits for ovs-vswitchd to apply it (next_cfg).
+
+    Without ``wait`` (as ovs-cni does) the call returns once ovsdb-server committed; vswitchd
+    applies the change a few milliseconds later.
+    """
+    if wait:
+        return cmd.execute(check_error=True, log_errors=False)
+    txn = Transaction(api, api.ovsdb_connection, check_error=True, log_errors=False)
+    txn.add(cmd)
+    txn.commit()
+    return cmd.result
+
+
 def attach_port(
     api: Any,
     bridge: str,
@@ -166,10 +182,12 @@ def attach_port(
     interface_type: str = "",
     ofport_request: int | None = None,
     mtu_request: int | None = None,
+    wait: bool = True,
 ) -> PodPort:
     """Run :class:`AttachPortCommand` and return the new port as OVSDB now shows it.
 
-    Raises BridgeMissing, or the ovsdbapp/RuntimeError of a failed transaction.
+    ``wait``: see :func:`_commit`. Raises BridgeMissing, or the ovsdbapp/RuntimeError of a
+    failed transaction.
     """
     cmd = AttachPortCommand(
         api,
@@ -182,16 +200,37 @@ def attach_port(
         ofport_request=ofport_request,
         mtu_request=mtu_request,
     )
-    cmd.execute(check_error=True, log_errors=False)
+    _commit(api, cmd, wait)
     ports = [p for p in find_pod_ports(api) if p.name == name]
     if not ports:
         raise RuntimeError(f"port {name} vanished from bridge {bridge} right after it was added")
     return ports[0]
 
 
-def detach_ports(api: Any, names: list[str]) -> list[str]:
-    """Delete the named ports in one transaction; returns the names that existed."""
+def detach_ports(api: Any, names: list[str], *, wait: bool = False) -> list[str]:
+    """Delete the named ports in one transaction; returns the names that existed.
+
+    ``wait``: see :func:`_commit` (a removed port needs no confirmation from vswitchd).
+    """
     if not names:
         return []
-    result = DetachPortsCommand(api, names).execute(check_error=True, log_errors=False)
-    return list(result or [])
+    return list(_commit(api, DetachPortsCommand(api, names), wait) or [])
+
+
+def wait_ofport(api: Any, name: str, timeout: float = 3.0) -> PodPort | None:
+    """Wait until ovs-vswitchd assigned port ``name`` an ofport (or an error); return it.
+
+    Polls the IDL cache (ovsdbapp keeps it current). None when the port vanished or
+    ``timeout`` seconds passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        iface = idlutils.row_by_value(api.idl, "Interface", "name", name, None)
+        if iface is None:
+            return None
+        if iface.error or any(o > 0 for o in iface.ofport):
+            found = [p for p in find_pod_ports(api) if p.name == name]
+            return found[0] if found else None
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)

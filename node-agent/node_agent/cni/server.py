@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from reconciler.vocab import CNI_DEFAULT_VERSION, CNI_IPAM_TYPE, CNI_OVS_TYPE, DEFAULT_AGENT_SOCKET
@@ -58,7 +59,8 @@ class CniAgent:
     ``ovs_api`` or a remote (``unix:/path``) as ``ovsdb`` to connect on first use. Kubernetes:
     ``kube`` is a ``kubernetes.client.ApiClient`` (needed by underlay-ipam). ``host_netns``
     is the path of the node's network namespace when this process runs elsewhere (tests run
-    the agent in-process); None means the process's own namespace.
+    the agent in-process); None means the process's own namespace. ``purge_interval``
+    (seconds) rate-limits the background purge of dead pod ports.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class CniAgent:
         kube: Any = None,
         host_netns: str | None = None,
         ovsdb_timeout: float = 10.0,
+        purge_interval: float = 10.0,
     ) -> None:
         self.node_name = node_name
         self.ovsdb_remote = ovsdb
@@ -78,10 +81,16 @@ class CniAgent:
         self.kube = kube
         self.host_netns = host_netns
         self.ovsdb_timeout = ovsdb_timeout
+        self.purge_interval = purge_interval
+        """Seconds between opportunistic purges of dead pod ports (0: after every call)."""
+        self.last_purge = 0.0
         self._ipam: Any = None
         self._lock = threading.Lock()
         self._busy: dict[tuple[str, str], list[Any]] = {}
         self._running: set[str] = set()
+        self._pending: dict[tuple[str, str], threading.Event] = {}
+        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="cni-work")
+        """Worker threads for the parts of one call that run concurrently (IPAM, OVSDB)."""
         from . import ipam_plugin, ovs_plugin
 
         self.plugins: dict[str, dict[str, Handler]] = {
@@ -151,8 +160,43 @@ class CniAgent:
         threading.Thread(target=run, name=key, daemon=True).start()
         return True
 
+    def defer(self, key: tuple[str, str], fn: Callable[[], object]) -> None:
+        """Run ``fn`` in a daemon thread now; :meth:`wait_deferred` on ``key`` waits for it.
+
+        Used for slow cleanup that must not delay a DEL answer (a veth delete waits for a
+        kernel RCU grace period), keyed by ``(netns, ifname)`` so a following ADD of the same
+        interface can wait for it.
+        """
+        done = threading.Event()
+        with self._lock:
+            self._pending[key] = done
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("deferred cleanup %s failed", key)
+            finally:
+                done.set()
+                with self._lock:
+                    if self._pending.get(key) is done:
+                        del self._pending[key]
+
+        threading.Thread(target=run, name=f"defer:{key[1]}", daemon=True).start()
+
+    def wait_deferred(self, key: tuple[str, str], timeout: float = 10.0) -> None:
+        """Wait (up to ``timeout`` s) for deferred work registered under ``key``, if any."""
+        with self._lock:
+            done = self._pending.get(key)
+        if done is not None:
+            done.wait(timeout)
+
     def close(self) -> None:
-        """Close the OVSDB connection if this agent opened it (idempotent)."""
+        """Stop the worker threads; close the OVSDB connection if this agent opened it.
+
+        Idempotent.
+        """
+        self.executor.shutdown(wait=False)
         with self._lock:
             if self._own_ovs and self._ovs is not None:
                 from node_agent.ovsdb import disconnect
@@ -403,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--install-shims", metavar="BIN_DIR", default=None, help="install the shims there first"
     )
+    p.add_argument(
+        "--purge-interval", type=float, default=10.0, help="seconds between dead-port purges"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -420,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         from .install import install_shims
 
         install_shims(a.install_shims, a.socket)
-    agent = CniAgent(a.node_name, ovsdb=a.ovsdb, kube=kube)
+    agent = CniAgent(a.node_name, ovsdb=a.ovsdb, kube=kube, purge_interval=a.purge_interval)
     server = CniServer(a.socket, agent)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
