@@ -160,7 +160,9 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], emulator: Emulator, sock: socket.socket | None = None) -> None:
+    def __init__(
+        self, addr: tuple[str, int], emulator: Emulator, sock: socket.socket | None = None
+    ) -> None:
         self.emulator = emulator
         self.conns: set[socket.socket] = set()
         self.conns_lock = threading.Lock()
@@ -172,6 +174,12 @@ class _Server(ThreadingHTTPServer):
             self.socket.close()
             self.socket = sock
             self.server_address = sock.getsockname()[:2]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that go away mid-response (timeouts, dropped watches) are normal."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -191,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.conns_lock:
             self.server.conns.discard(self.connection)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
     def do_GET(self) -> None:
@@ -230,7 +238,14 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n > 0 else b""
 
-    def _send(self, code: int, body: Any, headers: dict[str, str] | None = None, raw: bytes | None = None, ctype: str = "application/json") -> None:
+    def _send(
+        self,
+        code: int,
+        body: Any,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        ctype: str = "application/json",
+    ) -> None:
         data = raw if raw is not None else json.dumps(body, separators=(",", ":")).encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
@@ -258,20 +273,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(code, payload)
             return
         fault = emu._take_fault(self.command, path)
-        record = {
-            "method": self.command,
-            "path": path,
-            "query": split.query,
-            "params": params,
-            "content_type": ctype.split(";")[0].strip(),
-            "user_agent": self.headers.get("User-Agent", ""),
-            "time": time.time(),
-        }
+        started = time.time()
+
+        def log(code: int, what: str | None) -> None:
+            emu._log(
+                RequestRecord(
+                    self.command, path, split.query, params, ctype.split(";")[0].strip(), code,
+                    self.headers.get("User-Agent", ""), started, what,
+                )
+            )  # fmt: skip
+
         if fault is not None:
             if fault.hang:
                 time.sleep(fault.hang)
             if fault.drop:
-                emu._log(RequestRecord(code=0, fault="drop", **record))
+                log(0, "drop")
                 self.close_connection = True
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -284,26 +300,28 @@ class _Handler(BaseHTTPRequestHandler):
                 if fault.retry_after is not None:
                     headers["Retry-After"] = str(fault.retry_after)
                     err.details = {"retryAfterSeconds": fault.retry_after}
-                emu._log(RequestRecord(code=fault.status, fault=f"status {fault.status}", **record))
+                log(fault.status, f"status {fault.status}")
                 self._send(fault.status, err.status(), headers)
                 return
         try:
-            result = emu._dispatch(self.command, path, params, body, ctype, self.headers.get("User-Agent", ""))
+            result = emu._dispatch(
+                self.command, path, params, body, ctype, self.headers.get("User-Agent", "")
+            )
         except ApiError as e:
-            emu._log(RequestRecord(code=e.code, fault="hang" if fault else None, **record))
+            log(e.code, "hang" if fault else None)
             self._send(e.code, e.status(), e.headers)
             return
-        except Exception as e:  # noqa: BLE001 - any bug is reported as the API server would
+        except Exception as e:
             err = E.internal(f"{type(e).__name__}: {e}")
-            emu._log(RequestRecord(code=500, **record))
+            log(500, "hang" if fault else None)
             self._send(500, err.status())
             return
         if isinstance(result, _WatchResult):
-            emu._log(RequestRecord(code=200, fault="hang" if fault else None, **record))
+            log(200, "hang" if fault else None)
             self._stream(result)
             return
         code, payload, headers = result
-        emu._log(RequestRecord(code=code, fault="hang" if fault else None, **record))
+        log(code, "hang" if fault else None)
         if isinstance(payload, bytes):
             self._send(code, None, headers, raw=payload, ctype="text/plain; charset=utf-8")
         else:
@@ -329,7 +347,12 @@ class _Handler(BaseHTTPRequestHandler):
             md: dict[str, Any] = {"resourceVersion": str(rv)}
             if initial_end:
                 md["annotations"] = {"k8s.io/initial-events-end": "true"}
-            chunk({"type": "BOOKMARK", "object": {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": md}})
+            chunk(
+                {
+                    "type": "BOOKMARK",
+                    "object": {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": md},
+                }
+            )
 
         deadline = time.monotonic() + res.timeout if res.timeout else None
         next_bm = time.monotonic() + emu.bookmark_interval
@@ -416,7 +439,12 @@ class Emulator:
         return self.url
 
     def _serve(self, srv: _Server) -> None:
-        t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="emulator-http")
+        t = threading.Thread(
+            target=srv.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+            name="emulator-http",
+        )
         t.start()
         self._servers.append(srv)
         self._threads.append(t)
@@ -439,7 +467,9 @@ class Emulator:
                 target = os.open(netns_path, os.O_RDONLY)
             except OSError as e:
                 os.close(own)
-                result["error"] = OSError(e.errno, f"cannot open network namespace {netns_path}: {e.strerror}")
+                result["error"] = OSError(
+                    e.errno, f"cannot open network namespace {netns_path}: {e.strerror}"
+                )
                 return
             try:
                 if libc.setns(target, CLONE_NEWNET) != 0:
@@ -454,7 +484,9 @@ class Emulator:
                     sock.listen(256)
                     result["sock"] = sock
                 except OSError as e:
-                    result["error"] = OSError(e.errno, f"cannot listen on {host}:{port} in {netns_path}: {e.strerror}")
+                    result["error"] = OSError(
+                        e.errno, f"cannot listen on {host}:{port} in {netns_path}: {e.strerror}"
+                    )
                 finally:
                     if libc.setns(own, CLONE_NEWNET) != 0:
                         result["fatal"] = True
@@ -514,7 +546,10 @@ class Emulator:
             "clusters": [{"name": "emulator", "cluster": {"server": url}}],
             "users": [{"name": "emulator", "user": {"token": "emulator-token"}}],
             "contexts": [
-                {"name": "emulator", "context": {"cluster": "emulator", "user": "emulator", "namespace": "default"}}
+                {
+                    "name": "emulator",
+                    "context": {"cluster": "emulator", "user": "emulator", "namespace": "default"},
+                }
             ],
             "current-context": "emulator",
             "preferences": {},
@@ -651,7 +686,9 @@ class Emulator:
         with self._requests_lock:
             self._requests.append(rec)
 
-    def requests(self, method: str | None = None, path: str | None = None, *, writes: bool = False) -> list[RequestRecord]:
+    def requests(
+        self, method: str | None = None, path: str | None = None, *, writes: bool = False
+    ) -> list[RequestRecord]:
         """Requests served so far (oldest first), optionally filtered by verb, path regex,
         or to writes only (POST/PUT/PATCH/DELETE). Control requests are not logged."""
         with self._requests_lock:
@@ -681,7 +718,9 @@ class Emulator:
         with self.store.lock:
             return sum(len(ws) for gr, ws in self.store.watchers.items() if plural in (None, gr[1]))
 
-    def wait_for_watches(self, count: int = 1, plural: str | None = None, timeout: float = 10.0) -> bool:
+    def wait_for_watches(
+        self, count: int = 1, plural: str | None = None, timeout: float = 10.0
+    ) -> bool:
         """Wait until at least ``count`` watches (on ``plural``) are open; False on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -697,13 +736,17 @@ class Emulator:
 
     # ---- HTTP dispatch ---------------------------------------------------------------------
 
-    def _control(self, method: str, path: str, params: dict[str, str], body: bytes) -> tuple[int, Any]:
+    def _control(
+        self, method: str, path: str, params: dict[str, str], body: bytes
+    ) -> tuple[int, Any]:
         what = path[len(CONTROL_PREFIX) :].strip("/")
         if what == "requests":
             if method == "DELETE":
                 self.reset_requests()
                 return 200, {"requests": []}
-            recs = self.requests(params.get("method"), params.get("path"), writes=params.get("writes") == "true")
+            recs = self.requests(
+                params.get("method"), params.get("path"), writes=params.get("writes") == "true"
+            )
             return 200, {"requests": [asdict(r) for r in recs]}
         if what == "faults":
             if method == "DELETE":
@@ -743,12 +786,28 @@ class Emulator:
             return 200, {"status": "ok", "resourceVersion": str(self.store.rv)}
         raise E.not_found_path()
 
-    def _dispatch(self, method: str, path: str, params: dict[str, str], body: bytes, ctype: str, ua: str) -> Any:
+    def _dispatch(
+        self, method: str, path: str, params: dict[str, str], body: bytes, ctype: str, ua: str
+    ) -> Any:
         parts = [unquote(p) for p in path.split("/") if p]
         if method == "HEAD":
             method = "GET"
         if not parts:
-            return 200, {"paths": ["/api", "/api/v1", "/apis", "/healthz", "/livez", "/readyz", "/version"]}, {}
+            return (
+                200,
+                {
+                    "paths": [
+                        "/api",
+                        "/api/v1",
+                        "/apis",
+                        "/healthz",
+                        "/livez",
+                        "/readyz",
+                        "/version",
+                    ]
+                },
+                {},
+            )
         head = parts[0]
         if head in ("healthz", "readyz", "livez") and len(parts) == 1:
             return 200, b"ok", {}
@@ -756,11 +815,20 @@ class Emulator:
             return 200, dict(KUBE_VERSION), {}
         if head == "api":
             if len(parts) == 1:
-                return 200, {
-                    "kind": "APIVersions",
-                    "versions": ["v1"],
-                    "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": (self.url or "").split("//")[-1]}],
-                }, {}
+                return (
+                    200,
+                    {
+                        "kind": "APIVersions",
+                        "versions": ["v1"],
+                        "serverAddressByClientCIDRs": [
+                            {
+                                "clientCIDR": "0.0.0.0/0",
+                                "serverAddress": (self.url or "").split("//")[-1],
+                            }
+                        ],
+                    },
+                    {},
+                )
             group, version, rest = "", parts[1], parts[2:]
         elif head == "apis":
             if len(parts) == 1:
@@ -842,9 +910,23 @@ class Emulator:
             "resources": resources,
         }
 
-    def _resource(self, method: str, group: str, version: str, rest: list[str], params: dict[str, str], body: bytes, ctype: str, ua: str) -> Any:
+    def _resource(
+        self,
+        method: str,
+        group: str,
+        version: str,
+        rest: list[str],
+        params: dict[str, str],
+        body: bytes,
+        ctype: str,
+        ua: str,
+    ) -> Any:
         ns: str | None = None
-        if rest[0] == "namespaces" and len(rest) >= 3 and not (group == "" and len(rest) == 3 and rest[2] in ("status", "finalize")):
+        if (
+            rest[0] == "namespaces"
+            and len(rest) >= 3
+            and not (group == "" and len(rest) == 3 and rest[2] in ("status", "finalize"))
+        ):
             ns = rest[1]
             rest = rest[2:]
         if len(rest) > 3:
@@ -867,7 +949,7 @@ class Emulator:
             if method == "GET":
                 if params.get("watch") in ("true", "1"):
                     return self._watch(op)
-                return 200, store.list(op), {}
+                return 200, store.list_objects(op), {}
             if method == "POST":
                 if rt.namespaced and ns is None:
                     raise E.method_not_allowed()
@@ -899,7 +981,9 @@ class Emulator:
             try:
                 timeout = float(op.query["timeoutSeconds"])
             except ValueError:
-                raise E.bad_request(f"invalid timeoutSeconds: {op.query['timeoutSeconds']}") from None
+                raise E.bad_request(
+                    f"invalid timeoutSeconds: {op.query['timeoutSeconds']}"
+                ) from None
         w = self.store.watch(op)
         bm = op.query.get("allowWatchBookmarks", "").lower() in ("true", "1")
         return _WatchResult(w, op.rt, timeout, bm)
@@ -913,9 +997,11 @@ def _json_body(body: bytes) -> Any:
 
 
 def _warnings(op: Op) -> dict[str, str]:
+    """RFC 7234 ``Warning`` header as the API server sends it (code 299, agent "-")."""
     if not op.warnings:
         return {}
-    return {"Warning": ", ".join(f'299 - "{w}"'.replace('"unknown', '"unknown') for w in op.warnings)}
+    quoted = ('299 - "' + w.replace("\\", "\\\\").replace('"', '\\"') + '"' for w in op.warnings)
+    return {"Warning": ", ".join(quoted)}
 
 
 def _hostport(host: str, port: int) -> str:
@@ -932,16 +1018,31 @@ def _parse_listen(s: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the emulator as a process (see the module docstring)."""
-    ap = argparse.ArgumentParser(prog="python -m tests.kube.emulator", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.kube.emulator", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 = any free port)")
     ap.add_argument(
         "--netns-listen", action="append", default=[], metavar="NETNS:HOST:PORT",
         help="extra listener inside a network namespace, e.g. /run/netns/x-sw:172.18.0.2:6443",
     )  # fmt: skip
-    ap.add_argument("--crds", nargs="+", action="extend", default=[], metavar="PATH", help="CRD files or directories")
-    ap.add_argument("--register-underlay-kinds", action="store_true", help="register every kind of reconciler.vocab.ALL_CUSTOM (no schema) unless --crds defined it")
+    ap.add_argument(
+        "--crds",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATH",
+        help="CRD files or directories",
+    )
+    ap.add_argument(
+        "--register-underlay-kinds",
+        action="store_true",
+        help="register every kind of reconciler.vocab.ALL_CUSTOM (no schema) unless --crds defined it",
+    )
     ap.add_argument("--kubeconfig", help="write a kubeconfig for the --listen URL here")
-    ap.add_argument("--netns-kubeconfig", help="write a kubeconfig for the first --netns-listen URL here")
+    ap.add_argument(
+        "--netns-kubeconfig", help="write a kubeconfig for the first --netns-listen URL here"
+    )
     ap.add_argument("--history", type=int, default=10000, help="watch history size (events)")
     args = ap.parse_args(argv)
 

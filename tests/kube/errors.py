@@ -135,10 +135,7 @@ def conflict(resource: str, group: str, name: str, why: str = CONFLICT_MESSAGE) 
 def invalid(kind: str, group: str, name: str, errors: list[FieldError]) -> ApiError:
     """422 Invalid with one cause per field error (errors.NewInvalid)."""
     gk = f"{kind}.{group}" if group else kind
-    if len(errors) == 1:
-        text = str(errors[0])
-    else:
-        text = "[" + ", ".join(str(e) for e in errors) + "]"
+    text = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(str(e) for e in errors) + "]"
     causes = [{"reason": e.type, "message": e.body(), "field": e.field} for e in errors]
     return ApiError(
         422,

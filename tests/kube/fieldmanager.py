@@ -158,7 +158,9 @@ def _child(shape: Shape | None, key: str) -> tuple[Shape | None, bool]:
     return shape.child(key)
 
 
-def to_field_set(v: Any, shape: Shape | None, path: Path = (), out: set[Path] | None = None) -> set[Path]:
+def to_field_set(
+    v: Any, shape: Shape | None, path: Path = (), out: set[Path] | None = None
+) -> set[Path]:
     """Fields ``v`` sets (typed.TypedValue.ToFieldSet); SSAError for undeclared fields."""
     if out is None:
         out = set()
@@ -208,36 +210,60 @@ def compare(lhs: Any, rhs: Any, shape: Shape | None) -> tuple[set[Path], set[Pat
     return added, modified, removed
 
 
-def _compare(l: Any, r: Any, shape: Shape | None, path: Path, added: set[Path], modified: set[Path], removed: set[Path]) -> None:  # noqa: E741
-    lk = type(l) if l is not MISSING else None
-    rk = type(r) if r is not MISSING else None
+def _compare(
+    lhs: Any,
+    rhs: Any,
+    shape: Shape | None,
+    path: Path,
+    added: set[Path],
+    modified: set[Path],
+    removed: set[Path],
+) -> None:
+    lk = type(lhs) if lhs is not MISSING else None
+    rk = type(rhs) if rhs is not MISSING else None
     kinds = {k for k in (lk, rk) if k is not None}
     leaf = True
-    if kinds == {dict} and not _map_atomic(shape) and not (_empty(l) and _empty(r)):
+    if kinds == {dict} and not _map_atomic(shape) and not (_empty(lhs) and _empty(rhs)):
         leaf = False
-        ld = l if l is not MISSING else {}
-        rd = r if r is not MISSING else {}
+        ld = lhs if lhs is not MISSING else {}
+        rd = rhs if rhs is not MISSING else {}
         for k in dict.fromkeys([*ld, *rd]):
             cs, _ = _child(shape, k)
-            _compare(ld.get(k, MISSING), rd.get(k, MISSING), cs, (*path, "f:" + k), added, modified, removed)
-    elif kinds == {list} and _list_type(shape) != "atomic" and not (_empty(l) and _empty(r)):
+            _compare(
+                ld.get(k, MISSING),
+                rd.get(k, MISSING),
+                cs,
+                (*path, "f:" + k),
+                added,
+                modified,
+                removed,
+            )
+    elif kinds == {list} and _list_type(shape) != "atomic" and not (_empty(lhs) and _empty(rhs)):
         leaf = False
         assert shape is not None
-        li = _index_items(l if l is not MISSING else [], shape)
-        ri = _index_items(r if r is not MISSING else [], shape)
+        li = _index_items(lhs if lhs is not MISSING else [], shape)
+        ri = _index_items(rhs if rhs is not MISSING else [], shape)
         for pe in dict.fromkeys([*li, *ri]):
-            _compare(li.get(pe, MISSING), ri.get(pe, MISSING), shape.items, (*path, pe), added, modified, removed)
+            _compare(
+                li.get(pe, MISSING),
+                ri.get(pe, MISSING),
+                shape.items,
+                (*path, pe),
+                added,
+                modified,
+                removed,
+            )
     if leaf:
-        if l is MISSING:
+        if lhs is MISSING:
             added.add(path)
-        elif r is MISSING:
+        elif rhs is MISSING:
             removed.add(path)
-        elif not _same(l, r):
+        elif not _same(lhs, rhs):
             modified.add(path)
         return
-    if l is MISSING:
+    if lhs is MISSING:
         added.add(path)
-    elif r is MISSING:
+    elif rhs is MISSING:
         removed.add(path)
 
 
@@ -280,13 +306,23 @@ def merge(lhs: Any, rhs: Any, shape: Shape | None) -> Any:
         return lhs
     if lhs is MISSING:
         return rhs
-    if isinstance(lhs, dict) and isinstance(rhs, dict) and not _map_atomic(shape) and not (not lhs and not rhs):
+    if (
+        isinstance(lhs, dict)
+        and isinstance(rhs, dict)
+        and not _map_atomic(shape)
+        and not (not lhs and not rhs)
+    ):
         out = {}
         for k in dict.fromkeys([*lhs, *rhs]):
             cs, _ = _child(shape, k)
             out[k] = merge(lhs.get(k, MISSING), rhs.get(k, MISSING), cs)
         return out
-    if isinstance(lhs, list) and isinstance(rhs, list) and _list_type(shape) != "atomic" and (lhs or rhs):
+    if (
+        isinstance(lhs, list)
+        and isinstance(rhs, list)
+        and _list_type(shape) != "atomic"
+        and (lhs or rhs)
+    ):
         assert shape is not None
         return _merge_list(lhs, rhs, shape)
     return rhs
@@ -467,7 +503,10 @@ Managers = dict[tuple[str, str, str, str], Entry]
 
 
 def _pe_sort_key(pe: str) -> tuple[int, str]:
-    return ({"f": 0, "k": 1, "v": 2, "i": 3}.get(pe[0], 4), pe[2:] if pe[0] != "i" else pe[2:].zfill(12))
+    return (
+        {"f": 0, "k": 1, "v": 2, "i": 3}.get(pe[0], 4),
+        pe[2:] if pe[0] != "i" else pe[2:].zfill(12),
+    )
 
 
 def encode_fields(paths: set[Path]) -> dict[str, Any]:
@@ -578,7 +617,11 @@ def _update(
 ) -> tuple[Managers, set[Path], set[Path], set[Path]]:
     """merge.Updater.update: strip others' ownership of what changed, raise on conflicts."""
     added, modified, removed = compare(live, new, shape)
-    added, modified, removed = exclude(added, ignored), exclude(modified, ignored), exclude(removed, ignored)
+    added, modified, removed = (
+        exclude(added, ignored),
+        exclude(modified, ignored),
+        exclude(removed, ignored),
+    )
     changed = added | modified
     conflicts: list[Conflict] = []
     out: Managers = {}
@@ -589,7 +632,14 @@ def _update(
         c = ent.fields & changed
         if c:
             conflicts.extend(Conflict(ent, p) for p in sorted(c, key=path_string))
-        out[key] = Entry(ent.manager, ent.operation, ent.api_version, ent.subresource, ent.time, ent.fields - c - removed)
+        out[key] = Entry(
+            ent.manager,
+            ent.operation,
+            ent.api_version,
+            ent.subresource,
+            ent.time,
+            ent.fields - c - removed,
+        )
     if conflicts and not force:
         conflicts.sort(key=lambda c: (c.manager.manager, path_string(c.path)))
         raise ConflictError(conflicts)
@@ -610,7 +660,7 @@ def update_managers(
     """Managers after a non-apply write (create, PUT, merge/JSON/strategic patch) by ``manager``."""
     base = without_managed(live) if live is not None else {}
     placeholder = ("\0current-operation", "Update", "", "")
-    out, added, modified, removed = _update(
+    out, added, modified, _ = _update(
         base, without_managed(new), shape, managers, placeholder, True, ignored
     )
     current = (added | modified) - STRIPPED
@@ -670,8 +720,12 @@ def apply_finish(
     ignored: frozenset[Path] = frozenset(),
 ) -> Managers:
     """Second half of Apply: conflicts (ConflictError unless ``force``) and final managers."""
-    out, *_ = _update(without_managed(live), without_managed(final), shape, managers, key, force, ignored)
+    out, *_ = _update(
+        without_managed(live), without_managed(final), shape, managers, key, force, ignored
+    )
     ent = out.get(key)
     if ent is not None and (changed or ent.time is None):
-        out[key] = Entry(ent.manager, ent.operation, ent.api_version, ent.subresource, now(), ent.fields)
+        out[key] = Entry(
+            ent.manager, ent.operation, ent.api_version, ent.subresource, now(), ent.fields
+        )
     return out

@@ -74,7 +74,9 @@ def _parent(doc: Any, tokens: list[str], op: str, path: str) -> Any:
         elif isinstance(cur, list) and t.isdigit() and int(t) < len(cur):
             cur = cur[int(t)]
         else:
-            raise PatchError(f'{op} operation does not apply: doc is missing path: "{path}": missing value')
+            raise PatchError(
+                f'{op} operation does not apply: doc is missing path: "{path}": missing value'
+            )
     return cur
 
 
@@ -86,7 +88,9 @@ def _get(doc: Any, path: str, op: str) -> Any:
         elif isinstance(cur, list) and t.isdigit() and int(t) < len(cur):
             cur = cur[int(t)]
         else:
-            raise PatchError(f"{op} operation does not apply: doc is missing from path: {path}: missing value")
+            raise PatchError(
+                f"{op} operation does not apply: doc is missing from path: {path}: missing value"
+            )
     return cur
 
 
@@ -101,7 +105,9 @@ def _add(doc: Any, path: str, value: Any, op: str = "add") -> Any:
     elif isinstance(parent, list):
         parent.insert(_index(parent, last, path, True), value)
     else:
-        raise PatchError(f'{op} operation does not apply: doc is missing path: "{path}": missing value')
+        raise PatchError(
+            f'{op} operation does not apply: doc is missing path: "{path}": missing value'
+        )
     return doc
 
 
@@ -113,7 +119,9 @@ def _remove(doc: Any, path: str, op: str = "remove") -> tuple[Any, Any]:
     last = tokens[-1]
     if isinstance(parent, dict):
         if last not in parent:
-            raise PatchError(f'{op} operation does not apply: doc is missing path: "{path}": missing value')
+            raise PatchError(
+                f'{op} operation does not apply: doc is missing path: "{path}": missing value'
+            )
         return doc, parent.pop(last)
     if isinstance(parent, list):
         return doc, parent.pop(_index(parent, last, path, False))
@@ -144,6 +152,8 @@ def json_patch(doc: Any, ops: Any) -> Any:
             raise PatchDecodeError("json: cannot unmarshal into jsonpatch.Operation")
         kind = op.get("op")
         path = op.get("path")
+        if not isinstance(path, str):
+            raise PatchDecodeError(f"missing or invalid path in operation {op}")
         if kind == "add":
             if "value" not in op:
                 raise PatchError("add operation does not apply: missing value")
@@ -164,14 +174,16 @@ def json_patch(doc: Any, ops: Any) -> Any:
             elif isinstance(parent, list) and last.isdigit() and int(last) < len(parent):
                 parent[int(last)] = copy.deepcopy(op["value"])
             else:
-                raise PatchError(f"replace operation does not apply: doc is missing key: {path}: missing value")
+                raise PatchError(
+                    f"replace operation does not apply: doc is missing key: {path}: missing value"
+                )
         elif kind == "move":
-            frm = op.get("from")
+            frm = _from(op)
             _get(doc, frm, "move")
             doc, value = _remove(doc, frm, "move")
             doc = _add(doc, path, value, "move")
         elif kind == "copy":
-            value = copy.deepcopy(_get(doc, op.get("from"), "copy"))
+            value = copy.deepcopy(_get(doc, _from(op), "copy"))
             doc = _add(doc, path, value, "copy")
         elif kind == "test":
             try:
@@ -186,6 +198,13 @@ def json_patch(doc: Any, ops: Any) -> Any:
 
 
 _MISSING = object()
+
+
+def _from(op: dict[str, Any]) -> str:
+    frm = op.get("from")
+    if not isinstance(frm, str):
+        raise PatchDecodeError(f"missing or invalid from in operation {op}")
+    return frm
 
 
 # ---- strategic merge patch ------------------------------------------------------------------
@@ -264,9 +283,7 @@ def _merge_list(orig: list[Any], patch: list[Any], shape: Shape) -> list[Any]:
         if not isinstance(item, dict):
             continue
         kv = item.get(key)
-        idx = next(
-            (i for i, o in enumerate(out) if isinstance(o, dict) and o.get(key) == kv), None
-        )
+        idx = next((i for i, o in enumerate(out) if isinstance(o, dict) and o.get(key) == kv), None)
         if item.get("$patch") == "delete":
             out = [o for o in out if not (isinstance(o, dict) and o.get(key) == kv)]
             continue

@@ -149,7 +149,10 @@ def _pod_status(obj: Obj) -> Obj:
     elif all(
         r.get("limits")
         and all(r["limits"].get(k) for k in ("cpu", "memory"))
-        and all((r.get("requests") or r["limits"]).get(k) == r["limits"].get(k) for k in ("cpu", "memory"))
+        and all(
+            (r.get("requests") or r["limits"]).get(k) == r["limits"].get(k)
+            for k in ("cpu", "memory")
+        )
         for r in res
     ):
         qos = "Guaranteed"
@@ -347,23 +350,43 @@ _ALLOWED_META = {"name", "generateName"}
 def _structural_errors(s: Any, path: str, root: bool, errs: list[FieldError]) -> None:
     if not isinstance(s, dict):
         return
-    for forbidden in ("$ref", "definitions", "dependencies", "patternProperties", "additionalItems", "id", "$schema"):
+    for forbidden in (
+        "$ref",
+        "definitions",
+        "dependencies",
+        "patternProperties",
+        "additionalItems",
+        "id",
+        "$schema",
+    ):
         if forbidden in s:
             errs.append(FieldError("FieldValueForbidden", f"{path}.{forbidden}", "must not be set"))
     t = s.get("type")
     if root and t != "object":
         if not t:
-            errs.append(FieldError("FieldValueRequired", f"{path}.type", "must not be empty at the root"))
+            errs.append(
+                FieldError("FieldValueRequired", f"{path}.type", "must not be empty at the root")
+            )
         else:
-            errs.append(FieldError("FieldValueInvalid", f"{path}.type", "must be object at the root", t, True))
-    if not t and not root:
-        if not s.get("x-kubernetes-int-or-string") and not s.get("x-kubernetes-preserve-unknown-fields"):
-            if any(k in s for k in ("properties", "additionalProperties", "items")) or not any(
-                k in s for k in ("allOf", "anyOf", "oneOf", "not")
-            ):
-                errs.append(
-                    FieldError("FieldValueRequired", f"{path}.type", "must not be empty for specified object fields")
+            errs.append(
+                FieldError(
+                    "FieldValueInvalid", f"{path}.type", "must be object at the root", t, True
                 )
+            )
+    untyped_ok = s.get("x-kubernetes-int-or-string") or s.get(
+        "x-kubernetes-preserve-unknown-fields"
+    )
+    only_combinators = not any(
+        k in s for k in ("properties", "additionalProperties", "items")
+    ) and any(k in s for k in ("allOf", "anyOf", "oneOf", "not"))
+    if not t and not root and not untyped_ok and not only_combinators:
+        errs.append(
+            FieldError(
+                "FieldValueRequired",
+                f"{path}.type",
+                "must not be empty for specified object fields",
+            )
+        )
     if "properties" in s and "additionalProperties" in s:
         errs.append(
             FieldError(
@@ -414,7 +437,7 @@ def _structural_errors(s: Any, path: str, root: bool, errs: list[FieldError]) ->
             )
         if lt == "map":
             keys = s.get("x-kubernetes-list-map-keys") or []
-            items = s.get("items") if isinstance(s.get("items"), dict) else {}
+            items: dict[str, Any] = s["items"] if isinstance(s.get("items"), dict) else {}
             if not keys:
                 errs.append(
                     FieldError(
@@ -473,7 +496,7 @@ def _structural_errors(s: Any, path: str, root: bool, errs: list[FieldError]) ->
                         "FieldValueForbidden",
                         f"{path}.properties[metadata]",
                         "must not specify anything other than name and generateName, but "
-                        f"metadata is implicitly specified",
+                        "metadata is implicitly specified",
                     )
                 )
         for k, v in props.items():
@@ -503,7 +526,13 @@ def validate_crd(obj: Obj, old: Obj | None) -> list[FieldError]:
         )  # fmt: skip
     if not group or "." not in group:
         errs.append(
-            FieldError("FieldValueInvalid", "spec.group", "should be a domain with at least one dot", group, True)
+            FieldError(
+                "FieldValueInvalid",
+                "spec.group",
+                "should be a domain with at least one dot",
+                group,
+                True,
+            )
         )
     if spec.get("scope") not in ("Namespaced", "Cluster"):
         errs.append(
@@ -520,7 +549,15 @@ def validate_crd(obj: Obj, old: Obj | None) -> list[FieldError]:
             errs += name_errors(v, "label", f"spec.names.{f}")
     versions = spec.get("versions") or []
     if not versions:
-        errs.append(FieldError("FieldValueInvalid", "spec.versions", "must have exactly one version marked as storage version", _Raw("[]"), True))
+        errs.append(
+            FieldError(
+                "FieldValueInvalid",
+                "spec.versions",
+                "must have exactly one version marked as storage version",
+                _Raw("[]"),
+                True,
+            )
+        )
     storage = [v for v in versions if isinstance(v, dict) and v.get("storage")]
     if versions and len(storage) != 1:
         errs.append(
@@ -535,19 +572,31 @@ def validate_crd(obj: Obj, old: Obj | None) -> list[FieldError]:
             continue
         vname = v.get("name", "")
         if vname in seen:
-            errs.append(FieldError("FieldValueInvalid", f"spec.versions[{i}].name", "must be unique", vname, True))
+            errs.append(
+                FieldError(
+                    "FieldValueInvalid", f"spec.versions[{i}].name", "must be unique", vname, True
+                )
+            )
         seen.add(vname)
         schema = (v.get("schema") or {}).get("openAPIV3Schema")
         if schema is None:
             errs.append(
-                FieldError("FieldValueRequired", f"spec.versions[{i}].schema.openAPIV3Schema", "schemas are required")
+                FieldError(
+                    "FieldValueRequired",
+                    f"spec.versions[{i}].schema.openAPIV3Schema",
+                    "schemas are required",
+                )
             )
         else:
             _structural_errors(schema, f"spec.versions[{i}].schema.openAPIV3Schema", True, errs)
     if old is not None:
         oscope = (old.get("spec") or {}).get("scope")
         if oscope != spec.get("scope"):
-            errs.append(FieldError("FieldValueInvalid", "spec.scope", "field is immutable", spec.get("scope"), True))
+            errs.append(
+                FieldError(
+                    "FieldValueInvalid", "spec.scope", "field is immutable", spec.get("scope"), True
+                )
+            )
     return errs
 
 
@@ -561,7 +610,11 @@ def crd_status(crd: Obj, now: str) -> Obj:
     names = dict(spec.get("names") or {})
     names.setdefault("singular", str(names.get("kind", "")).lower())
     names.setdefault("listKind", f"{names.get('kind', '')}List")
-    storage = [v.get("name") for v in spec.get("versions") or [] if isinstance(v, dict) and v.get("storage")]
+    storage = [
+        v.get("name")
+        for v in spec.get("versions") or []
+        if isinstance(v, dict) and v.get("storage")
+    ]
     prev = (crd.get("status") or {}).get("storedVersions") or []
     stored = list(dict.fromkeys([*prev, *storage]))
     return {
@@ -611,7 +664,9 @@ def types_from_crd(crd: Obj) -> list[ResourceType]:
         schema = (v.get("schema") or {}).get("openAPIV3Schema")
         status = "status" in (v.get("subresources") or {})
         selectable = frozenset(
-            f["jsonPath"].lstrip(".") for f in v.get("selectableFields") or [] if isinstance(f, dict) and "jsonPath" in f
+            f["jsonPath"].lstrip(".")
+            for f in v.get("selectableFields") or []
+            if isinstance(f, dict) and "jsonPath" in f
         )
         out.append(
             ResourceType(

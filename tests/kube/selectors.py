@@ -60,7 +60,11 @@ def _tokens(s: str) -> list[str]:
                 break
         else:
             j = i
-            while j < len(s) and not s[j].isspace() and not any(s.startswith(sp, j) for sp in _SPECIAL):
+            while (
+                j < len(s)
+                and not s[j].isspace()
+                and not any(s.startswith(sp, j) for sp in _SPECIAL)
+            ):
                 j += 1
             out.append(s[i:j])
             i = j
@@ -141,12 +145,12 @@ def parse_label_selector(s: str) -> list[Requirement]:
             try:
                 int(val)
             except ValueError:
-                raise _fail(f"for 'Gt', 'Lt' operators, the value must be an integer: {val}") from None
+                raise _fail(
+                    f"for 'Gt', 'Lt' operators, the value must be an integer: {val}"
+                ) from None
             reqs.append(Requirement(key, "gt" if nxt == ">" else "lt", (val,)))
         else:
-            raise _fail(
-                f"found '{nxt}', expected: in, notin, =, ==, !=, gt, lt"
-            )
+            raise _fail(f"found '{nxt}', expected: in, notin, =, ==, !=, gt, lt")
         if i < len(toks):
             if toks[i] != ",":
                 raise _fail(f"found '{toks[i]}', expected: ',' or 'end of string'")
@@ -226,7 +230,7 @@ def parse_field_selector(s: str, supported: Callable[[str], bool]) -> list[Field
                 key = term[:idx].strip()
                 val = _unescape(term[idx + len(op) :])
                 if not supported(key):
-                    raise bad_request(f'field label not supported: {key}')
+                    raise bad_request(f"field label not supported: {key}")
                 reqs.append(FieldRequirement(key, "!=" if op == "!=" else "=", val))
                 break
         else:

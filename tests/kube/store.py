@@ -268,7 +268,7 @@ class Store:
         fields = parse_field_selector(op.query.get("fieldSelector", ""), op.rt.supports_field)
         return labels, fields
 
-    def list(self, op: Op) -> Obj:
+    def list_objects(self, op: Op) -> Obj:
         """LIST: items sorted by namespace/name, selectors applied, optional limit/continue."""
         labels, fields = self._selectors(op)
         start = ""
@@ -317,7 +317,12 @@ class Store:
                 json.dumps({"rv": rv, "start": last}).encode()
             ).decode()
             meta["remainingItemCount"] = more
-        return {"kind": op.rt.list_kind, "apiVersion": op.rt.api_version, "metadata": meta, "items": out}
+        return {
+            "kind": op.rt.list_kind,
+            "apiVersion": op.rt.api_version,
+            "metadata": meta,
+            "items": out,
+        }
 
     # ---- writing helpers ------------------------------------------------------------------
 
@@ -358,9 +363,8 @@ class Store:
         self.data[rt.gr][key] = new
         self._index(rt.gr, key, old, new)
         self._emit(Event(self.rv, "ADDED" if old is None else "MODIFIED", rt.gr, new, old))
-        if rt.builtin and rt.kind == "CustomResourceDefinition" and rt.group == "apiextensions.k8s.io":
-            if not new["metadata"].get("deletionTimestamp"):
-                self._register_crd(new)
+        if _is_crd(rt) and not new["metadata"].get("deletionTimestamp"):
+            self._register_crd(new)
         return new
 
     def _remove(self, rt: ResourceType, key: Key, obj: Obj, policy: str = "Background") -> Obj:
@@ -375,7 +379,7 @@ class Store:
             self._orphan(uid)
         elif uid in self.dependents:
             self._gc_put(("owner", uid))
-        if rt.builtin and rt.kind == "CustomResourceDefinition":
+        if _is_crd(rt):
             self._unregister_crd(obj)
         ns = key[0]
         if ns:
@@ -432,12 +436,14 @@ class Store:
         rt = op.rt
         md = body.get("metadata")
         if md is not None and not isinstance(md, dict):
-            raise E.bad_request("json: cannot unmarshal into Go struct field .metadata of type v1.ObjectMeta")
+            raise E.bad_request(
+                "json: cannot unmarshal into Go struct field .metadata of type v1.ObjectMeta"
+            )
         ctx = Ctx()
         out = normalize(body, rt.shape, "", ctx)
         if ctx.bad:
             raise E.bad_request(
-                f"{rt.kind} in version \"{rt.version}\" cannot be handled as a {rt.kind}: {ctx.bad[0]}"
+                f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: {ctx.bad[0]}'
             )
         if out is DROP or not isinstance(out, dict):
             raise E.bad_request("the body of the request is not an object")
@@ -445,7 +451,7 @@ class Store:
         out.setdefault("metadata", {})
         if rt.defaulter is not None:
             rt.defaulter(out)
-        if rt.builtin and rt.kind == "CustomResourceDefinition":
+        if _is_crd(rt):
             crd_defaults(out)
         return out
 
@@ -465,7 +471,9 @@ class Store:
         if mode != "Ignore":
             op.warnings.extend(f'unknown field "{u}"' for u in unknown)
 
-    def _validate(self, op: Op, obj: Obj, old: Obj | None, errs: list[FieldError] | None = None) -> None:
+    def _validate(
+        self, op: Op, obj: Obj, old: Obj | None, errs: list[FieldError] | None = None
+    ) -> None:
         rt = op.rt
         md = obj["metadata"]
         errs = [*(errs or []), *self._schema_errors(rt, obj)]
@@ -475,7 +483,11 @@ class Store:
                 errs += name_errors(md["namespace"], "label", "metadata.namespace")
         errs += metadata_errors(md)
         if old is not None and old["metadata"].get("deletionTimestamp"):
-            added = [f for f in md.get("finalizers") or [] if f not in (old["metadata"].get("finalizers") or [])]
+            added = [
+                f
+                for f in md.get("finalizers") or []
+                if f not in (old["metadata"].get("finalizers") or [])
+            ]
             if added:
                 errs.append(
                     FieldError(
@@ -548,7 +560,14 @@ class Store:
             if not name:
                 gen = md.get("generateName")
                 if not gen:
-                    errs = [FieldError("FieldValueRequired", "metadata.name", "name or generateName is required"), *errs]
+                    errs = [
+                        FieldError(
+                            "FieldValueRequired",
+                            "metadata.name",
+                            "name or generateName is required",
+                        ),
+                        *errs,
+                    ]
                     raise E.invalid(rt.kind, rt.group, "", errs)
                 for _ in range(100):
                     name = gen + "".join(random.choices("bcdfghjklmnpqrstvwxz2456789", k=5))
@@ -558,13 +577,18 @@ class Store:
             if rt.crd_name and rt.crd_name in self.terminating_crds:
                 raise ApiError(
                     405, "MethodNotAllowed",
-                    f'create not allowed while custom resource definition is terminating',
+                    'create not allowed while custom resource definition is terminating',
                 )  # fmt: skip
             self._check_namespace(op, name)
             key = ((op.ns or "") if rt.namespaced else "", name)
             if key in self.data[rt.gr]:
                 raise E.already_exists(rt.plural, rt.group, name)
-            for k in ("deletionTimestamp", "deletionGracePeriodSeconds", "selfLink", "resourceVersion"):
+            for k in (
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "selfLink",
+                "resourceVersion",
+            ):
                 md.pop(k, None)
             md["uid"] = str(uuid.uuid4())
             md["creationTimestamp"] = now()
@@ -586,11 +610,13 @@ class Store:
                 spec.setdefault("ipFamilies", ["IPv4"])
                 spec.setdefault("ipFamilyPolicy", "SingleStack")
             self._validate(op, obj, None, errs)
-            if rt.builtin and rt.kind == "CustomResourceDefinition":
+            if _is_crd(rt):
                 obj["status"] = crd_status(obj, now())
             if managers is None:
                 incoming = fm.decode(md.get("managedFields"))
-                managers = fm.update_managers(None, obj, rt.shape, incoming, op.manager, rt.api_version, op.sub)
+                managers = fm.update_managers(
+                    None, obj, rt.shape, incoming, op.manager, rt.api_version, op.sub
+                )
             _set_managed(obj, managers)
             if dry:
                 md.pop("resourceVersion", None)
@@ -628,7 +654,14 @@ class Store:
         rv = md.get("resourceVersion")
         if rv and rv != omd.get("resourceVersion"):
             raise E.conflict(rt.plural, rt.group, name)
-        for k in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "resourceVersion"):
+        for k in (
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "resourceVersion",
+        ):
             if k in omd:
                 md[k] = omd[k]
             else:
@@ -672,10 +705,12 @@ class Store:
         new["apiVersion"] = old.get("apiVersion", rt.storage_api_version)
         if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
             return self.render(rt, self._remove(rt, key, new))
-        if rt.builtin and rt.kind == "CustomResourceDefinition" and op.sub == "":
+        if _is_crd(rt) and op.sub == "":
             new["status"] = crd_status(new, now())
             if old.get("status"):
-                new["status"]["conditions"] = old["status"].get("conditions", new["status"]["conditions"])
+                new["status"]["conditions"] = old["status"].get(
+                    "conditions", new["status"]["conditions"]
+                )
         return self.render(rt, self._commit(rt, key, new, old))
 
     def update(self, op: Op, body: Any) -> Obj:
@@ -708,7 +743,9 @@ class Store:
             managers = fm.decode(incoming)
         else:
             managers = fm.decode(old["metadata"].get("managedFields"))
-        managers = fm.update_managers(old, new, rt.shape, managers, op.manager, rt.api_version, op.sub, self._ignored(op))
+        managers = fm.update_managers(
+            old, new, rt.shape, managers, op.manager, rt.api_version, op.sub, self._ignored(op)
+        )
         _set_managed(new, managers)
         return self._finish_write(op, key, old, new)
 
@@ -764,7 +801,9 @@ class Store:
                     patched = json_patch(current, patch)
                 else:
                     if not isinstance(patch, dict):
-                        raise E.bad_request("json: cannot unmarshal array into Go value of type map[string]interface {}")
+                        raise E.bad_request(
+                            "json: cannot unmarshal array into Go value of type map[string]interface {}"
+                        )
                     patched = strategic_merge_patch(current, patch, rt.shape)
             except PatchDecodeError as e:
                 raise E.bad_request(str(e)) from None
@@ -816,13 +855,21 @@ class Store:
         if old is None:
             if op.sub:
                 raise E.not_found(rt.plural, rt.group, op.name or "")
-            live: Obj = {"apiVersion": rt.api_version, "kind": rt.kind, "metadata": {"name": op.name}}
+            live: Obj = {
+                "apiVersion": rt.api_version,
+                "kind": rt.kind,
+                "metadata": {"name": op.name},
+            }
             if rt.namespaced:
                 live["metadata"]["namespace"] = op.ns
             try:
-                merged, managers, mkey = fm.apply_merge(live, cfg, rt.shape, {}, op.manager, rt.api_version, op.sub, ignored)
+                merged, managers, mkey = fm.apply_merge(
+                    live, cfg, rt.shape, {}, op.manager, rt.api_version, op.sub, ignored
+                )
             except fm.SSAError as e:
-                raise E.invalid(rt.kind, rt.group, op.name or "", [FieldError("FieldValueInvalid", "", str(e))]) from None
+                raise E.invalid(
+                    rt.kind, rt.group, op.name or "", [FieldError("FieldValueInvalid", "", str(e))]
+                ) from None
             merged["metadata"]["name"] = op.name
             # created by apply: the applier owns what it applied
             ent = managers[mkey]
@@ -831,13 +878,19 @@ class Store:
         live = self.render(rt, old)
         managers = fm.decode(old["metadata"].get("managedFields"))
         try:
-            merged, managers, mkey = fm.apply_merge(live, cfg, rt.shape, managers, op.manager, rt.api_version, op.sub, ignored)
+            merged, managers, mkey = fm.apply_merge(
+                live, cfg, rt.shape, managers, op.manager, rt.api_version, op.sub, ignored
+            )
         except fm.SSAError as e:
-            raise E.invalid(rt.kind, rt.group, op.name or "", [FieldError("FieldValueInvalid", "", str(e))]) from None
+            raise E.invalid(
+                rt.kind, rt.group, op.name or "", [FieldError("FieldValueInvalid", "", str(e))]
+            ) from None
         cand = self._decode(op, merged)
         new = self._prepare_update(op, old, cand)
         self._validate(op, new, old)
-        changed = not fm.json_equal(fm.without_managed(_without_rv(new)), fm.without_managed(_without_rv(old)))
+        changed = not fm.json_equal(
+            fm.without_managed(_without_rv(new)), fm.without_managed(_without_rv(old))
+        )
         try:
             managers = fm.apply_finish(old, new, rt.shape, managers, mkey, force, changed, ignored)
         except fm.ConflictError as e:
@@ -879,7 +932,9 @@ class Store:
                     rt.plural, rt.group, op.name or "",
                     f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {obj['metadata'].get('uid')}",
                 )  # fmt: skip
-            if pre.get("resourceVersion") and pre["resourceVersion"] != obj["metadata"].get("resourceVersion"):
+            if pre.get("resourceVersion") and pre["resourceVersion"] != obj["metadata"].get(
+                "resourceVersion"
+            ):
                 raise E.conflict(
                     rt.plural, rt.group, op.name or "",
                     f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
@@ -887,16 +942,22 @@ class Store:
                 )  # fmt: skip
             return self._delete_obj(rt, key, obj, policy or "Background", grace, op.dry_run)
 
-    def _delete_obj(self, rt: ResourceType, key: Key, obj: Obj, policy: str, grace: Any, dry: bool) -> tuple[Obj, int]:
+    def _delete_obj(
+        self, rt: ResourceType, key: Key, obj: Obj, policy: str, grace: Any, dry: bool
+    ) -> tuple[Obj, int]:
         md = obj["metadata"]
         if rt.builtin and rt.kind == "Namespace":
             return self._delete_namespace(rt, key, obj, dry)
-        if rt.builtin and rt.kind == "CustomResourceDefinition" and not md.get("finalizers"):
+        if _is_crd(rt) and not md.get("finalizers"):
             return self._delete_crd(rt, key, obj, dry)
         graceful = 0
         if rt.builtin and rt.kind == "Pod" and (obj.get("spec") or {}).get("nodeName"):
             try:
-                graceful = int(grace) if grace is not None else int((obj.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+                graceful = (
+                    int(grace)
+                    if grace is not None
+                    else int((obj.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+                )
             except (TypeError, ValueError):
                 graceful = 30
         if md.get("finalizers") or graceful > 0:
@@ -931,7 +992,12 @@ class Store:
             "apiVersion": "v1",
             "metadata": {},
             "status": "Success",
-            "details": {"name": md["name"], "group": rt.group, "kind": rt.plural, "uid": md.get("uid")},
+            "details": {
+                "name": md["name"],
+                "group": rt.group,
+                "kind": rt.plural,
+                "uid": md.get("uid"),
+            },
         }
 
     def _delete_namespace(self, rt: ResourceType, key: Key, obj: Obj, dry: bool) -> tuple[Obj, int]:
@@ -962,7 +1028,11 @@ class Store:
                 return
         rt = self.storage_type[("", "namespaces")]
         obj = self.data[rt.gr].get(("", ns))
-        if obj is not None and obj["metadata"].get("deletionTimestamp") and not obj["metadata"].get("finalizers"):
+        if (
+            obj is not None
+            and obj["metadata"].get("deletionTimestamp")
+            and not obj["metadata"].get("finalizers")
+        ):
             self._remove(rt, ("", ns), obj)
 
     def _delete_crd(self, rt: ResourceType, key: Key, obj: Obj, dry: bool) -> tuple[Obj, int]:
@@ -978,7 +1048,7 @@ class Store:
             for k, o in list(self.data.get(crt.gr, {}).items()):
                 if k in self.data[crt.gr]:
                     self._delete_obj(srt, k, o, "Background", 0, False)
-            if crt.gr in self.data and self.data[crt.gr]:
+            if self.data.get(crt.gr):
                 new = clone(obj)
                 new["metadata"]["deletionTimestamp"] = now()
                 new["metadata"]["deletionGracePeriodSeconds"] = 0
@@ -1008,7 +1078,7 @@ class Store:
 
     def delete_collection(self, op: Op, options: Obj | None) -> Obj:
         """DELETE on a collection: every object matching the selectors."""
-        listed = self.list(op)
+        listed = self.list_objects(op)
         deleted = []
         for item in listed["items"]:
             md = item["metadata"]
@@ -1021,7 +1091,12 @@ class Store:
             except ApiError as e:
                 if e.code != 404:
                     raise
-        return {"kind": op.rt.list_kind, "apiVersion": op.rt.api_version, "metadata": {}, "items": deleted}
+        return {
+            "kind": op.rt.list_kind,
+            "apiVersion": op.rt.api_version,
+            "metadata": {},
+            "items": deleted,
+        }
 
     # ---- watch -------------------------------------------------------------------------------
 
@@ -1032,12 +1107,20 @@ class Store:
         w = Watcher(rt, op.ns, labels, fields)
         rv_param = op.query.get("resourceVersion", "")
         send_initial = op.query.get("sendInitialEvents", "").lower() == "true"
-        if send_initial:
-            if op.query.get("resourceVersionMatch") != "NotOlderThan" or op.query.get("allowWatchBookmarks", "").lower() not in ("true", "1"):
-                raise E.invalid(
-                    "ListOptions", "meta.k8s.io", "",
-                    [FieldError("FieldValueForbidden", "sendInitialEvents", "sendInitialEvents is forbidden for watch unless resourceVersionMatch is set to NotOlderThan and allowWatchBookmarks is true")],
-                )  # fmt: skip
+        bookmarks = op.query.get("allowWatchBookmarks", "").lower() in ("true", "1")
+        if send_initial and (
+            op.query.get("resourceVersionMatch") != "NotOlderThan" or not bookmarks
+        ):
+            why = (
+                "sendInitialEvents is forbidden for watch unless resourceVersionMatch is set to "
+                "NotOlderThan and allowWatchBookmarks is true"
+            )
+            raise E.invalid(
+                "ListOptions",
+                "meta.k8s.io",
+                "",
+                [FieldError("FieldValueForbidden", "sendInitialEvents", why)],
+            )
         with self.lock:
             if rv_param in ("", "0") or send_initial:
                 bucket = self.data.get(rt.gr, {})
@@ -1052,7 +1135,14 @@ class Store:
                 except ValueError:
                     raise E.bad_request(f'invalid resource version "{rv_param}"') from None
                 if n < self.compacted:
-                    w.q.put(("ERROR", E.gone(f"too old resource version: {n} ({self.compacted + 1})").status()))
+                    w.q.put(
+                        (
+                            "ERROR",
+                            E.gone(
+                                f"too old resource version: {n} ({self.compacted + 1})"
+                            ).status(),
+                        )
+                    )
                     w.q.put(_CLOSE)
                     return w
                 for ev in self.history:
@@ -1100,7 +1190,7 @@ class Store:
             try:
                 with self.lock:
                     self._gc_one(item)
-            except Exception:  # noqa: BLE001 - a controller never dies
+            except Exception:
                 pass
             finally:
                 with self._gc_cond:
@@ -1129,6 +1219,10 @@ class Store:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def _is_crd(rt: ResourceType) -> bool:
+    return rt.builtin and rt.kind == "CustomResourceDefinition"
 
 
 def _owner_uids(obj: Obj | None) -> set[str]:

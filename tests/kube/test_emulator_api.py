@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from tests.kube.emulator import Emulator
-from tests.kube.helpers import GROUP, Kube, clients, crd, status_of, widget
+from tests.kube.helpers import GROUP, Kube, clients, crd, raw, status_of, widget
 
 
 @pytest.fixture
@@ -45,7 +45,8 @@ def test_discovery_lists_builtins_and_crds(apiserver: Emulator, kube: Kube) -> N
     assert not core["nodes"].namespaced and "nodes/status" in core
     assert "configmaps/status" not in core
     groups = {g.name: g for g in client.ApisApi(kube.api).get_api_versions().groups}
-    assert groups["coordination.k8s.io"].preferred_version.version == "v1"
+    preferred = groups["coordination.k8s.io"].preferred_version
+    assert preferred is not None and preferred.version == "v1"
     assert groups[GROUP].versions[0].group_version == f"{GROUP}/v1"
     res = client.CustomObjectsApi(kube.api).get_api_resources(GROUP, "v1")
     by_name = {r.name: r for r in res.resources}
@@ -74,7 +75,9 @@ def test_every_write_gets_a_new_resource_version(kube: Kube) -> None:
     obj["status"] = {"phase": "Ready"}
     obj = w.replace_status("w1", obj)
     seen.append(obj["metadata"]["resourceVersion"])
-    cm = kube.core.create_namespaced_config_map("default", {"metadata": {"name": "c"}, "data": {"k": "v"}})
+    cm = kube.core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "c"}, "data": {"k": "v"}}
+    )
     seen.append(cm.metadata.resource_version)
     deleted = w.delete("w1")
     seen.append(deleted["metadata"]["resourceVersion"])
@@ -87,12 +90,16 @@ def test_every_write_gets_a_new_resource_version(kube: Kube) -> None:
 
 def test_create_sets_server_fields(kube: Kube) -> None:
     body = widget("w1")
-    body["metadata"].update(uid="client-set", generation=7, creationTimestamp="2000-01-01T00:00:00Z")
+    body["metadata"].update(
+        uid="client-set", generation=7, creationTimestamp="2000-01-01T00:00:00Z"
+    )
     obj = kube.widgets().create(body)
     md = obj["metadata"]
     assert md["uid"] != "client-set" and len(md["uid"]) == 36
     assert md["generation"] == 1
-    assert md["creationTimestamp"] != "2000-01-01T00:00:00Z" and md["creationTimestamp"].endswith("Z")
+    assert md["creationTimestamp"] != "2000-01-01T00:00:00Z" and md["creationTimestamp"].endswith(
+        "Z"
+    )
     assert obj["spec"]["mtu"] == 1500  # schema default
 
 
@@ -150,7 +157,13 @@ def test_stale_resource_version_is_409_conflict(kube: Kube) -> None:
         w.replace_status("w1", dict(stale, status={"phase": "x"}))
     assert ei.value.status == 409
     with pytest.raises(ApiException) as ei:  # and a patch carrying a resourceVersion
-        w.patch("w1", {"metadata": {"resourceVersion": first["metadata"]["resourceVersion"]}, "spec": {"mtu": 1000}})
+        w.patch(
+            "w1",
+            {
+                "metadata": {"resourceVersion": first["metadata"]["resourceVersion"]},
+                "spec": {"mtu": 1000},
+            },
+        )
     assert ei.value.status == 409
 
 
@@ -181,7 +194,10 @@ def test_status_subresource_separates_spec_and_status(kube: Kube) -> None:
     patched = w.patch_status("w1", {"status": {"phase": "Degraded"}, "spec": {"mtu": 68}})
     assert patched["status"]["phase"] == "Degraded" and patched["spec"]["mtu"] == 1400
     got = w.get("w1")
-    assert kube.custom.get_namespaced_custom_object_status(GROUP, "v1", "default", "widgets", "w1") == got
+    assert (
+        kube.custom.get_namespaced_custom_object_status(GROUP, "v1", "default", "widgets", "w1")
+        == got
+    )
 
 
 def test_node_status_subresource_and_quantities(kube: Kube) -> None:
@@ -218,7 +234,9 @@ def test_generation_follows_spec_only(apiserver: Emulator, kube: Kube) -> None:
     })  # fmt: skip
     got = c.get_namespaced_custom_object(GROUP, "v1", "default", "plains", "p")
     assert got["status"] == {"phase": "A"}
-    again = c.patch_namespaced_custom_object(GROUP, "v1", "default", "plains", "p", {"status": {"phase": "B"}})
+    again = c.patch_namespaced_custom_object(
+        GROUP, "v1", "default", "plains", "p", {"status": {"phase": "B"}}
+    )
     assert again["metadata"]["generation"] == 2
     with pytest.raises(ApiException) as ei:
         c.get_namespaced_custom_object_status(GROUP, "v1", "default", "plains", "p")
@@ -250,7 +268,9 @@ def test_names_are_validated(kube: Kube) -> None:
         kube.core.create_namespace({"metadata": {"name": "a.b"}})
     assert ei.value.status == 422
     with pytest.raises(ApiException) as ei:
-        kube.core.create_namespaced_config_map("default", {"metadata": {"name": "c", "labels": {"bad key!": "v"}}})
+        kube.core.create_namespaced_config_map(
+            "default", {"metadata": {"name": "c", "labels": {"bad key!": "v"}}}
+        )
     assert status_of(ei.value)["details"]["causes"][0]["field"] == "metadata.labels"
 
 
@@ -276,7 +296,10 @@ def test_url_and_body_must_agree(kube: Kube) -> None:
     assert ei.value.status == 400
     with pytest.raises(ApiException) as ei:
         w.create(dict(widget("w6"), metadata={"name": "w6", "resourceVersion": "5"}))
-    assert status_of(ei.value)["message"] == "resourceVersion should not be set on objects to be created"
+    assert (
+        status_of(ei.value)["message"]
+        == "resourceVersion should not be set on objects to be created"
+    )
 
 
 def test_namespace_must_exist(kube: Kube) -> None:
@@ -309,7 +332,9 @@ def test_scope_is_enforced_by_the_url(apiserver: Emulator, kube: Kube) -> None:
     kube.core.create_namespace({"metadata": {"name": "b"}})
     kube.widgets("b").create(widget("w2", namespace="b"))
     everywhere = kube.custom.list_cluster_custom_object(GROUP, "v1", "widgets")
-    assert sorted((i["metadata"]["namespace"], i["metadata"]["name"]) for i in everywhere["items"]) == [
+    assert sorted(
+        (i["metadata"]["namespace"], i["metadata"]["name"]) for i in everywhere["items"]
+    ) == [
         ("b", "w2"),
         ("default", "w1"),
     ]
@@ -319,9 +344,13 @@ def test_scope_is_enforced_by_the_url(apiserver: Emulator, kube: Kube) -> None:
 
 def test_unsupported_verbs_are_405(apiserver: Emulator, kube: Kube) -> None:
     kube.widgets().create(widget("w1"))
-    code, body = _raw(apiserver, "POST", f"/apis/{GROUP}/v1/namespaces/default/widgets/w1", widget("w1"))
+    code, body = _raw(
+        apiserver, "POST", f"/apis/{GROUP}/v1/namespaces/default/widgets/w1", widget("w1")
+    )
     assert code == 405 and body["reason"] == "MethodNotAllowed" and body["kind"] == "Status"
-    code, body = _raw(apiserver, "PUT", f"/apis/{GROUP}/v1/namespaces/default/widgets", widget("w1"))
+    code, body = _raw(
+        apiserver, "PUT", f"/apis/{GROUP}/v1/namespaces/default/widgets", widget("w1")
+    )
     assert code == 405
     code, body = _raw(apiserver, "DELETE", f"/apis/{GROUP}/v1/namespaces/default/widgets/w1/status")
     assert code == 405
@@ -356,15 +385,20 @@ def test_builtin_objects_decode_into_client_models(apiserver: Emulator, kube: Ku
         "metadata": {"name": "l"}, "spec": {"holderIdentity": "me", "renewTime": "2024-05-01T10:00:00.5Z"},
     })  # fmt: skip
     assert lease.spec.holder_identity == "me"
-    raw = kube.api.call_api(*kube.api.param_serialize("GET", "/apis/coordination.k8s.io/v1/namespaces/default/leases/l"))
-    raw.read()
-    assert json.loads(raw.data)["spec"]["renewTime"] == "2024-05-01T10:00:00.500000Z"  # MicroTime
-    secret = kube.core.create_namespaced_secret("default", {"metadata": {"name": "s"}, "stringData": {"k": "v"}})
+    code, body = raw(kube, "GET", "/apis/coordination.k8s.io/v1/namespaces/default/leases/l")
+    assert body["spec"]["renewTime"] == "2024-05-01T10:00:00.500000Z"  # MicroTime
+    secret = kube.core.create_namespaced_secret(
+        "default", {"metadata": {"name": "s"}, "stringData": {"k": "v"}}
+    )
     assert secret.data == {"k": "dg=="} and secret.type == "Opaque"
     with pytest.raises(ApiException) as ei:
-        kube.core.create_namespaced_pod("default", {"metadata": {"name": "p2"}, "spec": {"containers": []}})
+        kube.core.create_namespaced_pod(
+            "default", {"metadata": {"name": "p2"}, "spec": {"containers": []}}
+        )
     assert status_of(ei.value)["details"]["causes"][0]["field"] == "spec.containers"
     code, body = _raw(apiserver, "POST", "/apis/coordination.k8s.io/v1/namespaces/default/leases", {
         "metadata": {"name": "l2"}, "spec": {"leaseDurationSeconds": "ten"},
     })  # fmt: skip
-    assert code == 400 and body["reason"] == "BadRequest" and "leaseDurationSeconds" in body["message"]
+    assert (
+        code == 400 and body["reason"] == "BadRequest" and "leaseDurationSeconds" in body["message"]
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from kubernetes.client.exceptions import ApiException
 
@@ -21,14 +23,18 @@ def kube(apiserver: Emulator) -> Kube:
 def test_merge_patch_with_a_list_body_is_400(kube: Kube) -> None:
     kube.widgets().create(widget("w1"))
     with pytest.raises(ApiException) as ei:
-        kube.widgets().patch("w1", [{"op": "remove", "path": "/spec/mtu"}])  # merge-patch by default
+        kube.widgets().patch(
+            "w1", [{"op": "remove", "path": "/spec/mtu"}]
+        )  # merge-patch by default
     assert status_of(ei.value)["code"] == 400
 
 
 def test_merge_patch_merges_maps_replaces_lists_and_null_deletes(kube: Kube) -> None:
     w = kube.widgets()
     w.create(widget("w1", mode="auto", options={"a": "1", "b": "2"}, uplinks=["eth0", "eth1"]))
-    got = w.patch("w1", {"spec": {"options": {"b": None, "c": "3"}, "uplinks": ["eth2"], "mode": None}})
+    got = w.patch(
+        "w1", {"spec": {"options": {"b": None, "c": "3"}, "uplinks": ["eth2"], "mode": None}}
+    )
     assert got["spec"]["options"] == {"a": "1", "c": "3"}
     assert got["spec"]["uplinks"] == ["eth2"]
     assert "mode" not in got["spec"]
@@ -65,11 +71,15 @@ def test_json_patch_operations(kube: Kube) -> None:
         [{"op": "frobnicate", "path": "/spec"}],
     ],
 )
-def test_failed_json_patch_is_422_and_changes_nothing(kube: Kube, ops: list) -> None:  # type: ignore[type-arg]
+def test_failed_json_patch_is_422_and_changes_nothing(kube: Kube, ops: list[Any]) -> None:
     w = kube.widgets()
     before = w.create(widget("w1", uplinks=["eth0"]))
     with pytest.raises(ApiException) as ei:
-        w.patch("w1", [{"op": "replace", "path": "/spec/mtu", "value": 100}, *ops], _content_type=JSON_PATCH)
+        w.patch(
+            "w1",
+            [{"op": "replace", "path": "/spec/mtu", "value": 100}, *ops],
+            _content_type=JSON_PATCH,
+        )
     st = status_of(ei.value)
     assert st["code"] == 422 and st["reason"] == "Invalid"
     assert st["message"] == "the server rejected our request due to an error in our request"
@@ -85,7 +95,9 @@ def test_json_patch_on_escaped_status_key(kube: Kube) -> None:
         "n1", [{"op": "add", "path": "/status/capacity/underlay.dev~1br1", "value": "1000"}]
     )
     assert got.status.capacity == {"underlay.dev/br1": "1k"}
-    got = kube.core.patch_node_status("n1", [{"op": "remove", "path": "/status/capacity/underlay.dev~1br1"}])
+    got = kube.core.patch_node_status(
+        "n1", [{"op": "remove", "path": "/status/capacity/underlay.dev~1br1"}]
+    )
     assert not got.status.capacity
 
 
@@ -99,7 +111,10 @@ def test_strategic_merge_patch_on_builtins(kube: Kube) -> None:
         "metadata": {"finalizers": ["b.example.com/y"], "labels": {"l": "1"}},
         "spec": {"containers": [{"name": "app", "image": "app:2"}]},
     })  # fmt: skip
-    assert [(c.name, c.image) for c in got.spec.containers] == [("app", "app:2"), ("side", "side:1")]
+    assert [(c.name, c.image) for c in got.spec.containers] == [
+        ("app", "app:2"),
+        ("side", "side:1"),
+    ]
     assert got.metadata.finalizers == ["a.example.com/x", "b.example.com/y"]
     got = kube.core.patch_namespaced_pod("p", "default", {
         "metadata": {"$deleteFromPrimitiveList/finalizers": ["a.example.com/x"]},
@@ -115,9 +130,13 @@ def test_strategic_merge_patch_on_builtins(kube: Kube) -> None:
     assert [(p.port, p.name, p.protocol) for p in svc.spec.ports] == [
         (80, "web", "TCP"), (443, "https", "TCP"), (8080, "alt", "TCP"),
     ]  # fmt: skip
-    svc = kube.core.patch_namespaced_service("svc", "default", {"spec": {"ports": [{"port": 443, "$patch": "delete"}]}})
+    svc = kube.core.patch_namespaced_service(
+        "svc", "default", {"spec": {"ports": [{"port": 443, "$patch": "delete"}]}}
+    )
     assert [p.port for p in svc.spec.ports] == [80, 8080]
-    cm = kube.core.create_namespaced_config_map("default", {"metadata": {"name": "c"}, "data": {"a": "1", "b": "2"}})
+    cm = kube.core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "c"}, "data": {"a": "1", "b": "2"}}
+    )
     cm = kube.core.patch_namespaced_config_map("c", "default", {"data": {"a": None, "c": "3"}})
     assert cm.data == {"b": "2", "c": "3"}
 
@@ -135,7 +154,9 @@ def test_pod_spec_is_immutable_except_images(kube: Kube) -> None:
 def test_strategic_merge_patch_is_refused_for_custom_resources(kube: Kube) -> None:
     kube.widgets().create(widget("w1"))
     with pytest.raises(ApiException) as ei:
-        kube.widgets().patch("w1", {"spec": {"mtu": 1000}}, _content_type="application/strategic-merge-patch+json")
+        kube.widgets().patch(
+            "w1", {"spec": {"mtu": 1000}}, _content_type="application/strategic-merge-patch+json"
+        )
     st = status_of(ei.value)
     assert st["code"] == 415 and st["reason"] == "UnsupportedMediaType"
     assert "application/merge-patch+json" in st["message"]
@@ -148,7 +169,9 @@ def test_patch_result_is_validated(kube: Kube) -> None:
     st = status_of(ei.value)
     assert st["code"] == 422 and st["details"]["causes"][0]["field"] == "spec.mtu"
     with pytest.raises(ApiException) as ei:
-        kube.widgets().patch("w1", [{"op": "remove", "path": "/spec/bridge"}], _content_type=JSON_PATCH)
+        kube.widgets().patch(
+            "w1", [{"op": "remove", "path": "/spec/bridge"}], _content_type=JSON_PATCH
+        )
     assert status_of(ei.value)["details"]["causes"][0] == {
         "reason": "FieldValueRequired", "message": "Required value", "field": "spec.bridge",
     }  # fmt: skip
@@ -159,5 +182,7 @@ def test_patch_changing_nothing_writes_nothing(apiserver: Emulator, kube: Kube) 
     rv = apiserver.resource_version
     after = kube.widgets().patch("w1", {"spec": {"mtu": 1400}})
     assert after == before and apiserver.resource_version == rv
-    after = kube.widgets().patch("w1", [{"op": "replace", "path": "/spec/mtu", "value": 1400}], _content_type=JSON_PATCH)
+    after = kube.widgets().patch(
+        "w1", [{"op": "replace", "path": "/spec/mtu", "value": 1400}], _content_type=JSON_PATCH
+    )
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from kubernetes.client.exceptions import ApiException
 
 from tests.kube.emulator import Emulator
-from tests.kube.helpers import GROUP, Kube, clients, crd, status_of, widget
+from tests.kube.helpers import GROUP, Kube, clients, crd, raw, status_of, widget
 
 
 @pytest.fixture
@@ -16,7 +18,7 @@ def kube(apiserver: Emulator) -> Kube:
     return k
 
 
-def _names(listed: dict) -> list[str]:  # type: ignore[type-arg]
+def _names(listed: dict[str, Any]) -> list[str]:
     return [i["metadata"]["name"] for i in listed["items"]]
 
 
@@ -56,7 +58,9 @@ def test_label_selectors(kube: Kube, selector: str, expected: list[str]) -> None
     assert pods == []
 
 
-@pytest.mark.parametrize("bad", ["app in (", "app=(x", "!", "a b", "app in ()", "x=y,", "bad key=1", "a=b c"])
+@pytest.mark.parametrize(
+    "bad", ["app in (", "app=(x", "!", "a b", "app in ()", "x=y,", "bad key=1", "a=b c"]
+)
 def test_malformed_label_selector_is_400(kube: Kube, bad: str) -> None:
     with pytest.raises(ApiException) as ei:
         kube.widgets().list(label_selector=bad)
@@ -74,7 +78,9 @@ def test_field_selectors(kube: Kube) -> None:
     assert sorted(p.metadata.name for p in on_n1) == ["p1", "p3"]
     not_n1 = kube.core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=n1").items
     assert [p.metadata.name for p in not_n1] == ["p2"]
-    both = kube.core.list_pod_for_all_namespaces(field_selector="spec.nodeName==n1,metadata.namespace=other")
+    both = kube.core.list_pod_for_all_namespaces(
+        field_selector="spec.nodeName==n1,metadata.namespace=other"
+    )
     assert [p.metadata.name for p in both.items] == ["p3"]
     by_name = kube.core.list_namespaced_pod("default", field_selector="metadata.name=p2")
     assert [p.metadata.name for p in by_name.items] == ["p2"]
@@ -98,7 +104,9 @@ def test_crd_selectable_fields(kube: Kube) -> None:
         kube.custom.create_namespaced_custom_object(
             GROUP, "v1", "default", "gadgets", dict(widget(name, bridge=bridge), kind="Gadget")
         )
-    got = kube.custom.list_namespaced_custom_object(GROUP, "v1", "default", "gadgets", field_selector="spec.bridge=br2")
+    got = kube.custom.list_namespaced_custom_object(
+        GROUP, "v1", "default", "gadgets", field_selector="spec.bridge=br2"
+    )
     assert _names(got) == ["g2"]
 
 
@@ -107,11 +115,8 @@ def test_list_kind_version_and_item_shape(kube: Kube) -> None:
     listed = kube.widgets().list()
     assert listed["kind"] == "WidgetList" and listed["apiVersion"] == f"{GROUP}/v1"
     assert listed["items"][0]["kind"] == "Widget"  # custom resource items carry their type
-    raw = kube.api.call_api(*kube.api.param_serialize("GET", "/api/v1/namespaces"))
-    raw.read()
-    import json
-
-    body = json.loads(raw.data)
+    code, body = raw(kube, "GET", "/api/v1/namespaces")
+    assert code == 200
     assert body["kind"] == "NamespaceList" and body["apiVersion"] == "v1"
     assert "kind" not in body["items"][0]  # built-in list items do not
 
@@ -123,7 +128,9 @@ def test_limit_and_continue_page_through_everything(kube: Kube) -> None:
     token = None
     pages = 0
     while True:
-        page = kube.widgets().list(limit=3, _continue=token) if token else kube.widgets().list(limit=3)
+        page = (
+            kube.widgets().list(limit=3, _continue=token) if token else kube.widgets().list(limit=3)
+        )
         seen += _names(page)
         pages += 1
         token = page["metadata"].get("continue")

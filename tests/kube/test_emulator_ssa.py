@@ -75,7 +75,10 @@ def test_apply_keeps_fields_others_own(kube: Kube) -> None:
     got = w.apply(widget("w1"), "a")
     assert got["spec"]["mode"] == "auto"  # b still owns it
     owned_by_b = _managers(got)[("b", "Apply")]["fieldsV1"]["f:spec"]
-    assert "f:mode" in owned_by_b and "f:mode" not in _managers(got)[("a", "Apply")]["fieldsV1"]["f:spec"]
+    assert (
+        "f:mode" in owned_by_b
+        and "f:mode" not in _managers(got)[("a", "Apply")]["fieldsV1"]["f:spec"]
+    )
     # a field set by a non-apply writer is never removed by an applier that did not own it
     w.patch("w1", {"spec": {"options": {"z": "9"}}}, field_manager="kubectl-edit")
     got = w.apply(widget("w1"), "a")
@@ -96,7 +99,11 @@ def test_apply_conflicts_without_force(kube: Kube) -> None:
     ]
     assert w.get("w1") == before
     # a field owned by an Update manager conflicts too, naming its API version
-    w.patch("w1", {"spec": {"mode": "none"}, "metadata": {"labels": {"l": "x"}}}, field_manager="kubectl-edit")
+    w.patch(
+        "w1",
+        {"spec": {"mode": "none"}, "metadata": {"labels": {"l": "x"}}},
+        field_manager="kubectl-edit",
+    )
     body = widget("w1", mtu=1400, mode="auto")
     body["metadata"]["labels"] = {"l": "y"}
     with pytest.raises(ApiException) as ei:
@@ -132,7 +139,10 @@ def test_noop_apply_changes_nothing_and_emits_no_event(apiserver: Emulator, kube
     again = w.apply(json.loads(json.dumps(body)), "underlay")
     assert again == first
     assert again["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
-    assert again["metadata"]["managedFields"][0]["time"] == first["metadata"]["managedFields"][0]["time"]
+    assert (
+        again["metadata"]["managedFields"][0]["time"]
+        == first["metadata"]["managedFields"][0]["time"]
+    )
     (req,) = apiserver.requests()
     assert req.method == "PATCH" and req.code == 200 and req.content_type == APPLY
     events = list(
@@ -175,7 +185,9 @@ def test_apply_request_errors(kube: Kube) -> None:
     with pytest.raises(ApiException) as ei:
         w.apply(widget("w1", undeclared=True), "m")
     st = status_of(ei.value)
-    assert st["code"] == 400 and st["message"].endswith(".spec.undeclared: field not declared in schema")
+    assert st["code"] == 400 and st["message"].endswith(
+        ".spec.undeclared: field not declared in schema"
+    )
     with pytest.raises(ApiException) as ei:
         w.apply({"metadata": {"name": "w1"}, "spec": {"bridge": "b"}}, "m")
     assert status_of(ei.value)["code"] == 400
@@ -214,18 +226,24 @@ def test_non_apply_writes_record_update_managers(kube: Kube) -> None:
     w = kube.widgets()
     created = w.create(widget("w1", mode="auto"))
     (entry,) = created["metadata"]["managedFields"]
-    assert entry["manager"] == "OpenAPI-Generator" and entry["operation"] == "Update"  # User-Agent prefix
+    assert (
+        entry["manager"] == "OpenAPI-Generator" and entry["operation"] == "Update"
+    )  # User-Agent prefix
     assert entry["fieldsV1"] == {"f:spec": {".": {}, "f:bridge": {}, "f:mode": {}, "f:mtu": {}}}
     got = w.patch("w1", {"spec": {"mode": "none", "options": {"k": "v"}}}, field_manager="editor")
     mgr = _managers(got)
     assert mgr[("editor", "Update")]["fieldsV1"] == {
         "f:spec": {"f:mode": {}, "f:options": {".": {}, "f:k": {}}}
     }
-    assert mgr[("OpenAPI-Generator", "Update")]["fieldsV1"] == {"f:spec": {".": {}, "f:bridge": {}, "f:mtu": {}}}
+    assert mgr[("OpenAPI-Generator", "Update")]["fieldsV1"] == {
+        "f:spec": {".": {}, "f:bridge": {}, "f:mtu": {}}
+    }
     got["status"] = {"phase": "Up"}
     got = w.replace_status("w1", got, field_manager="agent")
     entry = _managers(got)[("agent", "Update")]
-    assert entry["subresource"] == "status" and entry["fieldsV1"] == {"f:status": {".": {}, "f:phase": {}}}
+    assert entry["subresource"] == "status" and entry["fieldsV1"] == {
+        "f:status": {".": {}, "f:phase": {}}
+    }
     # managedFields: [{}] resets tracking
     got = w.patch("w1", {"metadata": {"managedFields": [{}]}})
     assert "managedFields" not in got["metadata"]
@@ -234,16 +252,26 @@ def test_non_apply_writes_record_update_managers(kube: Kube) -> None:
 def test_apply_on_builtin_kinds(kube: Kube) -> None:
     cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "default"},
           "data": {"a": "1"}}  # fmt: skip
-    kube.core.patch_namespaced_config_map("c", "default", cm, field_manager="one", _content_type=APPLY)
+    kube.core.patch_namespaced_config_map(
+        "c", "default", cm, field_manager="one", _content_type=APPLY
+    )
     cm2 = dict(cm, data={"b": "2"})
-    got = kube.core.patch_namespaced_config_map("c", "default", cm2, field_manager="two", _content_type=APPLY)
+    got = kube.core.patch_namespaced_config_map(
+        "c", "default", cm2, field_manager="two", _content_type=APPLY
+    )
     assert got.data == {"a": "1", "b": "2"}
-    got = kube.core.patch_namespaced_config_map("c", "default", dict(cm, data={}), field_manager="one", _content_type=APPLY)
+    got = kube.core.patch_namespaced_config_map(
+        "c", "default", dict(cm, data={}), field_manager="one", _content_type=APPLY
+    )
     assert got.data == {"b": "2"}
     node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
             "status": {"capacity": {"underlay.dev/br1": "1000"}}}  # fmt: skip
     kube.core.create_node({"metadata": {"name": "n1"}})
-    got = kube.core.patch_node_status("n1", node, field_manager="underlay-agent", _content_type=APPLY)
+    got = kube.core.patch_node_status(
+        "n1", node, field_manager="underlay-agent", _content_type=APPLY
+    )
     assert got.status.capacity == {"underlay.dev/br1": "1k"}
-    again = kube.core.patch_node_status("n1", node, field_manager="underlay-agent", _content_type=APPLY)
+    again = kube.core.patch_node_status(
+        "n1", node, field_manager="underlay-agent", _content_type=APPLY
+    )
     assert again.metadata.resource_version == got.metadata.resource_version  # "1000" == "1k"

@@ -25,11 +25,15 @@ def kube(apiserver: Emulator) -> Kube:
     return k
 
 
-def _collect(stream: Iterator[dict[str, Any]], w: watch.Watch, n: int) -> list[tuple[str, str, str]]:
+def _collect(
+    stream: Iterator[dict[str, Any]], w: watch.Watch, n: int
+) -> list[tuple[str, str, str]]:
     out = []
     for ev in stream:
         obj = ev["raw_object"]
-        out.append((ev["type"], obj["metadata"].get("name", ""), obj["metadata"]["resourceVersion"]))
+        out.append(
+            (ev["type"], obj["metadata"].get("name", ""), obj["metadata"]["resourceVersion"])
+        )
         if len(out) == n:
             w.stop()
     return out
@@ -37,7 +41,9 @@ def _collect(stream: Iterator[dict[str, Any]], w: watch.Watch, n: int) -> list[t
 
 def _widget_stream(kube: Kube, w: watch.Watch, **kw: Any) -> Iterator[dict[str, Any]]:
     kw.setdefault("timeout_seconds", 10)
-    return w.stream(kube.custom.list_namespaced_custom_object, GROUP, "v1", "default", "widgets", **kw)  # type: ignore[no-any-return]
+    return w.stream(
+        kube.custom.list_namespaced_custom_object, GROUP, "v1", "default", "widgets", **kw
+    )
 
 
 def test_watch_from_list_resource_version_sees_every_later_change(kube: Kube) -> None:
@@ -66,7 +72,10 @@ def test_watch_without_resource_version_starts_with_current_state(kube: Kube) ->
     w = watch.Watch()
     stream = _widget_stream(kube, w)
     first = [next(stream), next(stream)]
-    assert [(e["type"], e["object"]["metadata"]["name"]) for e in first] == [("ADDED", "w1"), ("ADDED", "w2")]
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in first] == [
+        ("ADDED", "w1"),
+        ("ADDED", "w2"),
+    ]
     threading.Timer(0.2, lambda: ws.create(widget("w3"))).start()
     live = next(stream)
     w.stop()
@@ -100,7 +109,10 @@ def test_watch_from_compacted_resource_version_is_410(apiserver: Emulator, kube:
     current = ws.list()["metadata"]["resourceVersion"]
     w = watch.Watch()
     threading.Timer(0.2, lambda: ws.create(widget("w2"))).start()
-    assert _collect(_widget_stream(kube, w, resource_version=current), w, 1)[0][:2] == ("ADDED", "w2")
+    assert _collect(_widget_stream(kube, w, resource_version=current), w, 1)[0][:2] == (
+        "ADDED",
+        "w2",
+    )
 
 
 def test_bounded_history_expires_old_versions() -> None:
@@ -115,7 +127,14 @@ def test_bounded_history_expires_old_versions() -> None:
         for i in range(10):
             kube.core.create_namespaced_config_map("default", {"metadata": {"name": f"c{i}"}})
         with pytest.raises(ApiException) as ei:
-            list(watch.Watch().stream(kube.core.list_namespaced_config_map, "default", resource_version=start, timeout_seconds=2))
+            list(
+                watch.Watch().stream(
+                    kube.core.list_namespaced_config_map,
+                    "default",
+                    resource_version=start,
+                    timeout_seconds=2,
+                )
+            )
         assert ei.value.status == 410
     finally:
         emu.stop()
@@ -135,7 +154,9 @@ def test_watch_selectors_and_objects_moving_in_and_out(kube: Kube) -> None:
     w = watch.Watch()
     got = [
         (t, n)
-        for t, n, _ in _collect(_widget_stream(kube, w, resource_version=rv, label_selector="team=net"), w, 4)
+        for t, n, _ in _collect(
+            _widget_stream(kube, w, resource_version=rv, label_selector="team=net"), w, 4
+        )
     ]
     assert got == [("ADDED", "a"), ("ADDED", "b"), ("DELETED", "a"), ("MODIFIED", "b")]
 
@@ -148,7 +169,12 @@ def test_typed_watch_with_field_selector(kube: Kube) -> None:
         })  # fmt: skip
     w = watch.Watch()
     events = []
-    for ev in w.stream(kube.core.list_pod_for_all_namespaces, field_selector="spec.nodeName=n2", resource_version=rv, timeout_seconds=5):
+    for ev in w.stream(
+        kube.core.list_pod_for_all_namespaces,
+        field_selector="spec.nodeName=n2",
+        resource_version=rv,
+        timeout_seconds=5,
+    ):
         events.append(ev)
         w.stop()
     assert events[0]["type"] == "ADDED"
@@ -187,7 +213,14 @@ def test_bookmarks(tmp_path: Any) -> None:
 
 def test_timeout_seconds_ends_the_stream(kube: Kube) -> None:
     start = time.monotonic()
-    events = list(_widget_stream(kube, watch.Watch(), resource_version=kube.widgets().list()["metadata"]["resourceVersion"], timeout_seconds=1))
+    events = list(
+        _widget_stream(
+            kube,
+            watch.Watch(),
+            resource_version=kube.widgets().list()["metadata"]["resourceVersion"],
+            timeout_seconds=1,
+        )
+    )
     assert events == []
     assert time.monotonic() - start < 5
 
@@ -224,9 +257,11 @@ def test_stop_ends_open_watches(tmp_path: Any) -> None:
 
     def consume() -> None:
         try:
-            for _ in watch.Watch().stream(kube.core.list_namespaced_config_map, "default", resource_version="1"):
+            for _ in watch.Watch().stream(
+                kube.core.list_namespaced_config_map, "default", resource_version="1"
+            ):
                 pass
-        except Exception:  # noqa: BLE001 - the server going away may surface as an error
+        except Exception:
             pass
         done.set()
 

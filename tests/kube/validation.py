@@ -125,7 +125,9 @@ def normalize(v: Any, shape: Shape | None, path: str, ctx: Ctx) -> Any:
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
             else:
-                return _type_error(v, "integer-or-string" if not shape.builtin else "string", shape, path, ctx)
+                return _type_error(
+                    v, "integer-or-string" if not shape.builtin else "string", shape, path, ctx
+                )
     elif shape.type == "object":
         if not isinstance(v, dict):
             return _type_error(v, "object", shape, path, ctx)
@@ -217,7 +219,7 @@ def _normalize_object(v: dict[str, Any], shape: Shape, path: str, ctx: Ctx) -> d
 
 
 def _normalize_array(v: list[Any], shape: Shape, path: str, ctx: Ctx) -> list[Any]:
-    out = []
+    out: list[Any] = []
     for i, item in enumerate(v):
         ipath = f"{path}[{i}]"
         if item is None and shape.items is not None and not shape.items.nullable:
@@ -231,9 +233,7 @@ def _normalize_array(v: list[Any], shape: Shape, path: str, ctx: Ctx) -> list[An
         seen: list[Any] = []
         for i, item in enumerate(out):
             if item in seen:
-                ctx.errors.append(
-                    FieldError("FieldValueDuplicate", f"{path}[{i}]", "", item, True)
-                )
+                ctx.errors.append(FieldError("FieldValueDuplicate", f"{path}[{i}]", "", item, True))
             else:
                 seen.append(item)
     elif shape.list_type == "map" and shape.list_keys:
@@ -243,9 +243,11 @@ def _normalize_array(v: list[Any], shape: Shape, path: str, ctx: Ctx) -> list[An
                 continue
             key = tuple(item.get(k) for k in shape.list_keys)
             if key in seen_keys:
-                shown = "map[string]interface {}{" + ", ".join(
-                    f'"{k}":{_go_value(item.get(k))}' for k in shape.list_keys
-                ) + "}"
+                shown = (
+                    "map[string]interface {}{"
+                    + ", ".join(f'"{k}":{_go_value(item.get(k))}' for k in shape.list_keys)
+                    + "}"
+                )
                 ctx.errors.append(
                     FieldError("FieldValueDuplicate", f"{path}[{i}]", "", _Raw(shown), True)
                 )
@@ -318,7 +320,7 @@ def _validate_keywords(v: Any, s: dict[str, Any], path: str, ctx: Ctx) -> None:
                 _invalid(ctx, path, v, f"{path} in body should be less than {m}")
             elif v > m:
                 _invalid(ctx, path, v, f"{path} in body should be less than or equal to {m}")
-        if "multipleOf" in s and s["multipleOf"]:
+        if s.get("multipleOf"):
             q = v / s["multipleOf"]
             if abs(q - round(q)) > 1e-9:
                 _invalid(ctx, path, v, f"{path} in body should be a multiple of {s['multipleOf']}")
@@ -327,7 +329,9 @@ def _validate_keywords(v: Any, s: dict[str, Any], path: str, ctx: Ctx) -> None:
             _invalid(ctx, path, v, f"{path} in body must be of type int32: {v}")
     if isinstance(v, list):
         if "minItems" in s and len(v) < s["minItems"]:
-            _invalid(ctx, path, len(v), f"{path} in body should have at least {s['minItems']} items")
+            _invalid(
+                ctx, path, len(v), f"{path} in body should have at least {s['minItems']} items"
+            )
         if "maxItems" in s and len(v) > s["maxItems"]:
             ctx.errors.append(
                 FieldError(
@@ -362,7 +366,9 @@ def _validate_keywords(v: Any, s: dict[str, Any], path: str, ctx: Ctx) -> None:
             )
 
 
-_MAC = re.compile(r"^([0-9a-fA-F]{2}[:-]){5}[0-9a-fA-F]{2}$|^([0-9a-fA-F]{2}[:-]){7}[0-9a-fA-F]{2}$")
+_MAC = re.compile(
+    r"^([0-9a-fA-F]{2}[:-]){5}[0-9a-fA-F]{2}$|^([0-9a-fA-F]{2}[:-]){7}[0-9a-fA-F]{2}$"
+)
 _HOSTNAME = re.compile(
     r"^[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)*$"
 )
@@ -483,9 +489,13 @@ def qualified_name_errors(key: str, path: str) -> list[FieldError]:
     prefix, _, name = key.rpartition("/")
     errs: list[FieldError] = []
     if "/" in key and not prefix:
-        errs.append(FieldError("FieldValueInvalid", path, "prefix part must be non-empty", key, True))
+        errs.append(
+            FieldError("FieldValueInvalid", path, "prefix part must be non-empty", key, True)
+        )
     elif prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
-        errs.append(FieldError("FieldValueInvalid", path, "prefix part " + _SUBDOMAIN_MSG, key, True))
+        errs.append(
+            FieldError("FieldValueInvalid", path, "prefix part " + _SUBDOMAIN_MSG, key, True)
+        )
     if key.count("/") > 1:
         errs.append(
             FieldError(
@@ -550,7 +560,9 @@ def metadata_errors(md: dict[str, Any]) -> list[FieldError]:
         total += len(k) + len(val if isinstance(val, str) else "")
     if total > 256 * 1024:
         errs.append(
-            FieldError("FieldValueTooLong", "metadata.annotations", "may not be more than 262144 bytes")
+            FieldError(
+                "FieldValueTooLong", "metadata.annotations", "may not be more than 262144 bytes"
+            )
         )
     for i, f in enumerate(md.get("finalizers") or []):
         if isinstance(f, str):
@@ -562,7 +574,15 @@ def metadata_errors(md: dict[str, Any]) -> list[FieldError]:
         p = f"metadata.ownerReferences[{i}]"
         for req in ("apiVersion", "kind", "name", "uid"):
             if not ref.get(req):
-                errs.append(FieldError("FieldValueInvalid", f"{p}.{req}", f"{req} must not be empty", ref.get(req, ""), True))
+                errs.append(
+                    FieldError(
+                        "FieldValueInvalid",
+                        f"{p}.{req}",
+                        f"{req} must not be empty",
+                        ref.get(req, ""),
+                        True,
+                    )
+                )
         if ref.get("controller"):
             controllers += 1
     if controllers > 1:
