@@ -25,6 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -469,6 +470,7 @@ class Ipam:
         self.endpoints = Objects(api, SPIDER_ENDPOINT)
         self.core: Any = client.CoreV1Api(api)
         self._locks: dict[str, threading.Lock] = {}
+        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ipam")
         self._pool_cache: dict[str, dict[str, Any]] = {}
         self._ttl_cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self._locks_guard = threading.Lock()
@@ -627,10 +629,28 @@ class Ipam:
     def allocate(self, req: IpamRequest) -> list[Allocation]:
         """Allocate one IP per family the chosen pools ask for; idempotent per pod UID+interface.
 
-        Records the result in the pod's SpiderEndpoint. On failure of a later family the
-        earlier ones are released again. Raises CniError (see class docstring).
+        Records the result in the pod's SpiderEndpoint before returning. On failure of a
+        later family, or of the endpoint write, the IPs taken are released again. Raises
+        CniError (see class docstring).
         """
-        pod = self.get_pod(req.namespace, req.pod_name)
+        done, recorded = self.allocate_begin(req)
+        recorded.result()
+        return done
+
+    def allocate_begin(self, req: IpamRequest) -> tuple[list[Allocation], Future[None]]:
+        """Like :meth:`allocate`, but returns as soon as the pool records are written.
+
+        The SpiderEndpoint write continues in a worker thread; the returned future completes
+        when it is done and raises its CniError after releasing the IPs again. A caller must
+        wait for it before reporting success (the CNI ADD answer), and can configure the pod
+        interface meanwhile.
+        """
+        endpoint_read = self._executor.submit(self._get_endpoint, req.namespace, req.pod_name)
+        try:
+            pod = self.get_pod(req.namespace, req.pod_name)
+        finally:
+            wait([endpoint_read])
+        endpoint = endpoint_read.result()
         uid = req.pod_uid or pod["metadata"].get("uid", "")
         pod_uid = pod["metadata"].get("uid", "")
         if req.pod_uid and pod_uid and pod_uid != req.pod_uid:
@@ -656,9 +676,16 @@ class Ipam:
             return listed
 
         choice = choose_pools(pod, namespace, req.config, req.ifname, all_pools)
-        endpoint = self._get_endpoint(req.namespace, req.pod_name)
         claimed = self._claimed_by_others(endpoint, uid, req.ifname)
         done: list[Allocation] = []
+
+        def rollback() -> None:
+            for a in done:
+                try:
+                    self._release_in_pool(a.pool, uid, {a.ip})
+                except Exception:
+                    log.exception("rollback of %s in %s failed", a.ip, a.pool)
+
         try:
             for family, names in ((4, choice.v4), (6, choice.v6)):
                 if names:
@@ -676,15 +703,18 @@ class Ipam:
                             listed,
                         )
                     )
-            self._record_endpoint(req, uid, pod, done, endpoint)
         except BaseException:
-            for a in done:
-                try:
-                    self._release_in_pool(a.pool, uid, {a.ip})
-                except Exception:
-                    log.exception("rollback of %s in %s failed", a.ip, a.pool)
+            rollback()
             raise
-        return done
+
+        def record() -> None:
+            try:
+                self._record_endpoint(req, uid, pod, done, endpoint)
+            except BaseException:
+                rollback()
+                raise
+
+        return done, self._executor.submit(record)
 
     def _allocate_family(
         self,
@@ -927,6 +957,9 @@ class Ipam:
         )
         keep = frozenset(self._claimed_by_others(endpoint, uid, req.ifname))
         released: list[tuple[str, str]] = []
+        dropped = (
+            self._executor.submit(self._drop_endpoint_entry, req, uid, endpoint) if mine else None
+        )
         if entry is not None:
             targets = [(entry.get(f"ipv{f}Pool"), entry.get(f"ipv{f}")) for f in (4, 6)]
             for pool, address in targets:
@@ -943,8 +976,8 @@ class Ipam:
                 if any(r.get("podUid") == uid and ip not in keep for ip, r in records.items()):
                     name = pool["metadata"]["name"]
                     released += [(name, i) for i in self._release_in_pool(name, uid, None, keep)]
-        if mine:
-            self._drop_endpoint_entry(req, uid, endpoint)
+        if dropped is not None:
+            dropped.result()
         return released
 
     def _drop_endpoint_entry(

@@ -19,6 +19,8 @@ from .errors import INVALID_ENV, CniError
 from .request import CniRequest
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from node_agent.ipam import IpamRequest
 
     from .server import CniAgent
@@ -53,6 +55,14 @@ def allocate(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
     """Allocate for this pod interface; returns the IPAM result (1.0.0 shape)."""
     ipam = agent.ipam
     return ipam.to_cni_result(ipam.allocate(ipam_request(req)))
+
+
+def allocate_begin(agent: CniAgent, req: CniRequest) -> tuple[dict[str, Any], Future[None]]:
+    """Allocate; returns the IPAM result once the pool records are written, and the future of
+    the SpiderEndpoint write (see :meth:`node_agent.ipam.Ipam.allocate_begin`)."""
+    ipam = agent.ipam
+    done, recorded = ipam.allocate_begin(ipam_request(req))
+    return ipam.to_cni_result(done), recorded
 
 
 def release(agent: CniAgent, req: CniRequest) -> None:

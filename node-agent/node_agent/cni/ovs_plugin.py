@@ -156,14 +156,18 @@ def parse_conf(config: dict[str, Any], args: dict[str, str] | None = None) -> Ov
 
 
 # --- IPAM delegation ------------------------------------------------------------------------
-def _ipam_add(agent: CniAgent, req: CniRequest, conf: OvsNetConf) -> dict[str, Any] | None:
+def _ipam_add(
+    agent: CniAgent, req: CniRequest, conf: OvsNetConf
+) -> tuple[dict[str, Any] | None, Future[None] | None]:
+    """IPAM ADD: ``(result, pending)``; ``pending`` (in-process IPAM only) is the
+    SpiderEndpoint write still running, to be waited for before answering."""
     if not conf.ipam:
-        return None
+        return None, None
     if conf.ipam["type"] == CNI_IPAM_TYPE:
         from . import ipam_plugin
 
-        return ipam_plugin.allocate(agent, req)
-    return delegate.exec_plugin(conf.ipam["type"], "ADD", req.env, req.stdin, req.path)
+        return ipam_plugin.allocate_begin(agent, req)
+    return delegate.exec_plugin(conf.ipam["type"], "ADD", req.env, req.stdin, req.path), None
 
 
 def _ipam_del(agent: CniAgent, req: CniRequest, conf: OvsNetConf) -> None:
@@ -310,7 +314,8 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             ofport_request=conf.ofport_request,
             wait=False,
         )
-        ipam_result = ipam_future.result() or {"ips": [], "routes": [], "dns": {}}
+        result, recorded = ipam_future.result()
+        ipam_result = result or {"ips": [], "routes": [], "dns": {}}
         ips = ipam_result.get("ips", [])
         v4 = [ip["address"].split("/")[0] for ip in ips if ":" not in ip["address"]]
         mac = conf.mac or (mac_from_ipv4(v4[0]) if v4 else None)
@@ -325,6 +330,8 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             )
         except (LinkError, OSError) as exc:
             raise CniError(LINK_FAILURE, str(exc)) from exc
+        if recorded is not None:
+            recorded.result()  # the SpiderEndpoint is written before we answer
         try:
             attach_future.result()
         except ports.BridgeMissing as exc:
