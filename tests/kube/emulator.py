@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -354,7 +354,8 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             )
 
-        deadline = time.monotonic() + res.timeout if res.timeout else None
+        limits = [t for t in (res.timeout, emu.watch_timeout) if t]
+        deadline = time.monotonic() + min(limits) if limits else None
         next_bm = time.monotonic() + emu.bookmark_interval
         try:
             while not emu._stopping.is_set():
@@ -411,13 +412,22 @@ class Emulator:
     """The Kubernetes API server emulator (see the module docstring).
 
     ``history_size`` bounds the watch history (older resourceVersions get 410 Gone);
-    ``bookmark_interval`` (seconds) paces BOOKMARK events for watches that allow them.
+    ``bookmark_interval`` (seconds) paces BOOKMARK events for watches that allow them;
+    ``watch_timeout`` (seconds) ends every watch stream after that long even without
+    ``timeoutSeconds``, as the API server's own request timeout does (None: never).
     Thread-safe; serve from several listeners at once (``start`` + ``listen_in_netns``).
     """
 
-    def __init__(self, *, history_size: int = 10000, bookmark_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        history_size: int = 10000,
+        bookmark_interval: float = 1.0,
+        watch_timeout: float | None = None,
+    ) -> None:
         self.store = Store(history_size)
         self.bookmark_interval = bookmark_interval
+        self.watch_timeout = watch_timeout
         self.url: str | None = None
         self.kubeconfig: Path | None = None
         self._servers: list[_Server] = []
@@ -718,6 +728,19 @@ class Emulator:
         with self.store.lock:
             return sum(len(ws) for gr, ws in self.store.watchers.items() if plural in (None, gr[1]))
 
+    def close_watches(self, plural: str | None = None) -> int:
+        """End every open watch stream (on resource ``plural`` if given) cleanly, as an API
+        server restart or request timeout does; clients must watch again. Returns how many."""
+        with self.store.lock:
+            closed = 0
+            for gr, ws in list(self.store.watchers.items()):
+                if plural in (None, gr[1]):
+                    for w in list(ws):
+                        w.close()
+                        closed += 1
+                    ws.clear()
+        return closed
+
     def wait_for_watches(
         self, count: int = 1, plural: str | None = None, timeout: float = 10.0
     ) -> bool:
@@ -769,6 +792,8 @@ class Emulator:
                     raise E.bad_request(f"bad fault: {e}") from None
                 return 201, {"fault": asdict(f)}
             return 200, {"faults": [asdict(f) for f in self.faults()]}
+        if what == "close-watches" and method == "POST":
+            return 200, {"closed": self.close_watches(params.get("plural"))}
         if what == "compact" and method == "POST":
             self.compact()
             return 200, {"resourceVersion": str(self.store.rv)}
@@ -953,9 +978,11 @@ class Emulator:
             if method == "POST":
                 if rt.namespaced and ns is None:
                     raise E.method_not_allowed()
-                obj = store.create(op, _json_body(body))
+                obj = store.create(op, _json_body(body, ctype))
                 return 201, obj, _warnings(op)
             if method == "DELETE":
+                if rt.namespaced and ns is None:
+                    raise E.method_not_allowed()
                 return 200, store.delete_collection(op, _json_body(body) if body else None), {}
             raise E.method_not_allowed()
         if method == "GET":
@@ -966,7 +993,7 @@ class Emulator:
                 return self._watch(op)
             return 200, store.get(op), {}
         if method == "PUT":
-            return 200, store.update(op, _json_body(body)), _warnings(op)
+            return 200, store.update(op, _json_body(body, ctype)), _warnings(op)
         if method == "PATCH":
             obj, code = store.patch(op, body, ctype)
             return code, obj, _warnings(op)
@@ -989,10 +1016,13 @@ class Emulator:
         return _WatchResult(w, op.rt, timeout, bm)
 
 
-def _json_body(body: bytes) -> Any:
+def _json_body(body: bytes, ctype: str = "application/json") -> Any:
+    """Decode a request body sent as JSON or (``application/yaml``) YAML."""
     try:
+        if "yaml" in ctype.split(";")[0]:
+            return yaml.safe_load(body.decode() or "null")
         return json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise E.bad_request(f"couldn't get version/kind; json parse error: {e}") from None
 
 
@@ -1044,9 +1074,19 @@ def main(argv: list[str] | None = None) -> int:
         "--netns-kubeconfig", help="write a kubeconfig for the first --netns-listen URL here"
     )
     ap.add_argument("--history", type=int, default=10000, help="watch history size (events)")
+    ap.add_argument(
+        "--bookmark-interval", type=float, default=1.0, help="seconds between BOOKMARKs"
+    )
+    ap.add_argument(
+        "--watch-timeout", type=float, default=None, help="end every watch after this many seconds"
+    )
     args = ap.parse_args(argv)
 
-    emu = Emulator(history_size=args.history)
+    emu = Emulator(
+        history_size=args.history,
+        bookmark_interval=args.bookmark_interval,
+        watch_timeout=args.watch_timeout,
+    )
     if args.crds:
         emu.install_crds(args.crds)
     if args.register_underlay_kinds:
@@ -1077,10 +1117,6 @@ def main(argv: list[str] | None = None) -> int:
     done.wait()
     emu.stop()
     return 0
-
-
-def _iter(_: Iterator[Any]) -> None:  # keep typing import used by helpers above
-    return None
 
 
 if __name__ == "__main__":

@@ -22,11 +22,9 @@ import json
 import queue
 import random
 import socket
-import string
 import threading
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -736,7 +734,7 @@ class Store:
 
     def _update_with(self, op: Op, key: Key, old: Obj, cand: Obj) -> Obj:
         rt = op.rt
-        incoming = cand["metadata"].get("managedFields")
+        incoming = cand["metadata"].get("managedFields") or None  # [] means "unchanged"
         new = self._prepare_update(op, old, cand)
         self._validate(op, new, old)
         if incoming is not None and incoming != old["metadata"].get("managedFields"):
@@ -783,7 +781,7 @@ class Store:
                 patch = json.loads(raw or b"null")
             except (ValueError, UnicodeDecodeError) as e:
                 raise E.bad_request(f"error decoding patch: {e}") from None
-        dry = op.dry_run
+        _ = op.dry_run  # reject a bad dryRun value before anything else
         with self.lock:
             key = (op.ns or "", op.name or "")
             old = self.data[rt.gr].get(key)
@@ -813,7 +811,6 @@ class Store:
                 raise E.patch_rejected("the patched object is not an object")
             self._check_type_meta(rt, patched)
             cand = self._decode(op, patched)
-            _ = dry
             return self._update_with(op, key, old, cand), 200
 
     def _apply(self, op: Op, key: Key, old: Obj | None, cfg: Obj, force: bool) -> tuple[Obj, int]:
@@ -830,6 +827,8 @@ class Store:
         md = cfg.get("metadata")
         if not isinstance(md, dict):
             md = cfg["metadata"] = {}
+        if md.get("managedFields") is not None:
+            raise E.bad_request("metadata.managedFields must be nil")
         if md.get("name") and md["name"] != op.name:
             raise E.bad_request(
                 f"the name of the object ({md['name']}) does not match the name on the URL ({op.name})"
@@ -1272,15 +1271,3 @@ def socket_closed(sock: socket.socket) -> bool:
     except OSError:
         return True
     return data == b""
-
-
-def iter_events(w: Watcher) -> Iterator[tuple[str, Any]]:
-    """Drain ``w``'s queue without blocking."""
-    while True:
-        try:
-            yield w.q.get_nowait()
-        except queue.Empty:
-            return
-
-
-_ = string

@@ -402,3 +402,15 @@ def test_builtin_objects_decode_into_client_models(apiserver: Emulator, kube: Ku
     assert (
         code == 400 and body["reason"] == "BadRequest" and "leaseDurationSeconds" in body["message"]
     )
+
+
+def test_yaml_request_bodies(apiserver: Emulator, kube: Kube) -> None:
+    req = urllib.request.Request(
+        f"{apiserver.url}/api/v1/namespaces/default/configmaps",
+        data=b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-yaml\ndata:\n  k: v\n",
+        method="POST",
+        headers={"Content-Type": "application/yaml"},
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 201
+    assert kube.core.read_namespaced_config_map("from-yaml", "default").data == {"k": "v"}

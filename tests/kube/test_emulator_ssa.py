@@ -275,3 +275,28 @@ def test_apply_on_builtin_kinds(kube: Kube) -> None:
         "n1", node, field_manager="underlay-agent", _content_type=APPLY
     )
     assert again.metadata.resource_version == got.metadata.resource_version  # "1000" == "1k"
+
+
+def test_managed_fields_edge_cases(kube: Kube) -> None:
+    w = kube.widgets()
+    w.apply(widget("w1", mtu=1400), "a")
+    cur = w.get("w1")
+    cur["metadata"]["managedFields"] = []  # empty means "unchanged", not "reset"
+    cur["spec"]["mode"] = "auto"
+    got = w.replace("w1", cur, field_manager="editor")
+    assert {m["manager"] for m in got["metadata"]["managedFields"]} == {"a", "editor"}
+    body = widget("w1")
+    body["metadata"]["managedFields"] = got["metadata"]["managedFields"]
+    with pytest.raises(ApiException) as ei:
+        w.apply(body, "a")
+    assert status_of(ei.value)["message"] == "metadata.managedFields must be nil"
+
+
+def test_apply_null_removes_a_field_and_owns_it(kube: Kube) -> None:
+    w = kube.widgets()
+    w.patch("w1", widget("w1"), field_manager="a", _content_type=APPLY)
+    w.patch("w1", {"spec": {"mode": "auto"}}, field_manager="editor")
+    body = widget("w1", mode=None)
+    got = w.apply(body, "a", force=True)
+    assert "mode" not in got["spec"]
+    assert "f:mode" in _managers(got)[("a", "Apply")]["fieldsV1"]["f:spec"]

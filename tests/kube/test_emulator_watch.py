@@ -270,3 +270,49 @@ def test_stop_ends_open_watches(tmp_path: Any) -> None:
     time.sleep(0.3)
     emu.stop()
     assert done.wait(10)
+
+
+def test_server_side_watch_end_and_close_watches(tmp_path: Any) -> None:
+    """Streams end on the server's request timeout or on close_watches(); the client's Watch
+    then resumes from the last resourceVersion it saw, losing nothing."""
+    emu = Emulator(watch_timeout=0.5)
+    emu.start()
+    try:
+        emu.write_kubeconfig(tmp_path / "kc")
+        kube = clients(emu)
+        start = time.monotonic()
+        assert (
+            list(
+                kube.core.list_namespaced_config_map(
+                    "default", watch=True, _preload_content=False
+                ).stream()
+            )
+            == []
+        )
+        assert time.monotonic() - start < 5
+        emu.watch_timeout = None
+        rv = kube.core.list_namespaced_config_map("default").metadata.resource_version
+        names: list[str] = []
+        w = watch.Watch()
+
+        def consume() -> None:
+            for ev in w.stream(
+                kube.core.list_namespaced_config_map, "default", resource_version=rv
+            ):
+                names.append(ev["object"].metadata.name)
+                if len(names) == 2:
+                    w.stop()
+
+        t = threading.Thread(target=consume)
+        t.start()
+        assert emu.wait_for_watches(1, "configmaps")
+        kube.core.create_namespaced_config_map("default", {"metadata": {"name": "one"}})
+        deadline = time.monotonic() + 5
+        while not names and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert emu.close_watches("configmaps") == 1
+        kube.core.create_namespaced_config_map("default", {"metadata": {"name": "two"}})
+        t.join(10)
+        assert names == ["one", "two"]
+    finally:
+        emu.stop()

@@ -40,7 +40,7 @@ class Ctx:
     ``errors`` become a 422 Invalid, ``bad`` (decode errors of built-in kinds) a 400 BadRequest,
     ``unknown`` lists pruned fields (for fieldValidation Warn/Strict). ``defaults=False`` and
     ``required=False`` serve apply configurations, which are partial; ``prune=False`` reports
-    undeclared fields in ``undeclared`` instead of dropping them.
+    undeclared fields in ``undeclared`` instead of dropping them, and keeps ``null`` values.
     """
 
     errors: list[FieldError] = field(default_factory=list)
@@ -116,8 +116,8 @@ def normalize(v: Any, shape: Shape | None, path: str, ctx: Ctx) -> Any:
     if shape is None or shape is DEDUCED:
         return v
     if v is None:
-        if shape.nullable:
-            return None
+        if shape.nullable or not ctx.prune:
+            return None  # apply configurations keep null: it means "remove, and own"
         return DROP
     # ---- type
     if shape.int_or_string:
