@@ -7,7 +7,7 @@ from pathlib import Path
 import git
 import pytest
 
-from reconciler.source import SourceError, fetch, is_git_url, redact
+from reconciler.source import SourceError, fetch, is_git_url, ls_remote, redact
 
 
 def make_repo(path: Path) -> git.Repo:
@@ -105,3 +105,80 @@ def test_redact_and_url_detection(tmp_path: Path) -> None:
     assert not is_git_url(str(tmp_path))
     make_repo(tmp_path / "r")
     assert is_git_url(str(tmp_path / "r"))
+
+
+def test_ls_remote_tells_the_head_without_fetching(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "origin")
+    first = commit(repo, {"a.yaml": "one\n"}, "first")
+    repo.create_tag("v1", message="annotated")  # annotated: ls-remote must peel to the commit
+    repo.create_tag("light")
+    second = commit(repo, {"a.yaml": "two\n"}, "second")
+    repo.create_head("release", first)
+    url = (tmp_path / "origin").as_uri()
+
+    assert ls_remote(url, "main") == second
+    assert ls_remote(str(tmp_path / "origin"), "main") == second
+    assert ls_remote(url, "v1") == first
+    assert repo.tags["v1"].tag is not None and repo.tags["v1"].tag.hexsha != first
+    assert ls_remote(url, "light") == first
+    assert ls_remote(url, "release") == first
+    assert ls_remote(url, "refs/heads/main") == second
+    assert ls_remote(url, "refs/tags/v1") == first
+    assert ls_remote(url, second) == second, "a pinned commit never moves"
+    assert ls_remote(url, second[:10]) is None, "an abbreviated SHA needs a fetch"
+    third = commit(repo, {"a.yaml": "three\n"}, "third")
+    assert ls_remote(url, "main") == third
+    with pytest.raises(SourceError, match=r"ref 'nope' not found on file://.*origin"):
+        ls_remote(url, "nope")
+    with pytest.raises(SourceError, match=r"cannot list 'main' on file://.*missing"):
+        ls_remote((tmp_path / "missing").as_uri(), "main")
+
+
+def test_branch_wins_over_tag_of_the_same_name_in_fetch_and_ls_remote(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "origin")
+    first = commit(repo, {"a.yaml": "one\n"}, "first")
+    repo.create_tag("prod")
+    second = commit(repo, {"a.yaml": "two\n"}, "second")
+    repo.create_head("prod", second)
+    url = (tmp_path / "origin").as_uri()
+    assert ls_remote(url, "prod") == second != first
+    assert fetch(url, "prod", cache_dir=tmp_path / "c").revision == second
+
+
+def test_changed_is_false_when_the_head_did_not_move(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "origin")
+    commit(repo, {"a.yaml": "one\n"}, "first")
+    cache = tmp_path / "cache"
+    url = str(tmp_path / "origin")
+    assert fetch(url, "main", cache_dir=cache).changed
+    again = fetch(url, "main", cache_dir=cache)
+    assert not again.changed
+    # a stray edit in the cache work tree is undone even when nothing moved
+    (again.path / "a.yaml").write_text("edited\n")
+    (again.path / "stray.yaml").write_text("x\n")
+    co = fetch(url, "main", cache_dir=cache)
+    assert not co.changed
+    assert (co.path / "a.yaml").read_text() == "one\n"
+    assert not (co.path / "stray.yaml").exists()
+    commit(repo, {"a.yaml": "two\n"}, "second")
+    assert fetch(url, "main", cache_dir=cache).changed
+
+
+def test_plain_directory_is_used_in_place(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.yaml").write_text("x\n")
+    co = fetch(str(tmp_path / "plain"), "main", cache_dir=tmp_path / "c")
+    assert (co.path, co.revision) == ((tmp_path / "plain").resolve(), "local")
+    assert not (tmp_path / "c").exists()
+    assert ls_remote(str(tmp_path / "plain"), "main") is None
+
+
+def test_short_commit_sha_is_resolved(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "origin")
+    first = commit(repo, {"a.yaml": "one\n"}, "first")
+    commit(repo, {"a.yaml": "two\n"}, "second")
+    co = fetch((tmp_path / "origin").as_uri(), first[:10], cache_dir=tmp_path / "c")
+    assert co.revision == first
+    assert (co.path / "a.yaml").read_text() == "one\n"
+    with pytest.raises(SourceError, match=r"commit 0123456789 not found in file://"):
+        fetch((tmp_path / "origin").as_uri(), "0123456789", cache_dir=tmp_path / "c")
