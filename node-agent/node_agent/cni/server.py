@@ -56,7 +56,9 @@ class CniAgent:
     """Executes CNI calls for this node: holds the OVSDB connection, Kubernetes client, IPAM.
 
     ``node_name`` is this node's Kubernetes Node name. OVSDB: pass a connected ovsdbapp API as
-    ``ovs_api`` or a remote (``unix:/path``) as ``ovsdb`` to connect on first use. Kubernetes:
+    ``ovs_api`` or, better, a remote (``unix:/path``) as ``ovsdb``: the agent then opens its
+    own connection on first use, monitoring only the columns the plugins need
+    (:func:`node_agent.cni.ports.connect`). Kubernetes:
     ``kube`` is a ``kubernetes.client.ApiClient`` (needed by underlay-ipam). ``host_netns``
     is the path of the node's network namespace when this process runs elsewhere (tests run
     the agent in-process); None means the process's own namespace. ``purge_interval``
@@ -114,7 +116,9 @@ class CniAgent:
             if self._ovs is None:
                 if not self.ovsdb_remote:
                     raise CniError(INTERNAL, "the agent has no OVSDB connection configured")
-                from node_agent.ovsdb import OvsdbUnavailable, connect
+                from node_agent.ovsdb import OvsdbUnavailable
+
+                from .ports import connect
 
                 try:
                     self._ovs = connect(self.ovsdb_remote, timeout=self.ovsdb_timeout)
