@@ -690,7 +690,8 @@ def apply_merge(
     """
     base = without_managed(live)
     cfg = without_managed(config)
-    config_set = exclude(to_field_set(cfg, shape) - STRIPPED, ignored)
+    full_set = exclude(to_field_set(cfg, shape), ignored)
+    config_set = full_set - STRIPPED
     merged = merge(base, cfg, shape)
     ent = Entry(manager, "Apply", api_version, subresource, None, config_set)
     key = ent.key()
@@ -700,7 +701,9 @@ def apply_merge(
     new_managers = dict(managers)
     new_managers[key] = ent
     if last is not None and last.fields:
-        owned: set[Path] = set()
+        # during the merge the applier owns its whole configuration, metadata.name included
+        # (stripping happens afterwards), which keeps metadata itself from being pruned
+        owned: set[Path] = set(full_set)
         for e in new_managers.values():
             owned |= e.fields
         merged_set = ensure_named(to_field_set(merged, shape), shape)

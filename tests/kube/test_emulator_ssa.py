@@ -300,3 +300,26 @@ def test_apply_null_removes_a_field_and_owns_it(kube: Kube) -> None:
     got = w.apply(body, "a", force=True)
     assert "mode" not in got["spec"]
     assert "f:mode" in _managers(got)[("a", "Apply")]["fieldsV1"]["f:spec"]
+
+
+def test_dropping_the_last_applied_label_keeps_metadata(kube: Kube) -> None:
+    w = kube.widgets()
+    body = widget("w1")
+    body["metadata"]["labels"] = {"x": "1"}
+    body["metadata"]["annotations"] = {"a": "1"}
+    w.apply(body, "a")
+    before = w.get("w1")
+    got = w.apply(widget("w1"), "a")
+    assert "labels" not in got["metadata"] and "annotations" not in got["metadata"]
+    for k in ("name", "namespace", "uid", "creationTimestamp", "generation"):
+        assert got["metadata"][k] == before["metadata"][k]
+    assert _managers(got)[("a", "Apply")]["fieldsV1"] == {"f:spec": {"f:bridge": {}}}
+    # metadata nobody owns (tracking was reset) survives when an applier drops its own label
+    w.patch("w1", {"metadata": {"labels": {"keep": "1"}, "finalizers": ["x.dev/y"]}})
+    assert "managedFields" not in w.patch("w1", {"metadata": {"managedFields": [{}]}})["metadata"]
+    labelled = widget("w1")
+    labelled["metadata"]["labels"] = {"x": "1"}
+    w.apply(labelled, "a")
+    got = w.apply(widget("w1"), "a")
+    assert got["metadata"]["finalizers"] == ["x.dev/y"]
+    assert got["metadata"]["uid"] == before["metadata"]["uid"]
