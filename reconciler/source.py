@@ -140,6 +140,18 @@ _HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+def _redacted(exc: git.GitCommandError, secrets: list[str]) -> git.GitCommandError:
+    """A copy of gitpython's error with command, stdout and stderr redacted, to chain as the
+    cause of a SourceError (tracebacks print it; the original may hold what git echoed)."""
+    cmd = exc.command if isinstance(exc.command, list) else [str(exc.command)]
+    return git.GitCommandError(
+        [redact(str(a), secrets) for a in cmd],
+        exc.status,
+        redact(str(exc.stderr or ""), secrets).replace("stderr: ", "", 1).strip("'\n"),
+        redact(str(exc.stdout or ""), secrets).replace("stdout: ", "", 1).strip("'\n"),
+    )
+
+
 def _explain(exc: git.GitCommandError, secrets: list[str]) -> str:
     """One line: a hint for known failures, then git's own last lines, all redacted."""
     raw = str(exc.stderr or "") or str(exc)
@@ -188,14 +200,20 @@ def ls_remote(
             f"refs/tags/{ref}^{{}}",
         ]
     )
+    failure: git.GitCommandError | None = None
+    out = ""
     try:
         with git_environment(creds) as env:
-            out = git.Git().ls_remote(git_url, *names, env=env, kill_after_timeout=timeout)
+            out = str(git.Git().ls_remote(git_url, *names, env=env, kill_after_timeout=timeout))
     except git.GitCommandError as exc:
-        why = _explain(exc, secrets)
-        raise SourceError(f"cannot list {ref!r} on {redact(url, secrets)}: {why}") from None
+        failure = exc
+    if failure is not None:
+        why = _explain(failure, secrets)
+        raise SourceError(f"cannot list {ref!r} on {redact(url, secrets)}: {why}") from _redacted(
+            failure, secrets
+        )
     found: dict[str, str] = {}
-    for line in str(out).splitlines():
+    for line in out.splitlines():
         sha, _, name = line.partition("\t")
         found[name.strip()] = sha.strip()
     order = (
@@ -242,7 +260,7 @@ def fetch(
     shown = redact(git_url, secrets)
     cache = cache_dir or default_cache_dir()
     dest = cache / hashlib.sha256(git_url.encode()).hexdigest()[:16]
-    failure: str | None = None
+    failure: git.GitCommandError | None = None
     try:
         with git_environment(creds) as env:
             if (dest / ".git").is_dir():
@@ -256,9 +274,12 @@ def fetch(
             before = _head(repo)
             sha = _fetch_ref(repo, ref, depth, env, timeout, shown)
     except git.GitCommandError as exc:
-        failure = _explain(exc, secrets)
+        failure = exc
     if failure is not None:
-        raise SourceError(f"cannot fetch {ref!r} from {shown}: {failure}")
+        why = _explain(failure, secrets)
+        raise SourceError(f"cannot fetch {ref!r} from {shown}: {why}") from _redacted(
+            failure, secrets
+        )
     signature = None
     if verify is not None:
         signature = verify_commit(repo, sha, verify, where=f"{shown} ({ref})", timeout=timeout)
@@ -266,9 +287,12 @@ def fetch(
         repo.git.checkout("--force", "--detach", sha)
         repo.git.clean("-ffdxq")
     except git.GitCommandError as exc:
-        failure = _explain(exc, secrets)
+        failure = exc
     if failure is not None:
-        raise SourceError(f"cannot check out {sha} of {shown} in {dest}: {failure}")
+        why = _explain(failure, secrets)
+        raise SourceError(f"cannot check out {sha} of {shown} in {dest}: {why}") from _redacted(
+            failure, secrets
+        )
     return Checkout(dest, sha, ref, shown, changed=before != sha, signature=signature)
 
 

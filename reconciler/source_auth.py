@@ -362,7 +362,8 @@ def git_environment(creds: Credentials | None) -> Iterator[dict[str, str]]:
     Always: ``GIT_TERMINAL_PROMPT=0`` (never wait for a password), ``GIT_SSH_COMMAND`` with
     strict host key checking. With http credentials: ``http.extraHeader: Authorization: ...``
     and an emptied ``credential.helper`` list (nothing stores them). With ``ca_cert``:
-    ``http.sslCAInfo`` pointing at a 0600 file. With ``identity``/``known_hosts``: 0600 files
+    ``http.sslCAInfo`` and ``GIT_SSL_CAINFO`` (which overrides the config when the image sets
+    it) pointing at a 0600 file. With ``identity``/``known_hosts``: 0600 files
     named in ``GIT_SSH_COMMAND``. Files live in a 0700 directory from :func:`tempfile.mkdtemp`
     (``$TMPDIR``) that is removed on exit, also on error.
     """
@@ -389,6 +390,9 @@ def git_environment(creds: Credentials | None) -> Iterator[dict[str, str]]:
             if creds.known_hosts and tmp is not None:
                 known_hosts = _write_private(tmp / "known_hosts", creds.known_hosts)
         env = config_env(pairs)
+        for key, val in pairs:
+            if key == "http.sslCAInfo":
+                env["GIT_SSL_CAINFO"] = val  # the variable, when set, wins over the config
         env["GIT_TERMINAL_PROMPT"] = "0"
         env["GIT_SSH_COMMAND"] = ssh_command(identity, known_hosts)
         env["GIT_SSH_VARIANT"] = "ssh"
