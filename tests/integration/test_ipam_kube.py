@@ -556,3 +556,111 @@ def test_errors_through_the_shim(rig_cluster: tuple[Rig, Cluster, str], tmp_path
         assert rc == 0
     finally:
         agent.stop()
+
+
+# --- concurrency control and API failures -----------------------------------------------------
+def test_stale_copy_gets_409_and_is_retried(cluster: Cluster) -> None:
+    """Agent A's remembered pool copy goes stale when agent B writes; A's write is refused
+    with 409 Conflict, A re-reads and allocates the next free IP."""
+    cluster.pool("pool")
+    a, b = Ipam(api_client(cluster.kubeconfig), "n1"), Ipam(api_client(cluster.kubeconfig), "n2")
+    ips = [a.allocate(req("p1", cluster.pod("p1"), default_ipv4_ippool="pool"))[0].ip]
+    ips.append(b.allocate(req("p2", cluster.pod("p2"), default_ipv4_ippool="pool"))[0].ip)
+    ips.append(a.allocate(req("p3", cluster.pod("p3"), default_ipv4_ippool="pool"))[0].ip)
+    assert ips == ["172.18.30.131", "172.18.30.132", "172.18.30.133"]
+    assert a.conflicts == 1 and b.conflicts == 0
+    assert cluster.status("pool")["allocatedIPCount"] == 3
+
+
+def test_injected_conflicts_are_retried(cluster: Cluster) -> None:
+    cluster.pool("pool")
+    uid = cluster.pod("p1")
+    cluster.em.inject_fault(r"/spiderippools/pool/status$", method="PUT", status=409, count=3)
+    ipam = Ipam(cluster.api, "n1")
+    assert ipam.allocate(req("p1", uid, default_ipv4_ippool="pool"))[0].ip == "172.18.30.131"
+    assert ipam.conflicts == 3
+    assert len(cluster.em.requests("PUT", r"/spiderippools/pool/status$")) == 4
+
+
+def test_endpoint_write_failure_releases_the_ip(cluster: Cluster) -> None:
+    cluster.pool("pool")
+    uid = cluster.pod("p1")
+    cluster.em.inject_fault(r"/spiderendpoints$", method="POST", status=500, count=1)
+    with pytest.raises(CniError) as e:
+        Ipam(cluster.api, "n1").allocate(req("p1", uid, default_ipv4_ippool="pool"))
+    assert e.value.code == 11 and "SpiderEndpoint" in e.value.msg
+    st = cluster.status("pool")
+    assert st["allocatedIPCount"] == 0 and "allocatedIPs" not in st
+
+
+def test_server_error_on_pool_write_changes_nothing(cluster: Cluster) -> None:
+    cluster.pool("pool")
+    uid = cluster.pod("p1")
+    cluster.em.inject_fault(r"/spiderippools/pool/status$", method="PUT", status=500, count=1)
+    with pytest.raises(CniError) as e:
+        Ipam(cluster.api, "n1").allocate(req("p1", uid, default_ipv4_ippool="pool"))
+    assert e.value.code == 11 and "pool" in e.value.msg
+    assert cluster.status("pool").get("allocatedIPCount", 0) == 0
+    assert cluster.endpoint("p1") is None
+
+
+def test_api_unreachable_through_the_shim(tmp_path: Path) -> None:
+    """An agent whose API server is down: ADD fails with code 11 naming the server; DEL
+    exits 0 and says on stderr what it left for garbage collection."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    kubeconfig = tmp_path / "kc"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: x\n"
+        f"clusters: [{{name: x, cluster: {{server: 'http://127.0.0.1:{port}'}}}}]\n"
+        "users: [{name: x, user: {token: t}}]\n"
+        "contexts: [{name: x, context: {cluster: x, user: x}}]\n"
+    )
+    sock = str(tmp_path / "a.sock")
+    install_shims(tmp_path / "bin", sock, python=PYTHON)
+    with open(tmp_path / "agent.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node_agent.cni.server", "--socket", sock, "--kubeconfig", str(kubeconfig), "--node-name", "n1"],
+            stdout=subprocess.PIPE, stderr=log, cwd=str(Path(__file__).parents[2]),
+        )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": "m",
+            "type": "macvlan",
+            "ipam": {"type": "underlay-ipam", "default_ipv4_ippool": ["pool"]},
+        }
+        env = {
+            "CNI_CONTAINERID": "c1",
+            "CNI_NETNS": "/run/netns/x",
+            "CNI_IFNAME": "net1",
+            "CNI_PATH": "/x",
+            "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p1;K8S_POD_UID=u1",
+        }
+        add = subprocess.run(
+            [str(tmp_path / "bin" / "underlay-ipam")],
+            input=json.dumps(conf).encode(),
+            env={**env, "CNI_COMMAND": "ADD"},
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        err = json.loads(add.stdout)
+        assert add.returncode == 1 and err["code"] == 11
+        assert f"127.0.0.1:{port}" in err["msg"]
+        rm = subprocess.run(
+            [str(tmp_path / "bin" / "underlay-ipam")],
+            input=json.dumps(conf).encode(),
+            env={**env, "CNI_COMMAND": "DEL"},
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert rm.returncode == 0 and rm.stdout == b""
+        assert b"garbage collection" in rm.stderr and f"127.0.0.1:{port}".encode() in rm.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
