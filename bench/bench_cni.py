@@ -23,6 +23,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -116,6 +117,7 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cycles", type=int, default=100)
+    ap.add_argument("--keep", action="store_true", help="keep the agent log and scratch files")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-cni-"))
     rig = Rig()
@@ -257,6 +259,10 @@ def main() -> None:
         if em is not None:
             em.stop()
         rig.close()
+        if a.keep:
+            print(f"agent log and scratch files kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
