@@ -6,17 +6,22 @@ Config (CNI network config; names as ovs-cni)::
      "maxID": 40}], "mtu": 1500, "ofport_request": 0, "interface_type": "", "mac": "...",
      "ipam": {"type": "underlay-ipam" | any IPAM plugin in CNI_PATH, ...}}
 
-ADD: the bridge must exist; IPAM runs first (so the pod MAC can be derived from the IPv4,
-``0a:58:`` + octets, unless ``mac``/CNI_ARGS ``MAC``/runtimeConfig ``mac`` asks for one); a
-veth is created with a random host name and the peer directly inside the pod namespace;
-one OVSDB transaction adds Interface + Port (external_ids, see :mod:`node_agent.cni.ports`)
-to the bridge; the pod interface gets the IPs and routes, is set up and announces each IPv4
-with a gratuitous ARP. Any failure undoes what was done. ``vlan`` > 0 without ``trunk``
-makes an access port; ``trunk`` a trunk port; ``vlan`` 0 or absent and no trunk: untagged.
-DEL: finds the port by ``contId`` + ``contIface``, deletes port and veth, then IPAM DEL;
-tolerates a missing netns/port and repeats. CHECK: port, veth, pod interface and the
-prevResult addresses must be present. Ports left with an OVS ``error`` by dead pods are purged
-on every ADD/DEL. Sources: CNI spec 1.0.0; reference/cni-ovs.md (ovs-cni behaviour).
+ADD: the bridge must exist; IPAM runs concurrently with the veth creation (random host
+name, the peer created directly inside the pod namespace) and the OVSDB transaction that adds
+Interface + Port (external_ids, see :mod:`node_agent.cni.ports`) to the bridge; the pod
+interface then gets its MAC (``mac``/CNI_ARGS ``MAC``/runtimeConfig ``mac``, else ``0a:58:`` +
+the IPv4 octets), the IPs and routes, and is set up. The answer waits for the SpiderEndpoint
+write of in-process IPAM; the gratuitous ARP per IPv4 goes out right after the answer, once
+ovs-vswitchd has given the port an ofport. Any failure undoes what was done. ``vlan`` > 0
+without ``trunk`` makes an access port; ``trunk`` a trunk port; ``vlan`` 0 or absent and no
+trunk: untagged (all VLANs).
+DEL: finds the port by ``contId`` + ``contIface`` and deletes it, IPAM DEL concurrently; the
+host veth (and with it the pod end) is deleted right after the answer (a later ADD of the same
+netns/ifname waits for that); tolerates a missing netns/port and repeats.
+CHECK: port, veth, pod interface and the prevResult addresses must be present.
+Ports of dead pods (an OVS ``error`` on the Interface, or the host veth gone) are purged in
+the background after an ADD/DEL, at most once per ``purge_interval``.
+Sources: CNI spec 1.0.0; reference/cni-ovs.md (ovs-cni behaviour).
 """
 
 from __future__ import annotations
