@@ -118,12 +118,12 @@ _HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
         "the ssh host is not in known_hosts; add its key to known_hosts",
     ),
     (
-        re.compile(r"Permission denied \(publickey"),
-        "ssh authentication failed: the server refused the identity key",
-    ),
-    (
         re.compile(r"Load key .*: (invalid format|error in libcrypto|incorrect passphrase)"),
         "the ssh identity is not a valid private key without passphrase",
+    ),
+    (
+        re.compile(r"Permission denied \(publickey"),
+        "ssh authentication failed: the server refused the identity key",
     ),
     (
         re.compile(
@@ -152,6 +152,13 @@ def _redacted(exc: git.GitCommandError, secrets: list[str]) -> git.GitCommandErr
     )
 
 
+_GIT_NOISE = (
+    "Could not read from remote repository",
+    "Please make sure you have the correct access rights",
+    "and the repository exists",
+)
+
+
 def _explain(exc: git.GitCommandError, secrets: list[str]) -> str:
     """One line: a hint for known failures, then git's own last lines, all redacted."""
     raw = str(exc.stderr or "") or str(exc)
@@ -159,8 +166,13 @@ def _explain(exc: git.GitCommandError, secrets: list[str]) -> str:
     lines = [
         ln.strip()
         for ln in raw.splitlines()
-        if ln.strip() and not set(ln.strip()) <= {"@"} and "Could not read from remote" not in ln
+        if ln.strip()
+        and not set(ln.strip()) <= {"@"}
+        and not any(noise in ln for noise in _GIT_NOISE)
     ]
+    offered = re.search(r"key sent by the remote host is\s+(\S+?)\.?\s*$", raw, re.M)
+    if offered:  # ssh's host key banner: keep the fingerprint the server offered
+        lines.append(f"the server offered {offered.group(1)}")
     detail = redact("; ".join(lines[-3:]), secrets)
     for pattern, hint in _HINTS:
         if pattern.search(raw):

@@ -73,6 +73,14 @@ _TOKEN_PARAM = re.compile(
 )
 
 
+def _mask_userinfo(m: re.Match[str]) -> str:
+    # a bare ssh user name (ssh://git@host) is not a secret; anything else in userinfo may be
+    scheme, cred = m.group("scheme"), m.group("cred")
+    if scheme.lower() in ("ssh://", "git+ssh://", "ssh+git://") and ":" not in cred:
+        return m.group(0)
+    return f"{scheme}{MASK}@"
+
+
 def register_secret(*values: str | None) -> None:
     """Remember credential ``values`` so :func:`redact` hides them in any text from now on.
 
@@ -91,7 +99,8 @@ def register_secret(*values: str | None) -> None:
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     """Return ``text`` with credentials replaced by ``***``.
 
-    Hides: userinfo in URLs (``https://user:token@host`` -> ``https://***@host``), the value of
+    Hides: userinfo in URLs (``https://user:token@host`` -> ``https://***@host``; a bare ssh
+    user such as ``ssh://git@host`` stays), the value of
     ``Authorization:``/``Proxy-Authorization:`` headers and ``Bearer`` tokens, token-like query
     parameters (``access_token=``, ``private_token=``, ``token=``, ``password=``), every value
     given in ``secrets`` and every value passed to :func:`register_secret` (which
@@ -106,7 +115,7 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     for v in sorted(values, key=len, reverse=True):
         if v in text:
             text = text.replace(v, MASK)
-    text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+    text = _URL_USERINFO.sub(_mask_userinfo, text)
     text = _AUTH_HEADER.sub(lambda m: m.group("head") + MASK, text)
     text = _BEARER.sub(lambda m: m.group("head") + MASK, text)
     return _TOKEN_PARAM.sub(lambda m: m.group("head") + MASK, text)
