@@ -502,6 +502,12 @@ def test_debian_bridge_plugin_with_underlay_ipam(
         assert any(ip["address"] == "172.18.30.131/16" and ip["version"] == "4" for ip in r1["ips"])
         assert p1.addresses("eth0") == ["172.18.30.131/16"]
         assert p1.ping("172.18.30.132")
+        rt.check(conf, p1, "c1", pod=("default", "p1", u1))  # bridge's CHECK runs ours too
+        # drift: p1's allocation released behind the runtime's back (as a GC would)
+        Ipam(cluster.api, "n1").release(req("p1", u1))
+        with pytest.raises(CniFailure) as e:
+            rt.check(conf, p1, "c1", pod=("default", "p1", u1))
+        assert e.value.code == 108 and "SpiderEndpoint default/p1" in e.value.msg
         rt.delete(conf, p1, "c1", pod=("default", "p1", u1))
         rt.delete(conf, p2, "c2", pod=("default", "p2", u2))
         assert cluster.status("ippool-test")["allocatedIPCount"] == 0
