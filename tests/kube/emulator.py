@@ -30,6 +30,43 @@ Process use (for e2e tests)::
 
 prints the URL it serves on the first line of stdout (then ``netns <path> <url>`` per extra
 listener) and serves until SIGTERM/SIGINT.
+
+HTTP controls (process mode): ``POST /__emulator/faults`` ``{"path": regex, "method": "PUT",
+"status": 503, "retryAfter": 1, "hang": 2.0, "drop": false, "count": 1}``, ``GET``/``DELETE``
+the same path to list/clear; ``GET /__emulator/requests[?method=&path=&writes=true]``,
+``DELETE`` to reset; ``POST /__emulator/compact``; ``POST /__emulator/close-watches[?plural=]``;
+``POST /__emulator/register`` ``{"group", "version", "kind", "plural", "namespaced", "status",
+"shortNames", "schema"}``; ``GET /__emulator/healthz``.
+
+Where the emulator knowingly differs from a real API server (v1.33):
+
+- Strategic merge patch knows the merge keys of a fixed table of built-in lists (containers,
+  env, ports, volumeMounts, volumes, conditions, addresses, ownerReferences, finalizers...);
+  other lists are replaced; ``$setElementOrder`` is ignored (new items are appended).
+- Server-side apply follows structured-merge-diff, but built-in kinds take their list/map
+  semantics from the same fixed table (other lists atomic); no cap of 10 Update managers.
+- Propagation policy Foreground behaves like Background; Orphan strips the owner references
+  from dependents synchronously (no "orphan"/"foregroundDeletion" finalizers are added).
+  The garbage collector identifies owners by uid only and runs at once in a background
+  thread (``wait_idle()``); namespace and CRD deletion empty them synchronously in the DELETE.
+- LIST pages (limit/continue) come from the current state, not a snapshot at the first page's
+  resourceVersion; ``resourceVersion``/``resourceVersionMatch`` on LIST are ignored (always
+  the most recent state, never 410/504).
+- BOOKMARKs every ``bookmark_interval`` seconds (real: about a minute); watches never end on
+  their own unless ``timeoutSeconds`` or ``watch_timeout`` is set.
+- CRD validation rules (CEL ``x-kubernetes-validations``) are not evaluated, validation
+  ratcheting is not implemented, ``format`` checks cover a common subset; schema error texts
+  follow kube-openapi's classic wording.
+- Built-in kinds are type-checked and pruned against the client's models and validated for
+  names, required fields, pod containers/images, pod spec immutability and config keys only;
+  defaults are a subset (pods, containers, services, secrets, namespaces, nodes).
+- core/v1 and events.k8s.io/v1 Events are separate collections (real: one, converted).
+- CRD version conversion: strategy None only; CRDs are Established in the create response.
+- No authentication/authorization (tokens are accepted and ignored), admission webhooks,
+  protobuf, Table output, OpenAPI documents or aggregated discovery (legacy discovery only).
+- Bound pods: graceful deletion is confirmed at once by an emulated kubelet (MODIFIED with
+  deletionTimestamp, then DELETED).
+- JSON object keys keep insertion order (real: sorted for custom resources).
 """
 
 from __future__ import annotations
