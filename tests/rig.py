@@ -8,6 +8,12 @@ Layout (DESIGN.md, "The test rig")::
              172.18.0.1; its own ovsdb-server and ovs-vswitchd with a private run directory.
     <p>-pod1 a pod: an empty namespace that CNI plugins fill.
 
+Optional second segment (:meth:`Rig.add_network` / :meth:`Rig.add_nic`): a Linux bridge
+``data`` in the switch namespace holding the data gateway 172.19.0.1/16, and per node an
+``eth1`` veth into it, so a node keeps its ``eth0`` path to the API server while a bridge is
+built over ``eth1``; :meth:`Rig.unplug` detaches the cable from the segment (carrier stays up,
+nothing answers), :meth:`Rig.plug` attaches it again.
+
 Every 172.18.x address lives inside namespaces this module created; the machine's own
 namespace is never given an address or a route. ``Rig.close()`` removes everything.
 """
@@ -28,6 +34,8 @@ OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 GATEWAY = "172.18.0.1"
 APISERVER_IP = "172.18.0.2"
 PREFIXLEN = 16
+DATA_GATEWAY = "172.19.0.1"
+"""Gateway of the optional data segment (lives only in the switch namespace)."""
 RUN_ROOT = Path("/tmp/underlay-rig")
 
 
@@ -222,6 +230,8 @@ class Rig:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.nodes: dict[str, Node] = {}
         self.pods: dict[str, Netns] = {}
+        self.networks: dict[str, str] = {}
+        self.cables: dict[tuple[str, str], tuple[str, str | None]] = {}
         self.switch = Netns(f"{self.prefix}-sw")
         run("ip", "netns", "add", self.switch.name)
         self.switch.run("ip", "link", "set", "lo", "up")
@@ -253,6 +263,56 @@ class Rig:
         if ovs:
             node.start_ovs()
         return node
+
+    def add_network(self, name: str = "data", gateway: str = DATA_GATEWAY) -> None:
+        """A second L2 segment: Linux bridge ``name`` in the switch namespace holding
+        ``gateway``/16 (only there)."""
+        self.switch.run("ip", "link", "add", name, "type", "bridge")
+        self.switch.run("ip", "link", "set", name, "up")
+        self.switch.run("ip", "addr", "add", f"{gateway}/{PREFIXLEN}", "dev", name)
+        self.networks[name] = gateway
+
+    def add_nic(
+        self,
+        node_name: str,
+        ifname: str,
+        ip: str,
+        *,
+        network: str | None = "data",
+        default_metric: int | None = None,
+    ) -> str:
+        """Give node ``node_name`` NIC ``ifname`` = ``ip``/16, a veth whose other end is in the
+        switch namespace, attached to segment ``network`` (None: attached to nothing, a cable
+        into an empty port). ``default_metric``: also add a default route via the segment's
+        gateway with that metric (the node's main default route stays on eth0). Returns the
+        switch-side name."""
+        node = self.nodes[node_name]
+        outside = f"{self.prefix}{node_name}{ifname}"[:15]
+        run("ip", "link", "add", "rigtmp1", "netns", node.name, "type", "veth",
+            "peer", "name", outside, "netns", self.switch.name)  # fmt: skip
+        node.run("ip", "link", "set", "rigtmp1", "name", ifname)
+        if network is not None:
+            self.switch.run("ip", "link", "set", outside, "master", network)
+        self.switch.run("ip", "link", "set", outside, "up")
+        node.run("ip", "link", "set", ifname, "up")
+        node.run("ip", "addr", "add", f"{ip}/{PREFIXLEN}", "dev", ifname)
+        if default_metric is not None:
+            gateway = self.networks[network or "data"]
+            node.run("ip", "route", "add", "default", "via", gateway, "dev", ifname,
+                     "metric", str(default_metric))  # fmt: skip
+        self.cables[(node_name, ifname)] = (outside, network)
+        return outside
+
+    def unplug(self, node_name: str, ifname: str) -> None:
+        """Detach the NIC's cable from its segment (its carrier stays up; nobody answers)."""
+        outside, _ = self.cables[(node_name, ifname)]
+        self.switch.run("ip", "link", "set", outside, "nomaster")
+
+    def plug(self, node_name: str, ifname: str, network: str = "data") -> None:
+        """Attach the NIC's cable to segment ``network``."""
+        outside, _ = self.cables[(node_name, ifname)]
+        self.switch.run("ip", "link", "set", outside, "master", network)
+        self.cables[(node_name, ifname)] = (outside, network)
 
     def add_pod(self, name: str) -> Netns:
         """Create an empty pod network namespace (loopback up)."""

@@ -12,7 +12,7 @@ The daemon (which watches OvsBridge objects and writes OvsBridgeEnactment status
   exact prior state when a probe fails, then commit the persistence files;
 - :func:`remove`: blocked while pod ports remain; else addresses back to the uplink, bridge
   deleted, files removed;
-- :func:`drift`: what differs between the live node and the desired state;
+- :func:`drift` / :func:`classify`: what differs between the live node and the desired state;
 - :class:`OvsdbWatcher` and :class:`FileWatcher`: call back when OVSDB rows or persistence files
   of a bridge change, so the daemon can repair drift.
 
@@ -630,31 +630,63 @@ class RemoveResult:
     files: tuple[str, ...] = ()
 
 
+def removal_blocked(desired: DesiredBridge, node: NodeContext) -> str | None:
+    """Why :func:`remove` would refuse to take ``desired``'s bridge off ``node`` (pod ports
+    remain, named with their pod UID and interface; or the bridge was not created by the
+    agent), or None when it may. Reads only."""
+    state = ovs.read_bridge(node.ovsdb, desired.name)
+    if state is None:
+        return None
+    pods = [p for p in state.ports if p.is_pod]
+    if pods:
+        names = ", ".join(
+            f"{p.name} (pod {p.external_ids.get(ovs.POD_UID_KEY, '?')}, "
+            f"{p.external_ids.get(ovs.POD_IFACE_KEY, '?')})"
+            for p in pods
+        )
+        return f"bridge {desired.name} still has pod ports: {names}"
+    if not state.owned:
+        return (
+            f"bridge {desired.name} was not created by the underlay agent "
+            f"(external_ids {ovs.OWNER_KEY} is not {ovs.OWNER_AGENT})"
+        )
+    return None
+
+
+def plan_remove(desired: DesiredBridge, node: NodeContext) -> RemoveResult:
+    """What :func:`remove` would do (no-op mode; reads only): status ``blocked`` with the
+    reason, ``absent`` when nothing is left, else ``removed`` with the changes it would make
+    and the files it would delete."""
+    reason = removal_blocked(desired, node)
+    if reason is not None:
+        return RemoveResult(desired.name, STATUS_BLOCKED, reason)
+    changes: list[str] = []
+    with links.open_iproute(node.netns) as ipr:
+        br = links.read_link(ipr, desired.name)
+        if desired.move_addresses and br is not None:
+            changes += [f"move address {a.cidr} from {desired.name} back to {desired.uplinks[0]}"
+                        for a in br.addresses]  # fmt: skip
+            changes += [
+                f"move route {links.describe_route(r, desired.name)} back to {desired.uplinks[0]}"
+                for r in br.routes
+            ]
+    if ovs.read_bridge(node.ovsdb, desired.name) is not None:
+        changes.append(f"delete OVS bridge {desired.name}")
+    files = [p for p in _all_paths(desired, node.root) if persistence.read_file(node.root, p)]
+    changes += [f"remove {p}" for p in files]
+    status = STATUS_REMOVED if changes else STATUS_ABSENT
+    return RemoveResult(desired.name, status, None, tuple(changes), tuple(files))
+
+
 def remove(desired: DesiredBridge, node: NodeContext) -> RemoveResult:
     """Take ``desired``'s bridge off ``node``: refuses (``blocked``, with the pod ports named)
-    while pod ports remain, or when the bridge was not created by the agent; otherwise moves
-    addresses and routes back to the first uplink, deletes the bridge (one transaction) and
-    removes the persistence files of every backend and the replay record. Idempotent: a node
-    without the bridge or files gives ``absent``."""
-    state = ovs.read_bridge(node.ovsdb, desired.name)
-    if state is not None:
-        pods = [p for p in state.ports if p.is_pod]
-        if pods:
-            names = ", ".join(
-                f"{p.name} (pod {p.external_ids.get(ovs.POD_UID_KEY, '?')}, "
-                f"{p.external_ids.get(ovs.POD_IFACE_KEY, '?')})"
-                for p in pods
-            )
-            return RemoveResult(
-                desired.name, STATUS_BLOCKED, f"bridge {desired.name} still has pod ports: {names}"
-            )
-        if not state.owned:
-            return RemoveResult(
-                desired.name,
-                STATUS_BLOCKED,
-                f"bridge {desired.name} was not created by the underlay agent "
-                f"(external_ids {ovs.OWNER_KEY} is not {ovs.OWNER_AGENT})",
-            )
+    while pod ports remain, or when the bridge was not created by the agent
+    (:func:`removal_blocked`); otherwise moves addresses and routes back to the first uplink,
+    deletes the bridge (one transaction) and removes the persistence files of every backend and
+    the replay record. Idempotent: a node without the bridge or files gives ``absent``."""
+    reason = removal_blocked(desired, node)
+    if reason is not None:
+        return RemoveResult(desired.name, STATUS_BLOCKED, reason)
     changes: list[str] = []
     with links.open_iproute(node.netns) as ipr:
         if desired.move_addresses and links.read_link(ipr, desired.uplinks[0]) is not None:
@@ -685,7 +717,12 @@ class Drift:
 def drift(desired: DesiredBridge, node: NodeContext) -> list[Drift]:
     """Compare the live node with ``desired`` ([] = in sync), so the daemon can repair with
     :func:`enact`. Reads only."""
-    p = plan(desired, node)
+    return classify(plan(desired, node))
+
+
+def classify(p: Plan) -> list[Drift]:
+    """The changes of plan ``p`` as drift: one :class:`Drift` per change (``invalid`` ones for
+    validation problems); [] for an empty plan."""
     if p.invalid:
         return [Drift("invalid", r) for r in p.invalid]
     out = []

@@ -1,14 +1,26 @@
 """``underlay agent``: the node agent process.
 
 One process per node (DaemonSet, hostNetwork, privileged). It
-- watches OvsBridge objects and makes this node's bridges match the ones that select it
-  (:mod:`node_agent.bridges`: OVS through ovsdbapp, links through pyroute2, persistence files),
-  repairing drift that OVSDB monitoring or the file watcher reports;
-- records the per-node outcome in OvsBridgeEnactment ``<node>.<bridge>`` (conditions Ready,
-  Progressing, Failing; as kubernetes-nmstate's NodeNetworkConfigurationEnactment) and publishes
-  the Node extended resource ``underlay.dev/<bridge>`` while the bridge is Ready (as ovs-cni's
+- watches OvsBridge objects (and its own Node's labels) and makes this node's bridges match
+  the ones that select it (:mod:`node_agent.bridges`: OVS through ovsdbapp, links through
+  pyroute2, persistence files), within the rollout limits of :mod:`node_agent.rollout`
+  (``maxUnavailable`` slots as Leases; a Failing node aborts the rollout for the others);
+- repairs drift that OVSDB monitoring or the file watcher reports, locally first (no API call
+  stands between a broken node and its repair), then records it in the enactment;
+- records the per-node outcome in OvsBridgeEnactment ``<node>.<bridge>`` with the conditions
+  Ready, Progressing, Failing, Pending and Aborted (as kubernetes-nmstate's
+  NodeNetworkConfigurationEnactment, with Ready for its Available) and publishes the Node
+  extended resource ``underlay.dev/<bridge>: 1000`` while the bridge is Ready (as ovs-cni's
   marker does);
+- takes bridges off the node when their OvsBridge is deleted or stops selecting it, once no
+  pod ports remain;
 - serves the underlay-ovs / underlay-ipam CNI plugins on a unix socket.
+
+Enactment ``status`` (written only when it changes, so an agent restart writes nothing):
+``node``, ``bridge``, ``observedGeneration``, ``desiredState`` (the OvsBridge), ``conditions``;
+``enactedGeneration`` / ``enactedState`` (the OvsBridge last enacted successfully here: what
+drift repair and removal act on); ``lastChanges``; ``lastRollback`` and ``failedProbe`` (after
+a rollback); ``lastRepair`` (``time``, ``trigger``, ``drift``, ``changes``, ``seconds``).
 """
 
 from __future__ import annotations
@@ -19,22 +31,52 @@ import copy
 import datetime
 import logging
 import os
+import random
 import signal
 import socket
 import threading
+import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client, watch
 
-from node_agent import bridges, ovsdb
+from node_agent import bridges, ovsdb, rollout
 from reconciler import kube, vocab
 
 log = logging.getLogger("underlay.agent")
 
-COND_READY, COND_PROGRESSING, COND_FAILING = "Ready", "Progressing", "Failing"
+COND_READY = "Ready"
+COND_PROGRESSING = "Progressing"
+COND_FAILING = "Failing"
+COND_PENDING = "Pending"
+COND_ABORTED = "Aborted"
+CONDITION_TYPES = (COND_READY, COND_PROGRESSING, COND_FAILING, COND_PENDING, COND_ABORTED)
+"""Enactment condition types (kubernetes-nmstate: Available, Progressing, Failing, Pending,
+Aborted; ours says Ready for Available)."""
+
+REASON_ENACTED = "Enacted"
+REASON_INVALID = "Invalid"
+REASON_PROBE_FAILED = "ProbeFailed"
+REASON_FAILED = "Failed"
+REASON_ENACTING = "Enacting"
+REASON_WAITING = "WaitingForSlot"
+REASON_ABORTED = "RolloutAborted"
+REASON_REMOVAL_BLOCKED = "RemovalBlocked"
+REASON_REMOVAL_FAILED = "RemovalFailed"
+
+DEFAULT_LEASE_NAMESPACE = "kube-system"
+"""Where slot Leases live when $POD_NAMESPACE is not set (exists in every cluster; the
+DaemonSet sets POD_NAMESPACE to its own namespace through the downward API)."""
+API_ERRORS: tuple[type[BaseException], ...] = (client.ApiException, urllib3.exceptions.HTTPError)
+"""Errors of the Kubernetes API (HTTP status or transport): they end a pass, which is retried
+with backoff; every other error belongs to one bridge and is reported on its enactment."""
+
+MAX_BACKOFF = 30.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,6 +122,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds between full re-checks of the node against the OvsBridges (default: %(default)s)",
     )
     p.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE") or DEFAULT_LEASE_NAMESPACE,
+        help="namespace of the rollout slot Leases (default: $POD_NAMESPACE, else %(default)s)",
+    )
+    p.add_argument(
+        "--rollout-retry",
+        type=float,
+        default=2.0,
+        help="seconds between attempts to get a rollout slot while Pending, jittered (default: %(default)s)",
+    )
+    p.add_argument(
         "--noop",
         action="store_true",
         help="print what would change on this node and the files it would write, change nothing, exit",
@@ -106,22 +159,82 @@ def api_server_address(api: client.ApiClient) -> tuple[str, int] | None:
     return url.hostname, url.port or (443 if url.scheme == "https" else 80)
 
 
+def with_default_timeout(api: client.ApiClient, timeout: tuple[float, float]) -> client.ApiClient:
+    """Give every request of ``api`` a (connect, read) timeout in seconds unless the call
+    passes its own ``_request_timeout`` (the generated client otherwise waits forever, and a
+    node whose route to the API server is gone must not hang its agent). Returns ``api``."""
+    call = api.call_api
+
+    def call_api(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = timeout
+        return call(*args, **kwargs)
+
+    setattr(api, "call_api", call_api)  # noqa: B010 - instance attribute shadows the method
+    return api
+
+
 def conditions(
-    ready: bool, reason: str, message: str, *, failing: bool, progressing: bool = False
-) -> list[dict[str, str]]:
-    """The three enactment conditions (Kubernetes API conventions, "Typical status properties")."""
+    active: str | None, reason: str, message: str, generation: int | None = None
+) -> list[dict[str, Any]]:
+    """The five enactment conditions: ``active`` True, the others False, all with ``reason``
+    and ``message`` (metav1.Condition; Kubernetes API conventions, "Typical status
+    properties"). ``lastTransitionTime`` is filled in when the status is written."""
+    out = []
+    for t in CONDITION_TYPES:
+        c: dict[str, Any] = {
+            "type": t,
+            "status": "True" if t == active else "False",
+            "reason": reason,
+            "message": message,
+        }
+        if generation is not None:
+            c["observedGeneration"] = generation
+        out.append(c)
+    return out
 
-    def c(t: str, v: bool) -> dict[str, str]:
-        return {"type": t, "status": "True" if v else "False", "reason": reason, "message": message}
 
-    return [c(COND_READY, ready), c(COND_PROGRESSING, progressing), c(COND_FAILING, failing)]
+def condition_status(enactment: Mapping[str, Any] | None, ctype: str) -> Mapping[str, Any]:
+    """Condition ``ctype`` of an enactment ({} when absent)."""
+    for c in ((enactment or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype:
+            return c
+    return {}
+
+
+def _trim(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """An OvsBridge as enactments record it: name, generation and spec."""
+    md = obj.get("metadata") or {}
+    out: dict[str, Any] = {
+        "apiVersion": obj.get("apiVersion", vocab.UNDERLAY_API_VERSION),
+        "kind": obj.get("kind", vocab.OVS_BRIDGE.kind),
+        "metadata": {"name": md.get("name")},
+        "spec": copy.deepcopy(obj.get("spec") or {}),
+    }
+    if md.get("generation") is not None:
+        out["metadata"]["generation"] = md["generation"]
+    return out
+
+
+@dataclass
+class _Trigger:
+    """What woke a local pass: a description and when it was first seen (monotonic s)."""
+
+    what: str
+    since: float
 
 
 class BridgeAgent:
     """Keeps this node's bridges equal to the OvsBridge objects that select it.
 
-    ``sync()`` does one full pass (idempotent); ``run()`` loops: a watch on OvsBridge objects,
-    OVSDB and file watchers, and a periodic resync all wake it. Thread-safe: one pass at a time.
+    ``api``: a kubernetes ApiClient for this agent alone (it gets default request timeouts);
+    ``node``: where to act; ``resync``: seconds between full passes; ``run_probes``: probe
+    gateway and API server after a change; ``lease_namespace``, ``rollout_retry`` (seconds),
+    ``lease_seconds``: rollout slots (see :mod:`node_agent.rollout`).
+
+    ``sync()`` does one full pass (idempotent; raises on API errors); ``local_pass()`` repairs
+    drift of what this node enacted without the API; ``run()`` loops until :meth:`stop`.
+    Thread-safe: one pass at a time.
     """
 
     def __init__(
@@ -131,97 +244,455 @@ class BridgeAgent:
         *,
         resync: float = 60.0,
         run_probes: bool = True,
+        lease_namespace: str = DEFAULT_LEASE_NAMESPACE,
+        rollout_retry: float = 2.0,
+        lease_seconds: int = rollout.DEFAULT_LEASE_SECONDS,
+        request_timeout: tuple[float, float] = (5.0, 30.0),
     ) -> None:
-        self.api = api
+        self.api = with_default_timeout(api, request_timeout)
         self.node = node
         self.resync = resync
         self.run_probes = run_probes
+        self.rollout_retry = rollout_retry
         self.bridges_api = kube.Objects(api, vocab.OVS_BRIDGE)
         self.enactments = kube.Objects(api, vocab.OVS_BRIDGE_ENACTMENT)
         self.core = client.CoreV1Api(api)
+        self.slots = rollout.Slots(api, lease_namespace, node.name, lease_seconds=lease_seconds)
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        self._api_due = threading.Event()
         self._lock = threading.Lock()
+        self._trig_lock = threading.Lock()
+        self._triggers: dict[str, _Trigger] = {}
         self._watchers: list[Any] = []
         self._watched: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self._enacted: dict[str, bridges.DesiredBridge] = {}
+        """OvsBridge name -> what this node last enacted successfully (repairs go back to it)."""
+        self._failed: dict[str, int | None] = {}
+        """OvsBridge name -> generation whose change failed here (not retried until it changes)."""
+        self._repairs: dict[str, dict[str, Any]] = {}
+        """OvsBridge name -> lastRepair record not yet written to the enactment."""
+        self._blocked: set[str] = set()
+        """OvsBridge names whose removal waits for pod ports to go (OVSDB changes retry it)."""
+        self._labels: dict[str, str] | None = None
+        self._pending = False
         self.last_results: dict[str, str] = {}
 
-    # --- one pass ---------------------------------------------------------------------------
+    # --- reading the cluster ------------------------------------------------------------------
 
     def node_labels(self) -> dict[str, str]:
-        """Labels of this node's Node object ({} with a warning when it does not exist)."""
-        try:
-            node = self.core.read_node(self.node.name)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                log.warning(
-                    "Node %s not found in the cluster: nodeSelectors see no labels", self.node.name
-                )
-                return {}
-            raise
-        return dict((node.metadata.labels if node.metadata else None) or {})
+        """Labels of this node's Node object. Raises ApiException (404 included: without its
+        Node the agent cannot tell which OvsBridges select it, so it changes nothing)."""
+        node = self.core.read_node(self.node.name)
+        labels = dict((node.metadata.labels if node.metadata else None) or {})
+        self._labels = labels
+        return labels
 
     def _enactment_name(self, bridge_object: str) -> str:
         return f"{self.node.name}.{bridge_object}"
 
-    def sync(self) -> dict[str, str]:
-        """Make the node match every OvsBridge; returns {OvsBridge name: outcome status}."""
-        with self._lock:
-            return self._sync()
+    def _selected_nodes(self, desired: bridges.DesiredBridge) -> int:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(desired.node_selector.items()))
+        return len(self.core.list_node(label_selector=selector).items)
 
-    def _sync(self) -> dict[str, str]:
+    # --- one full pass -----------------------------------------------------------------------
+
+    def sync(self, trigger: str = "resync") -> dict[str, str]:
+        """Make the node match every OvsBridge; returns {OvsBridge name: outcome}.
+
+        Outcomes: unchanged, changed, repaired, invalid, rolled-back, failed, pending,
+        aborted, removed, absent, blocked, forgotten. Raises API_ERRORS when the API server
+        cannot be read or written (nothing is removed then).
+        """
+        with self._lock:
+            return self._sync(trigger)
+
+    def _sync(self, trigger: str) -> dict[str, str]:
         labels = self.node_labels()
         objs = self.bridges_api.list()["items"]
         mine = self.enactments.list(
             label_selector=f"{vocab.LABEL_ENACTMENT_NODE}={self.node.name}"
         )["items"]
         enacted = {e["metadata"]["labels"].get(vocab.LABEL_ENACTMENT_BRIDGE): e for e in mine}
+        enacted.pop(None, None)
+        for oname, e in enacted.items():  # after a restart: what this node had enacted
+            state = (e.get("status") or {}).get("enactedState")
+            if state and oname not in self._enacted:
+                with contextlib.suppress(bridges.InvalidBridge):
+                    self._enacted[oname] = bridges.DesiredBridge.from_object(state, self.node.name)
+        self._pending = False
         outcomes: dict[str, str] = {}
-        selected: dict[str, bridges.DesiredBridge] = {}
+        selected: set[str] = set()
         for obj in objs:
             oname = obj["metadata"]["name"]
             try:
-                desired = bridges.DesiredBridge.for_node(obj, self.node.name, labels)
-            except bridges.InvalidBridge as exc:
-                outcomes[oname] = "invalid"
+                outcome, is_selected = self._reconcile(obj, labels, enacted.get(oname), trigger)
+            except API_ERRORS:
+                raise
+            except Exception as exc:  # a local failure of this bridge; the others go on
+                log.error("OvsBridge %s: %s", oname, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                 self._report(
                     obj,
-                    None,
-                    conditions(False, "Invalid", str(exc), failing=True),
                     enacted.get(oname),
+                    COND_FAILING,
+                    REASON_FAILED,
+                    f"{type(exc).__name__}: {exc}",
                 )
-                continue
-            if desired is None:
-                continue
-            selected[oname] = desired
-            result = bridges.enact(desired, self.node, run_probes=self.run_probes)
-            outcomes[oname] = result.status
-            self._log_result(oname, result)
-            self._report(obj, desired, self._conditions(result), enacted.get(oname), result)
-            self._capacity(
-                desired.name, result.status in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED)
+                outcome, is_selected = "failed", True
+            outcomes[oname] = outcome
+            if is_selected:
+                selected.add(oname)
+        for oname, enactment in sorted(enacted.items()):
+            if oname not in selected:
+                outcomes[oname] = self._remove(oname, enactment)
+        self._watch_drift()
+        if outcomes != self.last_results:
+            log.info(
+                "pass on %s: %s",
+                self.node.name,
+                ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items())) or "no OvsBridges",
             )
-        for oname, enactment in enacted.items():
-            if oname in selected or oname is None:
-                continue
-            outcomes[oname] = self._remove(oname, enactment)
-        self._watch_drift(list(selected.values()))
         self.last_results = outcomes
         return outcomes
 
-    @staticmethod
-    def _conditions(result: bridges.EnactResult) -> list[dict[str, str]]:
-        st = result.status
-        if st == bridges.STATUS_CHANGED:
-            return conditions(True, "Enacted", "; ".join(result.changes), failing=False)
-        if st == bridges.STATUS_UNCHANGED:
-            return conditions(True, "Enacted", "node matches the OvsBridge", failing=False)
-        reason = {
-            bridges.STATUS_INVALID: "Invalid",
-            bridges.STATUS_ROLLED_BACK: "ProbeFailed",
-            bridges.STATUS_FAILED: "Failed",
-        }.get(st, "Failed")
-        return conditions(False, reason, result.reason or st, failing=True)
+    def _reconcile(
+        self,
+        obj: Mapping[str, Any],
+        labels: Mapping[str, str],
+        enactment: dict[str, Any] | None,
+        trigger: str,
+    ) -> tuple[str, bool]:
+        """One OvsBridge on this node; returns (outcome, selects this node)."""
+        oname = obj["metadata"]["name"]
+        try:
+            desired = bridges.DesiredBridge.for_node(obj, self.node.name, labels)
+        except bridges.InvalidBridge as exc:
+            self._report(obj, enactment, COND_FAILING, REASON_INVALID, str(exc))
+            return bridges.STATUS_INVALID, True
+        if desired is None:
+            return "not-selected", False
+        p = bridges.plan(desired, self.node)
+        if p.invalid:
+            reason = "; ".join(p.invalid)
+            if condition_status(enactment, COND_FAILING).get("message") != reason:
+                log.error("OvsBridge %s: invalid on %s: %s", oname, self.node.name, reason)
+            self._report(obj, enactment, COND_FAILING, REASON_INVALID, reason)
+            self._capacity(desired.name, False)
+            self._failed.pop(oname, None)
+            return bridges.STATUS_INVALID, True
+        if p.empty:
+            self._ready(obj, desired, enactment)
+            return bridges.STATUS_UNCHANGED, True
+        if self._enacted.get(oname) == desired:
+            # drift of what this node already enacted: repair, no rollout slot needed
+            status = self._repair(oname, desired, p, trigger)
+            if status == "repaired":
+                self._ready(obj, desired, enactment)
+            else:
+                self._report(obj, enactment, COND_FAILING, REASON_FAILED, status)
+                self._capacity(desired.name, False)
+            return ("repaired" if status == "repaired" else bridges.STATUS_FAILED), True
+        return self._rollout(obj, desired, enactment, trigger), True
+
+    def _ready(
+        self,
+        obj: Mapping[str, Any],
+        desired: bridges.DesiredBridge,
+        enactment: dict[str, Any] | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        oname = obj["metadata"]["name"]
+        self._enacted[oname] = desired
+        self._failed.pop(oname, None)
+        fields: dict[str, Any] = {
+            "enactedGeneration": obj["metadata"].get("generation"),
+            "enactedState": _trim(obj),
+            "failedProbe": None,
+        }
+        fields.update(extra or {})
+        self._report(
+            obj,
+            enactment,
+            COND_READY,
+            REASON_ENACTED,
+            "node matches the OvsBridge",
+            fields,
+            bridge=desired.name,
+        )
+        self._capacity(desired.name, True)
+
+    def _rollout(
+        self,
+        obj: Mapping[str, Any],
+        desired: bridges.DesiredBridge,
+        enactment: dict[str, Any] | None,
+        trigger: str,
+    ) -> str:
+        """A change to a state this node has not enacted: only within a rollout slot, and not
+        while another node is Failing at this generation (see :mod:`node_agent.rollout`)."""
+        oname = obj["metadata"]["name"]
+        gen = obj["metadata"].get("generation")
+        failing_here = condition_status(enactment, COND_FAILING)
+        if self._failed.get(oname, -1) == gen or (
+            failing_here.get("status") == "True"
+            and failing_here.get("reason") in (REASON_PROBE_FAILED, REASON_FAILED)
+            and failing_here.get("observedGeneration") == gen
+            and gen is not None
+        ):
+            # this generation failed here; retried only when the OvsBridge changes
+            self._failed[oname] = gen
+            self._repair_enacted(oname, trigger)
+            self._report(
+                obj,
+                enactment,
+                COND_FAILING,
+                failing_here.get("reason") or REASON_FAILED,
+                failing_here.get("message")
+                or f"the change to generation {gen} failed here; waiting for the OvsBridge to change",
+            )
+            self._capacity(desired.name, False)
+            return bridges.STATUS_FAILED
+        peers = self._peers(oname)
+        failing = rollout.failing_peers(peers, self.node.name, gen)
+        if failing:
+            return self._abort(obj, desired, enactment, failing, trigger)
+        try:
+            count = rollout.max_unavailable(
+                (obj.get("spec") or {}).get("maxUnavailable"),
+                self._selected_nodes(desired)
+                if isinstance((obj.get("spec") or {}).get("maxUnavailable"), str)
+                else 0,
+            )
+        except ValueError as exc:
+            self._report(obj, enactment, COND_FAILING, REASON_INVALID, f"spec.{exc}")
+            return bridges.STATUS_INVALID
+        slot, holders = self.slots.acquire(oname, count)
+        if slot is None:
+            self._pending = True
+            msg = (
+                f"waiting for a rollout slot of OvsBridge {oname} (maxUnavailable {count}; "
+                f"changing now: {', '.join(sorted(holders))})"
+            )
+            if condition_status(enactment, COND_PENDING).get("status") != "True":
+                log.info("OvsBridge %s: %s", oname, msg)
+            self._report(obj, enactment, COND_PENDING, REASON_WAITING, msg)
+            self._capacity(desired.name, False)
+            self._repair_enacted(oname, trigger)
+            return "pending"
+        try:
+            failing = rollout.failing_peers(self._peers(oname), self.node.name, gen)
+            if failing:
+                return self._abort(obj, desired, enactment, failing, trigger)
+            log.info(
+                "OvsBridge %s: changing %s (rollout slot %s)", oname, self.node.name, slot.name
+            )
+            enactment = self._report(
+                obj, enactment, COND_PROGRESSING, REASON_ENACTING, "changing the node"
+            )
+            result = bridges.enact(desired, self.node, run_probes=self.run_probes)
+            self._log_result(oname, result)
+            if result.status in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
+                self._ready(obj, desired, enactment, {"lastChanges": list(result.changes) or None})
+                return result.status
+            if result.status == bridges.STATUS_INVALID:
+                self._report(obj, enactment, COND_FAILING, REASON_INVALID, result.reason or "")
+                self._capacity(desired.name, False)
+                return result.status
+            self._failed[oname] = gen
+            reason = (
+                REASON_PROBE_FAILED
+                if result.status == bridges.STATUS_ROLLED_BACK
+                else REASON_FAILED
+            )
+            self._report(
+                obj,
+                enactment,
+                COND_FAILING,
+                reason,
+                result.reason or result.status,
+                {
+                    "lastRollback": list(result.rollback) or None,
+                    "failedProbe": result.probe.failed if result.probe else None,
+                },
+            )
+            self._capacity(desired.name, False)
+            return result.status
+        finally:
+            self.slots.release(slot)
+
+    def _abort(
+        self,
+        obj: Mapping[str, Any],
+        desired: bridges.DesiredBridge,
+        enactment: dict[str, Any] | None,
+        failing: list[tuple[str, str]],
+        trigger: str,
+    ) -> str:
+        oname = obj["metadata"]["name"]
+        msg = "rollout stopped: " + "; ".join(f"node {n} is Failing: {m}" for n, m in failing)
+        if condition_status(enactment, COND_ABORTED).get("message") != msg:
+            log.warning("OvsBridge %s: not changing %s: %s", oname, self.node.name, msg)
+        self._report(obj, enactment, COND_ABORTED, REASON_ABORTED, msg)
+        self._capacity(desired.name, False)
+        self._repair_enacted(oname, trigger)
+        return "aborted"
+
+    def _peers(self, oname: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.enactments.list(
+            label_selector=f"{vocab.LABEL_ENACTMENT_BRIDGE}={oname}"
+        )["items"]
+        return items
+
+    # --- drift repair -------------------------------------------------------------------------
+
+    def _repair(
+        self, oname: str, desired: bridges.DesiredBridge, p: bridges.Plan, trigger: str
+    ) -> str:
+        """Put back what this node enacted (``desired``, whose plan ``p`` is not empty).
+
+        No probe rollback: the state before a repair is the broken one, and ``desired`` is
+        the state that passed its probes when it was enacted. Returns "repaired" or the
+        reason it failed; the repair is logged and kept for ``status.lastRepair``.
+        """
+        drift = [f"{d.kind}: {d.detail}" for d in bridges.classify(p)]
+        result = bridges.enact(desired, self.node, run_probes=False)
+        if result.status not in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
+            log.error(
+                "OvsBridge %s: repairing drift on %s failed: %s",
+                oname,
+                self.node.name,
+                result.reason,
+            )
+            return f"repairing drift failed: {result.reason}"
+        record = {
+            "time": _now(),
+            "trigger": trigger,
+            "drift": drift,
+            "changes": list(result.changes),
+            "seconds": round(result.duration, 3),
+        }
+        self._repairs[oname] = record
+        log.info(
+            "OvsBridge %s: repaired drift on %s in %.2fs (trigger: %s): %s",
+            oname,
+            self.node.name,
+            result.duration,
+            trigger,
+            "; ".join(drift),
+        )
+        return "repaired"
+
+    def _repair_enacted(self, oname: str, trigger: str) -> str | None:
+        """Repair drift of the state this node last enacted for ``oname`` (if any); used while
+        a newer generation waits (Pending, Aborted, Failing) and by the local pass."""
+        desired = self._enacted.get(oname)
+        if desired is None:
+            return None
+        p = bridges.plan(desired, self.node)
+        if p.invalid or p.empty:
+            return None
+        return self._repair(oname, desired, p, trigger)
+
+    def local_pass(self, trigger: str) -> list[str]:
+        """Repair drift of every bridge this node enacted, without the Kubernetes API (drift
+        may have cut the node off it). Returns the OvsBridge names repaired; never raises."""
+        repaired = []
+        with self._lock:
+            for oname in sorted(self._enacted):
+                try:
+                    if self._repair_enacted(oname, trigger) == "repaired":
+                        repaired.append(oname)
+                except Exception as exc:
+                    log.error("OvsBridge %s: drift check failed: %s", oname, exc)
+        return repaired
+
+    # --- status -------------------------------------------------------------------------------
+
+    def _report(
+        self,
+        obj: Mapping[str, Any],
+        current: dict[str, Any] | None,
+        active: str | None,
+        reason: str,
+        message: str,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        bridge: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Create or update OvsBridgeEnactment <node>.<bridge>; writes only when the status
+        changes (conditions keep their lastTransitionTime while their status stays). Fields of
+        the previous status are kept unless ``fields`` replaces them (None deletes).
+        Returns the enactment as last written or read."""
+        oname = obj["metadata"]["name"]
+        gen = obj["metadata"].get("generation")
+        name = self._enactment_name(oname)
+        old_status = (current or {}).get("status") or {}
+        conds = conditions(active, reason, message, gen)
+        old_conds = {c["type"]: c for c in old_status.get("conditions") or []}
+        now = _now()
+        for c in conds:
+            prev = old_conds.get(c["type"])
+            same = prev is not None and prev.get("status") == c["status"]
+            c["lastTransitionTime"] = prev.get("lastTransitionTime", now) if same and prev else now
+        status: dict[str, Any] = {
+            k: v
+            for k, v in old_status.items()
+            if k not in ("conditions", "observedGeneration", "desiredState")
+        }
+        spec_bridge = (obj.get("spec") or {}).get("bridge")
+        status.update(
+            {
+                "node": self.node.name,
+                "bridge": bridge or spec_bridge or old_status.get("bridge") or oname,
+                "observedGeneration": gen,
+                "desiredState": _trim(obj),
+                "conditions": conds,
+            }
+        )
+        for k, v in (fields or {}).items():
+            if v is None:
+                status.pop(k, None)
+            else:
+                status[k] = v
+        if oname in self._repairs:
+            status["lastRepair"] = self._repairs[oname]
+        if gen is None:
+            status.pop("observedGeneration")
+        if current is not None and _same_status(old_status, status):
+            self._repairs.pop(oname, None)
+            return current
+        if current is None:
+            body = {
+                "apiVersion": vocab.UNDERLAY_API_VERSION,
+                "kind": vocab.OVS_BRIDGE_ENACTMENT.kind,
+                "metadata": {
+                    "name": name,
+                    "labels": {
+                        vocab.LABEL_ENACTMENT_NODE: self.node.name,
+                        vocab.LABEL_ENACTMENT_BRIDGE: oname,
+                    },
+                },
+                "spec": {"nodeName": self.node.name, "bridge": oname},
+            }
+            try:
+                current = self.enactments.create(body)
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+                current = self.enactments.get(name)
+        assert current is not None
+        for _ in range(5):
+            body = copy.deepcopy(current)
+            body["status"] = status
+            try:
+                written = self.enactments.replace_status(body)
+                self._repairs.pop(oname, None)
+                return written
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+                current = self.enactments.get(name)
+        raise RuntimeError(f"OvsBridgeEnactment {name}: status kept conflicting (409)")
 
     def _log_result(self, oname: str, result: bridges.EnactResult) -> None:
         if result.status == bridges.STATUS_UNCHANGED:
@@ -236,98 +707,69 @@ class BridgeAgent:
             for line in result.rollback:
                 log.info("OvsBridge %s: rollback: %s", oname, line)
 
-    def _report(
-        self,
-        obj: Mapping[str, Any],
-        desired: bridges.DesiredBridge | None,
-        conds: list[dict[str, str]],
-        current: dict[str, Any] | None,
-        result: bridges.EnactResult | None = None,
-    ) -> None:
-        """Create or update OvsBridgeEnactment <node>.<bridge>; writes only when status changes."""
-        oname = obj["metadata"]["name"]
-        name = self._enactment_name(oname)
-        old_status = (current or {}).get("status") or {}
-        old_conds = {c["type"]: c for c in old_status.get("conditions") or []}
-        for c in conds:
-            prev = old_conds.get(c["type"])
-            same = prev is not None and prev.get("status") == c["status"]
-            c["lastTransitionTime"] = (
-                prev.get("lastTransitionTime", _now()) if same and prev else _now()
-            )
-        status: dict[str, Any] = {
-            "node": self.node.name,
-            "bridge": desired.name if desired else (obj.get("spec") or {}).get("bridge") or oname,
-            "observedGeneration": obj["metadata"].get("generation"),
-            "desiredState": copy.deepcopy(obj),
-            "conditions": conds,
-        }
-        status["desiredState"]["metadata"] = {"name": oname}
-        if result is not None:
-            if result.changes:
-                status["lastChanges"] = list(result.changes)
-            elif old_status.get("lastChanges"):
-                status["lastChanges"] = old_status["lastChanges"]
-            if result.rollback:
-                status["lastRollback"] = list(result.rollback)
-        if current is not None and _same_status(old_status, status):
-            return
-        if current is None:
-            body = {
-                "apiVersion": vocab.UNDERLAY_API_VERSION,
-                "kind": vocab.OVS_BRIDGE_ENACTMENT.kind,
-                "metadata": {
-                    "name": name,
-                    "labels": {
-                        vocab.LABEL_ENACTMENT_NODE: self.node.name,
-                        vocab.LABEL_ENACTMENT_BRIDGE: oname,
-                    },
-                },
-            }
-            try:
-                current = self.enactments.create(body)
-            except client.ApiException as exc:
-                if exc.status != 409:
-                    raise
-                current = self.enactments.get(name)
-        assert current is not None
-        for _ in range(5):
-            body = copy.deepcopy(current)
-            body["status"] = status
-            try:
-                self.enactments.replace_status(body)
-                return
-            except client.ApiException as exc:
-                if exc.status != 409:
-                    raise
-                current = self.enactments.get(name)
+    # --- removal ------------------------------------------------------------------------------
 
     def _remove(self, oname: str, enactment: dict[str, Any]) -> str:
-        """Take a bridge this node no longer should have off the node; returns the outcome."""
-        snapshot = (enactment.get("status") or {}).get("desiredState")
-        if not snapshot:
-            self.enactments.delete(enactment["metadata"]["name"])
+        """Take a bridge this node no longer should have off the node; returns the outcome.
+
+        Acts on what this node enacted (``status.enactedState``); an enactment without it
+        (the node was never changed) is just deleted. Blocked while pod ports remain: the
+        enactment then says Pending/RemovalBlocked with the reason and is retried when OVSDB
+        changes or at the next pass.
+        """
+        status = enactment.get("status") or {}
+        state = status.get("enactedState")
+        desired = self._enacted.get(oname)
+        if desired is None and state:
+            try:
+                desired = bridges.DesiredBridge.from_object(state, self.node.name)
+            except bridges.InvalidBridge:
+                desired = None
+        if desired is None:
+            if status.get("bridge"):
+                self._capacity(status["bridge"], False)
+            self._delete_enactment(enactment)
+            log.info("OvsBridge %s: forgot enactment %s", oname, enactment["metadata"]["name"])
             return "forgotten"
-        desired = bridges.DesiredBridge.from_object(snapshot, self.node.name)
-        res = bridges.remove(desired, self.node)
+        obj = state or status.get("desiredState") or {"metadata": {"name": oname}}
+        try:
+            res = bridges.remove(desired, self.node)
+        except Exception as exc:
+            log.error("OvsBridge %s: removal from %s failed: %s", oname, self.node.name, exc)
+            self._report(obj, enactment, COND_FAILING, REASON_REMOVAL_FAILED, str(exc))
+            self._capacity(desired.name, False)
+            return bridges.STATUS_FAILED
         if res.status == bridges.STATUS_BLOCKED:
-            log.warning(
-                "OvsBridge %s: removal from %s blocked: %s", oname, self.node.name, res.reason
-            )
+            self._blocked.add(oname)
+            if condition_status(enactment, COND_PENDING).get("message") != res.reason:
+                log.warning(
+                    "OvsBridge %s: removal from %s blocked: %s", oname, self.node.name, res.reason
+                )
             self._report(
-                snapshot,
-                desired,
-                conditions(False, "RemovalBlocked", res.reason or "", failing=True),
-                enactment,
+                obj, enactment, COND_PENDING, REASON_REMOVAL_BLOCKED, res.reason or "", None
             )
+            self._capacity(desired.name, False)
             return res.status
+        # forget it before any API call: a local pass must not build it again
+        self._enacted.pop(oname, None)
+        self._failed.pop(oname, None)
+        self._repairs.pop(oname, None)
+        self._blocked.discard(oname)
         for change in res.changes:
             log.info("OvsBridge %s: %s", oname, change)
         self._capacity(desired.name, False)
-        with contextlib.suppress(client.ApiException):
-            self.enactments.delete(enactment["metadata"]["name"])
+        self._delete_enactment(enactment)
         log.info("OvsBridge %s: removed from %s", oname, self.node.name)
         return res.status
+
+    def _delete_enactment(self, enactment: Mapping[str, Any]) -> None:
+        try:
+            self.enactments.delete(enactment["metadata"]["name"])
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # --- Node capacity ------------------------------------------------------------------------
 
     def _capacity(self, bridge: str, present: bool) -> None:
         """Publish or withdraw the Node extended resource underlay.dev/<bridge> (ovs-cni marker)."""
@@ -363,44 +805,79 @@ class BridgeAgent:
         )
         log.info("Node %s: %s %s", self.node.name, "published" if present else "withdrew", resource)
 
-    # --- drift watchers -----------------------------------------------------------------
+    # --- drift watchers -----------------------------------------------------------------------
 
-    def _watch_drift(self, selected: list[bridges.DesiredBridge]) -> None:
-        names = tuple(sorted(d.name for d in selected))
-        paths = tuple(sorted(p for d in selected for p in bridges.watched_paths(d, self.node)))
-        if (names, paths) == self._watched:
+    def _watch_drift(self) -> None:
+        desired = sorted(self._enacted.values(), key=lambda d: d.name)
+        names = tuple(sorted({d.name for d in desired}))
+        paths: set[str] = set()
+        for d in desired:
+            try:
+                paths.update(bridges.watched_paths(d, self.node))
+            except Exception as exc:
+                log.warning("cannot tell which files of bridge %s to watch: %s", d.name, exc)
+        key = (names, tuple(sorted(paths)))
+        if key == self._watched:
             return
         for w in self._watchers:
             w.stop()
         self._watchers = []
-        self._watched = (names, paths)
+        self._watched = key
         if names:
-            self._watchers.append(bridges.OvsdbWatcher(self.node.ovsdb, names, self._drifted))
+            self._watchers.append(
+                bridges.OvsdbWatcher(self.node.ovsdb, names, lambda b: self._drifted(f"ovsdb {b}"))
+            )
         if paths:
-            self._watchers.append(bridges.FileWatcher(self.node.root, list(paths), self._drifted))
+            self._watchers.append(
+                bridges.FileWatcher(
+                    self.node.root, sorted(paths), lambda p: self._drifted(f"file {p}")
+                )
+            )
 
     def _drifted(self, what: str) -> None:
-        log.info("drift on %s: %s changed; repairing", self.node.name, what)
+        """Watcher callback (ovsdbapp / watchfiles threads): queue a local pass."""
+        with self._trig_lock:
+            self._triggers.setdefault(what, _Trigger(what, time.monotonic()))
+        log.debug("drift on %s: %s changed", self.node.name, what)
         self.wake.set()
 
-    # --- loop -------------------------------------------------------------------------------
+    def _take_triggers(self) -> list[_Trigger]:
+        with self._trig_lock:
+            out = sorted(self._triggers.values(), key=lambda t: t.since)
+            self._triggers.clear()
+        return out
 
-    def _watch_bridges(self) -> None:
-        """Wake the loop on every OvsBridge change (list+watch, resumes from resourceVersion)."""
+    # --- API watches --------------------------------------------------------------------------
+
+    def _watch(
+        self,
+        what: str,
+        list_fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        on_event: Callable[[str, Any], None],
+    ) -> None:
+        """list+watch loop resuming from resourceVersion (410 Gone: list again); calls
+        ``on_event(type, object)``. Runs until :meth:`stop`; API errors are retried."""
         rv = ""
+        delay = 1.0
         while not self.stopping.is_set():
-            r = vocab.OVS_BRIDGE
             try:
                 if not rv:
-                    rv = self.bridges_api.list()["metadata"]["resourceVersion"]
+                    listed = list_fn(*args, **kwargs)
+                    rv = (
+                        listed["metadata"]["resourceVersion"]
+                        if isinstance(listed, dict)
+                        else listed.metadata.resource_version
+                    )
                 w = watch.Watch()
                 for ev in w.stream(
-                    self.bridges_api.api.list_cluster_custom_object,
-                    r.group,
-                    r.version,
-                    r.plural,
+                    list_fn,
+                    *args,
                     resource_version=rv,
                     timeout_seconds=30,
+                    _request_timeout=(5, 60),
+                    **kwargs,
                 ):
                     if self.stopping.is_set():
                         w.stop()
@@ -409,40 +886,118 @@ class BridgeAgent:
                     if ev["type"] == "ERROR":
                         rv = ""
                         break
-                    rv = obj["metadata"]["resourceVersion"]
-                    log.debug("OvsBridge %s %s", obj["metadata"].get("name"), ev["type"])
-                    self.wake.set()
+                    rv = (
+                        obj["metadata"]["resourceVersion"]
+                        if isinstance(obj, dict)
+                        else obj.metadata.resource_version
+                    )
+                    on_event(ev["type"], obj)
+                delay = 1.0
             except client.ApiException as exc:
                 if exc.status == 410:
                     rv = ""
                     continue
-                log.warning("watch of OvsBridges failed: %s; retrying", exc.reason)
-                self.stopping.wait(2)
+                log.warning("watch of %s failed: %s; retrying in %.0fs", what, exc.reason, delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
             except Exception as exc:
-                log.warning("watch of OvsBridges failed: %s; retrying", exc)
-                self.stopping.wait(2)
+                log.warning("watch of %s failed: %s; retrying in %.0fs", what, exc, delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+
+    def _on_bridge_event(self, etype: str, obj: Any) -> None:
+        log.debug("OvsBridge %s %s", obj["metadata"].get("name"), etype)
+        self._api_due.set()
+        self.wake.set()
+
+    def _on_node_event(self, etype: str, obj: Any) -> None:
+        labels = dict((obj.metadata.labels if obj.metadata else None) or {})
+        if labels != self._labels:
+            log.debug("Node %s labels changed", self.node.name)
+            self._api_due.set()
+            self.wake.set()
+
+    # --- loop ---------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Loop until :meth:`stop`: a pass at start, on every wake-up and every ``resync`` s."""
-        t = threading.Thread(target=self._watch_bridges, name="ovsbridge-watch", daemon=True)
-        t.start()
-        delay = 1.0
+        """Loop until :meth:`stop`: a full pass at start, on OvsBridge or Node label changes,
+        every ``resync`` s (every ``rollout_retry`` s while Pending); a local repair pass as soon
+        as a watcher reports drift. API errors never end the loop: passes are retried with
+        exponential backoff (1 s doubling to 30 s)."""
+        r = vocab.OVS_BRIDGE
+        custom = client.CustomObjectsApi(self.api)
+        threads = [
+            threading.Thread(
+                target=self._watch,
+                args=(
+                    "OvsBridges",
+                    custom.list_cluster_custom_object,
+                    (r.group, r.version, r.plural),
+                    {},
+                    self._on_bridge_event,
+                ),
+                name="ovsbridge-watch",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._watch,
+                args=(
+                    f"Node {self.node.name}",
+                    self.core.list_node,
+                    (),
+                    {"field_selector": f"metadata.name={self.node.name}"},
+                    self._on_node_event,
+                ),
+                name="node-watch",
+                daemon=True,
+            ),
+        ]
+        for t in threads:
+            t.start()
+        backoff = 1.0
+        next_full = time.monotonic()
         while not self.stopping.is_set():
             self.wake.clear()
-            try:
-                self.sync()
-                delay = 1.0
-                timeout = self.resync
-            except Exception as exc:
-                log.error("bridge pass failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
-                timeout, delay = delay, min(delay * 2, 30.0)
-            self.wake.wait(timeout)
+            triggers = self._take_triggers()
+            trigger = ", ".join(t.what for t in triggers)
+            if triggers and (self.local_pass(trigger) or self._blocked):
+                self._api_due.set()  # write lastRepair, or retry a blocked removal
+            if self.stopping.is_set():
+                break
+            if self._api_due.is_set() or time.monotonic() >= next_full:
+                self._api_due.clear()
+                try:
+                    self.sync(trigger or "resync")
+                    backoff = 1.0
+                    wait = self.resync
+                    if self._pending:
+                        wait = min(wait, self.rollout_retry * random.uniform(0.75, 1.25))
+                    next_full = time.monotonic() + wait
+                except Exception as exc:
+                    log.warning(
+                        "bridge pass on %s failed: %s; retrying in %.0fs",
+                        self.node.name,
+                        _api_error_text(exc),
+                        backoff,
+                        exc_info=log.isEnabledFor(logging.DEBUG),
+                    )
+                    next_full = time.monotonic() + backoff
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+            self.wake.wait(max(0.0, next_full - time.monotonic()))
 
     def stop(self) -> None:
+        """Ask :meth:`run` to return (after the pass in progress) and stop the watchers."""
         self.stopping.set()
         self.wake.set()
         for w in self._watchers:
             w.stop()
+        self._watchers = []
+
+
+def _api_error_text(exc: BaseException) -> str:
+    if isinstance(exc, client.ApiException):
+        return f"API server answered {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _same_status(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -457,44 +1012,89 @@ def _same_status(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return strip(old) == strip(new)
 
 
+# --- no-op mode -----------------------------------------------------------------------------
+
+
 def noop(api: client.ApiClient, node: bridges.NodeContext) -> int:
-    """Print what the agent would change on this node and the files it would write."""
+    """Print what the agent would change on this node and the files it would write; change
+    nothing (reads the API, OVSDB, links and files only). Returns 0, or 1 when the node's
+    Node object does not exist."""
     core = client.CoreV1Api(api)
     try:
         md = core.read_node(node.name).metadata
         labels = dict((md.labels if md else None) or {})
-    except client.ApiException:
-        labels = {}
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+        print(f"Node {node.name} not found in the cluster: nothing would be changed")
+        return 1
     objs = kube.Objects(api, vocab.OVS_BRIDGE).list()["items"]
+    mine = kube.Objects(api, vocab.OVS_BRIDGE_ENACTMENT).list(
+        label_selector=f"{vocab.LABEL_ENACTMENT_NODE}={node.name}"
+    )["items"]
     any_change = False
+    selected: set[str] = set()
     for obj in objs:
+        oname = obj["metadata"]["name"]
         try:
             desired = bridges.DesiredBridge.for_node(obj, node.name, labels)
         except bridges.InvalidBridge as exc:
-            print(f"OvsBridge {obj['metadata']['name']}: invalid: {exc}")
+            print(f"OvsBridge {oname}: invalid: {exc}")
+            selected.add(oname)
             continue
         if desired is None:
-            print(f"OvsBridge {obj['metadata']['name']}: does not select node {node.name}")
+            print(f"OvsBridge {oname}: does not select node {node.name}")
             continue
+        selected.add(oname)
         p = bridges.plan(desired, node)
         any_change |= not p.empty
-        print(f"OvsBridge {obj['metadata']['name']}:")
-        print(bridges.format_plan(p))
-    if not objs:
+        print(f"OvsBridge {oname}:")
+        print(bridges.format_plan(p), end="")
+    for e in mine:
+        oname = e["metadata"].get("labels", {}).get(vocab.LABEL_ENACTMENT_BRIDGE)
+        state = (e.get("status") or {}).get("enactedState")
+        if not oname or oname in selected or not state:
+            continue
+        try:
+            desired = bridges.DesiredBridge.from_object(state, node.name)
+        except bridges.InvalidBridge:
+            continue
+        res = bridges.plan_remove(desired, node)
+        print(f"OvsBridge {oname}: gone or no longer selects {node.name}:")
+        if res.status == bridges.STATUS_BLOCKED:
+            print(f"bridge {desired.name}: removal blocked: {res.reason}")
+        elif res.status == bridges.STATUS_ABSENT:
+            print(f"bridge {desired.name}: nothing left to remove")
+        else:
+            any_change = True
+            print(f"bridge {desired.name}: remove")
+            for c in res.changes:
+                print(f"  [remove] {c}")
+    if not objs and not mine:
         print("no OvsBridge objects in the cluster")
     print("no changes" if not any_change else "(noop: nothing was changed)")
     return 0
 
 
+# --- entry point ----------------------------------------------------------------------------
+
+
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``underlay agent``; returns an exit code."""
+    """Entry point of ``underlay agent``; returns an exit code. SIGTERM (and SIGINT) end it
+    cleanly: the pass in progress finishes, watchers stop, the CNI socket is removed, the
+    OVSDB connection is closed; exit code 0."""
+    for noisy in ("pyroute2", "watchfiles", "ovsdbapp", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     api = kube.api_client(args.kubeconfig, args.context)
     ovs_api = ovsdb.connect(args.ovsdb)
     node = bridges.NodeContext(
         name=args.node_name, ovsdb=ovs_api, root=args.root, api_server=api_server_address(api)
     )
     if args.noop:
-        return noop(api, node)
+        try:
+            return noop(api, node)
+        finally:
+            ovsdb.disconnect(ovs_api)
     from node_agent.cni.install import install_shims
     from node_agent.cni.server import CniAgent, CniServer
 
@@ -504,15 +1104,26 @@ def run(args: argparse.Namespace) -> int:
     server = CniServer(args.socket, CniAgent(args.node_name, ovs_api=ovs_api, kube=api))
     server.start()
     log.info("serving CNI on %s for node %s", args.socket, args.node_name)
-    agent = BridgeAgent(api, node, resync=args.resync, run_probes=not args.no_probe)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    agent = BridgeAgent(
+        kube.api_client(args.kubeconfig, args.context),
+        node,
+        resync=args.resync,
+        run_probes=not args.no_probe,
+        lease_namespace=args.lease_namespace,
+        rollout_retry=args.rollout_retry,
+    )
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("agent on %s: %s received, stopping", args.node_name, signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         if args.no_bridges:
             agent.stopping.wait()
         else:
             agent.run()
-    except KeyboardInterrupt:
-        pass
     finally:
         agent.stop()
         server.stop()

@@ -1,0 +1,320 @@
+"""``underlay agent`` as a process on the real rig, against the Kubernetes API emulator.
+
+Each test builds rig nodes (network namespaces with their own ovsdb-server/ovs-vswitchd), runs
+the agent inside a node namespace exactly as the DaemonSet runs it on a node (it reaches the
+emulator at 172.18.0.2:6443 over the rig's switch), changes OvsBridge objects through the API
+and checks the node with the tools an operator would use (ovs-vsctl, ip, netplan, nmcli) and
+the enactments and Node capacity through the API.
+
+The helpers at the top (:class:`Cluster`, :class:`AgentProcess`, :func:`node_state`...) are
+shared by the other ``test_agent_*.py`` modules.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.utils import parse_quantity
+
+from reconciler import vocab
+from tests.kube.emulator import Emulator
+from tests.rig import APISERVER_IP, GATEWAY, Node, Rig
+
+ROOT = Path(__file__).resolve().parents[2]
+UNDERLAY = str(Path(sys.executable).parent / "underlay")
+API_PORT = 6443
+IPS = {"n1": "172.18.10.11", "n2": "172.18.10.12", "n3": "172.18.10.13"}
+DATA_IPS = {"n1": "172.19.10.11", "n2": "172.19.10.12", "n3": "172.19.10.13"}
+NETPLAN_FILE = "etc/netplan/60-underlay-br1.yaml"
+RECORD_FILE = "var/lib/underlay/bridges/br1.json"
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``pred`` every 50 ms until it returns a true value; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def ovs_bridge(name: str = "br1", **spec: Any) -> dict[str, Any]:
+    """An OvsBridge object (short probe timeout, as tests want failures fast)."""
+    return {
+        "apiVersion": vocab.UNDERLAY_API_VERSION,
+        "kind": vocab.OVS_BRIDGE.kind,
+        "metadata": {"name": name},
+        "spec": {"uplinks": ["eth0"], "probeTimeoutSeconds": 2, "persistence": "auto", **spec},
+    }
+
+
+class Cluster:
+    """The emulated API server, reachable from the host and from the rig at 172.18.0.2:6443."""
+
+    def __init__(self, rig: Rig, workdir: Path) -> None:
+        self.emu = Emulator()
+        self.emu.start()
+        url = self.emu.listen_in_netns(rig.switch.path, APISERVER_IP, API_PORT)
+        self.emu.write_kubeconfig(workdir / "kubeconfig")
+        self.node_kubeconfig = str(self.emu.write_kubeconfig(workdir / "kubeconfig-nodes", url))
+        self.emu.install_crds(sorted((ROOT / "deploy" / "crds").glob("*.yaml")))
+        self.api = self.emu.api_client()
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.coord = client.CoordinationV1Api(self.api)
+
+    def add_node(self, name: str, **labels: str) -> None:
+        self.core.create_node(
+            client.V1Node(
+                metadata=client.V1ObjectMeta(
+                    name=name, labels={"kubernetes.io/hostname": name, **labels}
+                )
+            )
+        )
+
+    def label_node(self, name: str, labels: dict[str, str | None]) -> None:
+        self.core.patch_node(name, {"metadata": {"labels": labels}})
+
+    def apply_bridge(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create the OvsBridge, or replace its spec (a new generation when it differs)."""
+        r = vocab.OVS_BRIDGE
+        try:
+            cur = self.custom.get_cluster_custom_object(
+                r.group, r.version, r.plural, obj["metadata"]["name"]
+            )
+        except client.ApiException as exc:
+            assert exc.status == 404
+            return self.custom.create_cluster_custom_object(r.group, r.version, r.plural, obj)  # type: ignore[no-any-return]
+        cur["spec"] = obj["spec"]
+        return self.custom.replace_cluster_custom_object(  # type: ignore[no-any-return]
+            r.group, r.version, r.plural, obj["metadata"]["name"], cur
+        )
+
+    def delete_bridge(self, name: str) -> None:
+        r = vocab.OVS_BRIDGE
+        self.custom.delete_cluster_custom_object(r.group, r.version, r.plural, name)
+
+    def enactment(self, node: str, bridge: str = "br1") -> dict[str, Any] | None:
+        r = vocab.OVS_BRIDGE_ENACTMENT
+        try:
+            return self.custom.get_cluster_custom_object(  # type: ignore[no-any-return]
+                r.group, r.version, r.plural, f"{node}.{bridge}"
+            )
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def condition(self, node: str, bridge: str = "br1") -> tuple[str | None, str, str]:
+        """(the True condition's type or None, its reason, its message) of an enactment."""
+        e = self.enactment(node, bridge)
+        for c in ((e or {}).get("status") or {}).get("conditions") or []:
+            if c["status"] == "True":
+                return c["type"], c.get("reason", ""), c.get("message", "")
+        return None, "", ""
+
+    def wait_condition(
+        self, node: str, ctype: str, bridge: str = "br1", timeout: float = 20.0
+    ) -> tuple[str | None, str, str]:
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: (c := self.condition(node, bridge))[0] == ctype and c,
+            timeout,
+            f"enactment {node}.{bridge} {ctype}",
+        )
+
+    def capacity(self, node: str) -> dict[str, str]:
+        st = self.core.read_node(node).status
+        return dict((st.capacity if st else None) or {})
+
+    def writes(self) -> list[str]:
+        """Write requests served since the last reset, as "VERB path"."""
+        return [f"{r.method} {r.path}" for r in self.emu.requests(writes=True)]
+
+    def stop(self) -> None:
+        self.emu.stop()
+
+
+class AgentProcess:
+    """``underlay agent`` running inside a rig node (as the DaemonSet runs it on a node)."""
+
+    def __init__(
+        self, node: Node, name: str, kubeconfig: str, *args: str, resync: float = 1.0
+    ) -> None:
+        self.node, self.name = node, name
+        self.socket = str(node.rundir / "agent.sock")
+        self.log = node.rundir / "agent.log"
+        self.argv = [
+            UNDERLAY, "-v", "agent", "--node-name", name, "--kubeconfig", kubeconfig,
+            "--ovsdb", node.ovsdb, "--socket", self.socket, "--root", str(node.root),
+            "--resync", str(resync), "--rollout-retry", "0.5", *args,
+        ]  # fmt: skip
+        self.offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as logf:
+            self.proc = node.popen(*self.argv, stdout=logf, stderr=subprocess.STDOUT)
+        wait_for(
+            lambda: Path(self.socket).exists() or self.proc.poll() is not None, 20, "agent socket"
+        )
+        assert self.proc.poll() is None, self.text()
+
+    def text(self) -> str:
+        """This process's log."""
+        return self.log.read_bytes()[self.offset :].decode(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float = 20.0) -> str:
+        return wait_for(lambda: needle in self.text() and self.text(), timeout, f"log {needle!r}")  # type: ignore[no-any-return]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Send ``sig`` and wait; returns the exit code (kills after ``timeout`` s)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired as exc:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError(
+                    f"agent {self.name} ignored {sig}:\n{self.text()[-3000:]}"
+                ) from exc
+        return self.proc.returncode
+
+
+def netplan_node(node: Node) -> Node:
+    """Make ``node`` look configured by netplan (persistence auto -> netplan)."""
+    d = node.root / "etc/netplan"
+    d.mkdir(parents=True)
+    base = d / "50-cloud-init.yaml"
+    base.write_text("network:\n  version: 2\n")
+    base.chmod(0o600)
+    return node
+
+
+def networkmanager_node(node: Node) -> Node:
+    """Make ``node`` look configured by NetworkManager (persistence auto -> networkmanager)."""
+    (node.root / "etc/NetworkManager/system-connections").mkdir(parents=True)
+    return node
+
+
+def files_under(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode & 0o7777)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def node_state(node: Node) -> dict[str, Any]:
+    """Everything the agent could change on a node: addresses, routes, links, OVS, files
+    (IPv6 DAD progress, "tentative", is the kernel's timing, not a change)."""
+    snap = node.snapshot()
+    snap["addr"] = snap["addr"].replace(" tentative", "")
+    return {**snap, "ovs": node.ovs_show(), "files": files_under(node.root)}
+
+
+class World:
+    """A rig, the emulator, and the agents a test starts (all stopped at the end)."""
+
+    def __init__(self, rig: Rig, tmp: Path) -> None:
+        self.rig = rig
+        self.tmp = tmp
+        self.cluster = Cluster(rig, tmp)
+        self.agents: list[AgentProcess] = []
+
+    def node(self, name: str, *, persistence: str = "netplan", data: bool = False) -> Node:
+        """Rig node ``name`` (eth0 = IPS[name]) with its Node object; ``persistence``:
+        netplan, networkmanager or none (what ``auto`` detects); ``data``: also eth1 on the
+        data segment (DATA_IPS[name]) with a default route of metric 200."""
+        node = self.rig.add_node(name, IPS[name])
+        node.root.mkdir(parents=True, exist_ok=True)
+        if persistence == "netplan":
+            netplan_node(node)
+        elif persistence == "networkmanager":
+            networkmanager_node(node)
+        if data:
+            if "data" not in self.rig.networks:
+                self.rig.add_network()
+            self.rig.add_nic(name, "eth1", DATA_IPS[name], default_metric=200)
+        self.cluster.add_node(name)
+        return node
+
+    def agent(self, name: str, *args: str, resync: float = 1.0) -> AgentProcess:
+        a = AgentProcess(
+            self.rig.nodes[name], name, self.cluster.node_kubeconfig, *args, resync=resync
+        )
+        self.agents.append(a)
+        return a
+
+    def logs(self) -> str:
+        return "\n".join(f"--- agent {a.name}\n{a.text()[-4000:]}" for a in self.agents)
+
+    def close(self) -> None:
+        for a in self.agents:
+            if a.proc.poll() is None:
+                a.proc.kill()
+                a.proc.wait(5)
+        self.cluster.stop()
+
+
+@pytest.fixture
+def world(rig: Rig, tmp_path: Path) -> Iterator[World]:
+    w = World(rig, tmp_path)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def ready_with_br1(w: World, name: str, ip: str) -> None:
+    """Assert node ``name`` carries br1 over eth0 with its address and default route."""
+    node = w.rig.nodes[name]
+    assert node.vsctl("list-ports", "br1").split() == ["eth0"]
+    assert node.addresses("br1") == [f"{ip}/16"]
+    assert node.addresses("eth0") == []
+    assert node.default_route_dev() == "br1"
+    assert node.ping(GATEWAY, count=1)
+
+
+# --- takeover, restart ----------------------------------------------------------------------
+
+
+def test_restarted_agent_changes_nothing_and_writes_nothing(world: World) -> None:
+    """Takeover through the daemon; a restarted agent finds the node taken over and leaves the
+    node and the API alone (no write request at all)."""
+    w = world
+    n1 = w.node("n1")
+    w.cluster.apply_bridge(ovs_bridge())
+    a = w.agent("n1")
+    w.cluster.wait_condition("n1", "Ready")
+    ready_with_br1(w, "n1", IPS["n1"])
+    assert parse_quantity(w.cluster.capacity("n1")["underlay.dev/br1"]) == 1000
+    e = w.cluster.enactment("n1")
+    assert e is not None
+    st = e["status"]
+    assert st["observedGeneration"] == st["enactedGeneration"] == 1
+    assert {c["type"] for c in st["conditions"]} == {
+        "Ready", "Progressing", "Failing", "Pending", "Aborted",
+    }  # fmt: skip
+    assert any("move address 172.18.10.11/16" in c or "add address" in c for c in st["lastChanges"])
+    assert a.stop() == 0
+
+    before = node_state(n1)
+    w.cluster.emu.reset_requests()
+    b = w.agent("n1")
+    b.wait_log("pass on n1: br1=unchanged")
+    time.sleep(2.5)  # two more resync passes
+    assert b.proc.poll() is None
+    assert w.cluster.writes() == [], b.text()
+    assert node_state(n1) == before
+    assert w.cluster.enactment("n1") == e
+    assert "repaired" not in b.text() and "enacted on" not in b.text()
+    assert b.stop() == 0
