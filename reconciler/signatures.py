@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +85,36 @@ def verification_from_secret(
     if v.empty:
         raise SourceError(f"{name}: no GPG key and no {ALLOWED_SIGNERS_KEY!r} to verify with")
     return v
+
+
+def verification_from_files(
+    gpg_key_files: Sequence[Path | str] = (), allowed_signers_file: Path | str | None = None
+) -> Verification:
+    """A Verification from files on disk (a CLI's ``--verify-gpg-key FILE`` /
+    ``--verify-ssh-signers FILE``): armored OpenPGP public keys and an allowed_signers file.
+    Raises SourceError naming the file when one cannot be read or holds no armored key, or when
+    no file is given."""
+    gpg: list[str] = []
+    for f in gpg_key_files:
+        text = _read(f)
+        if not _ARMOR.search(text):
+            raise SourceError(
+                f"{f}: not an ASCII-armored OpenPGP public key (gpg --armor --export)"
+            )
+        gpg.append(text)
+    v = Verification(tuple(gpg), _read(allowed_signers_file) if allowed_signers_file else "")
+    if v.empty:
+        raise SourceError("signature verification needs GPG key files or an allowed_signers file")
+    return v
+
+
+def _read(path: Path | str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeError:
+        raise SourceError(f"{path}: not UTF-8 text") from None
 
 
 def _crc24(data: bytes) -> int:

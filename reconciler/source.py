@@ -23,7 +23,12 @@ from pathlib import Path
 
 import git
 
-from reconciler.signatures import Verification, verification_from_secret, verify_commit
+from reconciler.signatures import (
+    Verification,
+    verification_from_files,
+    verification_from_secret,
+    verify_commit,
+)
 from reconciler.source_auth import (
     Credentials,
     SourceError,
@@ -46,6 +51,7 @@ __all__ = [
     "is_git_url",
     "ls_remote",
     "redact",
+    "verification_from_files",
     "verification_from_secret",
 ]
 
@@ -101,8 +107,10 @@ def _url_for_git(url: str) -> str:
 
 def _prepare(url: str, credentials: Credentials | None) -> tuple[str, Credentials | None]:
     """URL for git (no userinfo; local paths as file://) and the credentials to use:
-    ``credentials`` first, then any found in the URL."""
+    ``credentials`` (default: the ``UNDERLAY_GIT_*`` environment), then any found in the URL."""
     clean, in_url = split_url_credentials(url)
+    if credentials is None:
+        credentials = credentials_from_env()
     creds = credentials.merged(in_url) if credentials is not None else in_url
     return _url_for_git(clean), creds
 
@@ -194,8 +202,8 @@ def ls_remote(
     ``ref``: branch (``refs/heads/`` first), tag (annotated tags are peeled to their commit),
     full ``refs/...`` name, or commit SHA. A full 40-hex SHA is returned as is (a pinned commit
     never moves) and an abbreviated SHA or a plain directory gives None: the caller must fetch
-    to know. Raises SourceError (redacted) when the remote is unreachable, refuses the
-    credentials or host key, or has no such ref.
+    to know. ``credentials`` as for :func:`fetch`. Raises SourceError (redacted) when the remote
+    is unreachable, refuses the credentials or host key, or has no such ref.
     """
     if _FULL_SHA.match(ref):
         return ref
@@ -253,8 +261,9 @@ def fetch(
 
     ``cache_dir``: where the per-URL cache repository lives (default :func:`default_cache_dir`).
     ``depth``: commits to fetch (shallow when the server allows it; 0 = full history).
-    ``credentials``: https/ssh credentials (credentials in the URL are used too, but never
-    stored). ``verify``: when given, the head commit must carry a GPG or SSH signature that git
+    ``credentials``: https/ssh credentials; None (default) reads them from the ``UNDERLAY_GIT_*``
+    environment (:func:`credentials_from_env`). Credentials in the URL fill what is not set,
+    and are never stored. ``verify``: when given, the head commit must carry a GPG or SSH signature that git
     verifies with one of these keys, else SourceError and the work tree keeps the previous
     revision. ``timeout``: seconds per git command.
 

@@ -104,10 +104,10 @@ def _handler(srv: GitHTTPS) -> type[BaseHTTPRequestHandler]:
         def serve(self) -> None:
             auth = self.headers.get("Authorization")
             srv.authorizations.append(auth)
-            # while git is connected: is any secret in any process's argv? are temp files private?
-            srv.argv_leaks += _scan_argv(
-                [PASSWORD, TOKEN, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()]
-            )
+            if srv.watch_tmp is not None:  # while git is connected: secrets in any argv?
+                srv.argv_leaks += _scan_argv(
+                    [PASSWORD, TOKEN, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()]
+                )
             if srv.watch_tmp is not None:
                 srv.tmp_modes.append(
                     {
@@ -347,3 +347,22 @@ def test_missing_repository_and_ref(https_git: GitHTTPS, tmp_path: Path) -> None
         SourceError, match=r"cannot list 'main' on https://127\.0\.0\.1:\d+/gone\.git"
     ):
         ls_remote(https_git.url("gone.git"), "main", credentials=creds)
+
+
+def test_credentials_from_the_environment_by_default(
+    https_git: GitHTTPS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``underlay apply --repo https://...`` gets without a Secret: UNDERLAY_GIT_* vars."""
+    work, _ = publish(https_git, tmp_path)
+    (tmp_path / "ca.crt").write_text(https_git.ca_pem)
+    monkeypatch.setenv("UNDERLAY_GIT_TOKEN", TOKEN)
+    monkeypatch.setenv("UNDERLAY_GIT_CA_FILE", str(tmp_path / "ca.crt"))
+    url = https_git.url("r.git")
+    assert ls_remote(url, "main") == work.head.commit.hexsha
+    assert fetch(url, "main", cache_dir=tmp_path / "c").revision == work.head.commit.hexsha
+    assert https_git.authorizations[-1] == f"Bearer {TOKEN}"
+    # explicit credentials replace the environment's
+    with pytest.raises(SourceError, match="https authentication failed"):
+        ls_remote(
+            url, "main", credentials=Credentials(token="other-token-1", ca_cert=https_git.ca_pem)
+        )

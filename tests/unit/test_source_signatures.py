@@ -18,7 +18,12 @@ from pathlib import Path
 import git
 import pytest
 
-from reconciler.signatures import Verification, dearmor_public_keys, verification_from_secret
+from reconciler.signatures import (
+    Verification,
+    dearmor_public_keys,
+    verification_from_files,
+    verification_from_secret,
+)
 from reconciler.source import SourceError, fetch
 from tests.unit.test_source import make_repo
 
@@ -313,3 +318,19 @@ def test_dearmor_checks_the_armor(gpg_keys: GpgKeys) -> None:
 def test_plain_directory_cannot_be_verified(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="plain directory: it has no commit to verify"):
         fetch(str(tmp_path), "main", verify=Verification(ssh_allowed_signers="x ssh-ed25519 A"))
+
+
+def test_verification_from_files(tmp_path: Path, origin: git.Repo, gpg_keys: GpgKeys) -> None:
+    key, pub = ssh_keypair(tmp_path, "ops")
+    (tmp_path / "allowed.asc").write_text(gpg_keys.allowed_armor)
+    (tmp_path / "allowed_signers").write_text(f"ops {pub}\n")
+    v = verification_from_files([tmp_path / "allowed.asc"], tmp_path / "allowed_signers")
+    assert v.gpg_keys == (gpg_keys.allowed_armor,) and v.ssh_allowed_signers == f"ops {pub}\n"
+    signed_commit(origin, {"a.yaml": "ssh\n"}, "ssh", ssh_sign(key))
+    assert fetch(str(tmp_path / "origin"), "main", cache_dir=tmp_path / "c", verify=v).signature
+    with pytest.raises(SourceError, match=r"allowed_signers: not an ASCII-armored OpenPGP"):
+        verification_from_files([tmp_path / "allowed_signers"])
+    with pytest.raises(SourceError, match=r"/nope: cannot read: No such file"):
+        verification_from_files([], tmp_path / "nope")
+    with pytest.raises(SourceError, match="needs GPG key files or an allowed_signers file"):
+        verification_from_files()
