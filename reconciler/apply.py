@@ -1,10 +1,15 @@
 """Apply: carry out a :class:`reconciler.plan.Plan` against the cluster.
 
 Creates and updates are server-side apply with field manager ``underlay`` and ``force`` (the
-Git revision wins over hand edits: self-heal). Before the first write every object is sent once
-with ``dryRun=All`` so that an object the API server would reject stops the whole pass with
-nothing written (all-or-nothing; reference/gitops.md). Prunes delete with a uid precondition so
-an object recreated under the same name by someone else is never deleted.
+Git revision wins over hand edits: self-heal). Before the first write every object to be written
+is sent once with ``dryRun=All`` so that an object the API server would reject stops the whole
+pass with nothing written (all-or-nothing; reference/gitops.md); an object whose owner is
+created in the same pass is dry-run with a placeholder owner uid, since the owner has none
+yet. Objects are written in plan order (bridges, pools, Multus configs, NADs), so a pool exists
+before the Multus config that uses it; when a pool fails, the Multus configs naming it (and
+their NADs) are not written in that pass. Prunes delete with a uid precondition so an object
+recreated under the same name by someone else is never deleted. ``guard`` is called before
+every write (leader election: it raises when this replica is no longer the leader).
 Source: Kubernetes API concepts, "Server-Side Apply" and "Dry-run".
 """
 
@@ -21,18 +26,33 @@ from reconciler import ippool, vocab
 from reconciler.kube import Key, Objects
 from reconciler.plan import Action, Op, Plan, with_owner
 
+PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+"""Owner uid used in the dry run for an owner that this pass creates (it has no uid yet)."""
+
 
 @dataclass
 class Outcome:
-    """What one apply pass did: actions done, actions that failed (with the API's message)."""
+    """What one apply pass did.
+
+    ``done``: actions carried out; ``failed``: (action, the API's message) for writes and
+    deletes that failed; ``dry_run_failed``: the dry run's rejections (then nothing was
+    written); ``skipped``: (action, why) for writes not attempted because something they
+    depend on failed; ``uids``: the uid of every object written, by key.
+    """
 
     done: list[Action] = field(default_factory=list)
     failed: list[tuple[Action, str]] = field(default_factory=list)
     dry_run_failed: list[tuple[Action, str]] = field(default_factory=list)
+    skipped: list[tuple[Action, str]] = field(default_factory=list)
+    uids: dict[Key, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.dry_run_failed
+        return not self.failed and not self.dry_run_failed and not self.skipped
+
+    def count(self, op: Op) -> int:
+        """How many actions of ``op`` were carried out."""
+        return sum(1 for a in self.done if a.op is op)
 
 
 def api_message(exc: Exception) -> str:
@@ -46,13 +66,28 @@ def api_message(exc: Exception) -> str:
     return str(exc)
 
 
-def _body(a: Action, uids: dict[Key, str]) -> dict[str, Any]:
+def _body(a: Action, uids: dict[Key, str], placeholder: bool = False) -> dict[str, Any]:
     assert a.desired is not None
     body = a.desired.body
     owner = a.desired.owner
     if owner is not None and owner in uids:
         body = with_owner(body, {}, owner, uids[owner])
+    elif owner is not None and placeholder:
+        body = with_owner(body, {}, owner, PLACEHOLDER_UID)
     return body
+
+
+def _pools_used(a: Action) -> set[str]:
+    """Pool names a SpiderMultusConfig's sections name in ``ippools`` (ipv4 and ipv6)."""
+    if a.desired is None or a.resource is not vocab.SPIDER_MULTUS_CONFIG:
+        return set()
+    spec = a.desired.body.get("spec") or {}
+    out: set[str] = set()
+    for sec in spec.values():
+        if isinstance(sec, dict) and isinstance(sec.get("ippools"), dict):
+            for names in sec["ippools"].values():
+                out.update(str(n) for n in names or [])
+    return out
 
 
 def _sync_pool_counts(
@@ -90,12 +125,14 @@ def execute(
     manager: str = vocab.FIELD_MANAGER,
     log: Callable[[str], None] = print,
     dry_run_first: bool = True,
+    guard: Callable[[], None] | None = None,
 ) -> Outcome:
-    """Apply every create/update and prune of ``plan``; skip blocked and unchanged actions.
+    """Apply every create/update and prune of ``plan``; skip blocked, drifted and unchanged ones.
 
     Returns an Outcome; never raises for API errors of single objects (they are recorded in
     ``failed`` and the pass goes on with the rest, except during the dry run, which stops the
-    pass before any write). ``log`` receives one line per change.
+    pass before any write). ``guard()`` runs before every write and may raise to abort the pass
+    (its exception propagates). ``log`` receives one line per change.
     """
     out = Outcome()
     uids: dict[Key, str] = {}
@@ -103,12 +140,14 @@ def execute(
         if a.live is not None and (uid := a.live.get("metadata", {}).get("uid")):
             uids[a.key] = uid
     writes = [a for a in plan.actions if a.op in (Op.CREATE, Op.UPDATE)]
-    if dry_run_first:
+    if dry_run_first and writes:
         for a in writes:
-            if a.desired and a.desired.owner and a.desired.owner not in uids:
-                continue  # its owner is created in this pass; the real apply validates it
+            if guard is not None:
+                guard()
             try:
-                Objects(api, a.resource).apply(_body(a, uids), manager, dry_run=True)
+                Objects(api, a.resource).apply(
+                    _body(a, uids, placeholder=True), manager, dry_run=True
+                )
             except client.ApiException as exc:
                 out.dry_run_failed.append((a, api_message(exc)))
         if out.dry_run_failed:
@@ -116,24 +155,47 @@ def execute(
                 log(f"dry run rejected {a.ref()}: {msg}")
             log("nothing applied: the API server rejected the dry run")
             return out
+    failed_pools: set[str] = set()
+    not_written: set[Key] = set()
     for a in writes:
+        why = ""
+        if a.desired is not None and a.desired.owner in not_written:
+            why = f"its owner {a.desired.owner[0]} {a.desired.owner[2]} was not applied"
+        elif bad := sorted(_pools_used(a) & failed_pools):
+            why = f"SpiderIPPool {', '.join(bad)} it uses failed to apply"
+        if why:
+            out.skipped.append((a, why))
+            not_written.add(a.key)
+            log(f"skipped {a.ref()}: {why}")
+            continue
+        if guard is not None:
+            guard()
         try:
             live = Objects(api, a.resource).apply(_body(a, uids), manager)
         except client.ApiException as exc:
             out.failed.append((a, api_message(exc)))
+            not_written.add(a.key)
+            if a.resource is vocab.SPIDER_IPPOOL:
+                failed_pools.add(a.name)
             log(f"failed to apply {a.ref()}: {api_message(exc)}")
             continue
-        uids[a.key] = live["metadata"]["uid"]
+        uids[a.key] = out.uids[a.key] = live["metadata"]["uid"]
         if a.resource is vocab.SPIDER_IPPOOL:
             _sync_pool_counts(api, live, log)
         out.done.append(a)
         if a.op is Op.CREATE:
-            log(f"created {a.ref()}")
+            log(f"created {a.ref()}" + (" (it had been deleted in the cluster)" if a.drift else ""))
         else:
-            log(f"updated {a.ref()} ({', '.join(c.path for c in a.changes)})")
+            fields = ", ".join(c.path for c in a.changes)
+            log(
+                f"updated {a.ref()} ({fields})"
+                + (" reverting a change made in the cluster" if a.drift else "")
+            )
     for a in plan.actions:
         if a.op is not Op.PRUNE:
             continue
+        if guard is not None:
+            guard()
         uid = (a.live or {}).get("metadata", {}).get("uid")
         opts = client.V1DeleteOptions(
             propagation_policy="Background",

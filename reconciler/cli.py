@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,35 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--instance",
         default=vocab.DEFAULT_INSTANCE,
-        help=f"reconciler instance name, the value of the {vocab.LABEL_INSTANCE} label on every object it owns (default: %(default)s)",
+        help=f"reconciler instance name, the value of the {vocab.LABEL_INSTANCE} label on every object it owns, and the name of its GitSync status object (default: %(default)s)",
+    )
+    g.add_argument(
+        "-n",
+        "--namespace",
+        help="namespace of the GitSync status object (and the leader Lease): default $POD_NAMESPACE, "
+        "in a pod its own namespace, else the kubeconfig context's namespace",
+    )
+    g.add_argument(
+        "--api-timeout",
+        default="30s",
+        help="timeout of one Kubernetes API request; 429, 5xx and timeouts are retried with "
+        "exponential backoff (default: %(default)s)",
+    )
+
+
+def _pass_args(p: argparse.ArgumentParser, *, prune_help: str) -> None:
+    p.add_argument("--no-prune", action="store_true", help=prune_help)
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="let a revision without any object prune everything this instance applied "
+        "(without it an empty revision prunes nothing)",
+    )
+    p.add_argument(
+        "--no-self-heal",
+        action="store_true",
+        help="report objects changed or deleted in the cluster by hand, but do not revert them "
+        "(default: revert them on the next pass)",
     )
 
 
@@ -80,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        help="log lines as JSON objects or text; default: json for `reconcile` when stderr is "
+        "not a terminal, text otherwise",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -105,8 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="text (default): one line per object; yaml/json: the objects that would be written",
     )
-    p.add_argument("--no-prune", action="store_true", help="do not plan deletions")
+    _pass_args(p, prune_help="do not plan deletions")
     p.add_argument("--all", action="store_true", help="also list unchanged objects")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="stay running and print the plan again whenever a file under PATH changes (local path only)",
+    )
     p.add_argument(
         "--exit-code",
         action="store_true",
@@ -126,14 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _source_args(p)
     _cluster_args(p)
-    p.add_argument("--no-prune", action="store_true", help="never delete objects that left Git")
+    _pass_args(p, prune_help="never delete objects that left Git")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser(
         "reconcile",
         help="the controller loop: apply on every new revision and every interval",
         description="Run apply passes forever: poll the repository every --interval (with "
-        "jitter), apply when the revision moved, and re-check the cluster for drift on every pass.",
+        "jitter), load/validate/render only when the revision moved, re-check the cluster for "
+        "drift on every pass, and record status in GitSync <instance> (conditions, revisions, "
+        "inventory), Events and /metrics. A pass runs at once when the GitSync's "
+        "underlay.dev/reconcile-requested-at annotation changes, or (--watch) a local file changes.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -144,9 +185,59 @@ def build_parser() -> argparse.ArgumentParser:
         default="60s",
         help="poll interval: 30s, 5m, 1h or seconds (default: %(default)s)",
     )
-    p.add_argument("--no-prune", action="store_true", help="never delete objects that left Git")
+    p.add_argument(
+        "--jitter",
+        type=float,
+        default=0.1,
+        help="random spread of the interval, as a fraction (default: %(default)s)",
+    )
+    _pass_args(p, prune_help="never delete objects that left Git")
     p.add_argument(
         "--once", action="store_true", help="run a single pass and exit (for tests and cron)"
+    )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="also run a pass within a second of any change to the files under PATH (local path only)",
+    )
+    p.add_argument(
+        "--http-address",
+        default=":8080",
+        help="where /metrics, /healthz and /readyz are served; empty to disable (default: %(default)s)",
+    )
+    p.add_argument(
+        "--backoff",
+        default="1s",
+        help="wait after a failed pass, doubled per consecutive failure up to --interval (default: %(default)s)",
+    )
+    g = p.add_argument_group("leader election (coordination.k8s.io/v1 Lease)")
+    g.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run passes only while holding the Lease, so several replicas can run",
+    )
+    g.add_argument(
+        "--leader-elect-lease-duration",
+        default="35s",
+        help="how long standbys wait after the last renewal before taking over (default: %(default)s)",
+    )
+    g.add_argument(
+        "--leader-elect-renew-deadline",
+        default="30s",
+        help="the leader stops writing when it could not renew for this long (default: %(default)s)",
+    )
+    g.add_argument(
+        "--leader-elect-retry-period",
+        default="5s",
+        help="how often the leader renews and standbys try (default: %(default)s)",
+    )
+    g.add_argument(
+        "--leader-elect-resource-name",
+        help="name of the Lease (default: underlay-reconciler-<instance>)",
+    )
+    g.add_argument(
+        "--identity",
+        help="this replica's name in the Lease and in Events (default: $POD_NAME, else host_random)",
     )
     p.set_defaults(func=cmd_reconcile)
 
@@ -209,12 +300,47 @@ def _resolve_source(args: argparse.Namespace) -> tuple[Path, list[Path] | None, 
     return root, None if path.is_dir() else [path], "local"
 
 
-def _client(args: argparse.Namespace, *, required: bool) -> Any:
+def _make_source(args: argparse.Namespace) -> Any:
+    from reconciler.controller import DirSource, GitSource
+
+    if args.repo:
+        return GitSource(args.repo, args.ref, args.path, args.cache_dir)
+    return DirSource(Path(args.path or "."))
+
+
+def _retry_policy(args: argparse.Namespace) -> Any:
+    from reconciler.retry import RetryPolicy
+
+    return RetryPolicy(timeout=parse_duration(args.api_timeout))
+
+
+def _user_agent(identity: str | None = None) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("underlay-gitops")
+    except PackageNotFoundError:
+        v = "dev"
+    return f"underlay/{v}" + (f" ({identity})" if identity else "")
+
+
+def _client(
+    args: argparse.Namespace, *, required: bool, on_retry: Any = None, identity: str | None = None
+) -> Any:
     from reconciler import kube
 
     if not required and not kube.has_cluster_config(args.kubeconfig):
         return None
-    return kube.api_client(args.kubeconfig, args.context)
+    return kube.api_client(
+        args.kubeconfig, args.context, retry=_retry_policy(args), on_retry=on_retry,
+        user_agent=_user_agent(identity),
+    )  # fmt: skip
+
+
+def _namespace(args: argparse.Namespace) -> str:
+    from reconciler import kube
+
+    return str(args.namespace or kube.default_namespace(args.kubeconfig, args.context))
 
 
 def _print_problems(problems: Sequence[Any]) -> None:
@@ -222,18 +348,48 @@ def _print_problems(problems: Sequence[Any]) -> None:
         print(p.format(), file=sys.stderr)
 
 
+def _options(args: argparse.Namespace, namespace: str, identity: str = "underlay") -> Any:
+    from reconciler.controller import Options
+
+    return Options(
+        instance=args.instance,
+        namespace=namespace,
+        interval=parse_duration(getattr(args, "interval", "60s")),
+        jitter=getattr(args, "jitter", 0.1),
+        prune=not args.no_prune,
+        allow_empty=args.allow_empty,
+        self_heal=not args.no_self_heal,
+        strict=args.strict,
+        ignore_unknown_kinds=args.ignore_unknown_kinds,
+        backoff_base=parse_duration(getattr(args, "backoff", "1s")),
+        identity=identity,
+    )
+
+
+# exit code of a pass by the reason it did not converge
+_FINDINGS = {"ValidationFailed", "Blocked", "ApplyFailed", "DryRunFailed", "DriftDetected"}
+
+
 # --- commands ---------------------------------------------------------------------------
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from reconciler.controller import run_pass
+    if args.watch:
+        return _plan_watch(args)
+    return _plan_once(args)
+
+
+def _plan_once(args: argparse.Namespace) -> int:
+    from reconciler.controller import read_inventory, run_pass
     from reconciler.plan import Op, format_plan
 
     root, paths, revision = _resolve_source(args)
     api = _client(args, required=False)
+    inventory = read_inventory(api, _namespace(args), args.instance) if api is not None else None
     res = run_pass(
         root, paths, api, revision=revision, instance=args.instance, strict=args.strict,
         prune=not args.no_prune, apply=False, ignore_unknown_kinds=args.ignore_unknown_kinds,
+        inventory=inventory, allow_empty=args.allow_empty, self_heal=not args.no_self_heal,
     )  # fmt: skip
     _print_problems(res.problems)
     if res.errors or res.plan is None:
@@ -253,75 +409,180 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}, indent=2))
         else:
             print(yaml.safe_dump_all(objs, sort_keys=False), end="")
+    sys.stdout.flush()
     if args.exit_code and res.plan.has_changes:
         return EXIT_FINDINGS
     return EXIT_OK
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
-    from reconciler.controller import run_pass
+def _plan_watch(args: argparse.Namespace) -> int:
+    """``plan --watch``: plan now, then again within ~0.1 s of every change under PATH."""
+    import threading
 
-    root, paths, revision = _resolve_source(args)
+    from reconciler.controller import FileWatch
+
+    if args.repo:
+        raise UsageError("--watch needs a local PATH, not --repo")
+    changed = threading.Event()
+    fw = FileWatch(Path(args.path or "."), changed.set)
+    fw.start()
+    try:
+        while True:
+            try:
+                _plan_once(args)
+            except Exception as exc:
+                from reconciler.source import redact
+
+                print(f"underlay plan: error: {redact(str(exc))}", file=sys.stderr)
+            print("-- watching for changes (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            changed.wait()
+            changed.clear()
+    finally:
+        fw.stop()
+
+
+class UsageError(ValueError):
+    """Flags that cannot be combined (exit 2)."""
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from reconciler.controller import Reconciler
+    from reconciler.plan import Op
+
+    source = _make_source(args)
     api = _client(args, required=True)
-    res = run_pass(
-        root, paths, api, revision=revision, instance=args.instance, strict=args.strict,
-        prune=not args.no_prune, ignore_unknown_kinds=args.ignore_unknown_kinds,
-    )  # fmt: skip
-    _print_problems(res.problems)
-    where = f"revision {revision[:12]}" if revision != "local" else str(args.path or ".")
-    if res.errors or res.plan is None:
-        print(f"{len(res.errors)} error(s) in {where}: nothing applied.", file=sys.stderr)
+    rec = Reconciler(
+        api, source, _options(args, _namespace(args)), out=print, problems_out=_print_problems
+    )
+    rep = rec.run_once()
+    where = (
+        f"revision {rep.revision[:12]}"
+        if rep.revision and not rep.revision.startswith("local")
+        else str(args.path or ".")
+    )
+    if rep.reason == "ValidationFailed":
+        n = len(rep.rendered.errors) if rep.rendered else 0
+        print(f"{n} error(s) in {where}: nothing applied.", file=sys.stderr)
         return EXIT_FINDINGS
-    plan, outcome = res.plan, res.outcome
+    if rep.error is not None and rep.reason not in _FINDINGS:
+        print(f"underlay apply: error: {rep.error}", file=sys.stderr)
+        return EXIT_ERROR
+    plan, outcome = rep.plan, rep.outcome
+    assert plan is not None
     if outcome is None:
         print(f"No changes: the cluster matches {where} ({plan.summary()}).")
         for a in plan.blocked:
             print(f"blocked {a.ref()}: {a.reason}")
+        for a in plan.actions:
+            if a.op is Op.DRIFTED:
+                print(f"drifted {a.ref()}: {a.reason} (not reverted: --no-self-heal)")
     else:
-        done = {
-            op: sum(1 for a in outcome.done if a.op is op) for op in set(a.op for a in outcome.done)
-        }
-        from reconciler.plan import Op
-
+        c = outcome.count
         print(
-            f"Applied {where}: {done.get(Op.CREATE, 0)} created, {done.get(Op.UPDATE, 0)} updated, "
-            f"{done.get(Op.PRUNE, 0)} pruned, {len(outcome.failed) + len(outcome.dry_run_failed)} failed, "
+            f"Applied {where}: {c(Op.CREATE)} created, {c(Op.UPDATE)} updated, "
+            f"{c(Op.PRUNE)} pruned, {len(outcome.failed) + len(outcome.dry_run_failed)} failed, "
             f"{len(plan.blocked)} blocked, {plan.count(Op.UNCHANGED)} unchanged."
         )
-    return EXIT_OK if res.converged else EXIT_FINDINGS
+    return EXIT_OK if rep.converged else EXIT_FINDINGS
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from reconciler.controller import jittered, run_pass, sleep_until
+    import signal
+    import threading
 
+    from reconciler import kube, logs
+    from reconciler.controller import FileWatch, GitSyncWatch, Reconciler
+    from reconciler.httpserver import HttpServer
+    from reconciler.leader import ElectionConfig, LeaderElector, default_identity
+    from reconciler.metrics import ReconcilerMetrics
+    from reconciler.retry import RetryPolicy
+
+    logs.setup(args.log_format, verbose=args.verbose)
+    log = logging.getLogger("underlay.reconcile")
+    if args.watch and args.repo:
+        raise UsageError("--watch needs a local PATH, not --repo")
+    if args.once and args.leader_elect:
+        raise UsageError(
+            "--once runs one pass right away: it cannot be combined with --leader-elect"
+        )
     interval = parse_duration(args.interval)
-    api = _client(args, required=True)
-    last_rc = EXIT_OK
-    while True:
-        started = time.monotonic()
-        try:
-            root, paths, revision = _resolve_source(args)
-            res = run_pass(
-                root, paths, api, revision=revision, instance=args.instance, strict=args.strict,
-                prune=not args.no_prune, ignore_unknown_kinds=args.ignore_unknown_kinds,
-                out=lambda s: logging.getLogger("underlay.reconcile").info(s),
-            )  # fmt: skip
-            for p in res.problems:
-                logging.getLogger("underlay.reconcile").warning(p.format())
-            last_rc = EXIT_OK if res.converged else EXIT_FINDINGS
-            if res.errors:
-                logging.getLogger("underlay.reconcile").error(
-                    "revision %s has %d error(s): nothing applied, the cluster keeps the last good revision",
-                    revision, len(res.errors),
-                )  # fmt: skip
-            elif res.plan is not None and not res.plan.has_changes:
-                logging.getLogger("underlay.reconcile").info("revision %s: no changes", revision)
-        except Exception as exc:  # keep the loop alive; report and retry next interval
-            logging.getLogger("underlay.reconcile").error("pass failed: %s", exc)
-            last_rc = EXIT_ERROR
-        if args.once:
-            return last_rc
-        sleep_until(started + jittered(interval))
+    metrics = ReconcilerMetrics()
+    identity = args.identity or default_identity()
+    api = _client(args, required=True, on_retry=metrics.on_retry, identity=identity)
+    namespace = _namespace(args)
+    elector = None
+    if args.leader_elect:
+        retry_period = parse_duration(args.leader_elect_retry_period)
+        cfg = ElectionConfig(
+            name=args.leader_elect_resource_name or f"underlay-reconciler-{args.instance}",
+            namespace=namespace,
+            identity=identity,
+            lease_duration=parse_duration(args.leader_elect_lease_duration),
+            renew_deadline=parse_duration(args.leader_elect_renew_deadline),
+            retry_period=retry_period,
+        )
+        # the election loop is the retry: one attempt per round, short timeout
+        le_api = kube.api_client(
+            args.kubeconfig, args.context,
+            retry=RetryPolicy(attempts=1, timeout=max(1.0, min(10.0, cfg.renew_deadline / 3))),
+            user_agent=_user_agent(identity),
+        )  # fmt: skip
+        elector = LeaderElector(le_api, cfg)
+    rec = Reconciler(
+        api,
+        _make_source(args),
+        _options(args, namespace, identity),
+        metrics=metrics,
+        elector=elector,
+    )
+    if args.once:
+        rep = rec.run_once()
+        if rep.error is None:
+            return EXIT_OK if rep.converged else EXIT_FINDINGS
+        return EXIT_FINDINGS if rep.reason in _FINDINGS else EXIT_ERROR
+    if elector is not None:
+
+        def on_change(leading: bool) -> None:
+            metrics.leader.set(1 if leading else 0)
+            rec.request_pass()
+
+        elector.on_change = on_change
+    stuck_after = max(600.0, 3 * interval)
+    http = None
+    if args.http_address:
+        http = HttpServer(
+            args.http_address, metrics.render, lambda: rec.healthz(stuck_after), rec.readyz
+        )
+        http.start()
+    watchers: list[Any] = [GitSyncWatch(api, namespace, args.instance, rec.request_pass)]
+    if args.watch:
+        watchers.append(FileWatch(Path(args.path or "."), rec.request_pass))
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the current pass and stopping", signum)
+        rec.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    for w in watchers:
+        w.start()
+    if elector is not None:
+        elector.start()
+    log.info(
+        "reconciling %s into the cluster every %s (instance %s, GitSync %s/%s, identity %s)",
+        args.repo or args.path or ".", args.interval, args.instance, namespace, args.instance, identity,
+    )  # fmt: skip
+    try:
+        rec.run_forever()
+    finally:
+        for w in watchers:
+            w.stop()
+        if elector is not None:
+            elector.stop(release=True)
+        if http is not None:
+            http.stop()
+    return EXIT_OK
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -346,16 +607,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``underlay``; returns the exit code (see module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.log_format == "json":
+        from reconciler import logs
+
+        logs.setup("json", verbose=args.verbose)
+    else:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     try:
         rc: int = args.func(args)
         return rc
     except KeyboardInterrupt:
         return 130
+    except UsageError as exc:
+        print(f"underlay {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as exc:  # every error gets a clear line and exit code 2
         from reconciler.source import SourceError, redact
 

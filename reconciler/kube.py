@@ -14,6 +14,7 @@ from typing import Any
 
 from kubernetes import client, config
 
+from reconciler.retry import RetryHook, RetryingApiClient, RetryPolicy
 from reconciler.vocab import Resource
 
 
@@ -21,24 +22,68 @@ class NoClusterConfigured(RuntimeError):
     """Neither a kubeconfig nor an in-cluster service account is available."""
 
 
-def api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
-    """Return an ApiClient from ``kubeconfig`` (or $KUBECONFIG, ~/.kube/config), else in-cluster.
+def load_configuration(
+    kubeconfig: str | None = None, context: str | None = None
+) -> client.Configuration:
+    """The client Configuration from ``kubeconfig`` (or $KUBECONFIG, ~/.kube/config), else in-cluster.
 
     Raises NoClusterConfigured when none of them exists, and the kubernetes ConfigException
-    when a kubeconfig exists but is broken.
+    when a kubeconfig exists but is broken. Source: client-go loading rules.
     """
     path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    cfg = client.Configuration()
     if kubeconfig or os.path.exists(path):
-        cfg = client.Configuration()
         config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
-        return client.ApiClient(cfg)
+        return cfg
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        cfg = client.Configuration()
         config.load_incluster_config(client_configuration=cfg)
-        return client.ApiClient(cfg)
+        return cfg
     raise NoClusterConfigured(
         "no cluster configured: pass --kubeconfig, set KUBECONFIG, or run in a pod"
     )
+
+
+def api_client(
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    *,
+    retry: RetryPolicy | None = None,
+    on_retry: RetryHook | None = None,
+    user_agent: str | None = None,
+) -> client.ApiClient:
+    """Return an ApiClient (see :func:`load_configuration` for where the configuration comes from).
+
+    With ``retry`` the client retries 429/5xx answers and transport errors with exponential
+    backoff (:class:`reconciler.retry.RetryingApiClient`); without it, it is the plain client.
+    ``user_agent`` replaces the generated client's User-Agent (API server audit logs show it).
+    """
+    cfg = load_configuration(kubeconfig, context)
+    api = RetryingApiClient(cfg, retry, on_retry) if retry is not None else client.ApiClient(cfg)
+    if user_agent:
+        api.user_agent = user_agent
+    return api
+
+
+def default_namespace(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """The namespace kubectl would use: the pod's own in a cluster, else the kubeconfig
+    context's, else ``default``. Sources: kubectl, "--namespace"; the service account volume
+    (``/var/run/secrets/kubernetes.io/serviceaccount/namespace``)."""
+    env = os.environ.get("POD_NAMESPACE")
+    if env:
+        return env
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    if kubeconfig or os.path.exists(path):
+        try:
+            contexts, current = config.list_kube_config_contexts(config_file=path)
+        except Exception:  # a broken kubeconfig is reported by api_client, not here
+            return "default"
+        ctx = next((c for c in contexts if c["name"] == context), current) if context else current
+        return str(((ctx or {}).get("context") or {}).get("namespace") or "default")
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    if os.path.exists(sa):
+        with open(sa) as f:
+            return f.read().strip() or "default"
+    return "default"
 
 
 def has_cluster_config(kubeconfig: str | None = None) -> bool:
@@ -76,15 +121,21 @@ class Objects:
         return self.api.get_cluster_custom_object(r.group, r.version, r.plural, name)
 
     def list(self, namespace: str | None = None, label_selector: str = "") -> dict[str, Any]:
-        """LIST (all namespaces when ``namespace`` is None); returns the List object."""
+        """LIST (all namespaces when ``namespace`` is None); returns the List object.
+
+        The answer is decoded with ``json.loads`` directly (no generated-model pass over
+        thousands of items).
+        """
         r = self.res
+        kw: dict[str, Any] = {"label_selector": label_selector, "_preload_content": False}
         if r.namespaced and namespace:
-            return self.api.list_namespaced_custom_object(
-                r.group, r.version, namespace, r.plural, label_selector=label_selector
+            resp = self.api.list_namespaced_custom_object(
+                r.group, r.version, namespace, r.plural, **kw
             )
-        return self.api.list_cluster_custom_object(
-            r.group, r.version, r.plural, label_selector=label_selector
-        )
+        else:
+            resp = self.api.list_cluster_custom_object(r.group, r.version, r.plural, **kw)
+        data: dict[str, Any] = json.loads(resp.data)
+        return data
 
     def create(self, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
         """POST ``body``; ApiException 409 AlreadyExists when the name is taken."""
@@ -156,20 +207,34 @@ def observe(api: client.ApiClient, resources: tuple[Resource, ...]) -> dict[Key,
     Returns {(kind, namespace or None, name): object}. One LIST per resource type. Raises
     MissingCRD naming the CustomResourceDefinition when the API server does not serve a type.
     """
+    out, missing = observe_served(api, resources)
+    if missing:
+        raise MissingCRD(missing[0])
+    return out
+
+
+def observe_served(
+    api: client.ApiClient, resources: tuple[Resource, ...]
+) -> tuple[dict[Key, dict[str, Any]], list[Resource]]:
+    """Like :func:`observe`, but types the API server does not serve (404 on the LIST: no
+    CRD) are returned in the second element instead of raising, so the caller decides whether
+    it needs them."""
     out: dict[Key, dict[str, Any]] = {}
+    missing: list[Resource] = []
     for res in resources:
         try:
             items = Objects(api, res).list()["items"]
         except client.ApiException as exc:
             if exc.status == 404:
-                raise MissingCRD(res) from exc
+                missing.append(res)
+                continue
             raise
         for obj in items:
             md = obj.get("metadata") or {}
             obj.setdefault("apiVersion", res.api_version)
             obj.setdefault("kind", res.kind)
             out[(res.kind, md.get("namespace") if res.namespaced else None, md["name"])] = obj
-    return out
+    return out, missing
 
 
 class MissingCRD(RuntimeError):

@@ -7,8 +7,15 @@ our entry in ``metadata.managedFields``) count as drift to remove.
 
 Safety rules decided here, shown in the plan as ``blocked`` with the reason:
 - an object that exists without this instance's ownership label is never updated or pruned;
+- prune only touches objects that carry the label AND are in this instance's inventory (with
+  the uid recorded there), never an object someone copied the labels onto;
+- a revision that renders no object prunes nothing unless ``allow_empty`` (Argo CD allowEmpty);
 - a SpiderIPPool that still has allocations is never pruned, nor shrunk below them;
 - ``spec.subnet`` and ``spec.ipVersion`` of a SpiderIPPool are immutable (Spiderpool).
+
+Drift: a difference on an object whose Git body did not change since this instance applied it
+(same inventory digest) was made in the cluster, by hand. It is reverted like any update
+(self-heal), or with ``self_heal=False`` only reported (op ``drifted``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 import netaddr
 
 from reconciler import ippool, vocab
+from reconciler.inventory import Inventory, digest
 from reconciler.render import Desired
 from reconciler.vocab import Resource
 
@@ -37,9 +45,18 @@ class Op(StrEnum):
     UNCHANGED = "unchanged"
     PRUNE = "prune"
     BLOCKED = "blocked"
+    DRIFTED = "drifted"
+    """Changed in the cluster by hand; reported, not reverted (self-heal off)."""
 
 
-SYMBOL = {Op.CREATE: "+", Op.UPDATE: "~", Op.UNCHANGED: "=", Op.PRUNE: "-", Op.BLOCKED: "!"}
+SYMBOL = {
+    Op.CREATE: "+",
+    Op.UPDATE: "~",
+    Op.UNCHANGED: "=",
+    Op.PRUNE: "-",
+    Op.BLOCKED: "!",
+    Op.DRIFTED: "*",
+}
 
 
 @dataclass
@@ -56,7 +73,9 @@ class Action:
     """One planned action on one object.
 
     ``desired`` is None for prunes; ``live`` is None for creates. ``changes`` lists the field
-    differences of an update; ``reason`` says why an action is blocked.
+    differences of an update; ``reason`` says why an action is blocked. ``drift`` is True when
+    the difference was made in the cluster (Git did not change the object since it was
+    applied; a create of such an object means it was deleted by hand).
     """
 
     op: Op
@@ -68,6 +87,7 @@ class Action:
     changes: list[Change] = field(default_factory=list)
     reason: str = ""
     blocked_op: Op | None = None
+    drift: bool = False
 
     @property
     def key(self) -> Key:
@@ -85,6 +105,8 @@ class Plan:
 
     actions: list[Action]
     against_empty: bool = False
+    not_in_inventory: list[Key] = field(default_factory=list)
+    """Objects labelled as ours, not in Git, not in the inventory: never pruned, listed."""
 
     def count(self, op: Op) -> int:
         return sum(1 for a in self.actions if a.op is op)
@@ -98,13 +120,21 @@ class Plan:
     def blocked(self) -> list[Action]:
         return [a for a in self.actions if a.op is Op.BLOCKED]
 
+    @property
+    def drifted(self) -> list[Action]:
+        """Actions on objects changed (or deleted) in the cluster by hand, reverted or not."""
+        return [a for a in self.actions if a.drift]
+
     def summary(self) -> str:
-        """``N to create, N to update, N to prune, N blocked, N unchanged``."""
-        return (
+        """``N to create, N to update, N to prune, N blocked, N unchanged`` (+ ``N drifted``)."""
+        text = (
             f"{self.count(Op.CREATE)} to create, {self.count(Op.UPDATE)} to update, "
             f"{self.count(Op.PRUNE)} to prune, {self.count(Op.BLOCKED)} blocked, "
             f"{self.count(Op.UNCHANGED)} unchanged"
         )
+        if self.count(Op.DRIFTED):
+            text += f", {self.count(Op.DRIFTED)} drifted (not reverted)"
+        return text
 
 
 # --- managedFields ------------------------------------------------------------------------
@@ -269,14 +299,22 @@ def make_plan(
     manager: str = vocab.FIELD_MANAGER,
     prune: bool = True,
     against_empty: bool = False,
+    inventory: Inventory | None = None,
+    allow_empty: bool = False,
+    self_heal: bool = True,
 ) -> Plan:
-    """Decide create/update/unchanged/prune/blocked for every desired and owned live object.
+    """Decide create/update/unchanged/prune/blocked/drifted for every desired and owned object.
 
     ``observed`` maps (kind, namespace, name) to live objects of the user kinds and NADs, every
     object of those kinds in the cluster (not only ours), so that a name collision with an
-    object someone else owns is seen. Prune candidates are live objects labelled with this
-    instance that are not desired.
+    object someone else owns is seen. ``inventory`` is what this instance applied before (None:
+    nothing); prune candidates are live objects labelled with this instance, not desired, and
+    in the inventory (same uid when one was recorded); labelled objects outside the inventory
+    are listed in ``Plan.not_in_inventory`` and left alone. With no desired object at all and
+    ``allow_empty`` False, prunes are blocked. ``self_heal`` False turns updates and re-creates
+    that only revert hand edits into ``drifted`` (reported, not applied).
     """
+    inv = inventory if inventory is not None else Inventory()
     actions: list[Action] = []
     wanted: set[Key] = set()
     uids: dict[Key, str] = {}
@@ -284,6 +322,10 @@ def make_plan(
         wanted.add(d.key)
         live = observed.get(d.key)
         body = d.body
+        entry = inv.get(d.key)
+        git_unchanged = (
+            entry is not None and entry.digest is not None and entry.digest == digest(body)
+        )
         if d.owner is not None:
             owner_live = observed.get(d.owner)
             uid = (owner_live or {}).get("metadata", {}).get("uid") or uids.get(d.owner)
@@ -291,6 +333,11 @@ def make_plan(
                 body = with_owner(body, owner_live or {}, d.owner, uid)
         a = Action(Op.CREATE, d.resource, d.namespace, d.name, desired=d, live=live)
         if live is None:
+            if git_unchanged:
+                a.drift = True
+                a.reason = "deleted in the cluster"
+                if not self_heal:
+                    a.op = Op.DRIFTED
             actions.append(a)
             continue
         if uid_ := live.get("metadata", {}).get("uid"):
@@ -308,9 +355,17 @@ def make_plan(
             a.op = Op.UNCHANGED
         else:
             a.op = Op.UPDATE
+            if git_unchanged and any(
+                not c.path.startswith("metadata.ownerReferences") for c in a.changes
+            ):
+                a.drift = True
+                a.reason = "changed in the cluster"
+                if not self_heal:
+                    a.op = Op.DRIFTED
             if d.resource is vocab.SPIDER_IPPOOL and (why := pool_update_block(body, live)):
                 a.op, a.blocked_op, a.reason = Op.BLOCKED, Op.UPDATE, why
         actions.append(a)
+    not_in_inventory: list[Key] = []
     if prune:
         order = {
             r.kind: i
@@ -319,12 +374,29 @@ def make_plan(
         extra = [(k, v) for k, v in observed.items() if k not in wanted and owned_by(v, instance)]
         extra.sort(key=lambda kv: (-order.get(kv[0][0], 0), kv[0][1] or "", kv[0][2]))
         for key, live in extra:
-            res = next(r for r in vocab.ALL_CUSTOM if r.kind == key[0])
+            entry = inv.get(key)
+            if entry is None:
+                not_in_inventory.append(key)
+                continue
+            res = entry.resource
             a = Action(Op.PRUNE, res, key[1], key[2], live=live)
-            if res is vocab.SPIDER_IPPOOL and (why := pool_prune_block(live)):
+            live_uid = (live.get("metadata") or {}).get("uid")
+            if entry.uid and live_uid and entry.uid != live_uid:
+                a.op, a.blocked_op = Op.BLOCKED, Op.PRUNE
+                a.reason = (
+                    f"recreated since this reconciler applied it (uid {entry.uid}, now "
+                    f"{live_uid}): not pruned"
+                )
+            elif not desired and not allow_empty:
+                a.op, a.blocked_op = Op.BLOCKED, Op.PRUNE
+                a.reason = (
+                    "the revision renders no objects: nothing is pruned from an empty "
+                    "revision unless --allow-empty"
+                )
+            elif res is vocab.SPIDER_IPPOOL and (why := pool_prune_block(live)):
                 a.op, a.blocked_op, a.reason = Op.BLOCKED, Op.PRUNE, why
             actions.append(a)
-    return Plan(actions, against_empty=against_empty)
+    return Plan(actions, against_empty=against_empty, not_in_inventory=not_in_inventory)
 
 
 def with_owner(
@@ -390,10 +462,27 @@ def format_plan(plan: Plan, *, verbose: bool = False) -> str:
             head += f"  ({describe(a.desired)})"
         if a.op is Op.BLOCKED:
             head += f"  [{a.blocked_op.value if a.blocked_op else ''} blocked: {a.reason}]"
+        elif a.drift:
+            verb = "reverting" if a.op is not Op.DRIFTED else "not reverted: self-heal is off"
+            head += f"  [drift: {a.reason}, {verb}]"
         lines.append(head)
         if a.desired is not None and a.desired.source and a.op is not Op.UNCHANGED:
             lines.append(f"      source {a.desired.source}")
         for c in a.changes:
             lines.append(f"      {c.path}: {_short(c.before)} -> {_short(c.after)}")
+    if plan.not_in_inventory:
+        shown = ", ".join(_key_ref(k) for k in plan.not_in_inventory[:5])
+        more = (
+            f" and {len(plan.not_in_inventory) - 5} more" if len(plan.not_in_inventory) > 5 else ""
+        )
+        lines.append(
+            f"  note: {len(plan.not_in_inventory)} object(s) carry this instance's labels but are "
+            f"not in its inventory, so they are never pruned: {shown}{more}"
+        )
     lines.append(("No changes. " if not plan.has_changes else "") + "Plan: " + plan.summary() + ".")
     return "\n".join(lines)
+
+
+def _key_ref(key: Key) -> str:
+    kind, ns, name = key
+    return f"{kind} {ns + '/' if ns else ''}{name}"

@@ -1,4 +1,5 @@
-"""Plan: SSA-aware diff, prune of owned objects only, pool safety rules."""
+"""Plan: SSA-aware diff, prune of owned and inventoried objects only, pool safety rules,
+drift classification, the empty-revision guard."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from typing import Any
 
 from reconciler import render, vocab
+from reconciler.inventory import Entry, Inventory, digest
 from reconciler.plan import Op, diff, format_plan, make_plan, managed_paths
 
 POOL = {
@@ -21,14 +23,21 @@ POOL = {
 }
 
 
-def live_of(body: dict[str, Any], *, uid: str = "u1", fields: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+def live_of(
+    body: dict[str, Any], *, uid: str = "u1", fields: dict[str, Any] | None = None, **status: Any
+) -> dict[str, Any]:
     """What the API server returns after an apply of ``body`` (server defaults added)."""
     obj = copy.deepcopy(body)
     obj["metadata"].update({"uid": uid, "resourceVersion": "7", "generation": 1})
     obj["spec"].setdefault("disable", False)  # a server-side default we never set
     if fields is not None:
         obj["metadata"]["managedFields"] = [
-            {"manager": "underlay", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": fields}
+            {
+                "manager": "underlay",
+                "operation": "Apply",
+                "fieldsType": "FieldsV1",
+                "fieldsV1": fields,
+            }
         ]
     if status:
         obj["status"] = status
@@ -61,7 +70,9 @@ def test_hand_edit_is_drift_and_listed_field_by_field() -> None:
     live["spec"]["gateway"] = "172.18.0.254"
     (a,) = make_plan(d, {d[0].key: live}).actions
     assert a.op is Op.UPDATE
-    assert [(c.path, c.before, c.after) for c in a.changes] == [("spec.gateway", "172.18.0.254", "172.18.0.1")]
+    assert [(c.path, c.before, c.after) for c in a.changes] == [
+        ("spec.gateway", "172.18.0.254", "172.18.0.1")
+    ]
 
 
 def test_field_we_applied_and_git_dropped_is_removed() -> None:
@@ -81,18 +92,91 @@ def test_managed_paths_fold_list_items() -> None:
     assert managed_paths(live, "underlay") == {("spec", "routes")}
 
 
+def inv(*names: str, uid: str = "u1") -> Inventory:
+    return Inventory(Entry(vocab.SPIDER_IPPOOL, None, n, uid) for n in names)
+
+
 def test_prune_only_touches_objects_with_our_instance_label() -> None:
     d = desired(POOL)
     ours = live_of(render.render([{**POOL, "metadata": {"name": "old"}}], "underlay")[0].body)
-    other_instance = live_of(render.render([{**POOL, "metadata": {"name": "blue"}}], "blue")[0].body)
+    other_instance = live_of(
+        render.render([{**POOL, "metadata": {"name": "blue"}}], "blue")[0].body
+    )
     unlabelled = live_of({**POOL, "metadata": {"name": "hand-made"}})
     observed = {
         ("SpiderIPPool", None, "old"): ours,
         ("SpiderIPPool", None, "blue"): other_instance,
         ("SpiderIPPool", None, "hand-made"): unlabelled,
     }
-    plan = make_plan(d, observed)
+    plan = make_plan(d, observed, inventory=inv("old", "blue", "hand-made"))
     assert [(a.op, a.name) for a in plan.actions] == [(Op.CREATE, "ippool-test"), (Op.PRUNE, "old")]
+
+
+def test_labelled_object_outside_the_inventory_is_never_pruned() -> None:
+    """Someone copied our labels onto their pool: labels alone are not ownership."""
+    copied = live_of(render.render([{**POOL, "metadata": {"name": "copied"}}], "underlay")[0].body)
+    observed = {("SpiderIPPool", None, "copied"): copied}
+    d = desired(POOL)
+    for inventory in (None, inv("ippool-test")):
+        plan = make_plan(d, observed, inventory=inventory)
+        assert [(a.op, a.name) for a in plan.actions] == [(Op.CREATE, "ippool-test")]
+        assert plan.not_in_inventory == [("SpiderIPPool", None, "copied")]
+        assert "not in its inventory, so they are never pruned: SpiderIPPool copied" in format_plan(
+            plan
+        )
+
+
+def test_inventoried_object_recreated_by_someone_else_is_not_pruned() -> None:
+    old = live_of(
+        render.render([{**POOL, "metadata": {"name": "old"}}], "underlay")[0].body, uid="new-uid"
+    )
+    plan = make_plan(
+        desired(POOL), {("SpiderIPPool", None, "old"): old}, inventory=inv("old", uid="old-uid")
+    )
+    a = plan.actions[1]
+    assert a.op is Op.BLOCKED and a.blocked_op is Op.PRUNE
+    assert "recreated since this reconciler applied it (uid old-uid, now new-uid)" in a.reason
+
+
+def test_empty_revision_prunes_nothing_unless_allowed() -> None:
+    old = live_of(render.render([POOL], "underlay")[0].body)
+    observed = {("SpiderIPPool", None, "ippool-test"): old}
+    plan = make_plan([], observed, inventory=inv("ippool-test"))
+    (a,) = plan.actions
+    assert a.op is Op.BLOCKED and a.blocked_op is Op.PRUNE and "--allow-empty" in a.reason
+    assert not plan.has_changes
+    plan = make_plan([], observed, inventory=inv("ippool-test"), allow_empty=True)
+    assert [a.op for a in plan.actions] == [Op.PRUNE]
+
+
+def test_hand_edit_is_drift_when_git_did_not_change_the_object() -> None:
+    d = desired(POOL)
+    live = live_of(d[0].body)
+    live["spec"]["gateway"] = "172.18.0.254"
+    applied = Inventory([Entry(vocab.SPIDER_IPPOOL, None, "ippool-test", "u1", digest(d[0].body))])
+    (a,) = make_plan(d, {d[0].key: live}, inventory=applied).actions
+    assert a.op is Op.UPDATE and a.drift and a.reason == "changed in the cluster"
+    assert "[drift: changed in the cluster, reverting]" in format_plan(
+        make_plan(d, {d[0].key: live}, inventory=applied)
+    )
+    # self-heal off: reported, not written
+    plan = make_plan(d, {d[0].key: live}, inventory=applied, self_heal=False)
+    (a,) = plan.actions
+    assert a.op is Op.DRIFTED and a.drift and not plan.has_changes
+    assert plan.summary().endswith("1 drifted (not reverted)")
+    # Git changed the object since it was applied: an update, not drift
+    stale = Inventory([Entry(vocab.SPIDER_IPPOOL, None, "ippool-test", "u1", "0" * 16)])
+    (a,) = make_plan(d, {d[0].key: live}, inventory=stale).actions
+    assert a.op is Op.UPDATE and not a.drift
+
+
+def test_object_deleted_by_hand_is_drift_and_recreated() -> None:
+    d = desired(POOL)
+    applied = Inventory([Entry(vocab.SPIDER_IPPOOL, None, "ippool-test", "u1", digest(d[0].body))])
+    (a,) = make_plan(d, {}, inventory=applied).actions
+    assert a.op is Op.CREATE and a.drift and a.reason == "deleted in the cluster"
+    (a,) = make_plan(d, {}, inventory=applied, self_heal=False).actions
+    assert a.op is Op.DRIFTED
 
 
 def test_existing_object_without_our_label_is_never_updated() -> None:
@@ -109,7 +193,12 @@ def test_pool_with_allocations_is_not_pruned() -> None:
         allocatedIPs=json.dumps({"172.18.30.131": {"pod": "default/a", "podUid": "x"}}),
         allocatedIPCount=1,
     )
-    plan = make_plan([], {("SpiderIPPool", None, "ippool-test"): gone})
+    plan = make_plan(
+        [],
+        {("SpiderIPPool", None, "ippool-test"): gone},
+        inventory=inv("ippool-test"),
+        allow_empty=True,
+    )
     (a,) = plan.actions
     assert a.op is Op.BLOCKED and a.blocked_op is Op.PRUNE
     assert "1 allocated IP(s) (pods default/a)" in a.reason
@@ -125,7 +214,9 @@ def test_pool_is_not_shrunk_below_its_allocations() -> None:
     )
     (a,) = make_plan(d, {d[0].key: live}).actions
     assert a.op is Op.BLOCKED
-    assert a.reason.startswith("would remove allocated IPs from the pool: 172.18.30.139 (default/b)")
+    assert a.reason.startswith(
+        "would remove allocated IPs from the pool: 172.18.30.139 (default/b)"
+    )
 
 
 def test_subnet_is_immutable() -> None:

@@ -1,0 +1,95 @@
+"""Kubernetes Events (core/v1) about the GitSync object, as ``kubectl describe gitsync`` shows them.
+
+The reconciler emits an Event when something changes (a revision applied, drift found, a
+revision refused, an action blocked, a pass failing), never for a pass that changed nothing.
+Messages pass through :func:`reconciler.source.redact` so credentials in URLs never reach the
+API server. A failure to record an Event is logged and otherwise ignored: Events are best effort,
+as in client-go's EventRecorder.
+Source: Kubernetes API reference, core/v1 Event (involvedObject, reason, message, type, source,
+firstTimestamp, lastTimestamp, count, reportingComponent, reportingInstance).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client
+
+from reconciler.status import now_rfc3339
+
+log = logging.getLogger("underlay.events")
+
+COMPONENT = "underlay-reconciler"
+REPORTING_CONTROLLER = "underlay.dev/reconciler"
+MAX_MESSAGE = 1024
+NORMAL, WARNING = "Normal", "Warning"
+
+
+def _redact(text: str) -> str:
+    from reconciler.source import redact
+
+    return redact(text)
+
+
+class EventRecorder:
+    """Creates core/v1 Events in ``namespace`` about one object.
+
+    ``identity`` is this replica's name (``reportingInstance`` and ``source.host``).
+    ``emitted`` lists (type, reason, message) of every Event created, for logs and tests.
+    """
+
+    def __init__(self, api: client.ApiClient, namespace: str, identity: str) -> None:
+        self.core: Any = client.CoreV1Api(api)
+        self.namespace = namespace
+        self.identity = identity
+        self.emitted: list[tuple[str, str, str]] = []
+
+    def emit(self, obj: Mapping[str, Any] | None, etype: str, reason: str, message: str) -> None:
+        """Record an Event of ``etype`` (Normal/Warning) with ``reason`` about ``obj``.
+
+        ``obj`` is the live object (apiVersion, kind, metadata.name/namespace/uid); with None
+        nothing is recorded. Never raises for API errors (logged at warning).
+        """
+        if obj is None:
+            return
+        md = obj.get("metadata") or {}
+        message = _redact(message)
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 3] + "..."
+        now = now_rfc3339()
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{md.get('name')}.{time.time_ns():x}",
+                "namespace": md.get("namespace") or self.namespace,
+            },
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": md.get("name"),
+                "namespace": md.get("namespace"),
+                "uid": md.get("uid"),
+                "resourceVersion": md.get("resourceVersion"),
+            },
+            "reason": reason,
+            "message": message,
+            "type": etype,
+            "source": {"component": COMPONENT, "host": self.identity},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "reportingComponent": REPORTING_CONTROLLER,
+            "reportingInstance": self.identity,
+        }
+        try:
+            self.core.create_namespaced_event(
+                body["metadata"]["namespace"], body, _preload_content=False
+            )
+        except Exception as exc:  # API errors and transport errors after retries
+            log.warning("could not record event %s %s: %s", etype, reason, exc)
+            return
+        self.emitted.append((etype, reason, message))
