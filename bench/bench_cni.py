@@ -24,7 +24,6 @@ import ctypes
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -89,27 +88,6 @@ def cycle(node: Node, cni_path: str, conf: dict[str, Any], netns: str, uid: str)
     return time.perf_counter() - t0
 
 
-def _nodelay(emulator_mod: Any) -> None:
-    """Give the emulator's connections TCP_NODELAY, as Go's net/http (kube-apiserver) has.
-
-    The emulator writes a response's headers and body separately; without TCP_NODELAY,
-    Nagle's algorithm holds the body until the client's delayed ACK (~40 ms per request),
-    which would measure the stand-in rather than our plugins. Reported to its owner; this
-    only patches a bench run, never the tests.
-    """
-    handler = emulator_mod._Handler
-    if getattr(handler, "_bench_nodelay", False):
-        return
-    setup = handler.setup
-
-    def nodelay_setup(self: Any) -> None:
-        setup(self)
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    handler.setup = nodelay_setup
-    handler._bench_nodelay = True
-
-
 def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
@@ -146,12 +124,9 @@ def main() -> None:
         ]
         uid = "bench-uid"
         try:
-            import tests.kube.emulator as emulator_mod  # written by another engineer
             from reconciler.kube import Objects, api_client
             from reconciler.vocab import SPIDER_ENDPOINT, SPIDER_IPPOOL
             from tests.kube.emulator import Emulator
-
-            _nodelay(emulator_mod)
 
             em = Emulator()
             em.start()
