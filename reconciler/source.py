@@ -331,6 +331,8 @@ def _fetch_ref(
     candidates = [f"refs/heads/{ref}", f"refs/tags/{ref}", ref]
     if ref.startswith("refs/"):
         candidates = [ref]
+    elif _FULL_SHA.match(ref):
+        candidates = [ref]  # a pinned commit: one round trip, not three
     last: git.GitCommandError | None = None
     for cand in candidates:
         try:

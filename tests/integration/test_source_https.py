@@ -366,3 +366,35 @@ def test_credentials_from_the_environment_by_default(
         ls_remote(
             url, "main", credentials=Credentials(token="other-token-1", ca_cert=https_git.ca_pem)
         )
+
+
+def test_pinned_commit_and_tag_over_https(https_git: GitHTTPS, tmp_path: Path) -> None:
+    work, _ = publish(https_git, tmp_path)
+    first = work.head.commit.hexsha
+    work.create_tag("v1", message="release v1")
+    commit(work, {"pools/a.yaml": "two\n"}, "second")
+    work.git.push("served", "main", "v1")
+    creds = Credentials(token=TOKEN, ca_cert=https_git.ca_pem)
+    url = https_git.url("r.git")
+    before = len(https_git.authorizations)
+    co = fetch(url, first, cache_dir=tmp_path / "c", credentials=creds)
+    assert co.revision == first and (co.path / "pools" / "a.yaml").read_text() == "one\n"
+    assert len(https_git.authorizations) - before <= 3, "a full SHA is fetched in one go"
+    assert ls_remote(url, "v1", credentials=creds) == first
+    assert fetch(url, "v1", cache_dir=tmp_path / "c", credentials=creds).revision == first
+
+
+def test_hung_server_times_out(tmp_path: Path) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts the TCP connection, never answers the TLS handshake
+    port = listener.getsockname()[1]
+    try:
+        with pytest.raises(SourceError, match="git timed out"):
+            ls_remote(f"https://127.0.0.1:{port}/r.git", "main", timeout=1.5)
+        with pytest.raises(SourceError, match=r"cannot fetch 'main' from .*: git timed out"):
+            fetch(f"https://127.0.0.1:{port}/r.git", "main", cache_dir=tmp_path / "c", timeout=1.5)
+    finally:
+        listener.close()
