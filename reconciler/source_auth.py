@@ -151,6 +151,9 @@ class Credentials:
 
     def __post_init__(self) -> None:
         register_secret(self.password, self.token, self.identity)
+        for line in (self.identity or "").splitlines():  # a key line quoted alone is hidden too
+            if len(line.strip()) >= 16 and not line.startswith("-----"):
+                register_secret(line.strip())
         if self.password and self.token:
             raise SourceError(f"{self.origin}: set either 'password' or 'token', not both")
         if self.password and not self.username:

@@ -119,6 +119,13 @@ def test_redact_hides_urls_headers_params_and_known_values() -> None:
     )
 
 
+def test_private_key_lines_are_hidden() -> None:
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUA\nAAAEbm9uZQAAAAAAAAAB\n-----END"
+    Credentials(identity=key)
+    out = redact("Load key: b3BlbnNzaC1rZXktdjEAAAAABG5vbmUA failed; AAAEbm9uZQAAAAAAAAAB")
+    assert out == "Load key: *** failed; ***"
+
+
 def test_percent_encoded_secret_is_hidden_too() -> None:
     Credentials(username="u", password="p@ss/word:1")
     assert "p%40ss%2Fword%3A1" not in redact("https://host/?x=p%40ss%2Fword%3A1")
