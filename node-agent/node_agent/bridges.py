@@ -20,10 +20,11 @@ Order of a change follows kubernetes-nmstate / os-net-config (shared/reference/p
 OVS bridge + uplink port (one OVSDB transaction), bridge MAC := uplink MAC, addresses and routes
 uplink -> bridge, probe; only a successful probe commits the persistence files.
 
-Reboot replay: the agent records the IP configuration it moved in
-``/var/lib/underlay/bridges/<bridge>.json`` (under the node root, 0600). When neither the uplink
-nor the bridge has addresses (database wiped, addresses flushed), :func:`enact` puts the
-recorded addresses and routes on the bridge.
+Reboot replay: the agent records what it enacted (the DesiredBridge) and the IP configuration it
+moved in ``/var/lib/underlay/bridges/<bridge>.json`` (under the node root, 0600). When neither
+the uplink nor the bridge has addresses (database wiped, addresses flushed), :func:`enact` puts
+the recorded addresses and routes on the bridge; :func:`recorded_bridges` gives the daemon the
+bridges to replay before it can reach the API server.
 """
 
 from __future__ import annotations
@@ -192,12 +193,21 @@ def _route_json(r: Route) -> dict[str, Any]:
     return dataclasses.asdict(r)
 
 
+def _desired_json(desired: DesiredBridge) -> dict[str, Any]:
+    d = dataclasses.asdict(desired)
+    d["uplinks"] = list(desired.uplinks)
+    d["node_selector"] = dict(desired.node_selector)
+    return d
+
+
 def render_record(desired: DesiredBridge, cfg: NodeNetConfig) -> str:
-    """The replay record (JSON) of ``desired`` carrying ``cfg``."""
+    """The replay record (JSON) of ``desired`` carrying ``cfg``: ``object``, ``bridge``,
+    ``uplinks``, ``desired`` (every DesiredBridge field), ``mac``, ``addresses``, ``routes``."""
     doc = {
         "object": desired.object_name,
         "bridge": desired.name,
         "uplinks": list(desired.uplinks),
+        "desired": _desired_json(desired),
         "mac": cfg.mac,
         "addresses": [_addr_json(a) for a in cfg.addresses],
         "routes": [_route_json(r) for r in cfg.routes],
@@ -219,6 +229,24 @@ def read_record(root: Path | str, bridge: str) -> NodeNetConfig | None:
         )
     except (ValueError, TypeError):
         return None
+
+
+def recorded_bridges(root: Path | str) -> list[DesiredBridge]:
+    """Every DesiredBridge with a replay record under ``root`` (sorted by bridge name):
+    what this node had enacted, readable without the API server. Unreadable records are
+    skipped."""
+    out = []
+    directory = persistence.node_path(root, RECORD_DIR)
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            d = json.loads(path.read_text())["desired"]
+            d["uplinks"] = tuple(d["uplinks"])
+            desired = DesiredBridge(**d)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if record_path(desired.name) == f"{RECORD_DIR}/{path.name}":
+            out.append(desired)
+    return out
 
 
 def _all_paths(desired: DesiredBridge, root: Path) -> list[str]:

@@ -954,6 +954,14 @@ class BridgeAgent:
         ]
         for t in threads:
             t.start()
+        # reboot replay: what this node enacted is on disk; put it back before anything needs
+        # the API server (after a reboot the route to it may be one of the things missing)
+        for d in bridges.recorded_bridges(self.node.root):
+            self._enacted.setdefault(d.object_name, d)
+        if self._enacted:
+            with contextlib.suppress(Exception):
+                self._watch_drift()
+            self._drifted("startup (replay records)")
         backoff = 1.0
         next_full = time.monotonic()
         while not self.stopping.is_set():

@@ -12,6 +12,7 @@ shared by the other ``test_agent_*.py`` modules.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from kubernetes.utils import parse_quantity
 
 from reconciler import vocab
 from tests.kube.emulator import Emulator
-from tests.rig import APISERVER_IP, GATEWAY, Node, Rig
+from tests.rig import APISERVER_IP, DATA_GATEWAY, GATEWAY, Node, Rig
 
 ROOT = Path(__file__).resolve().parents[2]
 UNDERLAY = str(Path(sys.executable).parent / "underlay")
@@ -318,3 +319,233 @@ def test_restarted_agent_changes_nothing_and_writes_nothing(world: World) -> Non
     assert w.cluster.enactment("n1") == e
     assert "repaired" not in b.text() and "enacted on" not in b.text()
     assert b.stop() == 0
+
+
+# --- probe and rollback -----------------------------------------------------------------------
+
+
+def test_uplink_that_cannot_reach_its_gateway_is_rolled_back(world: World) -> None:
+    """br2 over eth1, whose cable leads nowhere: the gateway probe fails, the node is put back
+    exactly as before (OVS, addresses, routes, links, files), the API server stays reachable
+    (the agent reports through it), the enactment is Failing naming the probe, and the same
+    generation is not tried again."""
+    w = world
+    n1 = w.node("n1", data=True)
+    w.rig.unplug("n1", "eth1")
+    before = node_state(n1)
+    w.cluster.apply_bridge(ovs_bridge("br2", uplinks=["eth1"], probeTimeoutSeconds=1))
+    a = w.agent("n1")
+    _, reason, message = w.cluster.wait_condition("n1", "Failing", "br2")
+    assert reason == "ProbeFailed"
+    assert f"probe gateway failed: default gateway {DATA_GATEWAY} did not answer" in message
+    e = w.cluster.enactment("n1", "br2")
+    assert e is not None
+    assert e["status"]["failedProbe"] == "gateway"
+    assert any("restored OVS bridge br2 (deleted)" in r for r in e["status"]["lastRollback"])
+    assert "enactedState" not in e["status"]
+    assert "underlay.dev/br2" not in w.cluster.capacity("n1")
+    assert node_state(n1) == before
+    reach = n1.run(sys.executable, "-c", "import socket; socket.create_connection(('172.18.0.2', 6443), 2)", check=False)  # fmt: skip
+    assert reach.returncode == 0, reach.stderr
+    time.sleep(2.5)  # resync passes: a failed generation is not retried
+    assert a.text().count("changing n1") == 1, a.text()
+    assert node_state(n1) == before
+    assert w.cluster.condition("n1", "br2")[0] == "Failing"
+
+
+# --- persistence backends through the daemon -------------------------------------------------
+
+
+def test_auto_persistence_follows_what_each_node_uses(world: World) -> None:
+    """persistence: auto on three nodes at once (maxUnavailable 3): netplan on a netplan node
+    (``netplan generate`` accepts it), the five NetworkManager keyfiles plus the conf.d
+    ``unmanaged-devices+=interface-name:veth*`` on an NM node (``nmcli --offline`` accepts
+    each), only the replay record on a node with neither."""
+    w = world
+    n1 = w.node("n1", persistence="netplan")
+    n2 = w.node("n2", persistence="networkmanager")
+    n3 = w.node("n3", persistence="none")
+    w.cluster.apply_bridge(ovs_bridge(maxUnavailable=3))
+    for name in ("n1", "n2", "n3"):
+        w.agent(name)
+    for name in ("n1", "n2", "n3"):
+        w.cluster.wait_condition(name, "Ready")
+        ready_with_br1(w, name, IPS[name])
+
+    f1 = files_under(n1.root)
+    assert set(f1) == {"etc/netplan/50-cloud-init.yaml", NETPLAN_FILE, RECORD_FILE}
+    assert f1[NETPLAN_FILE][1] == 0o600
+    assert b"renderer: networkd" in f1[NETPLAN_FILE][0]
+    gen = subprocess.run(["netplan", "generate", "--root-dir", str(n1.root)],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert gen.returncode == 0 and gen.stderr == "", gen.stderr
+
+    f2 = files_under(n2.root)
+    keyfiles = sorted(p for p in f2 if p.startswith("etc/NetworkManager/system-connections/"))
+    assert len(keyfiles) == 5, keyfiles
+    conf = "etc/NetworkManager/conf.d/90-underlay-unmanaged-veth.conf"
+    assert b"unmanaged-devices+=interface-name:veth*" in f2[conf][0]
+    assert set(f2) == {*keyfiles, conf, RECORD_FILE}
+    for k in keyfiles:
+        assert f2[k][1] == 0o600
+        nm = subprocess.run(["nmcli", "--offline", "connection", "modify"], input=f2[k][0].decode(),
+                            capture_output=True, text=True, check=False)  # fmt: skip
+        assert nm.returncode == 0, f"{k}: {nm.stderr}"
+
+    assert set(files_under(n3.root)) == {RECORD_FILE}
+    record = json.loads((n3.root / RECORD_FILE).read_text())
+    assert record["addresses"][0]["cidr"] == f"{IPS['n3']}/16"
+
+
+# --- no-op mode --------------------------------------------------------------------------------
+
+
+def noop(w: World, name: str) -> subprocess.CompletedProcess[str]:
+    node = w.rig.nodes[name]
+    return node.run(
+        UNDERLAY, "agent", "--noop", "--node-name", name,
+        "--kubeconfig", w.cluster.node_kubeconfig, "--ovsdb", node.ovsdb,
+        "--root", str(node.root), "--socket", str(node.rundir / "noop.sock"), check=False,
+    )  # fmt: skip
+
+
+def test_noop_prints_the_plan_and_files_and_changes_nothing(world: World) -> None:
+    w = world
+    n1 = w.node("n1")
+    w.cluster.apply_bridge(ovs_bridge(mtu=1400))
+    before = node_state(n1)
+    w.cluster.emu.reset_requests()
+
+    out = noop(w, "n1")
+
+    assert out.returncode == 0, out.stderr
+    for line in (
+        "OvsBridge br1:",
+        "create OVS bridge br1 (datapath_type netdev)",
+        f"move address {IPS['n1']}/16 from eth0 to br1",
+        f"move route default via {GATEWAY} dev eth0 to br1",
+        "--- /etc/netplan/60-underlay-br1.yaml (mode 0600)",
+        "mtu: 1400",
+        "--- /var/lib/underlay/bridges/br1.json (mode 0600)",
+        "(noop: nothing was changed)",
+    ):
+        assert line in out.stdout, out.stdout
+    assert node_state(n1) == before
+    assert w.cluster.writes() == []
+    assert w.cluster.enactment("n1") is None
+    assert not (n1.rundir / "noop.sock").exists()
+
+    # after the agent enacted it, and then the OvsBridge left: the removal plan
+    a = w.agent("n1")
+    w.cluster.wait_condition("n1", "Ready")
+    assert a.stop() == 0
+    again = noop(w, "n1")
+    assert "bridge br1: no change" in again.stdout and "no changes" in again.stdout, again.stdout
+    w.cluster.delete_bridge("br1")
+    before = node_state(n1)
+    w.cluster.emu.reset_requests()
+    gone = noop(w, "n1")
+    assert gone.returncode == 0, gone.stderr
+    for line in (
+        "OvsBridge br1: gone or no longer selects n1:",
+        f"[remove] move address {IPS['n1']}/16 from br1 back to eth0",
+        "[remove] delete OVS bridge br1",
+        "[remove] remove /etc/netplan/60-underlay-br1.yaml",
+    ):
+        assert line in gone.stdout, gone.stdout
+    assert node_state(n1) == before
+    assert w.cluster.writes() == []
+
+
+# --- reboot replay -----------------------------------------------------------------------------
+
+
+def test_reboot_replay_brings_bridge_uplink_and_addresses_back(world: World) -> None:
+    """Wipe the node's OVS database and addresses (as a reboot does) and restart OVS and the
+    agent: from its replay record, before it can reach the API server, the agent puts br1,
+    eth0 and the address and default route back; then reports the repair."""
+    w = world
+    n1 = w.node("n1")
+    w.cluster.apply_bridge(ovs_bridge())
+    a = w.agent("n1")
+    w.cluster.wait_condition("n1", "Ready")
+    eth0_mac = n1.run("cat", "/sys/class/net/eth0/address").stdout.strip()
+    files = files_under(n1.root)
+    assert a.stop() == 0
+
+    n1.reboot_ovs()
+    for dev in ("br1", "ovs-netdev"):  # vswitchd stopped without --cleanup leaves its taps
+        n1.run("ip", "link", "del", dev, check=False)
+    n1.run("ip", "addr", "flush", "dev", "eth0")
+    assert not n1.link_exists("br1") and n1.addresses("eth0") == []
+    assert n1.default_route_dev() is None
+    assert n1.vsctl("list-br") == ""
+
+    b = w.agent("n1")
+    wait_for(lambda: n1.link_exists("br1") and n1.addresses("br1"), 10, "br1 back")
+    ready_with_br1(w, "n1", IPS["n1"])
+    assert n1.run("cat", "/sys/class/net/br1/address").stdout.strip() == eth0_mac
+    assert files_under(n1.root) == files
+    b.wait_log("repaired drift on n1")
+    e = wait_for(lambda: (w.cluster.enactment("n1") or {}).get("status", {}).get("lastRepair"))
+    assert e["trigger"] == "startup (replay records)"
+    assert any(d.startswith("bridge-missing") for d in e["drift"])
+    assert w.cluster.condition("n1")[0] == "Ready"
+
+
+# --- drift repair ------------------------------------------------------------------------------
+
+
+def _uplink_port_back(n: Node) -> bool:
+    return n.vsctl("list-ports", "br1").split() == ["eth0"]
+
+
+def _bridge_back(n: Node) -> bool:
+    return (
+        n.vsctl("list-ports", "br1", check=False).split() == ["eth0"]
+        and n.addresses("br1") == [f"{IPS['n1']}/16"]
+        and n.default_route_dev() == "br1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("what", "kind"),
+    [("uplink-port", "uplink-port-missing"), ("bridge", "bridge-missing"), ("file", "file-edited")],
+)
+def test_drift_is_repaired_within_5_seconds(
+    world: World, what: str, kind: str, record_property: Callable[[str, object], None]
+) -> None:
+    w = world
+    n1 = w.node("n1")
+    w.cluster.apply_bridge(ovs_bridge())
+    a = w.agent("n1", resync=60)  # no resync: the watchers must notice
+    w.cluster.wait_condition("n1", "Ready")
+    netplan = n1.root / NETPLAN_FILE
+    good = netplan.read_text()
+    time.sleep(0.5)  # watchers armed after the first pass
+
+    t0 = time.monotonic()
+    if what == "uplink-port":
+        n1.vsctl("del-port", "br1", "eth0")
+        back: Callable[[], bool] = lambda: _uplink_port_back(n1)  # noqa: E731
+    elif what == "bridge":
+        n1.vsctl("del-br", "br1")
+        back = lambda: _bridge_back(n1)  # noqa: E731
+    else:
+        netplan.write_text(good.replace("renderer: networkd", "renderer: NetworkManager"))
+        back = lambda: netplan.read_text() == good  # noqa: E731
+    wait_for(back, 5, f"{what} repaired")
+    latency = time.monotonic() - t0
+    record_property("repair_seconds", round(latency, 3))
+    print(f"repair of {what}: {latency:.2f}s")
+
+    ready_with_br1(w, "n1", IPS["n1"])
+    assert netplan.read_text() == good and netplan.stat().st_mode & 0o777 == 0o600
+    rec = wait_for(
+        lambda: (w.cluster.enactment("n1") or {}).get("status", {}).get("lastRepair"), 10
+    )
+    assert any(d.startswith(kind) for d in rec["drift"]), rec
+    assert rec["changes"] and rec["time"]
+    assert rec["trigger"].startswith("ovsdb br1" if what != "file" else "file /etc/netplan")
+    assert "repaired drift on n1" in a.text()
+    assert w.cluster.condition("n1")[0] == "Ready"
