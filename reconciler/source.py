@@ -211,6 +211,7 @@ def ls_remote(
         return None
     git_url, creds = _prepare(url, credentials)
     secrets = creds.secrets() if creds else []
+    shown = redact(git_url, secrets)
     names = (
         [ref, f"{ref}^{{}}"]
         if ref.startswith("refs/")
@@ -229,9 +230,7 @@ def ls_remote(
         failure = exc
     if failure is not None:
         why = _explain(failure, secrets)
-        raise SourceError(f"cannot list {ref!r} on {redact(url, secrets)}: {why}") from _redacted(
-            failure, secrets
-        )
+        raise SourceError(f"cannot list {ref!r} on {shown}: {why}") from _redacted(failure, secrets)
     found: dict[str, str] = {}
     for line in out.splitlines():
         sha, _, name = line.partition("\t")
@@ -244,7 +243,7 @@ def ls_remote(
     for name in order:
         if name in found:
             return found[name]
-    raise SourceError(f"ref {ref!r} not found on {redact(url, secrets)} (no such branch or tag)")
+    raise SourceError(f"ref {ref!r} not found on {shown} (no such branch or tag)")
 
 
 def fetch(
