@@ -52,12 +52,17 @@ def allocatable(spec: Mapping[str, Any]) -> netaddr.IPSet:
 
 
 def allocated_ips(status: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """Decode ``status.allocatedIPs`` (a JSON string, absent when empty) into a dict."""
+    """Decode ``status.allocatedIPs`` (a JSON string, absent when empty) into ``{ip: record}``.
+
+    Raises ValueError when it is not a JSON object of objects.
+    """
     raw = (status or {}).get("allocatedIPs")
     if not raw:
         return {}
     data = json.loads(raw) if isinstance(raw, str) else raw
-    return dict(data)
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError("status.allocatedIPs is not a JSON object of allocation records")
+    return {str(k): dict(v) for k, v in data.items()}
 
 
 def encode_allocated(records: Mapping[str, Mapping[str, Any]]) -> str | None:

@@ -2,7 +2,7 @@
 
 Pure functions (plain dicts in, plain values out) decide everything that does not need the
 API server: :func:`choose_pools` (Spiderpool's annotation order), :func:`pool_rejection`
-(filters), :func:`lowest_free`, :func:`decode_allocated` / :func:`pool_status`. The
+(filters), :func:`lowest_free`, :func:`reconciler.ippool.allocated_ips` / :func:`reconciler.ippool.pool_status`. The
 :class:`Ipam` engine reads Pod, Namespace, Node and SpiderIPPool objects through the
 ``kubernetes`` client and writes pool status with the resourceVersion it read (a 409 means
 someone else wrote first: re-read, retry with jitter, bounded), then records the pod in its
@@ -45,6 +45,7 @@ from node_agent.cni.errors import (
     TRY_AGAIN_LATER,
     CniError,
 )
+from reconciler import ippool
 from reconciler.kube import Objects
 from reconciler.vocab import (
     ANNO_MULTUS_DEFAULT_NETWORK,
@@ -70,29 +71,6 @@ CONF_DEFAULT_V6 = "default_ipv6_ippool"
 # ============================================================================================
 # pure functions
 # ============================================================================================
-def ip_set(items: Iterable[str]) -> netaddr.IPSet:
-    """IPSet of Spiderpool ``ips``/``excludeIPs`` entries: single IPs, ``a-b`` ranges or CIDRs.
-
-    Raises ValueError naming the bad entry.
-    """
-    out = netaddr.IPSet()
-    for item in items or []:
-        try:
-            if "-" in item:
-                first, last = item.split("-", 1)
-                out.add(netaddr.IPRange(first.strip(), last.strip()))
-            else:
-                out.add(netaddr.IPNetwork(item.strip()) if "/" in item else netaddr.IPAddress(item))
-        except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
-            raise ValueError(f"invalid IP entry {item!r}: {exc}") from exc
-    return out
-
-
-def pool_ips(spec: dict[str, Any]) -> netaddr.IPSet:
-    """The allocatable IPs of a pool spec: ``ips`` minus ``excludeIPs`` (Spiderpool)."""
-    return ip_set(spec.get("ips") or []) - ip_set(spec.get("excludeIPs") or [])
-
-
 def pool_family(spec: dict[str, Any]) -> int:
     """``spec.ipVersion``, else inferred from ``spec.subnet`` (4 or 6)."""
     version = spec.get("ipVersion")
@@ -101,46 +79,12 @@ def pool_family(spec: dict[str, Any]) -> int:
     return 6 if ":" in str(spec.get("subnet", "")) else 4
 
 
-def total_ip_count(spec: dict[str, Any]) -> int:
-    """``totalIPCount`` of a pool: len(ips - excludeIPs)."""
-    return len(pool_ips(spec))
-
-
-def decode_allocated(status: dict[str, Any] | None) -> dict[str, dict[str, str]]:
-    """Parse ``status.allocatedIPs`` (a JSON string, or absent) into ``{ip: {pod, podUid}}``.
-
-    Raises ValueError when the string is not a JSON object.
-    """
-    raw = (status or {}).get("allocatedIPs")
-    if not raw:
-        return {}
-    records = json.loads(raw) if isinstance(raw, str) else raw
-    if not isinstance(records, dict):
-        raise ValueError("status.allocatedIPs is not a JSON object")
-    return {str(k): dict(v) for k, v in records.items()}
-
-
-def pool_status(spec: dict[str, Any], records: dict[str, dict[str, str]]) -> dict[str, Any]:
-    """Spiderpool's status for ``records``: allocatedIPs (JSON string, omitted when empty),
-    allocatedIPCount, totalIPCount."""
-    status: dict[str, Any] = {
-        "allocatedIPCount": len(records),
-        "totalIPCount": total_ip_count(spec),
-    }
-    if records:
-        status["allocatedIPs"] = json.dumps(
-            dict(sorted(records.items(), key=lambda kv: netaddr.IPAddress(kv[0]))),
-            separators=(",", ":"),
-        )
-    return status
-
-
 def lowest_free(spec: dict[str, Any], taken: Iterable[str]) -> str | None:
     """Lowest IP of ``ips - excludeIPs`` not in ``taken`` and not the gateway; None when full."""
     busy = {int(netaddr.IPAddress(ip)) for ip in taken}
     if spec.get("gateway"):
         busy.add(int(netaddr.IPAddress(spec["gateway"])))
-    for cidr in pool_ips(spec).iter_cidrs():
+    for cidr in ippool.allocatable(spec).iter_cidrs():
         for value in range(cidr.first, cidr.last + 1):
             if value not in busy:
                 return str(netaddr.IPAddress(value, cidr.version))
@@ -576,7 +520,7 @@ class Ipam:
                     pool = self.get_pool(name)
                     fresh = True
                 try:
-                    records = decode_allocated(pool.get("status"))
+                    records = ippool.allocated_ips(pool.get("status"))
                 except ValueError as exc:
                     raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc
                 try:
@@ -594,7 +538,7 @@ class Ipam:
                 body = dict(pool)
                 body["status"] = {
                     **(pool.get("status") or {}),
-                    **pool_status(pool["spec"], records),
+                    **ippool.pool_status(pool["spec"], records),
                 }
                 if not records:
                     body["status"].pop("allocatedIPs", None)
@@ -793,7 +737,9 @@ class Ipam:
                     INVALID_CONFIG, f"SpiderIPPool {pool['metadata']['name']}: {exc}"
                 ) from exc
             if ip is None:
-                raise _Exhausted(pool["metadata"]["name"], total_ip_count(spec), len(records))
+                raise _Exhausted(
+                    pool["metadata"]["name"], ippool.allocatable(spec).size, len(records)
+                )
             records[ip] = {"pod": req.pod_ref, "podUid": uid}
             return True, ip
 
@@ -970,7 +916,7 @@ class Ipam:
             items = self._call("listing SpiderIPPools", lambda: self.pools.list()).get("items", [])
             for pool in items:
                 try:
-                    records = decode_allocated(pool.get("status"))
+                    records = ippool.allocated_ips(pool.get("status"))
                 except ValueError:
                     continue
                 if any(r.get("podUid") == uid and ip not in keep for ip, r in records.items()):
@@ -1032,7 +978,7 @@ class Ipam:
             pool, address = entry.get(f"ipv{f}Pool"), entry.get(f"ipv{f}")
             if not (pool and address):
                 continue
-            records = decode_allocated(self.get_pool(pool).get("status"))
+            records = ippool.allocated_ips(self.get_pool(pool).get("status"))
             ip = address.split("/")[0]
             if records.get(ip, {}).get("podUid") != uid:
                 raise CniError(

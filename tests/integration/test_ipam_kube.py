@@ -23,8 +23,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from node_agent.cni.errors import CniError
 from node_agent.cni.install import install_shims
-from node_agent.ipam import Ipam, IpamRequest, decode_allocated
+from node_agent.ipam import Ipam, IpamRequest
 
+from reconciler.ippool import allocated_ips
 from reconciler.kube import Objects, api_client
 from reconciler.vocab import SPIDER_ENDPOINT, SPIDER_IPPOOL
 from tests.integration.test_cni_ovs import (
@@ -222,7 +223,7 @@ def test_multi_interface_retries_do_not_drain_the_pool(cluster: Cluster) -> None
     assert eth0 != net1
     assert cluster.status("pool")["allocatedIPCount"] == 2
     ipam.release(req("p1", uid, "net1"))
-    assert set(decode_allocated(cluster.status("pool"))) == {eth0}
+    assert set(allocated_ips(cluster.status("pool"))) == {eth0}
     ep = cluster.endpoint("p1")
     assert ep is not None and [e["interface"] for e in ep["status"]["current"]["ips"]] == ["eth0"]
 
@@ -241,7 +242,7 @@ def test_recreated_pod_with_same_name_gets_a_fresh_ip(cluster: Cluster) -> None:
     assert ep is not None and ep["status"]["current"]["uid"] == new_uid
     # the old sandbox's DEL releases only the old UID's IP and leaves the new endpoint alone
     assert ipam.release(req("web-0", old_uid)) == [("pool", old_ip)]
-    assert set(decode_allocated(cluster.status("pool"))) == {new_ip}
+    assert set(allocated_ips(cluster.status("pool"))) == {new_ip}
     assert cluster.endpoint("web-0") is not None
 
 
@@ -333,7 +334,7 @@ def test_conflicting_writers_never_duplicate(cluster: Cluster) -> None:
     for t in threads:
         t.join()
     assert len(set(got.values())) == 40
-    records = decode_allocated(cluster.status("pool"))
+    records = allocated_ips(cluster.status("pool"))
     assert set(records) == set(got.values())
     assert {r["podUid"] for r in records.values()} == set(uids.values())
 
@@ -397,7 +398,7 @@ def test_two_agent_processes_allocate_200_distinct_ips(cluster: Cluster, tmp_pat
             if command == "ADD":
                 ips = [json.loads(out)["ips"][0]["address"] for _, out in results.values()]
                 assert len(set(ips)) == 200
-                records = decode_allocated(st)
+                records = allocated_ips(st)
                 assert st["allocatedIPCount"] == 200 == len(records)
                 assert {f"{ip}/16" for ip in records} == set(ips)
             else:

@@ -13,6 +13,8 @@ from node_agent import ipam
 from node_agent.cni import errors
 from node_agent.cni.errors import CniError
 
+from reconciler import ippool
+
 SPEC = {
     "subnet": "172.18.0.0/16",
     "ips": ["172.18.30.131-172.18.30.140"],
@@ -56,14 +58,14 @@ def test_pool_ips_ranges_minus_excludes() -> None:
         "ips": ["172.18.30.131-172.18.30.140", "172.18.30.150"],
         "excludeIPs": ["172.18.30.133-172.18.30.134"],
     }
-    assert ipam.total_ip_count(spec) == 9
-    assert netaddr.IPAddress("172.18.30.133") not in ipam.pool_ips(spec)
-    assert netaddr.IPAddress("172.18.30.150") in ipam.pool_ips(spec)
+    assert ippool.allocatable(spec).size == 9
+    assert netaddr.IPAddress("172.18.30.133") not in ippool.allocatable(spec)
+    assert netaddr.IPAddress("172.18.30.150") in ippool.allocatable(spec)
 
 
 def test_ip_set_rejects_garbage_naming_entry() -> None:
     with pytest.raises(ValueError, match=r"172\.18\.30\.x"):
-        ipam.ip_set(["172.18.30.x"])
+        ippool.ipset(["172.18.30.x"])
 
 
 def test_pool_family_inferred_from_subnet() -> None:
@@ -98,7 +100,7 @@ def test_lowest_free_ipv6() -> None:
 @given(st.sets(st.integers(min_value=0, max_value=40)))
 def test_lowest_free_is_minimum_of_free_set(taken_offsets: set[int]) -> None:
     spec = {"subnet": "10.1.0.0/24", "ips": ["10.1.0.10-10.1.0.40"], "excludeIPs": ["10.1.0.20"]}
-    allowed = ipam.pool_ips(spec)
+    allowed = ippool.allocatable(spec)
     taken = [str(netaddr.IPAddress("10.1.0.0") + 10 + o) for o in taken_offsets]
     free = sorted(int(ip) for ip in allowed if str(ip) not in taken)
     got = ipam.lowest_free(spec, taken)
@@ -111,26 +113,26 @@ def test_status_is_spiderpool_format() -> None:
         "172.18.30.132": {"pod": "default/b", "podUid": "u2"},
         "172.18.30.131": {"pod": "default/a", "podUid": "u1"},
     }
-    status = ipam.pool_status(SPEC, records)
+    status = ippool.pool_status(SPEC, records)
     assert isinstance(status["allocatedIPs"], str)
     assert json.loads(status["allocatedIPs"]) == records
     assert list(json.loads(status["allocatedIPs"])) == ["172.18.30.131", "172.18.30.132"]
     assert status["allocatedIPCount"] == 2
     assert status["totalIPCount"] == 10
-    assert ipam.decode_allocated(status) == records
+    assert ippool.allocated_ips(status) == records
 
 
 def test_empty_status_has_no_allocated_ips() -> None:
-    status = ipam.pool_status(SPEC, {})
+    status = ippool.pool_status(SPEC, {})
     assert "allocatedIPs" not in status
     assert status == {"allocatedIPCount": 0, "totalIPCount": 10}
-    assert ipam.decode_allocated(status) == {}
-    assert ipam.decode_allocated(None) == {}
+    assert ippool.allocated_ips(status) == {}
+    assert ippool.allocated_ips(None) == {}
 
 
 def test_decode_rejects_non_object() -> None:
     with pytest.raises(ValueError):
-        ipam.decode_allocated({"allocatedIPs": "[1, 2]"})
+        ippool.allocated_ips({"allocatedIPs": "[1, 2]"})
 
 
 # --- label selectors -------------------------------------------------------------------------
