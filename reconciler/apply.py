@@ -37,7 +37,8 @@ class Outcome:
     ``done``: actions carried out; ``failed``: (action, the API's message) for writes and
     deletes that failed; ``dry_run_failed``: the dry run's rejections (then nothing was
     written); ``skipped``: (action, why) for writes not attempted because something they
-    depend on failed; ``uids``: the uid of every object written, by key.
+    depend on failed; ``uids``: the uid of every object written, by key; ``live``: the object
+    as the API server answered the write.
     """
 
     done: list[Action] = field(default_factory=list)
@@ -45,6 +46,7 @@ class Outcome:
     dry_run_failed: list[tuple[Action, str]] = field(default_factory=list)
     skipped: list[tuple[Action, str]] = field(default_factory=list)
     uids: dict[Key, str] = field(default_factory=dict)
+    live: dict[Key, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -92,11 +94,12 @@ def _pools_used(a: Action) -> set[str]:
 
 def _sync_pool_counts(
     api: client.ApiClient, live: dict[str, Any], log: Callable[[str], None]
-) -> None:
+) -> dict[str, Any]:
     """Keep ``status.totalIPCount``/``allocatedIPCount`` right after the pool's spec changed.
 
     Compare-and-swap on the resourceVersion read (the agents' IPAM writes the same status);
-    on 409 re-read and retry. Allocation records are never touched here.
+    on 409 re-read and retry. Allocation records are never touched here. Returns the pool as
+    last seen.
     """
     objs = Objects(api, vocab.SPIDER_IPPOOL)
     for _ in range(10):
@@ -104,18 +107,18 @@ def _sync_pool_counts(
         records = ippool.allocated_ips(status)
         want = ippool.pool_status(live.get("spec") or {}, records)
         if all(status.get(k) == v for k, v in want.items()):
-            return
+            return live
         body = {**live, "status": {**status, **want}}
         try:
-            objs.replace_status(body)
-            return
+            return objs.replace_status(body)
         except client.ApiException as exc:
             if exc.status != 409:
                 log(
                     f"could not update status of SpiderIPPool {live['metadata']['name']}: {api_message(exc)}"
                 )
-                return
+                return live
         live = objs.get(live["metadata"]["name"])
+    return live
 
 
 def execute(
@@ -181,7 +184,8 @@ def execute(
             continue
         uids[a.key] = out.uids[a.key] = live["metadata"]["uid"]
         if a.resource is vocab.SPIDER_IPPOOL:
-            _sync_pool_counts(api, live, log)
+            live = _sync_pool_counts(api, live, log)
+        out.live[a.key] = live
         out.done.append(a)
         if a.op is Op.CREATE:
             log(f"created {a.ref()}" + (" (it had been deleted in the cluster)" if a.drift else ""))

@@ -495,7 +495,6 @@ class Reconciler:
             if res.kind in needed:
                 rep.reason = "MissingCRD"
                 raise kube.MissingCRD(res)
-        self._pool_gauges(observed)
         plan: Plan | None = None
         outcome: Outcome | None = None
         if target is not None:
@@ -520,7 +519,8 @@ class Reconciler:
             inventory = next_inventory(inventory, plan, outcome, observed, opts.instance)
         status = self._status(prev, rendered, target, plan, outcome, inventory, requested)
         self._events(prev, status, rendered, plan, outcome)
-        self._count(plan, outcome, inventory)
+        self._count(plan, outcome, inventory, status)
+        self._pool_gauges(observed, outcome)
         if gs.write(status):
             rep.status_written += 1
         if rendered.desired is None:
@@ -658,6 +658,9 @@ class Reconciler:
             st = dict(prev)
             stalled = rep.reason == "MissingCRD"
             message = rep.error or "unknown error"
+            st["source"] = self.source.describe()
+            if gen is not None:
+                st["observedGeneration"] = gen
             if rep.revision:
                 st["lastAttemptedRevision"] = rep.revision
             st["lastError"] = {
@@ -733,7 +736,13 @@ class Reconciler:
                     obj, NORMAL, str(new_ready.get("reason")), str(new_ready.get("message"))
                 )
 
-    def _count(self, plan: Plan | None, outcome: Outcome | None, inventory: Inventory) -> None:
+    def _count(
+        self,
+        plan: Plan | None,
+        outcome: Outcome | None,
+        inventory: Inventory,
+        status: dict[str, Any],
+    ) -> None:
         m = self.metrics
         if outcome is not None:
             for a in outcome.done:
@@ -746,15 +755,21 @@ class Reconciler:
                 m.drift.inc(kind=a.resource.kind)
             m.blocked.set(len(plan.blocked))
         m.inventory.set(len(inventory))
-        st = self.gitsync.status if self.gitsync.obj else {}
-        rev = st.get("lastAppliedRevision")
+        rev = status.get("lastAppliedRevision")
         if rev:
             m.revision.replace({(str(rev),): 1})
 
-    def _pool_gauges(self, observed: dict[Any, dict[str, Any]]) -> None:
+    def _pool_gauges(self, observed: dict[Any, dict[str, Any]], outcome: Outcome | None) -> None:
+        """Per-pool allocated/total gauges from the SpiderIPPools seen (and just written)."""
+        pools = dict(observed)
+        if outcome is not None:
+            pools.update(outcome.live)
+            for a in outcome.done:
+                if a.op is Op.PRUNE:
+                    pools.pop(a.key, None)
         alloc: dict[tuple[str, ...], float] = {}
         total: dict[tuple[str, ...], float] = {}
-        for (kind, _ns, name), obj in observed.items():
+        for (kind, _ns, name), obj in pools.items():
             if kind != vocab.SPIDER_IPPOOL.kind:
                 continue
             st = obj.get("status") or {}

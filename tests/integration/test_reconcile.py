@@ -1,0 +1,278 @@
+"""``underlay reconcile`` as a process: the loop, its triggers, probes, metrics, logs.
+
+Real ``underlay`` processes against the API emulator and real Git repositories: polling with
+jitter picks up new commits, the reconcile-requested-at annotation triggers a pass at once,
+``--watch`` applies a local edit within a second, drift is reverted every interval, and the
+process serves /metrics, /healthz and /readyz and logs JSON lines without credentials.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler import vocab
+from reconciler.status import ANNO_RECONCILE_REQUESTED
+from tests.unit.test_apply import NS, QUICK, World, pool
+
+UNDERLAY = str(Path(sys.executable).parent / "underlay")
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Process:
+    """``underlay --log-format json reconcile ...`` with its log in a file and its HTTP port."""
+
+    def __init__(self, world: World, *args: str, identity: str = "r1") -> None:
+        self.identity = identity
+        self.log = world.tmp / f"{identity}.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            UNDERLAY, "--log-format", "json", "reconcile", *args,
+            "--kubeconfig", world.kubeconfig, "--namespace", NS,
+            "--http-address", f"127.0.0.1:{self.port}", "--identity", identity,
+            "--cache-dir", str(world.tmp / f"cache-{identity}"),
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("POD_NAME", "POD_NAMESPACE")}
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path)
+    procs: list[Process] = []
+    w.procs = procs  # type: ignore[attr-defined]
+    try:
+        yield w
+    finally:
+        for p in procs:
+            p.stop(signal.SIGKILL)
+        w.stop()
+
+
+def start(world: World, *args: str, identity: str = "r1") -> Process:
+    p = Process(world, *args, identity=identity)
+    world.procs.append(p)  # type: ignore[attr-defined]
+    return p
+
+
+def pool_ips(world: World, name: str) -> list[str] | None:
+    live = world.get(vocab.SPIDER_IPPOOL, name)
+    return None if live is None else list(live["spec"]["ips"])
+
+
+def test_loop_applies_commits_reverts_drift_and_serves_probes_and_metrics(world: World) -> None:
+    world.commit(QUICK)
+    p = start(world, "--repo", str(world.origin_dir), "--interval", "1s")
+    wait_for(lambda: world.get(vocab.NETWORK_ATTACHMENT_DEFINITION, "net-a", "kube-system"),
+             what=f"first apply ({p.log})")  # fmt: skip
+    wait_for(lambda: p.http("/readyz")[0] == 200, what="readyz")
+    assert p.http("/healthz") == (200, "ok\n")
+    assert p.http("/nope")[0] == 404
+    wait_for(lambda: "underlay_reconcile_total{" in p.http("/metrics")[1], what="a finished pass")
+    code, text = p.http("/metrics")
+    assert code == 200
+    for sample in (
+        'underlay_objects_applied_total{kind="SpiderIPPool",op="create"} 1',
+        'underlay_objects_applied_total{kind="NetworkAttachmentDefinition",op="create"} 1',
+        'underlay_pool_total_ips{pool="pool-a"} 11',
+        'underlay_pool_allocated_ips{pool="pool-a"} 0',
+        "underlay_inventory_objects 4",
+        "underlay_leader 0",
+        "# TYPE underlay_reconcile_duration_seconds histogram",
+        'underlay_reconcile_duration_seconds_bucket{result="success",le="+Inf"}',
+    ):
+        assert sample in text, sample
+    last = float(text.split("\nunderlay_last_success_timestamp_seconds ")[1].split()[0])
+    assert abs(time.time() - last) < 10
+
+    # a new commit is applied at the next poll (1 s, +/- 10 %)
+    world.commit({"pool-a.yaml": pool("pool-a", 1, ips="10-30")})
+    t0 = time.monotonic()
+    wait_for(lambda: pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.30"], 5, "new commit applied")
+    assert time.monotonic() - t0 < 2.5
+
+    # steady state: passes keep observing (LIST) but write nothing
+    time.sleep(1.5)
+    world.emu.reset_requests()
+    time.sleep(2.5)
+    assert len(world.emu.requests("GET", r"/spiderippools$")) >= 2, "observe runs every interval"
+    assert world.writes() == []
+
+    # a hand edit is reverted within an interval and reported
+    world.custom.patch_cluster_custom_object(
+        "spiderpool.spidernet.io", "v2beta1", "spiderippools", "pool-a",
+        {"spec": {"gateway": "10.1.0.254"}},
+    )  # fmt: skip
+    wait_for(
+        lambda: (world.get(vocab.SPIDER_IPPOOL, "pool-a") or {})["spec"]["gateway"] == "10.1.0.1",
+        5, "drift reverted",
+    )  # fmt: skip
+    wait_for(lambda: any(e[1] == "DriftDetected" for e in world.events()), 5, "drift event")
+    assert any("drift: SpiderIPPool pool-a" in line["msg"] for line in p.lines())
+
+    # JSON logs, one object per line
+    lines = p.lines()
+    assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    assert any(line["msg"] == "created SpiderIPPool pool-a" for line in lines)
+    assert p.stop() == 0
+    assert time.monotonic() - t0 < 60
+
+
+def test_annotation_triggers_a_pass_at_once(world: World) -> None:
+    world.commit(QUICK)
+    p = start(world, "--repo", str(world.origin_dir), "--interval", "1h")
+    wait_for(lambda: pool_ips(world, "pool-a"), what=f"first apply ({p.log})")
+    wait_for(lambda: world.emu.open_watches("gitsyncs") >= 1, what="GitSync watch")
+    world.commit({"pool-a.yaml": pool("pool-a", 1, ips="10-40")})
+    time.sleep(1.0)
+    assert pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.20"], "no pass before the hour"
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t0 = time.monotonic()
+    world.custom.patch_namespaced_custom_object(
+        "underlay.dev", "v1alpha1", NS, "gitsyncs", "underlay",
+        {"metadata": {"annotations": {ANNO_RECONCILE_REQUESTED: when}}},
+    )  # fmt: skip
+    wait_for(lambda: pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.40"], 5, "triggered pass")
+    assert time.monotonic() - t0 < 2.0
+    wait_for(lambda: world.status().get("lastHandledReconcileAt") == when, 5, "handled")
+    # handled: our own status write does not trigger another pass
+    world.emu.reset_requests()
+    time.sleep(1.0)
+    assert world.writes() == []
+    assert p.stop() == 0
+
+
+def test_watch_applies_a_local_edit_within_a_second(world: World) -> None:
+    local = world.tmp / "local"
+    local.mkdir()
+    for name, text in QUICK.items():
+        (local / name).write_text(text)
+    p = start(world, str(local), "--watch", "--interval", "1h")
+    wait_for(lambda: pool_ips(world, "pool-a"), what=f"first apply ({p.log})")
+    time.sleep(0.5)
+    latencies = []
+    for i, last in enumerate((30, 35, 45)):
+        t0 = time.monotonic()
+        (local / "pool-a.yaml").write_text(pool("pool-a", 1, ips=f"10-{last}"))
+        wait_for(lambda last=last: pool_ips(world, "pool-a") == [f"10.1.0.10-10.1.0.{last}"], 5,
+                 f"edit {i} applied")  # fmt: skip
+        latencies.append(time.monotonic() - t0)
+    assert max(latencies) < 1.0, latencies
+    assert world.status()["lastAppliedRevision"].startswith("local@")
+    assert p.stop() == 0
+
+
+def test_plan_watch_prints_a_new_plan_after_an_edit(world: World) -> None:
+    local = world.tmp / "local"
+    local.mkdir()
+    (local / "pool-a.yaml").write_text(pool("pool-a", 1))
+    out = world.tmp / "plan.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(
+            [UNDERLAY, "plan", str(local), "--watch", "--kubeconfig", world.kubeconfig,
+             "--namespace", NS],
+            stdout=f, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "1 to create" in out.read_text(), what="first plan")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        (local / "pool-b.yaml").write_text(pool("pool-b", 2))
+        wait_for(lambda: "2 to create" in out.read_text(), 5, "plan after edit")
+        assert time.monotonic() - t0 < 1.0
+        assert "+ create    SpiderIPPool pool-b" in out.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_credentials_never_reach_logs_status_or_events(world: World) -> None:
+    port = free_port()  # nothing listens there: the fetch fails
+    url = f"https://deploy:s3cr3t-t0ken@127.0.0.1:{port}/net.git"
+    p = start(world, "--repo", url, "--interval", "1h", "--backoff", "0.2s")
+    wait_for(lambda: (world.get(vocab.GIT_SYNC, "underlay", NS) or {}).get("status"), 20,
+             f"failure status ({p.log})")  # fmt: skip
+    st = world.status()
+    ready = world.condition("Ready")
+    assert ready["reason"] == "SourceFailed" and world.condition("Reconciling")["status"] == "True"
+    assert st["source"]["url"] == f"https://***@127.0.0.1:{port}/net.git"
+    wait_for(lambda: world.events(), 5, "event")
+    p.stop()
+    everything = p.log.read_text() + json.dumps(st) + json.dumps(world.events())
+    assert "s3cr3t-t0ken" not in everything
+    assert "127.0.0.1" in st["lastError"]["message"]
+
+
+def test_apply_command_exit_codes(tmp_path: Path) -> None:
+    from tests.unit.test_apply import CRDS
+
+    w = World(tmp_path, [c for c in CRDS if "ovsbridges" not in c.name])
+    try:
+        w.commit(QUICK)
+        cmd = [UNDERLAY, "apply", "--repo", str(w.origin_dir), "--kubeconfig", w.kubeconfig,
+               "--namespace", NS, "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "ovsbridges.underlay.dev" in r.stderr
+        w.emu.install_crds(CRDS)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "created SpiderIPPool pool-a" in r.stdout
+        w.commit({"pool-a.yaml": pool("pool-a", 1, gateway="192.168.0.1")})
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 1 and "nothing applied" in r.stderr
+        assert "pool-a.yaml:" in r.stderr
+    finally:
+        w.stop()
