@@ -27,8 +27,10 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 GATEWAY = "172.18.0.1"
@@ -49,6 +51,19 @@ def run(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
     if check and proc.returncode != 0:
         raise RigError(f"{' '.join(cmd)} -> {proc.returncode}: {proc.stderr.strip()}")
     return proc
+
+
+def wait_for(
+    pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition", step: float = 0.1
+) -> Any:
+    """Poll ``pred`` until it returns a truthy value (returned); AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _alive(pid: int) -> bool:

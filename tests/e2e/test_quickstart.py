@@ -13,8 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +23,14 @@ from kubernetes import client
 from kubernetes.utils import parse_quantity
 
 from reconciler import vocab
-from tests.integration.test_cni_ovs import CniFailure, Runtime
+from tests.cniruntime import CniFailure, Runtime
 from tests.kube.emulator import Emulator
-from tests.rig import APISERVER_IP, GATEWAY, Node, Rig
+from tests.rig import APISERVER_IP, GATEWAY, Node, Rig, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 UNDERLAY = str(Path(sys.executable).parent / "underlay")
 PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 NODES = {"n1": "172.18.10.11", "n2": "172.18.10.12"}
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def underlay(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

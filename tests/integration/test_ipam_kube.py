@@ -28,7 +28,7 @@ from node_agent.ipam import Ipam, IpamRequest
 from reconciler.ippool import allocated_ips
 from reconciler.kube import Objects, api_client
 from reconciler.vocab import SPIDER_ENDPOINT, SPIDER_IPPOOL
-from tests.integration.test_cni_ovs import (
+from tests.cniruntime import (
     PYTHON,
     Agent,
     CniFailure,
