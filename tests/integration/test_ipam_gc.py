@@ -1,0 +1,84 @@
+"""IPAM garbage collection against the API emulator: leaks go, live allocations stay."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from node_agent.ipam import Ipam
+from node_agent.ipam_gc import collect
+
+from reconciler.ippool import allocated_ips
+from tests.integration.test_ipam_kube import Cluster, cluster, req
+
+__all__ = ["cluster"]  # the fixture, shared with test_ipam_kube
+
+
+def test_leaked_allocations_and_endpoints_are_released_live_ones_stay(cluster: Cluster) -> None:
+    cluster.node("n1")
+    cluster.pool("ippool-test")
+    ipam = Ipam(cluster.api, "n1")
+    uids = {name: cluster.pod(name) for name in ("live", "gone", "again", "done")}
+    ips = {}
+    for name, uid in uids.items():
+        (a,) = ipam.allocate(req(name, uid, default_ipv4_ippool=["ippool-test"]))
+        ips[name] = str(a.address).split("/")[0]
+    # no DEL ever arrives for these three:
+    cluster.delete_pod("gone")
+    cluster.delete_pod("again")
+    new_uid = cluster.pod("again")  # recreated under the same name
+    pod = cluster.core.read_namespaced_pod("done", "default")
+    pod.status.phase = "Succeeded"
+    cluster.core.replace_namespaced_pod_status("done", "default", pod)
+
+    report = collect(cluster.api)
+
+    released = {(pool, ip, pod) for pool, ip, pod, _ in report.ips}
+    assert released == {
+        ("ippool-test", ips["gone"], "default/gone"),
+        ("ippool-test", ips["again"], "default/again"),
+        ("ippool-test", ips["done"], "default/done"),
+    }
+    reasons = {pod: reason for _, _, pod, reason in report.ips}
+    assert reasons["default/gone"] == "pod not found"
+    assert reasons["default/again"].startswith(f"pod was recreated (uid {new_uid}")
+    assert reasons["default/done"] == "pod has finished (Succeeded)"
+    status = cluster.status("ippool-test")
+    assert allocated_ips(status) == {ips["live"]: {"pod": "default/live", "podUid": uids["live"]}}
+    assert status["allocatedIPCount"] == 1 and status["totalIPCount"] == 10
+    # endpoints of deleted pods went with them (ownerReference to the Pod); a finished pod's
+    # endpoint is GC's to delete
+    assert report.endpoints == ["default/done"]
+    assert cluster.endpoint("live") is not None
+    assert [cluster.endpoint(n) for n in ("gone", "again", "done")] == [None, None, None]
+    # a second pass finds nothing
+    again = collect(cluster.api)
+    assert again.ips == [] and again.endpoints == []
+
+
+def test_gc_racing_allocations_never_loses_a_record(cluster: Cluster) -> None:
+    cluster.node("n1")
+    cluster.pool("big", ips="172.18.40.1-172.18.40.200")
+    ipam = Ipam(cluster.api, "n1")
+    pods = [(f"p{i}", cluster.pod(f"p{i}")) for i in range(40)]
+    stop = threading.Event()
+    passes = []
+
+    def gc_loop() -> None:
+        while not stop.is_set():
+            passes.append(collect(cluster.api))
+
+    t = threading.Thread(target=gc_loop)
+    t.start()
+    try:
+        for name, uid in pods:
+            ipam.allocate(req(name, uid, default_ipv4_ippool=["big"]))
+    finally:
+        stop.set()
+        t.join()
+    assert passes and all(not p.ips for p in passes), "GC released a live allocation"
+    status = cluster.status("big")
+    records = allocated_ips(status)
+    assert len(records) == 40 == status["allocatedIPCount"]
+    assert {r["podUid"] for r in records.values()} == {uid for _, uid in pods}
+    assert json.loads(status["allocatedIPs"]) == records
