@@ -159,16 +159,47 @@ def api_server_address(api: client.ApiClient) -> tuple[str, int] | None:
     return url.hostname, url.port or (443 if url.scheme == "https" else 80)
 
 
-def with_default_timeout(api: client.ApiClient, timeout: tuple[float, float]) -> client.ApiClient:
-    """Give every request of ``api`` a (connect, read) timeout in seconds unless the call
-    passes its own ``_request_timeout`` (the generated client otherwise waits forever, and a
-    node whose route to the API server is gone must not hang its agent). Returns ``api``."""
+RETRY_STATUS = (429, 500, 502, 503, 504)
+"""HTTP statuses a request is retried on (Kubernetes API conventions: 429 and 5xx are
+transient; 429/503 may carry Retry-After)."""
+
+
+def configure_client(
+    api: client.ApiClient,
+    timeout: tuple[float, float] = (5.0, 30.0),
+    retries: int = 3,
+    max_delay: float = 2.0,
+) -> client.ApiClient:
+    """Make every request of ``api`` robust: a (connect, read) ``timeout`` in seconds unless
+    the call passes its own ``_request_timeout`` (the generated client otherwise waits
+    forever, and a node whose route to the API server is gone must not hang its agent), and up
+    to ``retries`` quick retries on :data:`RETRY_STATUS` answers and transport errors
+    (0.2 s doubling, or Retry-After, at most ``max_delay`` s each). Callers see the last
+    answer; their own handling of 404/409 is unchanged. Returns ``api``."""
     call = api.call_api
 
     def call_api(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("_request_timeout") is None:
             kwargs["_request_timeout"] = timeout
-        return call(*args, **kwargs)
+        for attempt in range(retries + 1):
+            delay = min(max_delay, 0.2 * 2**attempt)
+            try:
+                resp = call(*args, **kwargs)
+            except urllib3.exceptions.HTTPError as exc:
+                if attempt == retries:
+                    raise
+                log.debug("API request failed (%s); retry %d in %.1fs", exc, attempt + 1, delay)
+                time.sleep(delay)
+                continue
+            if resp.status not in RETRY_STATUS or attempt == retries:
+                return resp
+            with contextlib.suppress(Exception):
+                resp.read()
+            with contextlib.suppress(TypeError, ValueError):
+                delay = min(max_delay, float(resp.getheader("Retry-After") or delay))
+            log.debug("API answered %s; retry %d in %.1fs", resp.status, attempt + 1, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
     setattr(api, "call_api", call_api)  # noqa: B010 - instance attribute shadows the method
     return api
@@ -249,7 +280,7 @@ class BridgeAgent:
         lease_seconds: int = rollout.DEFAULT_LEASE_SECONDS,
         request_timeout: tuple[float, float] = (5.0, 30.0),
     ) -> None:
-        self.api = with_default_timeout(api, request_timeout)
+        self.api = configure_client(api, request_timeout)
         self.node = node
         self.resync = resync
         self.run_probes = run_probes
@@ -987,7 +1018,8 @@ class BridgeAgent:
                         self.node.name,
                         _api_error_text(exc),
                         backoff,
-                        exc_info=log.isEnabledFor(logging.DEBUG),
+                        exc_info=log.isEnabledFor(logging.DEBUG)
+                        and not isinstance(exc, API_ERRORS),
                     )
                     next_full = time.monotonic() + backoff
                     backoff = min(backoff * 2, MAX_BACKOFF)

@@ -26,6 +26,7 @@ from kubernetes import client
 from kubernetes.utils import parse_quantity
 
 from reconciler import vocab
+from tests.integration.test_bridges import plug_pod
 from tests.kube.emulator import Emulator
 from tests.rig import APISERVER_IP, DATA_GATEWAY, GATEWAY, Node, Rig
 
@@ -256,7 +257,12 @@ class World:
         return a
 
     def logs(self) -> str:
-        return "\n".join(f"--- agent {a.name}\n{a.text()[-4000:]}" for a in self.agents)
+        """The agents' logs without debug lines (for failure reports)."""
+        out = []
+        for a in self.agents:
+            lines = [line for line in a.text().splitlines() if " DEBUG " not in line]
+            out.append(f"--- agent {a.name}\n" + "\n".join(lines[-60:]))
+        return "\n".join(out)
 
     def close(self) -> None:
         for a in self.agents:
@@ -273,12 +279,14 @@ def world(rig: Rig, tmp_path: Path) -> Iterator[World]:
         yield w
     finally:
         w.close()
+        print(w.logs())  # pytest shows it when the test failed
 
 
-def ready_with_br1(w: World, name: str, ip: str) -> None:
-    """Assert node ``name`` carries br1 over eth0 with its address and default route."""
+def ready_with_br1(w: World, name: str, ip: str, *pod_ports: str) -> None:
+    """Assert node ``name`` carries br1 over eth0 (plus ``pod_ports``) with its address and
+    default route."""
     node = w.rig.nodes[name]
-    assert node.vsctl("list-ports", "br1").split() == ["eth0"]
+    assert sorted(node.vsctl("list-ports", "br1").split()) == sorted(["eth0", *pod_ports])
     assert node.addresses("br1") == [f"{ip}/16"]
     assert node.addresses("eth0") == []
     assert node.default_route_dev() == "br1"
@@ -549,3 +557,165 @@ def test_drift_is_repaired_within_5_seconds(
     assert rec["trigger"].startswith("ovsdb br1" if what != "file" else "file /etc/netplan")
     assert "repaired drift on n1" in a.text()
     assert w.cluster.condition("n1")[0] == "Ready"
+
+
+# --- removal -----------------------------------------------------------------------------------
+
+
+def test_removal_waits_for_pod_ports_then_gives_the_node_back(world: World) -> None:
+    """OvsBridge deleted: while a pod port remains the enactment says Pending/RemovalBlocked
+    naming the port and pod, capacity is withdrawn and the bridge keeps working; once the port
+    is gone (OVSDB notices) the addresses and routes go back to eth0, the bridge and files go,
+    and the enactment is deleted."""
+    w = world
+    n1 = w.node("n1")
+    before = node_state(n1)
+    w.cluster.apply_bridge(ovs_bridge())
+    w.agent("n1", resync=30)
+    w.cluster.wait_condition("n1", "Ready")
+    port = plug_pod(w.rig, n1, "p1", "172.18.20.1", contNetns="/run/netns/x", contIface="eth0",
+                    contPodUid="uid-1", owner="underlay-ovs")  # fmt: skip
+
+    w.cluster.delete_bridge("br1")
+
+    _, reason, message = w.cluster.wait_condition("n1", "Pending")
+    assert reason == "RemovalBlocked"
+    assert port in message and "uid-1" in message
+    wait_for(lambda: "underlay.dev/br1" not in w.cluster.capacity("n1"), 5, "capacity withdrawn")
+    ready_with_br1(w, "n1", IPS["n1"], port)
+    assert w.rig.pods["p1"].ping(GATEWAY, count=1)
+
+    n1.vsctl("del-port", "br1", port)
+    w.rig.delete_pod("p1")
+    n1.run("ip", "link", "del", port, check=False)
+    wait_for(lambda: w.cluster.enactment("n1") is None, 10, "enactment deleted")
+    assert node_state(n1) == before
+    assert n1.ping(GATEWAY, count=1)
+    assert "underlay.dev/br1" not in w.cluster.capacity("n1")
+
+
+def test_node_no_longer_selected_loses_the_bridge_others_keep_it(world: World) -> None:
+    w = world
+    nodes = {name: w.node(name) for name in ("n1", "n2")}
+    before = {name: node_state(n) for name, n in nodes.items()}
+    for name in nodes:
+        w.cluster.label_node(name, {"underlay.dev/br1": "yes"})
+    w.cluster.apply_bridge(ovs_bridge(nodeSelector={"underlay.dev/br1": "yes"}, maxUnavailable=2))
+    for name in nodes:
+        w.agent(name, resync=30)
+    for name in nodes:
+        w.cluster.wait_condition(name, "Ready")
+    e1 = w.cluster.enactment("n1")
+
+    w.cluster.label_node("n2", {"underlay.dev/br1": None})  # Node watch wakes the agent
+
+    wait_for(lambda: w.cluster.enactment("n2") is None, 10, "n2 enactment deleted")
+    assert node_state(nodes["n2"]) == before["n2"]
+    assert "underlay.dev/br1" not in w.cluster.capacity("n2")
+    assert nodes["n2"].ping(GATEWAY, count=1)
+    ready_with_br1(w, "n1", IPS["n1"])
+    assert w.cluster.enactment("n1") == e1
+    assert parse_quantity(w.cluster.capacity("n1")["underlay.dev/br1"]) == 1000
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        (ovs_bridge(uplinks=["eth7"]), "uplink eth7 does not exist on node n1"),
+        (
+            ovs_bridge("br-sixteen-chars"),
+            "bridge name 'br-sixteen-chars' is 16 characters; Linux interface names are at "
+            "most 15 (set spec.bridge to a shorter name)",
+        ),
+    ],
+    ids=["uplink-missing", "name-too-long"],
+)
+def test_bad_input_is_failing_and_changes_nothing(
+    world: World, obj: dict[str, Any], reason: str
+) -> None:
+    w = world
+    n1 = w.node("n1")
+    before = node_state(n1)
+    w.cluster.apply_bridge(obj)
+    a = w.agent("n1")
+    _, why, message = w.cluster.wait_condition("n1", "Failing", obj["metadata"]["name"])
+    assert why == "Invalid"
+    assert reason in message
+    assert reason in a.text()  # logged once, with the reason
+    time.sleep(1.5)
+    assert node_state(n1) == before
+    assert not any(k.startswith("underlay.dev/") for k in w.cluster.capacity("n1"))
+    assert w.cluster.coord.list_namespaced_lease("kube-system").items == []  # no slot taken
+
+
+# --- process lifecycle -------------------------------------------------------------------------
+
+
+def test_sigterm_stops_cleanly_even_in_the_middle_of_a_change(world: World) -> None:
+    """SIGTERM while the agent waits for a probe: the change is finished (rolled back), the
+    slot released, watchers stopped, the CNI socket removed; exit code 0."""
+    w = world
+    n1 = w.node("n1", data=True)
+    w.rig.unplug("n1", "eth1")
+    before = node_state(n1)
+    w.cluster.apply_bridge(ovs_bridge("br2", uplinks=["eth1"], probeTimeoutSeconds=3))
+    a = w.agent("n1")
+    a.wait_log("changing n1")
+    t0 = time.monotonic()
+    assert a.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 8
+    log = a.text()
+    assert "SIGTERM received, stopping" in log and "agent on n1 stopped" in log
+    assert "Traceback" not in log
+    assert not Path(a.socket).exists()
+    assert node_state(n1) == before
+    assert w.cluster.coord.list_namespaced_lease("kube-system").items == []
+    assert w.cluster.condition("n1", "br2")[0] == "Failing"
+
+    # an idle agent stops at once
+    b = w.agent("n1")
+    b.wait_log("pass on n1")
+    t0 = time.monotonic()
+    assert b.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 5
+    assert not Path(b.socket).exists()
+
+
+def test_transient_api_errors_are_retried_never_fatal(world: World) -> None:
+    """503s, 429s, 500s and dropped connections on every kind of request the agent makes:
+    single requests are retried at once, a pass that still fails is retried with backoff, the
+    agent ends Ready and the process never exits; while the API server is away after that,
+    the node is left alone."""
+    w = world
+    w.node("n1")
+    w.cluster.apply_bridge(ovs_bridge())
+    emu = w.cluster.emu
+    emu.inject_fault("/api/v1/nodes/n1$", method="GET", status=503, count=5)  # > retries
+    emu.inject_fault("/ovsbridges$", method="GET", drop=True, count=2)
+    emu.inject_fault("/leases", method="POST", status=429, retry_after=1, count=1)
+    emu.inject_fault("/ovsbridgeenactments/n1.br1/status$", method="PUT", status=500, count=2)
+    a = w.agent("n1")
+    w.cluster.wait_condition("n1", "Ready", timeout=30)
+    ready_with_br1(w, "n1", IPS["n1"])
+    assert a.proc.poll() is None
+    log = a.text()
+    assert "bridge pass on n1 failed: API server answered 503 Service Unavailable" in log
+    assert "retrying in 1s" in log
+    assert emu.faults() == [], emu.faults()
+    codes = [(r.method, r.path, r.code) for r in emu.requests() if r.fault]
+    assert ("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", 429) in codes
+    assert parse_quantity(w.cluster.capacity("n1")["underlay.dev/br1"]) == 1000
+    # the API goes away for a while after the node is Ready: nothing changes, nothing crashes
+    before = node_state(w.rig.nodes["n1"])
+    emu.inject_fault("/api", status=503, count=1000)
+    time.sleep(3)
+    assert a.proc.poll() is None
+    assert node_state(w.rig.nodes["n1"]) == before
+    emu.clear_faults()
+    assert a.stop() == 0
+    assert "Traceback" not in "\n".join(
+        line for line in a.text().splitlines() if " DEBUG " not in line
+    )
