@@ -272,8 +272,9 @@ class World:
         self.cluster.stop()
 
 
-@pytest.fixture
-def world(rig: Rig, tmp_path: Path) -> Iterator[World]:
+@pytest.fixture(name="world")
+def world_fixture(rig: Rig, tmp_path: Path) -> Iterator[World]:
+    """A :class:`World` on a fresh rig; other modules import ``world_fixture`` to use it."""
     w = World(rig, tmp_path)
     try:
         yield w
