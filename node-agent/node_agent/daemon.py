@@ -79,6 +79,10 @@ with backoff; every other error belongs to one bridge and is reported on its ena
 MAX_BACKOFF = 30.0
 
 
+class NodeNotFound(RuntimeError):
+    """This agent's Node object does not exist (wrong --node-name, or not registered yet)."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``underlay agent``."""
     p.add_argument(
@@ -312,9 +316,18 @@ class BridgeAgent:
     # --- reading the cluster ------------------------------------------------------------------
 
     def node_labels(self) -> dict[str, str]:
-        """Labels of this node's Node object. Raises ApiException (404 included: without its
-        Node the agent cannot tell which OvsBridges select it, so it changes nothing)."""
-        node = self.core.read_node(self.node.name)
+        """Labels of this node's Node object. Raises NodeNotFound when it does not exist
+        (without its Node the agent cannot tell which OvsBridges select it, so the pass
+        changes nothing) and ApiException for other API errors."""
+        try:
+            node = self.core.read_node(self.node.name)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                raise NodeNotFound(
+                    f"Node {self.node.name} does not exist in the cluster: no bridge is changed "
+                    "or removed until it does (is --node-name right?)"
+                ) from exc
+            raise
         labels = dict((node.metadata.labels if node.metadata else None) or {})
         self._labels = labels
         return labels
@@ -1019,7 +1032,7 @@ class BridgeAgent:
                         _api_error_text(exc),
                         backoff,
                         exc_info=log.isEnabledFor(logging.DEBUG)
-                        and not isinstance(exc, API_ERRORS),
+                        and not isinstance(exc, (*API_ERRORS, NodeNotFound)),
                     )
                     next_full = time.monotonic() + backoff
                     backoff = min(backoff * 2, MAX_BACKOFF)

@@ -28,7 +28,7 @@ from kubernetes.utils import parse_quantity
 from reconciler import vocab
 from tests.integration.test_bridges import plug_pod
 from tests.kube.emulator import Emulator
-from tests.rig import APISERVER_IP, DATA_GATEWAY, GATEWAY, Node, Rig
+from tests.rig import APISERVER_IP, DATA_GATEWAY, GATEWAY, Node, Rig, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 UNDERLAY = str(Path(sys.executable).parent / "underlay")
@@ -37,18 +37,6 @@ IPS = {"n1": "172.18.10.11", "n2": "172.18.10.12", "n3": "172.18.10.13"}
 DATA_IPS = {"n1": "172.19.10.11", "n2": "172.19.10.12", "n3": "172.19.10.13"}
 NETPLAN_FILE = "etc/netplan/60-underlay-br1.yaml"
 RECORD_FILE = "var/lib/underlay/bridges/br1.json"
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll ``pred`` every 50 ms until it returns a true value; AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def ovs_bridge(name: str = "br1", **spec: Any) -> dict[str, Any]:
@@ -543,7 +531,7 @@ def test_drift_is_repaired_within_5_seconds(
     else:
         netplan.write_text(good.replace("renderer: networkd", "renderer: NetworkManager"))
         back = lambda: netplan.read_text() == good  # noqa: E731
-    wait_for(back, 5, f"{what} repaired")
+    wait_for(back, 5, f"{what} repaired", step=0.02)
     latency = time.monotonic() - t0
     record_property("repair_seconds", round(latency, 3))
     print(f"repair of {what}: {latency:.2f}s")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from typing import Any
 
 from kubernetes import client, watch
+from node_agent import rollout
 
 from reconciler import vocab
 from tests.integration.test_agent import (
@@ -22,10 +24,10 @@ from tests.integration.test_agent import (
     World,
     node_state,
     ovs_bridge,
-    wait_for,
     world_fixture,  # noqa: F401 - the ``world`` fixture
 )
-from tests.rig import DATA_GATEWAY
+from tests.kube.emulator import Emulator
+from tests.rig import DATA_GATEWAY, wait_for
 
 NODES = ("n1", "n2", "n3")
 
@@ -159,3 +161,83 @@ def test_rollout_one_node_at_a_time_stops_at_a_failing_node_until_the_bridge_cha
     finally:
         timeline.stop()
     assert timeline.max_progressing() == 1, timeline.events
+
+
+# --- slots against the API server alone ------------------------------------------------------
+
+
+def slots(emu: Emulator, identity: str, lease_seconds: int = 30) -> rollout.Slots:
+    return rollout.Slots(emu.api_client(), "kube-system", identity, lease_seconds=lease_seconds)
+
+
+def test_at_most_n_holders_when_many_agents_race(apiserver: Emulator) -> None:
+    """Six agents, two slots, five turns each: never more than two hold a slot at once, and
+    everybody gets its turns (create-or-CAS on the Lease is atomic on the API server)."""
+    held: set[str] = set()
+    most = 0
+    lock = threading.Lock()
+    turns: dict[str, int] = {}
+
+    def agent(me: str) -> None:
+        nonlocal most
+        s = slots(apiserver, me)
+        for _ in range(5):
+            while (slot := s.acquire("br1", 2)[0]) is None:
+                time.sleep(0.01)
+            with lock:
+                held.add(me)
+                most = max(most, len(held))
+            time.sleep(0.02)
+            with lock:
+                held.discard(me)
+            s.release(slot)
+            turns[me] = turns.get(me, 0) + 1
+
+    threads = [threading.Thread(target=agent, args=(f"n{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert turns == {f"n{i}": 5 for i in range(6)}
+    assert most == 2
+    assert (
+        client.CoordinationV1Api(apiserver.api_client()).list_namespaced_lease("kube-system").items
+        == []
+    )
+
+
+def test_expired_slot_is_taken_over_and_the_late_holder_does_not_free_it(
+    apiserver: Emulator,
+) -> None:
+    a, b = slots(apiserver, "n1", 1), slots(apiserver, "n2", 1)
+    sa, _ = a.acquire("br1", 1)
+    assert sa is not None
+    sa._stop.set()  # n1 hangs: it stops renewing but never releases
+    assert b.acquire("br1", 1) == (None, ["n1"])
+    time.sleep(1.5)
+    sb, _ = b.acquire("br1", 1)
+    assert sb is not None
+    coord = client.CoordinationV1Api(apiserver.api_client())
+    lease = coord.read_namespaced_lease("underlay-rollout.br1.0", "kube-system")
+    assert lease.spec.holder_identity == "n2" and lease.spec.lease_transitions == 1
+    a.release(sa)  # precondition on its old resourceVersion: n2's slot stays
+    assert coord.read_namespaced_lease("underlay-rollout.br1.0", "kube-system").spec.holder_identity == "n2"  # fmt: skip
+    b.release(sb)
+    assert coord.list_namespaced_lease("kube-system").items == []
+
+
+def test_holder_renews_its_slot_while_it_works(apiserver: Emulator) -> None:
+    a, b = slots(apiserver, "n1", 2), slots(apiserver, "n2", 2)
+    sa, _ = a.acquire("br1", 1)
+    assert sa is not None
+    coord = client.CoordinationV1Api(apiserver.api_client())
+    first = coord.read_namespaced_lease("underlay-rollout.br1.0", "kube-system").spec.renew_time
+    time.sleep(3)  # longer than leaseDurationSeconds: only renewal keeps it
+    assert b.acquire("br1", 1) == (None, ["n1"])
+    later = coord.read_namespaced_lease("underlay-rollout.br1.0", "kube-system").spec.renew_time
+    assert later > first
+    a.release(sa)
+    assert not sa.lost
+    sb, _ = b.acquire("br1", 1)
+    assert sb is not None
+    b.release(sb)
