@@ -47,6 +47,13 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cache-dir", type=Path, help="where Git checkouts are kept (default: ~/.cache/underlay)"
     )
+    g.add_argument(
+        "--git-secret",
+        default="underlay-git-credentials",
+        help="Secret (in --namespace) with Git credentials: username, password or token, "
+        "ca.crt, identity, known_hosts; read on every fetch, absent is fine; empty to not read "
+        "one; UNDERLAY_GIT_* environment variables apply under it (default: %(default)s)",
+    )
     g.add_argument("--strict", action="store_true", help="treat validation warnings as errors")
     g.add_argument(
         "--ignore-unknown-kinds",
@@ -284,11 +291,15 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * unit[u] for n, u in parts)
 
 
-def _resolve_source(args: argparse.Namespace) -> tuple[Path, list[Path] | None, str]:
+def _resolve_source(
+    args: argparse.Namespace, api: Any = None, namespace: str = ""
+) -> tuple[Path, list[Path] | None, str]:
+    from reconciler.controller import git_credentials
     from reconciler.source import fetch
 
     if args.repo:
-        co = fetch(args.repo, args.ref, cache_dir=args.cache_dir)
+        creds = git_credentials(api, namespace, args.git_secret)()
+        co = fetch(args.repo, args.ref, cache_dir=args.cache_dir, credentials=creds)
         paths = [co.path / args.path] if args.path else None
         if paths and not paths[0].exists():
             raise FileNotFoundError(f"{args.path} does not exist in {co.url} at {co.revision[:12]}")
@@ -300,11 +311,12 @@ def _resolve_source(args: argparse.Namespace) -> tuple[Path, list[Path] | None, 
     return root, None if path.is_dir() else [path], "local"
 
 
-def _make_source(args: argparse.Namespace) -> Any:
-    from reconciler.controller import DirSource, GitSource
+def _make_source(args: argparse.Namespace, api: Any = None, namespace: str = "") -> Any:
+    from reconciler.controller import DirSource, GitSource, git_credentials
 
     if args.repo:
-        return GitSource(args.repo, args.ref, args.path, args.cache_dir)
+        creds = git_credentials(api, namespace, getattr(args, "git_secret", None))
+        return GitSource(args.repo, args.ref, args.path, args.cache_dir, credentials=creds)
     return DirSource(Path(args.path or "."))
 
 
@@ -383,9 +395,10 @@ def _plan_once(args: argparse.Namespace) -> int:
     from reconciler.controller import read_inventory, run_pass
     from reconciler.plan import Op, format_plan
 
-    root, paths, revision = _resolve_source(args)
     api = _client(args, required=False)
-    inventory = read_inventory(api, _namespace(args), args.instance) if api is not None else None
+    namespace = _namespace(args)
+    root, paths, revision = _resolve_source(args, api, namespace)
+    inventory = read_inventory(api, namespace, args.instance) if api is not None else None
     res = run_pass(
         root, paths, api, revision=revision, instance=args.instance, strict=args.strict,
         prune=not args.no_prune, apply=False, ignore_unknown_kinds=args.ignore_unknown_kinds,
@@ -449,10 +462,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.controller import Reconciler
     from reconciler.plan import Op
 
-    source = _make_source(args)
     api = _client(args, required=True)
+    namespace = _namespace(args)
+    source = _make_source(args, api, namespace)
     rec = Reconciler(
-        api, source, _options(args, _namespace(args)), out=print, problems_out=_print_problems
+        api, source, _options(args, namespace), out=print, problems_out=_print_problems
     )
     rep = rec.run_once()
     where = (
@@ -530,7 +544,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         elector = LeaderElector(le_api, cfg)
     rec = Reconciler(
         api,
-        _make_source(args),
+        _make_source(args, api, namespace),
         _options(args, namespace, identity),
         metrics=metrics,
         elector=elector,

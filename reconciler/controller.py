@@ -37,7 +37,7 @@ from kubernetes import client, watch
 from reconciler import ippool, kube, render, vocab
 from reconciler.apply import Outcome, api_message, execute
 from reconciler.events import NORMAL, WARNING, EventRecorder
-from reconciler.inventory import Entry, Inventory, digest
+from reconciler.inventory import Entry, Inventory, desired_digest
 from reconciler.leader import LeaderElector, LeadershipLost
 from reconciler.metrics import ReconcilerMetrics
 from reconciler.plan import Action, Op, Plan, make_plan, owned_by
@@ -257,7 +257,8 @@ class GitSource:
 
     Each resolve asks the remote for the ref's commit first (:func:`reconciler.source.ls_remote`,
     nothing downloaded) and fetches only when it moved or the work tree is not there yet.
-    ``fetch_kwargs`` are passed to :func:`reconciler.source.fetch` (e.g. credentials, verify).
+    ``credentials()`` (optional) is called on every resolve, so a rotated Secret is picked up;
+    ``fetch_kwargs`` go to :func:`reconciler.source.fetch` (e.g. ``verify``).
     """
 
     def __init__(
@@ -266,24 +267,24 @@ class GitSource:
         ref: str = "main",
         subpath: str | None = None,
         cache_dir: Path | None = None,
+        credentials: Callable[[], Any] | None = None,
         **fetch_kwargs: Any,
     ) -> None:
         self.url, self.ref, self.subpath, self.cache_dir = url, ref, subpath, cache_dir
+        self.credentials = credentials
         self.fetch_kwargs = fetch_kwargs
         self._last: Snapshot | None = None
 
     def resolve(self) -> Snapshot:
         from reconciler import source
 
+        creds = self.credentials() if self.credentials is not None else None
+        auth = {"credentials": creds} if creds is not None else {}
         if self._last is not None and self._last.root.is_dir():
-            head = None
-            ls_remote = getattr(source, "ls_remote", None)
-            if ls_remote is not None:
-                creds = self.fetch_kwargs.get("credentials")
-                head = ls_remote(self.url, self.ref, **({"credentials": creds} if creds else {}))
+            head = source.ls_remote(self.url, self.ref, **auth)
             if head is not None and head == self._last.revision:
                 return self._last
-        co = fetch(self.url, self.ref, cache_dir=self.cache_dir, **self.fetch_kwargs)
+        co = fetch(self.url, self.ref, cache_dir=self.cache_dir, **auth, **self.fetch_kwargs)
         paths = [co.path / self.subpath] if self.subpath else None
         if paths and not paths[0].exists():
             raise FileNotFoundError(
@@ -307,6 +308,33 @@ class GitSource:
     @property
     def watch_path(self) -> Path | None:
         return None
+
+
+def git_credentials(
+    api: client.ApiClient | None, namespace: str, secret: str | None
+) -> Callable[[], Any]:
+    """A provider of Git credentials for :class:`GitSource`: those of the Secret ``secret`` in
+    ``namespace`` (keys ``username``, ``password``/``token``, ``ca.crt``, ``identity``,
+    ``known_hosts``), over those of the environment (``UNDERLAY_GIT_*``). A missing Secret
+    is not an error (public repositories need none). Read on every call: a rotated Secret
+    takes effect at the next pass. Raises SourceError for an unreadable Secret value.
+    """
+    from reconciler.source import credentials_from_env, credentials_from_secret
+
+    def provide() -> Any:
+        env = credentials_from_env()
+        if api is None or not secret:
+            return env
+        try:
+            obj = kube.request(api, "GET", f"/api/v1/namespaces/{namespace}/secrets/{secret}")
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return env
+            raise
+        creds = credentials_from_secret(obj.get("data"), name=f"{namespace}/{secret}")
+        return creds.merged(env) if not creds.empty else env
+
+    return provide
 
 
 # --- the stateful reconciler ---------------------------------------------------------------
@@ -406,6 +434,7 @@ class Reconciler:
         self.stop_event = threading.Event()
         self._rendered: Rendered | None = None
         self._good: Rendered | None = None
+        self._memo: dict[Any, Any] = {}  # plan's diff memo, kept between passes
         self._lock = threading.Lock()
         self.pass_started: float | None = None
         self.last_pass_ended: float | None = None
@@ -501,6 +530,7 @@ class Reconciler:
             plan = make_plan(
                 desired, observed, instance=opts.instance, prune=opts.prune,
                 inventory=inventory, allow_empty=opts.allow_empty, self_heal=opts.self_heal,
+                memo=self._memo,
             )  # fmt: skip
             rep.plan = plan
             if plan.has_changes:
@@ -764,9 +794,9 @@ class Reconciler:
         pools = dict(observed)
         if outcome is not None:
             pools.update(outcome.live)
-            for a in outcome.done:
-                if a.op is Op.PRUNE:
-                    pools.pop(a.key, None)
+            for done in outcome.done:
+                if done.op is Op.PRUNE:
+                    pools.pop(done.key, None)
         alloc: dict[tuple[str, ...], float] = {}
         total: dict[tuple[str, ...], float] = {}
         for (kind, _ns, name), obj in pools.items():
@@ -1055,7 +1085,7 @@ def next_inventory(
         prev = old.get(a.key)
         live_uid = (a.live or {}).get("metadata", {}).get("uid")
         if a.desired is not None:
-            d = digest(a.desired.body)
+            d = desired_digest(a.desired)
             if id(a) in done:
                 entries[a.key] = Entry(a.resource, a.namespace, a.name, uids.get(a.key), d)
             elif a.op is Op.UNCHANGED:

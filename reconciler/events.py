@@ -42,7 +42,7 @@ class EventRecorder:
     """
 
     def __init__(self, api: client.ApiClient, namespace: str, identity: str) -> None:
-        self.core: Any = client.CoreV1Api(api)
+        self.api = api
         self.namespace = namespace
         self.identity = identity
         self.emitted: list[tuple[str, str, str]] = []
@@ -85,9 +85,11 @@ class EventRecorder:
             "reportingComponent": REPORTING_CONTROLLER,
             "reportingInstance": self.identity,
         }
+        from reconciler.kube import request
+
         try:
-            self.core.create_namespaced_event(
-                body["metadata"]["namespace"], body, _preload_content=False
+            request(
+                self.api, "POST", f"/api/v1/namespaces/{body['metadata']['namespace']}/events", body
             )
         except Exception as exc:  # API errors and transport errors after retries
             log.warning("could not record event %s %s: %s", etype, reason, exc)

@@ -35,6 +35,15 @@ def digest(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+def desired_digest(d: Any) -> str:
+    """:func:`digest` of a :class:`reconciler.render.Desired`'s body, computed once per object
+    (kept in ``d.extra``; a Desired is never changed after render)."""
+    cached = d.extra.get("digest")
+    if cached is None:
+        cached = d.extra["digest"] = digest(d.body)
+    return str(cached)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One inventory entry: the object's identity, its uid when known, the applied digest."""

@@ -198,6 +198,38 @@ class Objects:
         return self.api.delete_cluster_custom_object(r.group, r.version, r.plural, name, **kw)
 
 
+def request(
+    api: client.ApiClient,
+    method: str,
+    path: str,
+    body: Any = None,
+    query: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One API request by path (``/api/v1/namespaces/x/events``), JSON in and out.
+
+    For the few core/v1 calls the reconciler makes: going through ``CoreV1Api`` would import
+    the generated models of every core kind (about 2 s of start-up). Authentication, retries
+    and timeouts are the ApiClient's. Raises ApiException for a non-2xx answer.
+    """
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    params = api.param_serialize(
+        method=method,
+        resource_path=path,
+        query_params=list((query or {}).items()),
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    resp = api.call_api(*params)
+    data = resp.read()
+    if not 200 <= resp.status <= 299:
+        raise client.ApiException.from_response(http_resp=resp, body=data.decode(), data=None)
+    out: dict[str, Any] = json.loads(data) if data else {}
+    return out
+
+
 Key = tuple[str, str | None, str]
 
 

@@ -30,11 +30,12 @@ from typing import Any
 import netaddr
 
 from reconciler import ippool, vocab
-from reconciler.inventory import Inventory, digest
+from reconciler.inventory import Inventory, desired_digest
 from reconciler.render import Desired
 from reconciler.vocab import Resource
 
 Key = tuple[str, str | None, str]
+DiffMemo = dict[Key, tuple[tuple[Any, ...], list["Change"]]]
 
 
 class Op(StrEnum):
@@ -302,6 +303,7 @@ def make_plan(
     inventory: Inventory | None = None,
     allow_empty: bool = False,
     self_heal: bool = True,
+    memo: DiffMemo | None = None,
 ) -> Plan:
     """Decide create/update/unchanged/prune/blocked/drifted for every desired and owned object.
 
@@ -313,8 +315,15 @@ def make_plan(
     are listed in ``Plan.not_in_inventory`` and left alone. With no desired object at all and
     ``allow_empty`` False, prunes are blocked. ``self_heal`` False turns updates and re-creates
     that only revert hand edits into ``drifted`` (reported, not applied).
+
+    ``memo`` (kept by the caller between passes) remembers each object's field changes by
+    (live resourceVersion, desired digest, owner uid): an object nobody wrote since the last
+    pass is not diffed again, which makes a no-op pass over thousands of objects cheap. The
+    memo is rewritten to hold exactly this plan's desired objects.
     """
     inv = inventory if inventory is not None else Inventory()
+    old_memo = dict(memo) if memo is not None else {}
+    new_memo: DiffMemo = {}
     actions: list[Action] = []
     wanted: set[Key] = set()
     uids: dict[Key, str] = {}
@@ -323,14 +332,12 @@ def make_plan(
         live = observed.get(d.key)
         body = d.body
         entry = inv.get(d.key)
-        git_unchanged = (
-            entry is not None and entry.digest is not None and entry.digest == digest(body)
-        )
+        want = desired_digest(d)
+        git_unchanged = entry is not None and entry.digest is not None and entry.digest == want
+        uid = None
         if d.owner is not None:
             owner_live = observed.get(d.owner)
             uid = (owner_live or {}).get("metadata", {}).get("uid") or uids.get(d.owner)
-            if uid:
-                body = with_owner(body, owner_live or {}, d.owner, uid)
         a = Action(Op.CREATE, d.resource, d.namespace, d.name, desired=d, live=live)
         if live is None:
             if git_unchanged:
@@ -350,7 +357,15 @@ def make_plan(
             )
             actions.append(a)
             continue
-        a.changes = diff(body, live, manager)
+        stamp = (live.get("metadata", {}).get("resourceVersion"), want, uid)
+        seen = old_memo.get(d.key)
+        if stamp[0] is not None and seen is not None and seen[0] == stamp:
+            a.changes = list(seen[1])
+        else:
+            if uid and d.owner is not None:
+                body = with_owner(body, observed.get(d.owner) or {}, d.owner, uid)
+            a.changes = diff(body, live, manager)
+        new_memo[d.key] = (stamp, list(a.changes))
         if not a.changes:
             a.op = Op.UNCHANGED
         else:
@@ -396,6 +411,9 @@ def make_plan(
             elif res is vocab.SPIDER_IPPOOL and (why := pool_prune_block(live)):
                 a.op, a.blocked_op, a.reason = Op.BLOCKED, Op.PRUNE, why
             actions.append(a)
+    if memo is not None:
+        memo.clear()
+        memo.update(new_memo)
     return Plan(actions, against_empty=against_empty, not_in_inventory=not_in_inventory)
 
 

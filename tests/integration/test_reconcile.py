@@ -26,6 +26,8 @@ import pytest
 
 from reconciler import vocab
 from reconciler.status import ANNO_RECONCILE_REQUESTED
+from tests.integration import test_source_https as https
+from tests.integration.test_source_https import https_git  # noqa: F401  (fixture)
 from tests.unit.test_apply import NS, QUICK, World, pool
 
 UNDERLAY = str(Path(sys.executable).parent / "underlay")
@@ -276,3 +278,43 @@ def test_apply_command_exit_codes(tmp_path: Path) -> None:
         assert "pool-a.yaml:" in r.stderr
     finally:
         w.stop()
+
+
+def test_https_credentials_come_from_the_secret_and_rotate(
+    world: World,
+    https_git: https.GitHTTPS,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A private https repository (git http-backend over TLS, custom CA): the reconciler reads
+    the token and CA from the Secret underlay-git-credentials on every pass, so a rotated
+    (here: broken, then fixed) Secret takes effect at the next pass; the token is never shown."""
+    import base64
+
+    server = https_git
+    work, _bare = https.publish(server, tmp_path)
+    for name, text in QUICK.items():
+        (Path(work.working_tree_dir or ".") / name).write_text(text)
+    (Path(work.working_tree_dir or ".") / "pools" / "a.yaml").unlink()
+    work.git.add("-A")
+    work.index.commit("network")
+    https.push(work)
+
+    def secret(token: str) -> dict[str, Any]:
+        b64 = {k: base64.b64encode(v.encode()).decode() for k, v in
+               {"token": token, "ca.crt": server.ca_pem}.items()}  # fmt: skip
+        return {"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "underlay-git-credentials", "namespace": NS}, "data": b64}  # fmt: skip
+
+    world.core.create_namespaced_secret(NS, secret(https.TOKEN))
+    p = start(world, "--repo", server.url("r.git"), "--interval", "1s", "--backoff", "0.5s")
+    wait_for(lambda: pool_ips(world, "pool-a"), 20, f"applied over https ({p.log})")
+    world.core.replace_namespaced_secret("underlay-git-credentials", NS, secret("wrong-t0ken-123"))
+    work.index.commit("empty change")
+    https.push(work)
+    wait_for(lambda: world.condition("Ready")["reason"] == "SourceFailed", 15, "auth failure")
+    assert "authentication failed" in world.condition("Ready")["message"]
+    world.core.replace_namespaced_secret("underlay-git-credentials", NS, secret(https.TOKEN))
+    wait_for(lambda: world.condition("Ready")["status"] == "True", 15, "recovered")
+    p.stop()
+    everything = p.log.read_text() + json.dumps(world.status()) + json.dumps(world.events())
+    assert https.TOKEN not in everything and "wrong-t0ken-123" not in everything

@@ -247,3 +247,27 @@ def test_nad_owner_reference_uses_the_live_smc_uid() -> None:
 def test_diff_of_identical_objects_is_empty() -> None:
     d = desired(POOL)[0].body
     assert diff(d, live_of(d), "underlay") == []
+
+
+def test_diff_memo_follows_resource_version_and_git() -> None:
+    """The memo skips the diff of objects nobody wrote since the last pass, and only those."""
+    d = desired(POOL)
+    live = live_of(d[0].body)
+    live["spec"]["gateway"] = "172.18.0.254"
+    memo: dict = {}
+    (a,) = make_plan(d, {d[0].key: live}, memo=memo).actions
+    assert a.op is Op.UPDATE and list(memo) == [d[0].key]
+    # the object was written (new resourceVersion) and is right again: diffed again, unchanged
+    fixed = live_of(d[0].body)
+    fixed["metadata"]["resourceVersion"] = "8"
+    (a,) = make_plan(d, {d[0].key: fixed}, memo=memo).actions
+    assert a.op is Op.UNCHANGED
+    # Git changed the object: a new digest, diffed again although the live object did not move
+    moved = copy.deepcopy(POOL)
+    moved["spec"]["gateway"] = "172.18.0.2"
+    d2 = desired(moved)
+    (a,) = make_plan(d2, {d2[0].key: fixed}, memo=memo).actions
+    assert a.op is Op.UPDATE and [c.path for c in a.changes] == ["spec.gateway"]
+    # objects that left the plan leave the memo
+    make_plan([], {}, memo=memo)
+    assert memo == {}
