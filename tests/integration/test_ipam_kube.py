@@ -483,6 +483,9 @@ def test_debian_bridge_plugin_with_underlay_ipam(
     node = rig.add_node("n1", "172.18.10.11")
     cluster.node("n1")
     agent = Agent(node, tmp_path, kubeconfig=kubeconfig, node_name="n1")
+    # A Linux bridge takes the lowest MAC of its ports unless one is set: give it a fixed one so
+    # adding p2 cannot change the MAC recorded in p1's result (the bridge plugin CHECKs it).
+    node.run("ip", "link", "add", "cni-test0", "address", "02:00:00:00:00:01", "type", "bridge")
     try:
         rt = Runtime(node, agent.cni_path)
         conf = conflist(

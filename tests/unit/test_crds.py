@@ -34,9 +34,13 @@ def test_crds_are_structural() -> None:
         if isinstance(node, dict):
             bad = forbidden & node.keys()
             assert not bad, f"{path}: {bad}"
-            assert node.get("additionalProperties") is not False, f"{path}: additionalProperties false"
+            assert node.get("additionalProperties") is not False, (
+                f"{path}: additionalProperties false"
+            )
             if "properties" in node:
-                assert "additionalProperties" not in node, f"{path}: properties + additionalProperties"
+                assert "additionalProperties" not in node, (
+                    f"{path}: properties + additionalProperties"
+                )
             for k, v in node.items():
                 walk(v, f"{path}.{k}")
         elif isinstance(node, list):
