@@ -200,10 +200,14 @@ def _desired_json(desired: DesiredBridge) -> dict[str, Any]:
     return d
 
 
-def render_record(desired: DesiredBridge, cfg: NodeNetConfig) -> str:
+def render_record(
+    desired: DesiredBridge, cfg: NodeNetConfig, uplink_mtus: Mapping[str, int] | None = None
+) -> str:
     """The replay record (JSON) of ``desired`` carrying ``cfg``: ``object``, ``bridge``,
-    ``uplinks``, ``desired`` (every DesiredBridge field), ``mac``, ``addresses``, ``routes``."""
-    doc = {
+    ``uplinks``, ``desired`` (every DesiredBridge field), ``mac``, ``addresses``, ``routes``,
+    and ``uplink_mtus`` (the uplinks' MTUs before the agent first changed them, bytes; what
+    removal sets back)."""
+    doc: dict[str, Any] = {
         "object": desired.object_name,
         "bridge": desired.name,
         "uplinks": list(desired.uplinks),
@@ -212,7 +216,33 @@ def render_record(desired: DesiredBridge, cfg: NodeNetConfig) -> str:
         "addresses": [_addr_json(a) for a in cfg.addresses],
         "routes": [_route_json(r) for r in cfg.routes],
     }
+    if uplink_mtus:
+        doc["uplink_mtus"] = dict(sorted(uplink_mtus.items()))
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def read_uplink_mtus(root: Path | str, bridge: str) -> dict[str, int]:
+    """``uplink_mtus`` of the replay record of ``bridge`` ({} when absent or unreadable)."""
+    found = persistence.read_file(root, record_path(bridge))
+    if found is None:
+        return {}
+    try:
+        return {str(k): int(v) for k, v in json.loads(found[0]).get("uplink_mtus", {}).items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _uplink_mtus(desired: DesiredBridge, obs: Observed, root: Path) -> dict[str, int]:
+    """The uplinks' MTUs before the agent changed them: from the replay record, else (first
+    change) as the node has them now. Only kept when the OvsBridge sets an MTU."""
+    if desired.mtu is None:
+        return {}
+    mtus = read_uplink_mtus(root, desired.name)
+    for u in desired.uplinks:
+        st = obs.links.get(u)
+        if u not in mtus and st is not None:
+            mtus[u] = st.mtu
+    return mtus
 
 
 def read_record(root: Path | str, bridge: str) -> NodeNetConfig | None:
@@ -374,12 +404,17 @@ def _spec(desired: DesiredBridge, datapath: str, cfg: NodeNetConfig) -> ovs.Brid
 
 
 def _render(
-    desired: DesiredBridge, datapath: str, cfg: NodeNetConfig, root: Path
+    desired: DesiredBridge,
+    datapath: str,
+    cfg: NodeNetConfig,
+    root: Path,
+    uplink_mtus: Mapping[str, int] | None = None,
 ) -> tuple[str, dict[str, tuple[str, int]]]:
     backend = persistence.get_backend(desired.persistence, root)
     resolved = dataclasses.replace(desired, datapath_type=datapath)
     files = dict(backend.render(resolved, cfg))
-    files[record_path(desired.name)] = (render_record(desired, cfg), persistence.FILE_MODE)
+    record = render_record(desired, cfg, uplink_mtus)
+    files[record_path(desired.name)] = (record, persistence.FILE_MODE)
     return backend.name, files
 
 
@@ -426,7 +461,9 @@ def _plan(desired: DesiredBridge, node: NodeContext) -> tuple[Plan, Observed, No
     datapath = ovs.resolve_datapath(node.ovsdb, desired.datapath_type)
     obs = observe(desired, node)
     cfg = carried_config(desired, obs, node.root)
-    backend, files = _render(desired, datapath, cfg, node.root)
+    backend, files = _render(
+        desired, datapath, cfg, node.root, _uplink_mtus(desired, obs, node.root)
+    )
     current = dict(obs.files)
     for path in files:
         if path not in current:
@@ -700,6 +737,11 @@ def plan_remove(desired: DesiredBridge, node: NodeContext) -> RemoveResult:
             ]
     if ovs.read_bridge(node.ovsdb, desired.name) is not None:
         changes.append(f"delete OVS bridge {desired.name}")
+    with links.open_iproute(node.netns) as ipr:
+        for u, mtu in sorted(read_uplink_mtus(node.root, desired.name).items()):
+            st = links.read_link(ipr, u)
+            if st is not None and st.mtu != mtu:
+                changes.append(f"set MTU of {u} back to {mtu}")
     files = [p for p in _all_paths(desired, node.root) if persistence.read_file(node.root, p)]
     changes += [f"remove {p}" for p in files]
     status = STATUS_REMOVED if changes else STATUS_ABSENT
@@ -710,17 +752,24 @@ def remove(desired: DesiredBridge, node: NodeContext) -> RemoveResult:
     """Take ``desired``'s bridge off ``node``: refuses (``blocked``, with the pod ports named)
     while pod ports remain, or when the bridge was not created by the agent
     (:func:`removal_blocked`); otherwise moves addresses and routes back to the first uplink,
-    deletes the bridge (one transaction) and removes the persistence files of every backend and
-    the replay record. Idempotent: a node without the bridge or files gives ``absent``."""
+    deletes the bridge (one transaction), sets the uplinks' MTUs back to what the replay record
+    says they were, and removes the persistence files of every backend and the replay record.
+    Idempotent: a node without the bridge or files gives ``absent``."""
     reason = removal_blocked(desired, node)
     if reason is not None:
         return RemoveResult(desired.name, STATUS_BLOCKED, reason)
     changes: list[str] = []
+    mtus = read_uplink_mtus(node.root, desired.name)
     with links.open_iproute(node.netns) as ipr:
         if desired.move_addresses and links.read_link(ipr, desired.uplinks[0]) is not None:
             changes += links.restore(ipr, desired.name, desired.uplinks[0])
     if ovs.delete_bridge(node.ovsdb, desired.name):
         changes.append(f"deleted OVS bridge {desired.name}")
+    with links.open_iproute(node.netns) as ipr:
+        for u, mtu in sorted(mtus.items()):
+            st = links.read_link(ipr, u)
+            if st is not None and links.set_mtu(ipr, st, mtu):
+                changes.append(f"set MTU of {u} back to {mtu}")
     removed = [p for p in _all_paths(desired, node.root) if persistence.remove_file(node.root, p)]
     changes += [f"removed {p}" for p in removed]
     status = STATUS_REMOVED if changes else STATUS_ABSENT

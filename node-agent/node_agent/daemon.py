@@ -389,6 +389,10 @@ class BridgeAgent:
         for oname, enactment in sorted(enacted.items()):
             if oname not in selected:
                 outcomes[oname] = self._remove(oname, enactment)
+        for oname in sorted(set(self._enacted) - selected - set(enacted)):
+            # known only from a replay record (its enactment is gone): take it off too
+            stub = {"metadata": {"name": self._enactment_name(oname)}, "status": {}}
+            outcomes[oname] = self._remove(oname, stub)
         self._watch_drift()
         if outcomes != self.last_results:
             log.info(
@@ -670,6 +674,8 @@ class BridgeAgent:
         oname = obj["metadata"]["name"]
         gen = obj["metadata"].get("generation")
         name = self._enactment_name(oname)
+        if current is not None and not (current.get("metadata") or {}).get("resourceVersion"):
+            current = None  # a stub: the enactment does not exist (yet)
         old_status = (current or {}).get("status") or {}
         conds = conditions(active, reason, message, gen)
         old_conds = {c["type"]: c for c in old_status.get("conditions") or []}
@@ -1103,15 +1109,18 @@ def noop(api: client.ApiClient, node: bridges.NodeContext) -> int:
         any_change |= not p.empty
         print(f"OvsBridge {oname}:")
         print(bridges.format_plan(p), end="")
+    leaving: dict[str, bridges.DesiredBridge] = {}
     for e in mine:
         oname = e["metadata"].get("labels", {}).get(vocab.LABEL_ENACTMENT_BRIDGE)
         state = (e.get("status") or {}).get("enactedState")
         if not oname or oname in selected or not state:
             continue
-        try:
-            desired = bridges.DesiredBridge.from_object(state, node.name)
-        except bridges.InvalidBridge:
-            continue
+        with contextlib.suppress(bridges.InvalidBridge):
+            leaving[oname] = bridges.DesiredBridge.from_object(state, node.name)
+    for d in bridges.recorded_bridges(node.root):  # known only from a replay record
+        if d.object_name not in selected:
+            leaving.setdefault(d.object_name, d)
+    for oname, desired in sorted(leaving.items()):
         res = bridges.plan_remove(desired, node)
         print(f"OvsBridge {oname}: gone or no longer selects {node.name}:")
         if res.status == bridges.STATUS_BLOCKED:
@@ -1123,7 +1132,7 @@ def noop(api: client.ApiClient, node: bridges.NodeContext) -> int:
             print(f"bridge {desired.name}: remove")
             for c in res.changes:
                 print(f"  [remove] {c}")
-    if not objs and not mine:
+    if not objs and not leaving:
         print("no OvsBridge objects in the cluster")
     print("no changes" if not any_change else "(noop: nothing was changed)")
     return 0

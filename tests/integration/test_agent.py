@@ -12,6 +12,7 @@ shared by the other ``test_agent_*.py`` modules.
 
 from __future__ import annotations
 
+import difflib
 import json
 import signal
 import subprocess
@@ -211,6 +212,18 @@ def node_state(node: Node) -> dict[str, Any]:
     return {**snap, "ovs": node.ovs_show(), "files": files_under(node.root)}
 
 
+def assert_same_state(after: dict[str, Any], before: dict[str, Any]) -> None:
+    """``after == before`` for two :func:`node_state` results, failing with a diff."""
+    for key in before.keys() | after.keys():
+        a, b = after.get(key), before.get(key)
+        if a != b:
+            if isinstance(a, str) and isinstance(b, str):
+                lines = "\n".join(difflib.unified_diff(b.splitlines(), a.splitlines(), lineterm=""))
+            else:
+                lines = f"before: {b!r}\nafter:  {a!r}"
+            raise AssertionError(f"node state {key!r} changed:\n{lines}")
+
+
 class World:
     """A rig, the emulator, and the agents a test starts (all stopped at the end)."""
 
@@ -312,7 +325,7 @@ def test_restarted_agent_changes_nothing_and_writes_nothing(world: World) -> Non
     time.sleep(2.5)  # two more resync passes
     assert b.proc.poll() is None
     assert w.cluster.writes() == [], b.text()
-    assert node_state(n1) == before
+    assert_same_state(node_state(n1), before)
     assert w.cluster.enactment("n1") == e
     assert "repaired" not in b.text() and "enacted on" not in b.text()
     assert b.stop() == 0
@@ -341,12 +354,12 @@ def test_uplink_that_cannot_reach_its_gateway_is_rolled_back(world: World) -> No
     assert any("restored OVS bridge br2 (deleted)" in r for r in e["status"]["lastRollback"])
     assert "enactedState" not in e["status"]
     assert "underlay.dev/br2" not in w.cluster.capacity("n1")
-    assert node_state(n1) == before
+    assert_same_state(node_state(n1), before)
     reach = n1.run(sys.executable, "-c", "import socket; socket.create_connection(('172.18.0.2', 6443), 2)", check=False)  # fmt: skip
     assert reach.returncode == 0, reach.stderr
     time.sleep(2.5)  # resync passes: a failed generation is not retried
     assert a.text().count("changing n1") == 1, a.text()
-    assert node_state(n1) == before
+    assert_same_state(node_state(n1), before)
     assert w.cluster.condition("n1", "br2")[0] == "Failing"
 
 
@@ -410,7 +423,7 @@ def test_noop_prints_the_plan_and_files_and_changes_nothing(world: World) -> Non
     w = world
     n1 = w.node("n1")
     w.cluster.apply_bridge(ovs_bridge(mtu=1400))
-    before = node_state(n1)
+    before = initial = node_state(n1)
     w.cluster.emu.reset_requests()
 
     out = noop(w, "n1")
@@ -427,7 +440,7 @@ def test_noop_prints_the_plan_and_files_and_changes_nothing(world: World) -> Non
         "(noop: nothing was changed)",
     ):
         assert line in out.stdout, out.stdout
-    assert node_state(n1) == before
+    assert_same_state(node_state(n1), before)
     assert w.cluster.writes() == []
     assert w.cluster.enactment("n1") is None
     assert not (n1.rundir / "noop.sock").exists()
@@ -450,8 +463,19 @@ def test_noop_prints_the_plan_and_files_and_changes_nothing(world: World) -> Non
         "[remove] remove /etc/netplan/60-underlay-br1.yaml",
     ):
         assert line in gone.stdout, gone.stdout
-    assert node_state(n1) == before
+    assert_same_state(node_state(n1), before)
     assert w.cluster.writes() == []
+
+    # its enactment is deleted too while the agent is down: the replay record still tells the
+    # noop plan and the agent what this node carries, so it is still taken off
+    r = vocab.OVS_BRIDGE_ENACTMENT
+    w.cluster.custom.delete_cluster_custom_object(r.group, r.version, r.plural, "n1.br1")
+    orphan = noop(w, "n1")
+    assert "[remove] delete OVS bridge br1" in orphan.stdout, orphan.stdout
+    w.agent("n1").wait_log("OvsBridge br1: removed from n1")
+    assert_same_state(node_state(n1), initial)
+    assert n1.ping(GATEWAY, count=1)
+    assert w.cluster.enactment("n1") is None
 
 
 # --- reboot replay -----------------------------------------------------------------------------
@@ -578,7 +602,7 @@ def test_removal_waits_for_pod_ports_then_gives_the_node_back(world: World) -> N
     w.rig.delete_pod("p1")
     n1.run("ip", "link", "del", port, check=False)
     wait_for(lambda: w.cluster.enactment("n1") is None, 10, "enactment deleted")
-    assert node_state(n1) == before
+    assert_same_state(node_state(n1), before)
     assert n1.ping(GATEWAY, count=1)
     assert "underlay.dev/br1" not in w.cluster.capacity("n1")
 
@@ -599,7 +623,7 @@ def test_node_no_longer_selected_loses_the_bridge_others_keep_it(world: World) -
     w.cluster.label_node("n2", {"underlay.dev/br1": None})  # Node watch wakes the agent
 
     wait_for(lambda: w.cluster.enactment("n2") is None, 10, "n2 enactment deleted")
-    assert node_state(nodes["n2"]) == before["n2"]
+    assert_same_state(node_state(nodes["n2"]), before["n2"])
     assert "underlay.dev/br1" not in w.cluster.capacity("n2")
     assert nodes["n2"].ping(GATEWAY, count=1)
     ready_with_br1(w, "n1", IPS["n1"])
@@ -635,7 +659,7 @@ def test_bad_input_is_failing_and_changes_nothing(
     assert reason in message
     assert reason in a.text()  # logged once, with the reason
     time.sleep(1.5)
-    assert node_state(n1) == before
+    assert_same_state(node_state(n1), before)
     assert not any(k.startswith("underlay.dev/") for k in w.cluster.capacity("n1"))
     assert w.cluster.coord.list_namespaced_lease("kube-system").items == []  # no slot taken
 
@@ -660,7 +684,7 @@ def test_sigterm_stops_cleanly_even_in_the_middle_of_a_change(world: World) -> N
     assert "SIGTERM received, stopping" in log and "agent on n1 stopped" in log
     assert "Traceback" not in log
     assert not Path(a.socket).exists()
-    assert node_state(n1) == before
+    assert_same_state(node_state(n1), before)
     assert w.cluster.coord.list_namespaced_lease("kube-system").items == []
     assert w.cluster.condition("n1", "br2")[0] == "Failing"
 
@@ -702,7 +726,7 @@ def test_transient_api_errors_are_retried_never_fatal(world: World) -> None:
     emu.inject_fault("/api", status=503, count=1000)
     time.sleep(3)
     assert a.proc.poll() is None
-    assert node_state(w.rig.nodes["n1"]) == before
+    assert_same_state(node_state(w.rig.nodes["n1"]), before)
     emu.clear_faults()
     assert a.stop() == 0
     assert "Traceback" not in "\n".join(

@@ -22,6 +22,7 @@ from reconciler import vocab
 from tests.integration.test_agent import (
     DATA_IPS,
     World,
+    assert_same_state,
     node_state,
     ovs_bridge,
     world_fixture,  # noqa: F401 - the ``world`` fixture
@@ -120,7 +121,7 @@ def test_rollout_one_node_at_a_time_stops_at_a_failing_node_until_the_bridge_cha
             assert reason == "RolloutAborted"
             assert message.startswith("rollout stopped: node n2 is Failing: probe gateway failed")
         for n in NODES:  # nobody's node changed: n2 rolled back, n1 and n3 never started
-            assert node_state(nodes[n]) == before[n], n
+            assert_same_state(node_state(nodes[n]), before[n])
             assert "underlay.dev/br2" not in w.cluster.capacity(n)
         assert not timeline.seen("n1", "Progressing") and not timeline.seen("n3", "Progressing")
         assert leases(w) == []
