@@ -76,9 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--root",
-        default=".",
+        default=None,
         help="repository root: file names are shown relative to it and symlinks may not leave "
-        "it (default: the current directory)",
+        "it (default: the current directory, or the directory holding every PATH when a PATH "
+        "lies outside it)",
     )
     p.add_argument(
         "--max-file-bytes",
@@ -97,15 +98,14 @@ def run(args: argparse.Namespace, out: Any = None, err: Any = None) -> int:
     """
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
-    root = Path(args.root)
-    if not root.is_dir():
+    if args.root and not Path(args.root).is_dir():
         print(f"underlay validate: error: root {args.root} is not a directory", file=err)
         return EXIT_ERROR
     if args.max_file_bytes <= 0:
         print("underlay validate: error: --max-file-bytes must be positive", file=err)
         return EXIT_ERROR
     paths: list[Path] = []
-    for raw in args.paths or [str(root)]:
+    for raw in args.paths or [args.root or "."]:
         path = Path(raw)
         if not path.is_absolute():
             path = Path.cwd() / path
@@ -113,6 +113,14 @@ def run(args: argparse.Namespace, out: Any = None, err: Any = None) -> int:
             print(f"underlay validate: error: {raw}: no such file or directory", file=err)
             return EXIT_ERROR
         paths.append(path)
+    root = Path(args.root) if args.root else _default_root(paths)
+    resolved_root = root.resolve()
+    for raw, path in zip(args.paths or [], paths, strict=False):
+        if not _inside(Path(os.path.abspath(path)), Path(os.path.abspath(root))) and not _inside(
+            path.resolve(), resolved_root
+        ):
+            print(f"underlay validate: error: {raw} is outside the root {root} (--root)", file=err)
+            return EXIT_ERROR
     try:
         loaded = load_repo(
             root,
@@ -136,6 +144,20 @@ def run(args: argparse.Namespace, out: Any = None, err: Any = None) -> int:
     out.write(text)
     out.flush()
     return EXIT_FINDINGS if has_errors(problems) else EXIT_OK
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _default_root(paths: list[Path]) -> Path:
+    """The current directory when it holds every path, else their deepest common directory."""
+    cwd = Path.cwd()
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    if all(_inside(p, cwd) for p in absolute):
+        return cwd
+    dirs = [p if p.is_dir() else p.parent for p in absolute]
+    return Path(os.path.commonpath([str(d) for d in dirs]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

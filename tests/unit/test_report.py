@@ -56,6 +56,9 @@ EXPECTED_TEXT = [
 ]
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def validate(
     cwd: Path,
     *args: str,
@@ -136,6 +139,29 @@ def test_unknown_kinds_flag(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     r = validate(tmp_path, *args)
     assert (r.returncode, r.stdout, r.stderr) == (2, "", message)
+
+
+def test_path_outside_the_root_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "other").mkdir()
+    r = validate(tmp_path / "repo", "--root", ".", str(tmp_path / "other"))
+    assert (r.returncode, r.stdout) == (2, "")
+    assert (
+        r.stderr
+        == f"underlay validate: error: {tmp_path / 'other'} is outside the root . (--root)\n"
+    )
+
+
+def test_paths_outside_the_current_directory_are_validated_from_their_common_parent(
+    tmp_path: Path,
+) -> None:
+    net = tmp_path / "net"
+    net.mkdir()
+    for f in (ROOT / "examples" / "quickstart").glob("*.yaml"):
+        (net / f.name).write_text(f.read_text())
+    (tmp_path / "elsewhere").mkdir()
+    r = validate(tmp_path / "elsewhere", str(net))
+    assert (r.returncode, r.stdout) == (0, "ok: 3 documents in 3 files\n")
 
 
 def test_bad_option_exits_2(tmp_path: Path) -> None:
