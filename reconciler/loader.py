@@ -781,6 +781,7 @@ def load_text(
                 line=line,
                 column=col,
                 message=f"YAML syntax error: {what}{(',' + context) if context else ''}",
+                hint=_syntax_hint(what, text, mark),
                 rule="yaml-syntax",
             )
         )
@@ -801,6 +802,29 @@ def load_text(
         )
     result.problems.extend(builder.problems)
     return result
+
+
+def _syntax_hint(problem: str, text: str, mark: Any) -> str:
+    """What to write instead, for the YAML syntax errors people make most."""
+    lines = text.splitlines()
+    line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+    if "\t" in line[: (mark.column + 1) if mark is not None else 0] or (
+        "cannot start any token" in problem and line[mark.column : mark.column + 1] == "\t"
+    ):
+        return "indent with spaces: YAML does not allow tabs for indentation"
+    if "mapping values are not allowed" in problem:
+        return "quote the value if it contains ': ', or put the key on its own line"
+    if any(
+        k in problem for k in ("expected key", "expected <block end>", "expected '-' indicator")
+    ):
+        return "check this line's indentation against the lines above: YAML nests by indentation"
+    if "expected ',' or ']'" in problem or "expected ',' or '}'" in problem:
+        return "separate the items with commas and close the bracket the message points at"
+    if "found undefined alias" in problem:
+        return "define the anchor (&name) before using the alias (*name)"
+    if "found unexpected end of stream" in problem or "unclosed" in problem:
+        return "close the quote or bracket opened here"
+    return ""
 
 
 def _is_within(path: str, root: str) -> bool:

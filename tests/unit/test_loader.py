@@ -215,7 +215,8 @@ def test_tab_indentation_is_a_syntax_error() -> None:
     res = load_text("apiVersion: v1\nkind:\n\tx: 1\n", "tab.yaml")
     assert lines(res.problems) == [
         "tab.yaml:3:1: error: YAML syntax error: found character that cannot start any token, "
-        "while scanning for the next token at line 3, column 1"
+        "while scanning for the next token at line 3, column 1 "
+        "(indent with spaces: YAML does not allow tabs for indentation)"
     ]
 
 
