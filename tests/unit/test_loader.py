@@ -200,7 +200,8 @@ def test_yaml_syntax_error_has_file_line_column() -> None:
     res = load_text(POOL + "  routes: [{dst: 10.0.0.0/8, gw: 172.18.0.1}\n", "bad.yaml")
     assert lines(res.problems) == [
         "bad.yaml:13:1: error: YAML syntax error: did not find expected ',' or ']', while parsing "
-        "a flow sequence at line 12, column 11"
+        "a flow sequence at line 12, column 11 "
+        "(separate the items with commas and close the bracket the message points at)"
     ]
     assert res.documents == []
 
