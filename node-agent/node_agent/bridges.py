@@ -828,8 +828,13 @@ class OvsdbWatcher:
     Uses ovsdbapp row events (RowEvent on Bridge/Port/Interface: create, update, delete) on the
     agent's existing connection; ``callback`` runs in ovsdbapp's notify thread (keep it short,
     e.g. queue a repair). ``bridges``: names to watch; ports/interfaces are matched by the
-    ``underlay.dev/bridge`` external_id or by name. Call :meth:`stop` to unregister.
+    ``underlay.dev/bridge`` external_id or by name. When the connection to ovsdb-server is made
+    again (OVS restarted, database replaced) the IDL drops its rows without row events and
+    loads the new database; the Open_vSwitch row it creates then calls back with
+    :data:`RECONNECTED`. Call :meth:`stop` to unregister.
     """
+
+    RECONNECTED = "(database reconnected)"
 
     def __init__(self, api: Any, bridges: Iterable[str], callback: Callable[[str], None]) -> None:
         from ovsdbapp.backend.ovs_idl import event as row_event
@@ -852,7 +857,15 @@ class OvsdbWatcher:
                 if name is not None:
                     watcher.callback(name)
 
-        self._events = [_Event(t) for t in ("Bridge", "Port", "Interface")]
+        class _Reconnected(row_event.RowEvent):
+            def __init__(self) -> None:
+                super().__init__((self.ROW_CREATE,), "Open_vSwitch", None)
+                self.event_name = "underlay-reconnected"
+
+            def run(self, event: str, row: Any, old: Any) -> None:
+                watcher.callback(OvsdbWatcher.RECONNECTED)
+
+        self._events = [_Event(t) for t in ("Bridge", "Port", "Interface")] + [_Reconnected()]
         self._handler = self._event_handler(api.idl)
         self._handler.watch_events(self._events)
 

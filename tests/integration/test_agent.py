@@ -503,7 +503,7 @@ def test_reboot_replay_brings_bridge_uplink_and_addresses_back(world: World) -> 
     assert n1.vsctl("list-br") == ""
 
     b = w.agent("n1")
-    wait_for(lambda: n1.link_exists("br1") and n1.addresses("br1"), 10, "br1 back")
+    wait_for(lambda: _bridge_back(n1), 10, "br1 back")
     ready_with_br1(w, "n1", IPS["n1"])
     assert n1.run("cat", "/sys/class/net/br1/address").stdout.strip() == eth0_mac
     assert files_under(n1.root) == files
@@ -512,6 +512,26 @@ def test_reboot_replay_brings_bridge_uplink_and_addresses_back(world: World) -> 
     assert e["trigger"] == "startup (replay records)"
     assert any(d.startswith("bridge-missing") for d in e["drift"])
     assert w.cluster.condition("n1")[0] == "Ready"
+
+    # OVS alone restarts with a wiped database while the agent runs: the agent's OVSDB
+    # connection comes back to an empty database and the agent rebuilds br1 at once
+    n1.stop_ovs()
+    for dev in ("br1", "ovs-netdev"):
+        n1.run("ip", "link", "del", dev, check=False)
+    n1.run("ip", "addr", "flush", "dev", "eth0")
+    (n1.rundir / "conf.db").unlink()
+    n1.start_ovs()
+    wait_for(lambda: _bridge_back(n1), 10, "br1 back again")
+    ready_with_br1(w, "n1", IPS["n1"])
+    rec = wait_for(
+        lambda: (
+            (w.cluster.enactment("n1") or {}).get("status", {}).get("lastRepair", {}).get("trigger")
+            != "startup (replay records)"
+            and w.cluster.enactment("n1")["status"]["lastRepair"]
+        )  # type: ignore[index]
+    )
+    assert "(database reconnected)" in rec["trigger"], rec
+    assert b.proc.poll() is None
 
 
 # --- drift repair ------------------------------------------------------------------------------
@@ -523,7 +543,8 @@ def _uplink_port_back(n: Node) -> bool:
 
 def _bridge_back(n: Node) -> bool:
     return (
-        n.vsctl("list-ports", "br1", check=False).split() == ["eth0"]
+        n.link_exists("br1")
+        and n.vsctl("list-ports", "br1", check=False).split() == ["eth0"]
         and n.addresses("br1") == [f"{IPS['n1']}/16"]
         and n.default_route_dev() == "br1"
     )
