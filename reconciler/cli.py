@@ -542,12 +542,17 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             user_agent=_user_agent(identity),
         )  # fmt: skip
         elector = LeaderElector(le_api, cfg)
+    from reconciler.cache import ObjectCache
+    from reconciler.controller import OBSERVED
+
+    cache = None if args.once else ObjectCache(api, OBSERVED)
     rec = Reconciler(
         api,
         _make_source(args, api, namespace),
         _options(args, namespace, identity),
         metrics=metrics,
         elector=elector,
+        cache=cache,
     )
     if args.once:
         rep = rec.run_once()
@@ -581,6 +586,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_signal)
     for w in watchers:
         w.start()
+    if cache is not None:
+        cache.start()
+        cache.wait_synced(timeout=60)  # the first pass LISTs if the cache is not there yet
     if elector is not None:
         elector.start()
     log.info(
@@ -590,6 +598,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     try:
         rec.run_forever()
     finally:
+        if cache is not None:
+            cache.stop()
         for w in watchers:
             w.stop()
         if elector is not None:

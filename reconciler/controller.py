@@ -36,6 +36,7 @@ from kubernetes import client, watch
 
 from reconciler import ippool, kube, render, vocab
 from reconciler.apply import Outcome, api_message, execute
+from reconciler.cache import ObjectCache
 from reconciler.events import NORMAL, WARNING, EventRecorder
 from reconciler.inventory import Entry, Inventory, desired_digest
 from reconciler.leader import LeaderElector, LeadershipLost
@@ -408,7 +409,9 @@ class Reconciler:
     ``api`` should retry transient errors (:func:`reconciler.kube.api_client` with a
     RetryPolicy). ``elector`` (optional) guards every write. ``out`` receives the per-object
     lines (created/updated/pruned/blocked) that ``underlay apply`` prints; ``problems_out`` the
-    validation problems of a newly rendered revision (default: logged).
+    validation problems of a newly rendered revision (default: logged). With ``cache`` (a
+    started :class:`reconciler.cache.ObjectCache` of :data:`OBSERVED`) passes read the cluster
+    from the watch cache instead of listing it; without, or until it synced, they LIST.
     """
 
     def __init__(
@@ -421,9 +424,11 @@ class Reconciler:
         elector: LeaderElector | None = None,
         out: Callable[[str], None] | None = None,
         problems_out: Callable[[list[Any]], None] | None = None,
+        cache: ObjectCache | None = None,
     ) -> None:
         self.api, self.source, self.opts = api, source, opts
         self.problems_out = problems_out
+        self.cache = cache
         self.metrics = metrics or ReconcilerMetrics()
         self.elector = elector
         self.out = out or log.info
@@ -435,6 +440,7 @@ class Reconciler:
         self._rendered: Rendered | None = None
         self._good: Rendered | None = None
         self._memo: dict[Any, Any] = {}  # plan's diff memo, kept between passes
+        self._inv_cache: tuple[Any, Inventory] | None = None
         self._lock = threading.Lock()
         self.pass_started: float | None = None
         self.last_pass_ended: float | None = None
@@ -462,6 +468,15 @@ class Reconciler:
             for p in problems:
                 (log.error if p.severity == "error" else log.warning)(p.format())
         return self._rendered, False
+
+    def _inventory(self, gs: GitSyncs) -> Inventory:
+        """The inventory in the GitSync's status, parsed once per resourceVersion."""
+        rv = ((gs.obj or {}).get("metadata") or {}).get("resourceVersion")
+        if rv is not None and self._inv_cache is not None and self._inv_cache[0] == rv:
+            return self._inv_cache[1]
+        inv = Inventory.from_status(gs.status)
+        self._inv_cache = (rv, inv)
+        return inv
 
     # ---- one pass ------------------------------------------------------------------------
 
@@ -505,7 +520,7 @@ class Reconciler:
             return
         requested = gs.requested_at
         prev = gs.status
-        inventory = Inventory.from_status(prev)
+        inventory = self._inventory(gs)
         try:
             snap = self.source.resolve()
         except Exception as exc:
@@ -516,8 +531,10 @@ class Reconciler:
         rep.rendered, rep.skipped_pipeline = rendered, cached
         target = rendered if rendered.desired is not None else self._good
         # observe every kind we may write or prune; a kind nobody uses may lack its CRD
-        kinds = list(OBSERVED)
-        observed, missing = kube.observe_served(self.api, tuple(kinds))
+        if self.cache is not None and self.cache.synced:
+            observed, missing = self.cache.snapshot()
+        else:
+            observed, missing = kube.observe_served(self.api, OBSERVED)
         desired = list(target.desired or []) if target is not None else []
         needed = {d.resource.kind for d in desired}
         for res in missing:
@@ -546,6 +563,12 @@ class Reconciler:
                     rep.status_written += 1
                 outcome = execute(self.api, plan, log=self.out, guard=self.guard)
                 rep.outcome = outcome
+                if self.cache is not None:
+                    for done in outcome.done:
+                        if done.op is Op.PRUNE:
+                            self.cache.forget(done.key, done.live)
+                        elif done.key in outcome.live:
+                            self.cache.record(outcome.live[done.key])
             inventory = next_inventory(inventory, plan, outcome, observed, opts.instance)
         status = self._status(prev, rendered, target, plan, outcome, inventory, requested)
         self._events(prev, status, rendered, plan, outcome)

@@ -328,17 +328,18 @@ def make_plan(
     wanted: set[Key] = set()
     uids: dict[Key, str] = {}
     for d in desired:
-        wanted.add(d.key)
-        live = observed.get(d.key)
+        key = d.key  # a property: computed once per object
+        wanted.add(key)
+        live = observed.get(key)
         body = d.body
-        entry = inv.get(d.key)
+        entry = inv.get(key)
         want = desired_digest(d)
         git_unchanged = entry is not None and entry.digest is not None and entry.digest == want
         uid = None
         if d.owner is not None:
             owner_live = observed.get(d.owner)
             uid = (owner_live or {}).get("metadata", {}).get("uid") or uids.get(d.owner)
-        a = Action(Op.CREATE, d.resource, d.namespace, d.name, desired=d, live=live)
+        a = Action(Op.CREATE, d.resource, key[1], key[2], desired=d, live=live)
         if live is None:
             if git_unchanged:
                 a.drift = True
@@ -348,7 +349,7 @@ def make_plan(
             actions.append(a)
             continue
         if uid_ := live.get("metadata", {}).get("uid"):
-            uids[d.key] = uid_
+            uids[key] = uid_
         if not owned_by(live, instance):
             a.op, a.blocked_op = Op.BLOCKED, Op.UPDATE
             a.reason = (
@@ -358,14 +359,14 @@ def make_plan(
             actions.append(a)
             continue
         stamp = (live.get("metadata", {}).get("resourceVersion"), want, uid)
-        seen = old_memo.get(d.key)
+        seen = old_memo.get(key)
         if stamp[0] is not None and seen is not None and seen[0] == stamp:
             a.changes = list(seen[1])
         else:
             if uid and d.owner is not None:
                 body = with_owner(body, observed.get(d.owner) or {}, d.owner, uid)
             a.changes = diff(body, live, manager)
-        new_memo[d.key] = (stamp, list(a.changes))
+        new_memo[key] = (stamp, list(a.changes))
         if not a.changes:
             a.op = Op.UNCHANGED
         else:

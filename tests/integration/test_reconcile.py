@@ -145,11 +145,13 @@ def test_loop_applies_commits_reverts_drift_and_serves_probes_and_metrics(world:
     wait_for(lambda: pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.30"], 5, "new commit applied")
     assert time.monotonic() - t0 < 2.5
 
-    # steady state: passes keep observing (LIST) but write nothing
+    # steady state: passes run and write nothing
     time.sleep(1.5)
     world.emu.reset_requests()
     time.sleep(2.5)
-    assert len(world.emu.requests("GET", r"/spiderippools$")) >= 2, "observe runs every interval"
+    assert len(world.emu.requests("GET", r"/gitsyncs/underlay$")) >= 2, "a pass every interval"
+    lists = [r for r in world.emu.requests("GET", r"/spiderippools$") if "watch" not in r.params]
+    assert lists == [], "passes observe the cluster through the watch cache, not by listing"
     assert world.writes() == []
 
     # a hand edit is reverted within an interval and reported

@@ -1,0 +1,299 @@
+"""Benchmark the reconciler against the API emulator (run by hand, not in CI).
+
+    /tmp/venv/bin/python bench/bench_reconcile.py [--docs 5000] [--passes 5] [--commits 10]
+
+1. No-op pass over a ``--docs``-document repository (bench_validate's generator: 60 % pools,
+   30 % Multus configs, each rendering a NAD as well, 10 % bridges) already applied:
+   - steady state: a long-running reconciler's pass when the Git head did not move (the
+     pipeline is cached; observe + plan run): time per pass, writes, peak RSS of the process;
+   - cold: ``underlay apply`` as a fresh process on the same applied repository (fetch,
+     load, validate, render, observe, plan): wall time, writes, peak RSS.
+   Targets: 0 writes, under 1 s, peak RSS under 300 MiB.
+2. Commit-to-applied latency of ``underlay reconcile --interval 1s`` (a process), from
+   ``git commit`` in the origin to the changed SpiderIPPool being visible in the API, over
+   ``--commits`` commits, on a small repository (the quick start) and on the large one.
+   Target: under 2 s.
+
+The emulator runs as its own process (``python -m tests.kube.emulator``), as an API server
+would, so it does not share the reconciler's interpreter. Exit status 0 when every target is
+met, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+UNDERLAY = str(BIN / "underlay")
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+
+class EmulatorProcess:
+    """``python -m tests.kube.emulator`` with the CRDs of deploy/crds and a kubeconfig."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.kubeconfig = tmp / "kubeconfig"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.kube.emulator", "--listen", "127.0.0.1:0",
+             "--crds", str(REPO / "deploy" / "crds"), "--kubeconfig", str(self.kubeconfig)],
+            cwd=REPO, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http"):
+            raise SystemExit(f"emulator did not start: {self.url!r}")
+
+    def control(self, what: str, method: str = "GET", **query: str) -> Any:
+        q = "&".join(f"{k}={v}" for k, v in query.items())
+        req = urllib.request.Request(f"{self.url}/__emulator/{what}?{q}", method=method)
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    def writes(self) -> list[dict[str, Any]]:
+        return list(self.control("requests", writes="true")["requests"])
+
+    def reset(self) -> None:
+        self.control("requests", "DELETE")
+
+    def get(self, path: str) -> Any:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
+
+    def create_namespace(self, name: str) -> None:
+        body = json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        req = urllib.request.Request(
+            f"{self.url}/api/v1/namespaces", body.encode(), method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            urllib.request.urlopen(req, timeout=10).close()
+        except urllib.error.HTTPError as e:
+            if e.code != 409:
+                raise
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@x",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@x"}  # fmt: skip
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
+
+
+def make_repo(path: Path, docs: int) -> Path:
+    """A Git repository with ``docs`` generated documents (or the quick start for 0)."""
+    if docs == 0:
+        shutil.copytree(REPO / "examples" / "quickstart", path)
+    else:
+        from bench_validate import make_documents, write_layouts
+
+        grouped, _single = write_layouts(make_documents(docs), max(1, docs // 10), path / "gen")
+        shutil.move(str(grouped), str(path / "net"))
+        shutil.rmtree(path / "gen")
+    git(path, "init", "-q", "-b", "main")
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "initial")
+    return path
+
+
+def timed(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+    """(wall seconds, peak RSS MiB of the child, result)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if r.returncode != 0:
+        raise SystemExit(
+            f"{' '.join(cmd[:3])} failed ({r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
+        )
+    return wall, max(after, before) / 1024, r
+
+
+def worker(a: argparse.Namespace) -> int:
+    """Child mode: a long-running reconciler's passes; prints JSON (times, RSS, per stage)."""
+    from reconciler import kube
+    from reconciler.controller import GitSource, Options, Reconciler
+    from reconciler.retry import RetryPolicy
+
+    api = kube.api_client(a.kubeconfig, retry=RetryPolicy())
+    src = GitSource(a.repo_url, "main", cache_dir=Path(a.cache))
+    rec = Reconciler(api, src, Options(namespace="default"), out=lambda s: None)
+    out: dict[str, Any] = {"passes": []}
+    for i in range(a.passes + 1):
+        t = time.perf_counter()
+        rep = rec.run_once()
+        dt = time.perf_counter() - t
+        out["passes"].append(
+            {"seconds": dt, "cached": rep.skipped_pipeline, "error": rep.error,
+             "changes": rep.plan.has_changes if rep.plan else None,
+             "written": rep.status_written, "objects": len(rep.plan.actions) if rep.plan else 0}
+        )  # fmt: skip
+        if i == 0:
+            out["rss_after_first_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["rss_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if a.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        rec.run_once()
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+    print(json.dumps(out))
+    return 0
+
+
+def latency(
+    emu: EmulatorProcess, tmp: Path, origin: Path, commits: int, name: str, instance: str
+) -> list[float]:
+    """Seconds from ``git commit`` (a label added to one pool) to the label in the API."""
+    proc = subprocess.Popen(
+        [UNDERLAY, "--log-format", "json", "reconcile", "--repo", str(origin), "--interval", "1s",
+         "--kubeconfig", str(emu.kubeconfig), "--namespace", "default", "--http-address", "",
+         "--instance", instance, "--cache-dir", str(tmp / f"cache-{name}")],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / f"lat-{name}.log", "w"),  # noqa: SIM115
+    )  # fmt: skip
+    pool_file = next(
+        (p for p in sorted(origin.rglob("*.yaml")) if "kind: SpiderIPPool" in p.read_text()), None
+    )
+    assert pool_file is not None
+    text = pool_file.read_text()
+    m = re.search(r"name: (\S+)\n", text[text.index("kind: SpiderIPPool") :])
+    assert m is not None
+    pool_name = m.group(1)
+    path = f"/apis/spiderpool.spidernet.io/v2beta1/spiderippools/{pool_name}"
+    deadline = time.monotonic() + 600
+    while emu.get(f"/apis/underlay.dev/v1alpha1/namespaces/default/gitsyncs/{instance}") is None or not (
+        (emu.get(f"/apis/underlay.dev/v1alpha1/namespaces/default/gitsyncs/{instance}") or {})
+        .get("status", {})
+        .get("lastAppliedRevision")
+    ):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"first apply did not finish: see {tmp / f'lat-{name}.log'}")
+        time.sleep(0.2)
+    out = []
+    for i in range(commits):
+        marker = f"bench-{i}"
+        new = re.sub(r"(kind: SpiderIPPool\nmetadata:\n  name: " + re.escape(pool_name) + r"\n)",
+                     rf"\1  labels:\n    bench: {marker}\n", text, count=1)  # fmt: skip
+        pool_file.write_text(new)
+        git(origin, "commit", "-q", "-am", marker)
+        t0 = time.perf_counter()
+        while True:
+            obj = emu.get(path) or {}
+            if (obj.get("metadata", {}).get("labels") or {}).get("bench") == marker:
+                break
+            if time.perf_counter() - t0 > 30:
+                raise SystemExit(f"commit {i} not applied in 30 s")
+            time.sleep(0.01)
+        out.append(time.perf_counter() - t0)
+        time.sleep(0.3)
+    proc.terminate()
+    proc.wait(20)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--docs", type=int, default=5000)
+    ap.add_argument("--passes", type=int, default=5, help="steady-state passes to time")
+    ap.add_argument("--commits", type=int, default=10, help="commits for the latency runs")
+    ap.add_argument("--profile", action="store_true", help="cProfile one steady-state pass")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--kubeconfig", help=argparse.SUPPRESS)
+    ap.add_argument("--repo-url", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as tmpd:
+        tmp = Path(tmpd)
+        emu = EmulatorProcess(tmp)
+        emu.create_namespace("net")  # the generated Multus configs live there
+        try:
+            origin = make_repo(tmp / "origin", a.docs)
+            kc = str(emu.kubeconfig)
+            apply = [UNDERLAY, "apply", "--repo", str(origin), "--kubeconfig", kc,
+                     "--namespace", "default", "--cache-dir", str(tmp / "cache")]  # fmt: skip
+            wall, rss, r = timed(apply)
+            n_objects = int(re.search(r"(\d+) created", r.stdout).group(1))  # type: ignore[union-attr]
+            print(f"first apply ({a.docs} documents -> {n_objects} objects): {wall:.1f} s, "
+                  f"peak RSS {rss:.0f} MiB")  # fmt: skip
+
+            emu.reset()
+            wall, rss, r = timed(apply)
+            writes = emu.writes()
+            print(f"cold no-op pass (underlay apply, fresh process): {wall:.2f} s, "
+                  f"{len(writes)} writes, peak RSS {rss:.0f} MiB  [{r.stdout.strip()[:60]}...]")  # fmt: skip
+            ok &= not writes and rss < 300
+
+            emu.reset()
+            cmd = [sys.executable, __file__, "--worker", "--kubeconfig", kc, "--repo-url",
+                   str(origin), "--cache", str(tmp / "cache-w"), "--passes", str(a.passes)]  # fmt: skip
+            if a.profile:
+                cmd.append("--profile")
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(r.stderr[-3000:])
+            if a.profile:
+                print(r.stderr)
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            writes = emu.writes()
+            first, *steady = res["passes"]
+            st = [p["seconds"] for p in steady]
+            print(f"steady no-op pass (head unchanged, pipeline cached): median "
+                  f"{statistics.median(st):.3f} s, max {max(st):.3f} s over {len(st)} passes; "
+                  f"first pass of the process (full pipeline) {first['seconds']:.2f} s; "
+                  f"{len(writes)} writes; peak RSS {res['rss_peak_mib']:.0f} MiB")  # fmt: skip
+            assert all(p["cached"] for p in steady) and not any(p["changes"] for p in res["passes"])
+            ok &= not writes and max(st) < 1.0 and res["rss_peak_mib"] < 300
+
+            # the small repository under its own instance; the large one is the applied one
+            small = make_repo(tmp / "origin-small", 0)
+            for name, docs, repo, inst in (
+                ("small", 0, small, "small"), ("large", a.docs, origin, "underlay"),
+            ):  # fmt: skip
+                lat = latency(emu, tmp, repo, a.commits, name, inst)
+                print(f"commit-to-applied, 1 s poll, {name} repository "
+                      f"({docs or 'quick start'} documents): median {statistics.median(lat):.2f} s, "
+                      f"max {max(lat):.2f} s over {len(lat)} commits")  # fmt: skip
+                if name == "small":
+                    ok &= max(lat) < 2.0
+        finally:
+            emu.stop()
+    print("targets met" if ok else "targets NOT met")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
