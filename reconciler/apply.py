@@ -50,6 +50,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
+        """True when nothing failed, was rejected in the dry run, or was skipped."""
         return not self.failed and not self.dry_run_failed and not self.skipped
 
     def count(self, op: Op) -> int:

@@ -51,6 +51,7 @@ class _Kind:
         self.error: str | None = None
 
     def key(self, obj: dict[str, Any]) -> Key:
+        """(kind, namespace or None, name) of ``obj``."""
         md = obj.get("metadata") or {}
         return (self.res.kind, md.get("namespace") if self.res.namespaced else None, md["name"])
 
@@ -84,6 +85,7 @@ class ObjectCache:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start one list-and-watch thread per kind (daemon threads)."""
         for k in self.kinds.values():
             t = threading.Thread(
                 target=self._run, args=(k,), daemon=True, name=f"cache-{k.res.plural}"
@@ -92,6 +94,7 @@ class ObjectCache:
             self._threads.append(t)
 
     def stop(self) -> None:
+        """Stop every thread (open watches are closed)."""
         self._stop.set()
         for w in list(self._watches):
             w.stop()
@@ -106,6 +109,7 @@ class ObjectCache:
 
     @property
     def synced(self) -> bool:
+        """True once every kind was listed (or found missing) at least once."""
         return all(k.synced.is_set() for k in self.kinds.values())
 
     # ---- reads and own writes ----------------------------------------------------------------

@@ -386,6 +386,7 @@ _FINDINGS = {"ValidationFailed", "Blocked", "ApplyFailed", "DryRunFailed", "Drif
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """``underlay plan``: print what apply would change (exit 1 with --exit-code and changes)."""
     if args.watch:
         return _plan_watch(args)
     return _plan_once(args)
@@ -459,6 +460,7 @@ class UsageError(ValueError):
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    """``underlay apply``: one recorded pass; exit 0 converged, 1 findings, 2 errors."""
     from reconciler.controller import Reconciler
     from reconciler.plan import Op
 
@@ -501,6 +503,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    """``underlay reconcile``: the controller loop (see the command's help)."""
     import signal
     import threading
 

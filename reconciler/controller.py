@@ -76,6 +76,7 @@ class PassResult:
 
     @property
     def errors(self) -> list[Any]:
+        """The problems of severity ``error``."""
         return [p for p in self.problems if p.severity == "error"]
 
     @property
@@ -197,12 +198,18 @@ class Snapshot:
 class Source(Protocol):
     """Where the YAML comes from; ``resolve()`` raises SourceError/OSError when unreachable."""
 
-    def resolve(self) -> Snapshot: ...
+    def resolve(self) -> Snapshot:
+        """The current revision on disk; raises SourceError/OSError when unreachable."""
+        ...
 
-    def describe(self) -> dict[str, str]: ...
+    def describe(self) -> dict[str, str]:
+        """What the status shows as ``source`` (credentials redacted)."""
+        ...
 
     @property
-    def watch_path(self) -> Path | None: ...
+    def watch_path(self) -> Path | None:
+        """A local path ``--watch`` can watch, or None."""
+        ...
 
 
 def tree_fingerprint(root: Path, paths: Iterable[Path] | None = None) -> str:
@@ -238,6 +245,7 @@ class DirSource:
         self.path = path
 
     def resolve(self) -> Snapshot:
+        """The current revision on disk; raises SourceError/OSError when unreachable."""
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist")
         root = self.path if self.path.is_dir() else self.path.parent
@@ -246,10 +254,12 @@ class DirSource:
         return Snapshot(root, paths, f"local@{fp[:12]}", fp)
 
     def describe(self) -> dict[str, str]:
+        """What the status shows as ``source`` (credentials redacted)."""
         return {"path": str(self.path)}
 
     @property
     def watch_path(self) -> Path | None:
+        """A local path ``--watch`` can watch, or None."""
         return self.path
 
 
@@ -277,6 +287,7 @@ class GitSource:
         self._last: Snapshot | None = None
 
     def resolve(self) -> Snapshot:
+        """The current revision on disk; raises SourceError/OSError when unreachable."""
         from reconciler import source
 
         creds = self.credentials() if self.credentials is not None else None
@@ -299,6 +310,7 @@ class GitSource:
         return self._last
 
     def describe(self) -> dict[str, str]:
+        """What the status shows as ``source`` (credentials redacted)."""
         from reconciler.source import redact
 
         d = {"url": redact(self.url), "ref": self.ref}
@@ -308,6 +320,7 @@ class GitSource:
 
     @property
     def watch_path(self) -> Path | None:
+        """A local path ``--watch`` can watch, or None."""
         return None
 
 
@@ -323,6 +336,7 @@ def git_credentials(
     from reconciler.source import credentials_from_env, credentials_from_secret
 
     def provide() -> Any:
+        """The credentials to use now (None: none)."""
         env = credentials_from_env()
         if api is None or not secret:
             return env
@@ -369,6 +383,7 @@ class Rendered:
 
     @property
     def errors(self) -> list[Any]:
+        """The problems of severity ``error``."""
         return [p for p in self.problems if p.severity == "error"]
 
 
@@ -850,6 +865,7 @@ class Reconciler:
         self.wake.set()
 
     def stop(self) -> None:
+        """Ask the thread to end."""
         self.stop_event.set()
         self.wake.set()
 
@@ -932,10 +948,12 @@ class GitSyncWatch:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Run in a daemon thread."""
         self._thread = threading.Thread(target=self._run, daemon=True, name="gitsync-watch")
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the thread to end."""
         self._stop.set()
         if self._watch is not None:
             self._watch.stop()
@@ -998,10 +1016,12 @@ class FileWatch:
         self.ready = threading.Event()
 
     def start(self) -> None:
+        """Run in a daemon thread."""
         self._thread = threading.Thread(target=self._run, daemon=True, name="file-watch")
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the thread to end."""
         self._stop.set()
 
     def _run(self) -> None:

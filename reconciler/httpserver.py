@@ -53,6 +53,7 @@ class HttpServer:
 
     @property
     def url(self) -> str:
+        """Base URL once started (``http://host:port``)."""
         assert self._srv is not None, "not started"
         host, port = self._srv.server_address[:2]
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else str(host)
@@ -111,6 +112,7 @@ class HttpServer:
         return self.url
 
     def stop(self) -> None:
+        """Stop serving and close the socket."""
         if self._srv is not None:
             self._srv.shutdown()
             self._srv.server_close()

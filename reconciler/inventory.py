@@ -56,6 +56,7 @@ class Entry:
 
     @property
     def key(self) -> Key:
+        """(kind, namespace or None, name)."""
         return (self.resource.kind, self.namespace, self.name)
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +72,7 @@ class Entry:
         return d
 
     def ref(self) -> str:
+        """``Kind namespace/name`` or ``Kind name``."""
         ns = self.namespace
         return f"{self.resource.kind} {ns + '/' if ns else ''}{self.name}"
 
@@ -91,9 +93,11 @@ class Inventory:
         return iter(self.entries.values())
 
     def get(self, key: Key) -> Entry | None:
+        """The entry of ``key``, or None."""
         return self.entries.get(key)
 
     def kinds(self) -> set[str]:
+        """Kinds that have at least one entry."""
         return {k[0] for k in self.entries}
 
     def to_list(self) -> list[dict[str, Any]]:

@@ -75,9 +75,11 @@ class _Metric:
         return tuple(str(labels[n]) for n in self.labelnames)
 
     def samples(self) -> Iterable[str]:
+        """The sample lines of this metric (text format, no trailing newline)."""
         raise NotImplementedError
 
     def render(self) -> str:
+        """HELP, TYPE and sample lines, newline-terminated."""
         head = f"# HELP {self.name} {_escape_help(self.help)}\n# TYPE {self.name} {self.kind}\n"
         return head + "".join(line + "\n" for line in self.samples())
 
@@ -102,10 +104,12 @@ class Counter(_Metric):
             self.values[k] = self.values.get(k, 0.0) + amount
 
     def get(self, **labels: str) -> float:
+        """The value of the series of ``labels`` (counter: 0, gauge: None when unset)."""
         with self._lock:
             return self.values.get(self._key(labels), 0.0)
 
     def samples(self) -> Iterable[str]:
+        """The sample lines of this metric (text format, no trailing newline)."""
         with self._lock:
             items = sorted(self.values.items())
         for k, v in items:
@@ -122,11 +126,13 @@ class Gauge(_Metric):
         self.values: dict[LabelValues, float] = {}
 
     def set(self, value: float, **labels: str) -> None:
+        """Set the series of ``labels`` to ``value``."""
         k = self._key(labels)
         with self._lock:
             self.values[k] = float(value)
 
     def get(self, **labels: str) -> float | None:
+        """The value of the series of ``labels`` (counter: 0, gauge: None when unset)."""
         with self._lock:
             return self.values.get(self._key(labels))
 
@@ -136,6 +142,7 @@ class Gauge(_Metric):
             self.values = {tuple(k): float(v) for k, v in series.items()}
 
     def samples(self) -> Iterable[str]:
+        """The sample lines of this metric (text format, no trailing newline)."""
         with self._lock:
             items = sorted(self.values.items())
         for k, v in items:
@@ -162,6 +169,7 @@ class Histogram(_Metric):
         self.series: dict[LabelValues, tuple[list[int], list[float]]] = {}
 
     def observe(self, value: float, **labels: str) -> None:
+        """Count ``value`` (seconds) into the buckets of the series of ``labels``."""
         k = self._key(labels)
         with self._lock:
             counts, acc = self.series.setdefault(k, ([0] * (len(self.buckets) + 1), [0.0]))
@@ -172,11 +180,13 @@ class Histogram(_Metric):
             acc[0] += value
 
     def count(self, **labels: str) -> int:
+        """How many observations the series of ``labels`` has."""
         with self._lock:
             s = self.series.get(self._key(labels))
             return s[0][-1] if s else 0
 
     def samples(self) -> Iterable[str]:
+        """The sample lines of this metric (text format, no trailing newline)."""
         with self._lock:
             items = sorted((k, (list(c), a[0])) for k, (c, a) in self.series.items())
         for k, (counts, total) in items:
@@ -194,12 +204,14 @@ class Registry:
         self.metrics: list[_Metric] = []
 
     def add(self, metric: _Metric) -> _Metric:
+        """Register ``metric``; ValueError when its name is taken."""
         if any(m.name == metric.name for m in self.metrics):
             raise ValueError(f"metric {metric.name} registered twice")
         self.metrics.append(metric)
         return metric
 
     def render(self) -> str:
+        """HELP, TYPE and sample lines, newline-terminated."""
         return "".join(m.render() for m in self.metrics)
 
 
@@ -279,4 +291,5 @@ class ReconcilerMetrics:
         self.retries.inc(reason=reason)
 
     def render(self) -> str:
+        """HELP, TYPE and sample lines, newline-terminated."""
         return self.registry.render()

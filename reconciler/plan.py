@@ -92,6 +92,7 @@ class Action:
 
     @property
     def key(self) -> Key:
+        """(kind, namespace or None, name) of the object."""
         return (self.resource.kind, self.namespace, self.name)
 
     def ref(self) -> str:
@@ -110,6 +111,7 @@ class Plan:
     """Objects labelled as ours, not in Git, not in the inventory: never pruned, listed."""
 
     def count(self, op: Op) -> int:
+        """How many actions have ``op``."""
         return sum(1 for a in self.actions if a.op is op)
 
     @property
@@ -119,6 +121,7 @@ class Plan:
 
     @property
     def blocked(self) -> list[Action]:
+        """Actions refused for safety, with their reasons."""
         return [a for a in self.actions if a.op is Op.BLOCKED]
 
     @property

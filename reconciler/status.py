@@ -173,10 +173,12 @@ class GitSyncs:
 
     @property
     def status(self) -> dict[str, Any]:
+        """A copy of the stored ``status`` (empty when none)."""
         return dict((self.obj or {}).get("status") or {})
 
     @property
     def generation(self) -> int | None:
+        """``metadata.generation`` of the GitSync read last."""
         g = ((self.obj or {}).get("metadata") or {}).get("generation")
         return int(g) if g is not None else None
 
@@ -189,6 +191,7 @@ class GitSyncs:
 
     @property
     def suspended(self) -> bool:
+        """True when ``spec.suspend`` is set: no pass runs."""
         return bool(((self.obj or {}).get("spec") or {}).get("suspend"))
 
     def write(self, status: dict[str, Any]) -> bool:
