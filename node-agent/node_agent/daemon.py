@@ -63,6 +63,9 @@ REASON_ENACTED = "Enacted"
 REASON_INVALID = "Invalid"
 REASON_PROBE_FAILED = "ProbeFailed"
 REASON_FAILED = "Failed"
+"""A change was attempted and failed (rolled back): not retried until the OvsBridge changes."""
+REASON_ERROR = "Error"
+"""The node could not be read or checked (e.g. OVSDB unreachable): retried every pass."""
 REASON_ENACTING = "Enacting"
 REASON_WAITING = "WaitingForSlot"
 REASON_ABORTED = "RolloutAborted"
@@ -379,7 +382,7 @@ class BridgeAgent:
                     obj,
                     enacted.get(oname),
                     COND_FAILING,
-                    REASON_FAILED,
+                    REASON_ERROR,
                     f"{type(exc).__name__}: {exc}",
                 )
                 outcome, is_selected = "failed", True
@@ -424,9 +427,10 @@ class BridgeAgent:
             reason = "; ".join(p.invalid)
             if condition_status(enactment, COND_FAILING).get("message") != reason:
                 log.error("OvsBridge %s: invalid on %s: %s", oname, self.node.name, reason)
+            self._failed.pop(oname, None)
+            self._repair_enacted(oname, trigger)  # keep what this node had, if anything
             self._report(obj, enactment, COND_FAILING, REASON_INVALID, reason)
             self._capacity(desired.name, False)
-            self._failed.pop(oname, None)
             return bridges.STATUS_INVALID, True
         if p.empty:
             self._ready(obj, desired, enactment)

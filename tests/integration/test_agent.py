@@ -320,9 +320,9 @@ def test_restarted_agent_changes_nothing_and_writes_nothing(world: World) -> Non
 
     before = node_state(n1)
     w.cluster.emu.reset_requests()
-    b = w.agent("n1")
+    b = w.agent("n1", resync=0.5)
     b.wait_log("pass on n1: br1=unchanged")
-    time.sleep(2.5)  # two more resync passes
+    time.sleep(1.2)  # two more resync passes
     assert b.proc.poll() is None
     assert w.cluster.writes() == [], b.text()
     assert_same_state(node_state(n1), before)
