@@ -527,9 +527,9 @@ class BridgeAgent:
             )
             if condition_status(enactment, COND_PENDING).get("status") != "True":
                 log.info("OvsBridge %s: %s", oname, msg)
+            self._repair_enacted(oname, trigger)
             self._report(obj, enactment, COND_PENDING, REASON_WAITING, msg)
             self._capacity(desired.name, False)
-            self._repair_enacted(oname, trigger)
             return "pending"
         try:
             failing = rollout.failing_peers(self._peers(oname), self.node.name, gen)
@@ -584,9 +584,9 @@ class BridgeAgent:
         msg = "rollout stopped: " + "; ".join(f"node {n} is Failing: {m}" for n, m in failing)
         if condition_status(enactment, COND_ABORTED).get("message") != msg:
             log.warning("OvsBridge %s: not changing %s: %s", oname, self.node.name, msg)
+        self._repair_enacted(oname, trigger)
         self._report(obj, enactment, COND_ABORTED, REASON_ABORTED, msg)
         self._capacity(desired.name, False)
-        self._repair_enacted(oname, trigger)
         return "aborted"
 
     def _peers(self, oname: str) -> list[dict[str, Any]]:

@@ -163,6 +163,31 @@ def test_rollout_one_node_at_a_time_stops_at_a_failing_node_until_the_bridge_cha
         timeline.stop()
     assert timeline.max_progressing() == 1, timeline.events
 
+    # generation 3 fails on n2 again while n1 and n3 are stopped; back, they are Aborted and
+    # keep generation 2: drift on n1 is still repaired (to generation 2), capacity withdrawn
+    for a in w.agents:
+        if a.name != "n2":
+            assert a.stop() == 0
+    w.rig.unplug("n2", "eth1")
+    w.cluster.apply_bridge(ovs_bridge("br2", uplinks=["eth1"], probeTimeoutSeconds=1, mtu=1400))
+    w.cluster.wait_condition("n2", "Failing", "br2")
+    w.agent("n1", resync=60)
+    w.agent("n3", resync=60)
+    for n in ("n1", "n3"):
+        w.cluster.wait_condition(n, "Aborted", "br2")
+        wait_for(lambda n=n: "underlay.dev/br2" not in w.cluster.capacity(n), 5, "withdrawn")
+    n1 = nodes["n1"]
+    assert "mtu 1500" in n1.run("ip", "link", "show", "eth1").stdout  # generation 3 not here
+    n1.vsctl("del-port", "br2", "eth1")
+    wait_for(lambda: n1.vsctl("list-ports", "br2").split() == ["eth1"], 5, "uplink port back")
+    rec = wait_for(
+        lambda: (w.cluster.enactment("n1", "br2") or {}).get("status", {}).get("lastRepair"), 10
+    )
+    assert any(d.startswith("uplink-port-missing") for d in rec["drift"]), rec
+    assert w.cluster.condition("n1", "br2")[0] == "Aborted"
+    assert w.cluster.enactment("n1", "br2")["status"]["enactedGeneration"] == 2  # type: ignore[index]
+    assert n1.ping(DATA_GATEWAY, count=1)
+
 
 # --- slots against the API server alone ------------------------------------------------------
 
