@@ -22,7 +22,11 @@ counter in the policy's status, so a thousand nodes never contend on one object)
   ``Aborted`` naming that node. Because the failed node's write happens before its release and
   the next holder reads after its acquire, the next holder always sees it. The rollout stays
   stopped until the OvsBridge changes (new ``metadata.generation``); enactments Failing at an
-  older generation do not count.
+  older generation do not count. The failed node itself does not try that generation again
+  (each try would disturb it for ``probeTimeoutSeconds``); it keeps, and repairs, the state
+  it had. Any Failing counts, also Invalid (uplink missing on that node) and Error (node
+  could not be read): strict, as kubernetes-nmstate; ``nodeOverrides`` or a ``nodeSelector``
+  are the way to leave a node out.
 - **What needs a slot.** Moving the node to a generation it has not enacted yet. Nodes
   already matching (empty plan), drift repairs of the generation they enacted, invalid input
   (nothing is changed) and removals do not take a slot.
