@@ -111,23 +111,26 @@ class Objects:
             return [namespace]
         return []
 
-    def get(self, name: str, namespace: str | None = None) -> dict[str, Any]:
-        """GET one object; ApiException 404 when absent."""
+    def get(self, name: str, namespace: str | None = None, **kw: Any) -> dict[str, Any]:
+        """GET one object; ApiException 404 when absent. ``kw`` goes to the client call
+        (e.g. ``_request_timeout``)."""
         r = self.res
         if r.namespaced:
             return self.api.get_namespaced_custom_object(
-                r.group, r.version, namespace, r.plural, name
+                r.group, r.version, namespace, r.plural, name, **kw
             )
-        return self.api.get_cluster_custom_object(r.group, r.version, r.plural, name)
+        return self.api.get_cluster_custom_object(r.group, r.version, r.plural, name, **kw)
 
-    def list(self, namespace: str | None = None, label_selector: str = "") -> dict[str, Any]:
+    def list(
+        self, namespace: str | None = None, label_selector: str = "", **kw: Any
+    ) -> dict[str, Any]:
         """LIST (all namespaces when ``namespace`` is None); returns the List object.
 
         The answer is decoded with ``json.loads`` directly (no generated-model pass over
         thousands of items).
         """
         r = self.res
-        kw: dict[str, Any] = {"label_selector": label_selector, "_preload_content": False}
+        kw = {**kw, "label_selector": label_selector, "_preload_content": False}
         if r.namespaced and namespace:
             resp = self.api.list_namespaced_custom_object(
                 r.group, r.version, namespace, r.plural, **kw
@@ -147,16 +150,17 @@ class Objects:
             )
         return self.api.create_cluster_custom_object(r.group, r.version, r.plural, body, **kw)
 
-    def replace_status(self, body: dict[str, Any]) -> dict[str, Any]:
-        """PUT the status subresource; ``metadata.resourceVersion`` makes it a CAS (409 if stale)."""
+    def replace_status(self, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        """PUT the status subresource; ``metadata.resourceVersion`` makes it a CAS (409 if stale).
+        ``kw`` goes to the client call (e.g. ``_request_timeout``)."""
         r = self.res
         md = body["metadata"]
         if r.namespaced:
             return self.api.replace_namespaced_custom_object_status(
-                r.group, r.version, md["namespace"], r.plural, md["name"], body
+                r.group, r.version, md["namespace"], r.plural, md["name"], body, **kw
             )
         return self.api.replace_cluster_custom_object_status(
-            r.group, r.version, r.plural, md["name"], body
+            r.group, r.version, r.plural, md["name"], body, **kw
         )
 
     def apply(

@@ -79,16 +79,69 @@ def pool_family(spec: dict[str, Any]) -> int:
     return 6 if ":" in str(spec.get("subnet", "")) else 4
 
 
-def lowest_free(spec: dict[str, Any], taken: Iterable[str]) -> str | None:
-    """Lowest IP of ``ips - excludeIPs`` not in ``taken`` and not the gateway; None when full."""
-    busy = {int(netaddr.IPAddress(ip)) for ip in taken}
+MAX_RECORDS = 5000
+"""Allocation records one SpiderIPPool may hold (Spiderpool's SPIDERPOOL_IPPOOL_MAX_ALLOCATED_IPS
+default: "threshold of IP allocations (<=5000) for IPPool exceeded")."""
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Largest integer every JSON client reads exactly (RFC 8259 section 6); counts are capped there."""
+
+
+class BadRecordKey(ValueError):
+    """A ``status.allocatedIPs`` key, or an address in a pool spec, is not a canonical IP."""
+
+
+def ip_value(text: str, what: str = "status.allocatedIPs key") -> int:
+    """The integer value of a canonical IP address string.
+
+    Raises BadRecordKey naming ``what`` for anything else (a CIDR, a padded or
+    non-canonical form such as ``172.18.030.131`` or ``fd00::0001``, an empty string): a
+    record key that differs from the canonical form could hide a taken address.
+    """
+    try:
+        addr = netaddr.IPAddress(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
+        raise BadRecordKey(f"{what} {text!r} is not an IP address") from exc
+    if str(addr) != text:
+        raise BadRecordKey(f"{what} {text!r} is not in canonical form ({addr})")
+    return int(addr)
+
+
+def pool_status(spec: dict[str, Any], records: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """:func:`reconciler.ippool.pool_status` with ``totalIPCount`` capped at MAX_SAFE_INTEGER.
+
+    An IPv6 pool can cover 2^64 addresses, more than the int64 the API server stores and the
+    2^53-1 that JSON clients read exactly; such a count would make every status write fail.
+    """
+    status = ippool.pool_status(spec, records)
+    status["totalIPCount"] = min(int(status["totalIPCount"]), MAX_SAFE_INTEGER)
+    return status
+
+
+def lowest_free(
+    spec: dict[str, Any], taken: Iterable[str], reserved: Iterable[str] = ()
+) -> str | None:
+    """Lowest IP of ``ips - excludeIPs`` not in ``taken``, not the pool's gateway and not one of
+    ``reserved`` (the gateways of other pools); None when full.
+
+    Raises BadRecordKey when a ``taken`` key is not a canonical IP, PoolSyntaxError (a
+    ValueError) for a malformed ``ips``/``excludeIPs`` entry.
+    """
+    busy = {(_family_of(ip), ip_value(ip)) for ip in taken}
     if spec.get("gateway"):
-        busy.add(int(netaddr.IPAddress(spec["gateway"])))
+        gw = str(spec["gateway"])
+        busy.add((_family_of(gw), ip_value(gw, "spec.gateway")))
+    for gw in reserved:
+        addr = netaddr.IPAddress(gw)
+        busy.add((addr.version, int(addr)))
     for cidr in ippool.allocatable(spec).iter_cidrs():
         for value in range(cidr.first, cidr.last + 1):
-            if value not in busy:
+            if (cidr.version, value) not in busy:
                 return str(netaddr.IPAddress(value, cidr.version))
     return None
+
+
+def _family_of(text: str) -> int:
+    return 6 if ":" in text else 4
 
 
 def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str] | None) -> bool:
@@ -376,20 +429,86 @@ class Allocation:
 
 
 class _Exhausted(Exception):
-    def __init__(self, pool: str, total: int, used: int) -> None:
+    def __init__(self, pool: str, total: int, used: int, why: str = "") -> None:
         super().__init__(pool)
-        self.pool, self.total, self.used = pool, total, used
+        self.pool, self.total, self.used, self.why = pool, total, used, why
+
+    def describe(self) -> str:
+        if self.why:
+            return f"SpiderIPPool {self.pool} {self.why}"
+        return f"SpiderIPPool {self.pool} has all {self.total} IPs allocated ({self.used} records)"
+
+
+class _Ineligible(Exception):
+    def __init__(self, pool: str, why: str) -> None:
+        super().__init__(f"{pool}: {why}")
+        self.pool, self.why = pool, why
+
+
+class _KeyedLocks:
+    """One lock per key, created on demand and dropped when nobody holds or waits for it.
+
+    Unlike ``threading.Lock`` in a dict that only grows, the table holds only keys in use.
+    A key may be released by another thread than the one that acquired it.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[Any, list[Any]] = {}
+
+    def acquire(self, key: Any, timeout: float) -> bool:
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        if entry[0].acquire(timeout=timeout):
+            return True
+        self._forget(key, entry)
+        return False
+
+    def release(self, key: Any) -> None:
+        with self._guard:
+            entry = self._locks[key]
+        entry[0].release()
+        self._forget(key, entry)
+
+    def _forget(self, key: Any, entry: list[Any]) -> None:
+        with self._guard:
+            entry[1] -= 1
+            if entry[1] == 0 and self._locks.get(key) is entry:
+                del self._locks[key]
+
+
+def _entry_ips(entry: dict[str, Any]) -> set[str]:
+    return {entry[k].split("/")[0] for k in ("ipv4", "ipv6") if entry.get(k)}
 
 
 class Ipam:
     """The IPAM engine of one node agent (thread-safe).
 
     ``api`` is a ``kubernetes.client.ApiClient``; ``node_name`` this node's Node name.
-    Allocations on one pool are serialised inside this process (a lock per pool), so only
-    other agents can make a status write conflict; conflicts are retried up to
-    ``max_attempts`` times with jittered exponential backoff (``backoff`` seconds, capped at
-    ``backoff_cap``). Every error is a CniError: 11 when the API server cannot be reached or
-    the conflicts do not stop, 101-104/110 for pool problems (see node_agent.cni.errors).
+
+    Concurrency: every call for one pod (ADD, DEL, CHECK of any of its interfaces) holds that
+    pod's lock from its SpiderEndpoint read to its SpiderEndpoint write, so two interfaces
+    attached at once never both take "the pod's unclaimed record", and a DEL never runs between
+    an ADD's pool write and its endpoint write. Allocations on one pool are serialised inside
+    this process by a per-pool lock around one read-modify-write, waited for at most
+    ``pool_lock_wait`` seconds (then the write goes ahead unserialised: the resourceVersion
+    compare-and-swap keeps it correct, the lock only saves 409s), so one hung request never
+    stalls the other pods of the pool. Conflicts (409) are retried up to ``max_attempts``
+    times with jittered exponential backoff (``backoff`` seconds, capped at ``backoff_cap``).
+
+    Every API request carries a timeout of ``request_timeout`` seconds: a request the server
+    does not answer fails the call with CniError 11. ``gateway_ttl``: how long the list of
+    every pool's gateway (never handed out, see :meth:`_gateways`) is reused.
+
+    Freshness: a pool copy is trusted for a decision only when it was just read, or when a
+    status write made from it succeeded (the API server refuses a write from a stale copy with
+    409): eligibility (``disable``, affinities...), gateway, prefix and routes always come from
+    such a copy, so an edit made in Git is seen by the next ADD.
+
+    Every error is a CniError: 11 when the API server cannot be reached, does not answer in
+    time or the conflicts do not stop, 7 for malformed pool objects, 101-104/110 for pool
+    problems (see node_agent.cni.errors).
     """
 
     def __init__(
@@ -402,6 +521,10 @@ class Ipam:
         backoff: float = 0.004,
         backoff_cap: float = 0.25,
         cache_ttl: float = 5.0,
+        request_timeout: float = 10.0,
+        pool_lock_wait: float = 2.0,
+        gateway_ttl: float = 5.0,
+        max_records: int = MAX_RECORDS,
     ) -> None:
         self.api = api
         self.node_name = node_name
@@ -410,20 +533,30 @@ class Ipam:
         self.backoff = backoff
         self.backoff_cap = backoff_cap
         self.cache_ttl = cache_ttl
+        self.request_timeout = request_timeout
+        self.pool_lock_wait = pool_lock_wait
+        self.gateway_ttl = gateway_ttl
+        self.max_records = max_records
+        self.pod_lock_wait = 3 * request_timeout + 5
+        """Seconds a call waits for another call of the same pod before failing with 11."""
+        self._kw: dict[str, Any] = {"_request_timeout": request_timeout}
         self.pools = Objects(api, SPIDER_IPPOOL)
         self.endpoints = Objects(api, SPIDER_ENDPOINT)
         self.core: Any = client.CoreV1Api(api)
-        self._locks: dict[str, threading.Lock] = {}
+        self._pool_locks = _KeyedLocks()
+        self._pod_locks = _KeyedLocks()
         self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ipam")
         self._pool_cache: dict[str, dict[str, Any]] = {}
         self._ttl_cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
-        self._locks_guard = threading.Lock()
+        self._gw_lock = threading.Lock()
+        self._gw_index: tuple[float, frozenset[str], frozenset[str]] | None = None
         self.conflicts = 0
         """Status writes that got 409 Conflict (for benchmarks and tests)."""
 
     # --- API access ---------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run an API call; connection failures become CniError 11 naming the server."""
+        """Run an API call; connection failures and timeouts become CniError 11 naming the
+        server."""
         try:
             return fn()
         except ApiException:
@@ -432,16 +565,17 @@ class Ipam:
             host = getattr(getattr(self.api, "configuration", None), "host", "?")
             raise CniError(
                 TRY_AGAIN_LATER,
-                f"Kubernetes API server {host} unreachable while {what}: {type(exc).__name__}: {exc}",
+                f"Kubernetes API server {host} unreachable or not answering within "
+                f"{self.request_timeout:g} s while {what}: {type(exc).__name__}: {exc}",
             ) from exc
 
     def _read_json(self, what: str, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
-        resp = self._call(what, lambda: fn(*args, _preload_content=False))
+        resp = self._call(what, lambda: fn(*args, _preload_content=False, **self._kw))
         out: dict[str, Any] = json.loads(resp.data)
         return out
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
-        """The Pod as a dict; CniError 110 when it does not exist."""
+        """The Pod as a dict; CniError 110 when it does not exist, 11 on other API errors."""
         try:
             return self._read_json(
                 f"reading pod {namespace}/{name}", self.core.read_namespaced_pod, name, namespace
@@ -451,7 +585,9 @@ class Ipam:
                 raise CniError(
                     POD_NOT_FOUND, f"pod {namespace}/{name} not found in the API server"
                 ) from exc
-            raise
+            raise CniError(
+                TRY_AGAIN_LATER, f"reading pod {namespace}/{name}: {exc.status} {exc.reason}"
+            ) from exc
 
     def _get_optional(self, what: str, fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
         try:
@@ -459,7 +595,7 @@ class Ipam:
         except ApiException as exc:
             if exc.status == 404:
                 return {}
-            raise
+            raise CniError(TRY_AGAIN_LATER, f"{what}: {exc.status} {exc.reason}") from exc
 
     def _cached(self, kind: str, name: str, read: Callable[..., Any]) -> dict[str, Any]:
         """A Namespace or Node, read at most once per ``cache_ttl`` seconds (``{}`` if absent).
@@ -477,21 +613,59 @@ class Ipam:
         return obj
 
     def get_pool(self, name: str, source: str = "") -> dict[str, Any]:
-        """The SpiderIPPool ``name``; CniError 102 (naming it and ``source``) when absent."""
+        """The SpiderIPPool ``name``, read now; CniError 102 (naming it and ``source``) when
+        absent, 11 on other API errors."""
         try:
-            pool = self._call(f"reading SpiderIPPool {name}", lambda: self.pools.get(name))
+            pool = self._call(
+                f"reading SpiderIPPool {name}", lambda: self.pools.get(name, **self._kw)
+            )
         except ApiException as exc:
             if exc.status == 404:
                 self._pool_cache.pop(name, None)
                 by = f" (named by {source})" if source else ""
                 raise CniError(POOL_NOT_FOUND, f"SpiderIPPool {name} not found{by}") from exc
-            raise
+            raise CniError(
+                TRY_AGAIN_LATER, f"reading SpiderIPPool {name}: {exc.status} {exc.reason}"
+            ) from exc
         self._pool_cache[name] = pool
         return pool
 
-    def _lock(self, pool: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(pool, threading.Lock())
+    def list_pools(self) -> list[dict[str, Any]]:
+        """Every SpiderIPPool (one LIST); CniError 11 on API errors."""
+        try:
+            items: list[dict[str, Any]] = self._call(
+                "listing SpiderIPPools", lambda: self.pools.list(**self._kw)
+            ).get("items", [])
+        except ApiException as exc:
+            raise CniError(
+                TRY_AGAIN_LATER, f"listing SpiderIPPools: {exc.status} {exc.reason}"
+            ) from exc
+        self._note_gateways(items)
+        return items
+
+    def _note_gateways(self, items: list[dict[str, Any]]) -> None:
+        gws = frozenset(
+            str(p["spec"]["gateway"])
+            for p in items
+            if (p.get("spec") or {}).get("gateway") and _is_ip(str(p["spec"]["gateway"]))
+        )
+        names = frozenset(p["metadata"]["name"] for p in items)
+        self._gw_index = (time.monotonic(), gws, names)
+
+    def _gateways(self, pool: str) -> frozenset[str]:
+        """The gateways of every SpiderIPPool: never handed out by any pool.
+
+        Two pools on one subnet may give their pods different gateways; an address that is
+        the gateway of one must not become a pod address of the other. Read with one LIST,
+        reused for ``gateway_ttl`` seconds unless ``pool`` is not in it (a new pool).
+        """
+        with self._gw_lock:
+            idx = self._gw_index
+            if idx is None or time.monotonic() - idx[0] >= self.gateway_ttl or pool not in idx[2]:
+                self.list_pools()
+                idx = self._gw_index
+            assert idx is not None
+            return idx[1]
 
     def _sleep(self, attempt: int) -> None:
         time.sleep(random.uniform(0, min(self.backoff_cap, self.backoff * (2**attempt))))
@@ -501,20 +675,24 @@ class Ipam:
         name: str,
         mutate: Callable[[dict[str, Any], dict[str, dict[str, str]]], tuple[bool, T]],
         first: dict[str, Any] | None = None,
+        *,
+        fresh: bool = False,
     ) -> T:
         """Read-modify-write pool ``name``'s status with the read resourceVersion.
 
         ``mutate(pool, records)`` changes ``records`` in place and returns ``(changed, value)``;
-        nothing is written when ``changed`` is false. The first attempt may use ``first`` or
-        this agent's last seen copy of the pool (what its own last write returned): a write
-        from a stale copy is refused with 409 Conflict by the API server, and decisions that
-        write nothing (a record already there, the pool full) are only trusted on a fresh
-        read. On 409 the pool is re-read and ``mutate`` runs again, up to ``max_attempts``.
-        Returns ``value``. Raises CniError 102/11, or what ``mutate`` raises.
+        nothing is written when ``changed`` is false. The first attempt may use ``first``
+        (``fresh``: it was just read) or this agent's last seen copy of the pool (what its own
+        last write returned): a write from a stale copy is refused with 409 Conflict by the API
+        server, and decisions that write nothing or refuse (a record already there, the pool
+        full or not eligible: ``mutate`` raising _Exhausted/_Ineligible) are only trusted on a
+        fresh read. On 409 the pool is re-read and ``mutate`` runs again, up to
+        ``max_attempts``. Returns ``value``. Raises CniError 102/11/7, or what ``mutate`` raises.
         """
-        with self._lock(name):
+        locked = self._pool_locks.acquire(name, self.pool_lock_wait)
+        try:
             pool = first or self._pool_cache.get(name)
-            fresh = False
+            fresh = fresh and first is not None
             for attempt in range(self.max_attempts):
                 if pool is None:
                     pool = self.get_pool(name)
@@ -525,7 +703,7 @@ class Ipam:
                     raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc
                 try:
                     changed, value = mutate(pool, records)
-                except _Exhausted:
+                except (_Exhausted, _Ineligible):
                     if not fresh:
                         pool = None
                         continue
@@ -536,16 +714,19 @@ class Ipam:
                         continue
                     return value
                 body = dict(pool)
-                body["status"] = {
-                    **(pool.get("status") or {}),
-                    **ippool.pool_status(pool["spec"], records),
-                }
+                try:
+                    body["status"] = {
+                        **(pool.get("status") or {}),
+                        **pool_status(pool.get("spec") or {}, records),
+                    }
+                except ValueError as exc:
+                    raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc
                 if not records:
                     body["status"].pop("allocatedIPs", None)
                 try:
                     written = self._call(
                         f"writing SpiderIPPool {name} status",
-                        partial(self.pools.replace_status, body),
+                        partial(self.pools.replace_status, body, **self._kw),
                     )
                 except ApiException as exc:
                     if exc.status == 404:
@@ -568,10 +749,14 @@ class Ipam:
                 TRY_AGAIN_LATER,
                 f"SpiderIPPool {name}: {self.max_attempts} conflicting status writes in a row; try again",
             )
+        finally:
+            if locked:
+                self._pool_locks.release(name)
 
     # --- allocation ---------------------------------------------------------------------
     def allocate(self, req: IpamRequest) -> list[Allocation]:
-        """Allocate one IP per family the chosen pools ask for; idempotent per pod UID+interface.
+        """Allocate one IP per family the chosen pools ask for; idempotent per pod
+        UID+interface.
 
         Records the result in the pod's SpiderEndpoint before returning. On failure of a
         later family, or of the endpoint write, the IPs taken are released again. Raises
@@ -581,14 +766,55 @@ class Ipam:
         recorded.result()
         return done
 
+    def _lock_pod(self, req: IpamRequest) -> tuple[str, str]:
+        key = (req.namespace, req.pod_name)
+        if not self._pod_locks.acquire(key, self.pod_lock_wait):
+            raise CniError(
+                TRY_AGAIN_LATER,
+                f"another CNI call for pod {req.pod_ref} has been running for more than "
+                f"{self.pod_lock_wait:g} s on node {self.node_name}",
+            )
+        return key
+
     def allocate_begin(self, req: IpamRequest) -> tuple[list[Allocation], Future[None]]:
         """Like :meth:`allocate`, but returns as soon as the pool records are written.
 
         The SpiderEndpoint write continues in a worker thread; the returned future completes
         when it is done and raises its CniError after releasing the IPs again. A caller must
         wait for it before reporting success (the CNI ADD answer), and can configure the pod
-        interface meanwhile.
+        interface meanwhile. The pod's lock is held until the future completes.
+
+        Idempotency: the pod UID's records that no other interface of the pod claims (per its
+        SpiderEndpoint) are this interface's, in whichever candidate pool they are: a retried
+        ADD, or the ADD of a recreated sandbox of the same pod, gets the same IP again, and
+        leftovers of earlier failed attempts in other candidate pools are released.
         """
+        key = self._lock_pod(req)
+        try:
+            done, rollback, uid, pod, endpoint = self._allocate_locked(req)
+        except BaseException:
+            self._pod_locks.release(key)
+            raise
+
+        def record() -> None:
+            try:
+                self._record_endpoint(req, uid, pod, done, endpoint)
+            except BaseException:
+                rollback()
+                raise
+            finally:
+                self._pod_locks.release(key)
+
+        try:
+            return done, self._executor.submit(record)
+        except BaseException:
+            rollback()
+            self._pod_locks.release(key)
+            raise
+
+    def _allocate_locked(
+        self, req: IpamRequest
+    ) -> tuple[list[Allocation], Callable[[], None], str, dict[str, Any], dict[str, Any] | None]:
         endpoint_read = self._executor.submit(self._get_endpoint, req.namespace, req.pod_name)
         try:
             pod = self.get_pod(req.namespace, req.pod_name)
@@ -614,13 +840,12 @@ class Ipam:
 
         def all_pools() -> list[dict[str, Any]]:
             if not listed:
-                listed.extend(
-                    self._call("listing SpiderIPPools", lambda: self.pools.list()).get("items", [])
-                )
+                listed.extend(self.list_pools())
             return listed
 
         choice = choose_pools(pod, namespace, req.config, req.ifname, all_pools)
         claimed = self._claimed_by_others(endpoint, uid, req.ifname)
+        own = self._own_entry(endpoint, uid, req.ifname)
         done: list[Allocation] = []
 
         def rollback() -> None:
@@ -642,6 +867,7 @@ class Ipam:
                             names,
                             choice.source,
                             claimed,
+                            own.get(f"ipv{family}", "").split("/")[0],
                             node,
                             namespace,
                             listed,
@@ -650,15 +876,34 @@ class Ipam:
         except BaseException:
             rollback()
             raise
+        return done, rollback, uid, pod, endpoint
 
-        def record() -> None:
-            try:
-                self._record_endpoint(req, uid, pod, done, endpoint)
-            except BaseException:
-                rollback()
-                raise
+    def _candidates(
+        self, names: list[str], source: str, listed: list[dict[str, Any]]
+    ) -> dict[str, tuple[dict[str, Any] | None, bool]]:
+        """``{name: (copy or None, fresh)}`` for the candidate pools.
 
-        return done, self._executor.submit(record)
+        With one candidate its last known copy is enough (the write validates it); with
+        several, every one is read now (in parallel), because this pod's records may be in any
+        of them. CniError 102 when a candidate does not exist.
+        """
+        known = {p["metadata"]["name"]: p for p in listed}
+        if len(names) == 1:
+            name = names[0]
+            if name in known:
+                return {name: (known[name], True)}
+            cached = self._pool_cache.get(name)
+            if cached is None:
+                return {name: (self.get_pool(name, source), True)}
+            return {name: (cached, False)}
+        reads = {
+            n: self._executor.submit(self.get_pool, n, source) for n in names if n not in known
+        }
+        wait(list(reads.values()))
+        out: dict[str, tuple[dict[str, Any] | None, bool]] = {}
+        for n in names:
+            out[n] = (known[n], True) if n in known else (reads[n].result(), True)
+        return out
 
     def _allocate_family(
         self,
@@ -669,39 +914,54 @@ class Ipam:
         names: list[str],
         source: str,
         claimed: set[str],
+        own_ip: str,
         node: Callable[[], dict[str, Any]],
         namespace: Callable[[], dict[str, Any]],
         listed: list[dict[str, Any]],
     ) -> Allocation:
-        known = {p["metadata"]["name"]: p for p in listed}
-        eligible: list[dict[str, Any]] = []
-        rejected: list[str] = []
-        for name in names:
-            pool = known.get(name) or self._pool_cache.get(name) or self.get_pool(name, source)
-            why = pool_rejection(
-                pool, family, pod=pod, ifname=req.ifname, node_name=self.node_name,
-                node=node, namespace=namespace, system_namespace=self.system_namespace,
-            )  # fmt: skip
-            if why:
-                rejected.append(f"{name}: {why}")
-            else:
-                eligible.append(pool)
-        if not eligible:
-            raise CniError(
-                NO_POOL_ELIGIBLE,
-                f"no usable IPv{family} SpiderIPPool for pod {req.pod_ref} interface {req.ifname} "
-                f"(candidates from {source}): " + "; ".join(rejected),
-            )
-        full: list[_Exhausted] = []
-        for pool in eligible:
-            name = pool["metadata"]["name"]
+        copies = self._candidates(names, source, listed)
+
+        def unclaimed(pool: dict[str, Any] | None) -> list[str]:
             try:
-                ip = self.update_pool(name, self._take(req, uid, claimed), first=pool)
+                records = ippool.allocated_ips((pool or {}).get("status"))
+            except ValueError:
+                return []
+            return [ip for ip, r in records.items() if r.get("podUid") == uid and ip not in claimed]
+
+        holders = [n for n in names if unclaimed(copies[n][0])]
+        order = holders + [n for n in names if n not in holders]
+        rejected: list[str] = []
+        full: list[_Exhausted] = []
+        for name in order:
+            first, fresh = copies[name]
+            try:
+                ip, pool = self.update_pool(
+                    name,
+                    self._take(req, uid, pod, family, claimed, own_ip, node, namespace),
+                    first=first,
+                    fresh=fresh,
+                )
+            except _Ineligible as exc:
+                rejected.append(f"{name}: {exc.why}")
+                continue
             except _Exhausted as exc:
                 full.append(exc)
                 continue
-            spec = pool["spec"]
-            plen = netaddr.IPNetwork(spec["subnet"]).prefixlen
+            for other in holders:
+                if other != name:  # leftovers of an earlier attempt that fell back elsewhere
+                    leftovers = set(unclaimed(copies[other][0]))
+                    try:
+                        self._release_in_pool(other, uid, leftovers)
+                    except CniError as exc:
+                        log.warning("releasing leftovers %s in %s: %s", leftovers, other, exc.msg)
+            spec = pool.get("spec") or {}
+            try:
+                plen = netaddr.IPNetwork(spec["subnet"]).prefixlen
+            except (KeyError, netaddr.AddrFormatError, ValueError, TypeError) as exc:
+                raise CniError(
+                    INVALID_CONFIG,
+                    f"SpiderIPPool {name}: spec.subnet {spec.get('subnet')!r} is not a CIDR",
+                ) from exc
             return Allocation(
                 family=family,
                 address=f"{ip}/{plen}",
@@ -709,39 +969,71 @@ class Ipam:
                 gateway=spec.get("gateway") or None,
                 routes=[dict(r) for r in spec.get("routes") or []],
             )
-        raise CniError(
-            POOL_EXHAUSTED,
-            "IP pool exhausted: "
-            + "; ".join(
-                f"SpiderIPPool {e.pool} has all {e.total} IPs allocated ({e.used} records)"
-                for e in full
+        where = f"pod {req.pod_ref} interface {req.ifname}"
+        if full:
+            raise CniError(
+                POOL_EXHAUSTED,
+                "IP pool exhausted: "
+                + "; ".join(e.describe() for e in full)
+                + (f"; not usable: {'; '.join(rejected)}" if rejected else "")
+                + f" ({where})",
             )
-            + f" (pod {req.pod_ref} interface {req.ifname})",
+        raise CniError(
+            NO_POOL_ELIGIBLE,
+            f"no usable IPv{family} SpiderIPPool for {where} (candidates from {source}): "
+            + "; ".join(rejected),
         )
 
     def _take(
-        self, req: IpamRequest, uid: str, claimed: set[str]
-    ) -> Callable[[dict[str, Any], dict[str, dict[str, str]]], tuple[bool, str]]:
-        def mutate(pool: dict[str, Any], records: dict[str, dict[str, str]]) -> tuple[bool, str]:
+        self,
+        req: IpamRequest,
+        uid: str,
+        pod: dict[str, Any],
+        family: int,
+        claimed: set[str],
+        own_ip: str,
+        node: Callable[[], dict[str, Any]],
+        namespace: Callable[[], dict[str, Any]],
+    ) -> Callable[
+        [dict[str, Any], dict[str, dict[str, str]]], tuple[bool, tuple[str, dict[str, Any]]]
+    ]:
+        def mutate(
+            pool: dict[str, Any], records: dict[str, dict[str, str]]
+        ) -> tuple[bool, tuple[str, dict[str, Any]]]:
+            name = pool["metadata"]["name"]
+            try:
+                why = pool_rejection(
+                    pool, family, pod=pod, ifname=req.ifname, node_name=self.node_name,
+                    node=node, namespace=namespace, system_namespace=self.system_namespace,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc
+            if why:
+                raise _Ineligible(name, why)
             mine = sorted(
                 (ip for ip, r in records.items() if r.get("podUid") == uid and ip not in claimed),
-                key=lambda ip: int(netaddr.IPAddress(ip)),
+                key=lambda ip: (ip != own_ip, _sort_key(ip)),
             )
-            if mine:
-                return False, mine[0]  # a retried ADD: the same IP again
+            if mine:  # a retried ADD, or a new sandbox of the pod: the same IP again
+                for extra in mine[1:]:
+                    del records[extra]  # leftovers of failed attempts of this interface
+                return bool(mine[1:]), (mine[0], pool)
             spec = pool.get("spec") or {}
-            try:
-                ip = lowest_free(spec, records)
-            except ValueError as exc:
-                raise CniError(
-                    INVALID_CONFIG, f"SpiderIPPool {pool['metadata']['name']}: {exc}"
-                ) from exc
-            if ip is None:
+            if len(records) >= self.max_records:
                 raise _Exhausted(
-                    pool["metadata"]["name"], ippool.allocatable(spec).size, len(records)
-                )
+                    name, 0, len(records),
+                    f"holds {len(records)} allocation records, the most a pool may hold "
+                    f"({self.max_records}, as Spiderpool)",
+                )  # fmt: skip
+            try:
+                ip = lowest_free(spec, records, self._gateways(name))
+                total = ippool.allocatable(spec).size
+            except ValueError as exc:
+                raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc
+            if ip is None:
+                raise _Exhausted(name, total, len(records))
             records[ip] = {"pod": req.pod_ref, "podUid": uid}
-            return True, ip
+            return True, (ip, pool)
 
         return mutate
 
@@ -750,7 +1042,7 @@ class Ipam:
         try:
             return self._call(
                 f"reading SpiderEndpoint {namespace}/{name}",
-                lambda: self.endpoints.get(name, namespace),
+                lambda: self.endpoints.get(name, namespace, **self._kw),
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -770,16 +1062,24 @@ class Ipam:
         cur = self._current(endpoint)
         if cur.get("uid") != uid:
             return set()
-        out = set()
+        out: set[str] = set()
         for entry in cur.get("ips") or []:
             if entry.get("interface") != ifname:
-                for key in ("ipv4", "ipv6"):
-                    if entry.get(key):
-                        out.add(entry[key].split("/")[0])
+                out |= _entry_ips(entry)
         return out
 
+    def _own_entry(self, endpoint: dict[str, Any] | None, uid: str, ifname: str) -> dict[str, Any]:
+        cur = self._current(endpoint)
+        if cur.get("uid") != uid:
+            return {}
+        return next((e for e in cur.get("ips") or [] if e.get("interface") == ifname), {})
+
     def _entry(self, req: IpamRequest, done: list[Allocation]) -> dict[str, Any]:
-        entry: dict[str, Any] = {"interface": req.ifname, "vlan": req.vlan}
+        entry: dict[str, Any] = {
+            "interface": req.ifname,
+            "containerID": req.container_id,
+            "vlan": req.vlan,
+        }
         routes: list[dict[str, str]] = []
         for a in done:
             key = f"ipv{a.family}"
@@ -792,6 +1092,17 @@ class Ipam:
             entry["routes"] = routes
         return entry
 
+    @staticmethod
+    def _pod_owner(name: str, uid: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
+
+    def _replace_endpoint(self, body: dict[str, Any]) -> dict[str, Any]:
+        r, md = self.endpoints.res, body["metadata"]
+        out: dict[str, Any] = self.endpoints.api.replace_namespaced_custom_object(
+            r.group, r.version, md["namespace"], r.plural, md["name"], body, **self._kw
+        )
+        return out
+
     def _record_endpoint(
         self,
         req: IpamRequest,
@@ -800,6 +1111,11 @@ class Ipam:
         done: list[Allocation],
         first: dict[str, Any] | None = None,
     ) -> None:
+        """Write this interface's entry (with the CNI container ID) into the pod's
+        SpiderEndpoint, creating it, or taking it over from an older pod of the same name:
+        entries of another UID are dropped and the ownerReference is moved to this pod (a
+        StatefulSet pod recreated under its name must not keep an endpoint that the garbage
+        collector deletes with the old pod). Every write carries the read resourceVersion."""
         entry = self._entry(req, done)
         owner = next(
             (o for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")), None
@@ -808,42 +1124,49 @@ class Ipam:
         for attempt in range(self.max_attempts):
             if attempt > 0 or ep is None:
                 ep = self._get_endpoint(req.namespace, req.pod_name)
-            if ep is None:
-                body = {
-                    "apiVersion": SPIDERPOOL_API_VERSION,
-                    "kind": SPIDER_ENDPOINT.kind,
-                    "metadata": {
-                        "name": req.pod_name,
-                        "namespace": req.namespace,
-                        "ownerReferences": [
-                            {"apiVersion": "v1", "kind": "Pod", "name": req.pod_name, "uid": uid}
-                        ],
-                    },
-                }
-                try:
-                    ep = self._call("creating SpiderEndpoint", partial(self.endpoints.create, body))
-                except ApiException as exc:
-                    if exc.status == 409:
-                        continue
-                    raise CniError(
-                        TRY_AGAIN_LATER,
-                        f"creating SpiderEndpoint {req.pod_ref}: {exc.status} {exc.reason}",
-                    ) from exc
-            cur = self._current(ep)
-            if cur.get("uid") == uid:
-                ips = [e for e in cur.get("ips") or [] if e.get("interface") != req.ifname]
-            else:
-                ips = []  # a recreated pod of the same name: the old record is outdated
-            ips.append(entry)
-            body = dict(ep)
-            body["status"] = {
-                "current": {"uid": uid, "node": self.node_name, "ips": ips},
-                "ownerControllerType": owner["kind"] if owner else "Pod",
-                "ownerControllerName": owner["name"] if owner else req.pod_name,
-            }
             try:
+                if ep is None:
+                    body = {
+                        "apiVersion": SPIDERPOOL_API_VERSION,
+                        "kind": SPIDER_ENDPOINT.kind,
+                        "metadata": {
+                            "name": req.pod_name,
+                            "namespace": req.namespace,
+                            "ownerReferences": [self._pod_owner(req.pod_name, uid)],
+                        },
+                    }
+                    ep = self._call(
+                        "creating SpiderEndpoint", partial(self.endpoints.create, body, **self._kw)
+                    )
+                refs = ep["metadata"].get("ownerReferences") or []
+                if not any(o.get("kind") == "Pod" and o.get("uid") == uid for o in refs):
+                    body = dict(ep)
+                    body["metadata"] = {
+                        **ep["metadata"],
+                        "ownerReferences": [
+                            *(o for o in refs if o.get("kind") != "Pod"),
+                            self._pod_owner(req.pod_name, uid),
+                        ],
+                    }
+                    ep = self._call(
+                        "moving the SpiderEndpoint ownerReference",
+                        partial(self._replace_endpoint, body),
+                    )
+                cur = self._current(ep)
+                if cur.get("uid") == uid:
+                    ips = [e for e in cur.get("ips") or [] if e.get("interface") != req.ifname]
+                else:
+                    ips = []  # a recreated pod of the same name: the old record is outdated
+                ips.append(entry)
+                body = dict(ep)
+                body["status"] = {
+                    "current": {"uid": uid, "node": self.node_name, "ips": ips},
+                    "ownerControllerType": owner["kind"] if owner else "Pod",
+                    "ownerControllerName": owner["name"] if owner else req.pod_name,
+                }
                 self._call(
-                    "writing SpiderEndpoint status", partial(self.endpoints.replace_status, body)
+                    "writing SpiderEndpoint status",
+                    partial(self.endpoints.replace_status, body, **self._kw),
                 )
                 return
             except ApiException as exc:
@@ -852,6 +1175,7 @@ class Ipam:
                         TRY_AGAIN_LATER,
                         f"writing SpiderEndpoint {req.pod_ref}: {exc.status} {exc.reason}",
                     ) from exc
+                ep = None
                 self._sleep(attempt)
         raise CniError(
             TRY_AGAIN_LATER, f"SpiderEndpoint {req.pod_ref}: too many conflicting writes"
@@ -883,52 +1207,84 @@ class Ipam:
             raise
 
     def release(self, req: IpamRequest) -> list[tuple[str, str]]:
-        """Release this pod UID's IPs for ``req.ifname`` and its SpiderEndpoint entry.
+        """Release what container ``req.container_id`` was given for ``req.ifname``.
 
-        Idempotent: releasing twice, or for a pod never allocated, does nothing. Without
-        ``req.pod_uid`` the SpiderEndpoint's UID is used. When the endpoint does not say which
-        pools hold the interface's IPs, every pool is scanned for the UID's records (those of
-        the pod's other interfaces are kept). Returns ``[(pool, ip)]`` released.
+        The pod's SpiderEndpoint says which container an interface's IPs belong to: a DEL
+        from another container (the late DEL of a pod's dead sandbox, after its new sandbox
+        took the interface over) releases nothing. When the endpoint has no entry for the
+        interface, the UID's records that no entry claims (leftovers of failed ADDs, or of a
+        recreated pod's old UID) are released from every pool. Without ``req.pod_uid`` the
+        endpoint's UID is used only when the endpoint names this container for this
+        interface; otherwise nothing is released (garbage collection returns leaks).
+        Idempotent. Returns ``[(pool, ip)]`` released. Raises CniError 11.
         """
+        key = self._lock_pod(req)
+        try:
+            return self._release_locked(req)
+        finally:
+            self._pod_locks.release(key)
+
+    def _release_locked(self, req: IpamRequest) -> list[tuple[str, str]]:
         endpoint = self._get_endpoint(req.namespace, req.pod_name)
         cur = self._current(endpoint)
-        uid = req.pod_uid or cur.get("uid", "")
-        if not uid:
-            return []
-        mine = cur.get("uid") == uid
+        cur_uid = str(cur.get("uid") or "")
         entry = (
             next((e for e in cur.get("ips") or [] if e.get("interface") == req.ifname), None)
-            if mine
+            if cur_uid
             else None
         )
-        keep = frozenset(self._claimed_by_others(endpoint, uid, req.ifname))
-        released: list[tuple[str, str]] = []
-        dropped = (
-            self._executor.submit(self._drop_endpoint_entry, req, uid, endpoint) if mine else None
-        )
-        if entry is not None:
-            targets = [(entry.get(f"ipv{f}Pool"), entry.get(f"ipv{f}")) for f in (4, 6)]
-            for pool, address in targets:
-                if pool and address:
-                    ip = address.split("/")[0]
-                    released += [(pool, i) for i in self._release_in_pool(pool, uid, {ip})]
+        if req.pod_uid:
+            uid = req.pod_uid
+        elif entry is not None and entry.get("containerID") == req.container_id:
+            uid = cur_uid
         else:
-            items = self._call("listing SpiderIPPools", lambda: self.pools.list()).get("items", [])
-            for pool in items:
-                try:
-                    records = ippool.allocated_ips(pool.get("status"))
-                except ValueError:
-                    continue
-                if any(r.get("podUid") == uid and ip not in keep for ip, r in records.items()):
-                    name = pool["metadata"]["name"]
-                    released += [(name, i) for i in self._release_in_pool(name, uid, None, keep)]
-        if dropped is not None:
+            log.info(
+                "DEL of %s %s without K8S_POD_UID: the SpiderEndpoint does not name container "
+                "%s for it; nothing released", req.pod_ref, req.ifname, req.container_id,
+            )  # fmt: skip
+            return []
+        released: list[tuple[str, str]] = []
+        if cur_uid == uid and entry is not None:
+            holder = entry.get("containerID")
+            if holder and holder != req.container_id:
+                log.info(
+                    "DEL of %s %s from container %s ignored: the interface belongs to "
+                    "container %s now", req.pod_ref, req.ifname, req.container_id, holder,
+                )  # fmt: skip
+                return []
+            dropped = self._executor.submit(self._drop_endpoint_entry, req, uid, endpoint)
+            try:
+                for f in (4, 6):
+                    pool, address = entry.get(f"ipv{f}Pool"), entry.get(f"ipv{f}")
+                    if pool and address:
+                        ip = address.split("/")[0]
+                        released += [(pool, i) for i in self._release_in_pool(pool, uid, {ip})]
+            finally:
+                wait([dropped])
             dropped.result()
+            return released
+        keep: set[str] = set()
+        if cur_uid == uid:
+            for e in cur.get("ips") or []:
+                keep |= _entry_ips(e)
+        for pool in self.list_pools():
+            try:
+                records = ippool.allocated_ips(pool.get("status"))
+            except ValueError:
+                continue
+            if any(r.get("podUid") == uid and ip not in keep for ip, r in records.items()):
+                name = pool["metadata"]["name"]
+                released += [
+                    (name, i) for i in self._release_in_pool(name, uid, None, frozenset(keep))
+                ]
         return released
 
     def _drop_endpoint_entry(
         self, req: IpamRequest, uid: str, first: dict[str, Any] | None = None
     ) -> None:
+        """Remove this container's entry for ``req.ifname``; delete the endpoint when it was the
+        last one. Both are conditional on the resourceVersion read (a write in between, e.g.
+        the ADD of a recreated pod of the same name, wins and is re-read)."""
         ep = first
         for attempt in range(self.max_attempts):
             if attempt > 0 or ep is None:
@@ -936,20 +1292,34 @@ class Ipam:
             cur = self._current(ep)
             if ep is None or cur.get("uid") != uid:
                 return
+            mine = [e for e in cur.get("ips") or [] if e.get("interface") == req.ifname]
+            if not mine or any(
+                e.get("containerID") not in (None, "", req.container_id) for e in mine
+            ):
+                return
             rest = [e for e in cur.get("ips") or [] if e.get("interface") != req.ifname]
+            md = ep["metadata"]
             try:
                 if rest:
                     body = dict(ep)
                     body["status"] = {**ep["status"], "current": {**cur, "ips": rest}}
                     self._call(
                         "writing SpiderEndpoint status",
-                        partial(self.endpoints.replace_status, body),
+                        partial(self.endpoints.replace_status, body, **self._kw),
                     )
                 else:
+                    opts = client.V1DeleteOptions(
+                        preconditions=client.V1Preconditions(
+                            resource_version=md.get("resourceVersion"), uid=md.get("uid")
+                        )
+                    )
                     self._call(
                         "deleting SpiderEndpoint",
-                        lambda: self.endpoints.delete(req.pod_name, req.namespace),
-                    )
+                        partial(
+                            self.endpoints.delete, req.pod_name, req.namespace, body=opts,
+                            **self._kw,
+                        ),
+                    )  # fmt: skip
                 return
             except ApiException as exc:
                 if exc.status == 404:
@@ -959,11 +1329,13 @@ class Ipam:
                         TRY_AGAIN_LATER,
                         f"updating SpiderEndpoint {req.pod_ref}: {exc.status} {exc.reason}",
                     ) from exc
+                ep = None
                 self._sleep(attempt)
 
     # --- check --------------------------------------------------------------------------------
     def check(self, req: IpamRequest) -> None:
-        """CHECK: the SpiderEndpoint names this interface and each pool still holds its IP."""
+        """CHECK: the SpiderEndpoint names this interface for this container, and each pool
+        still holds its IP for the pod. Raises CniError 108 (or 11/7)."""
         endpoint = self._get_endpoint(req.namespace, req.pod_name)
         cur = self._current(endpoint)
         uid = req.pod_uid or cur.get("uid", "")
@@ -974,11 +1346,21 @@ class Ipam:
             raise CniError(
                 CHECK_FAILED, f"SpiderEndpoint {req.pod_ref} has no entry for {req.ifname}"
             )
+        holder = entry.get("containerID")
+        if holder and holder != req.container_id:
+            raise CniError(
+                CHECK_FAILED,
+                f"SpiderEndpoint {req.pod_ref} gives {req.ifname} to container {holder}, "
+                f"not {req.container_id}",
+            )
         for f in (4, 6):
             pool, address = entry.get(f"ipv{f}Pool"), entry.get(f"ipv{f}")
             if not (pool and address):
                 continue
-            records = ippool.allocated_ips(self.get_pool(pool).get("status"))
+            try:
+                records = ippool.allocated_ips(self.get_pool(pool).get("status"))
+            except ValueError as exc:
+                raise CniError(INVALID_CONFIG, f"SpiderIPPool {pool}: {exc}") from exc
             ip = address.split("/")[0]
             if records.get(ip, {}).get("podUid") != uid:
                 raise CniError(
@@ -1004,3 +1386,23 @@ class Ipam:
                 for r in a.routes
             )
         return {"ips": ips, "routes": routes, "dns": {}}
+
+    def close(self) -> None:
+        """Stop the worker threads (calls already running finish). Idempotent."""
+        self._executor.shutdown(wait=False)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        netaddr.IPAddress(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _sort_key(ip: str) -> tuple[int, int]:
+    try:
+        addr = netaddr.IPAddress(ip)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        return (9, 0)
+    return (addr.version, int(addr))

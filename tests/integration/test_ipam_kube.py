@@ -170,6 +170,7 @@ def test_allocate_records_and_release_exactly_like_spiderpool(cluster: Cluster) 
     assert cur["ips"] == [
         {
             "interface": "eth0",
+            "containerID": "cid-p1",
             "vlan": 0,
             "ipv4": "172.18.30.131/16",
             "ipv4Pool": "ippool-test",

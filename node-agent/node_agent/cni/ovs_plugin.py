@@ -11,8 +11,10 @@ name, the peer created directly inside the pod namespace) and the OVSDB transact
 Interface + Port (external_ids, see :mod:`node_agent.cni.ports`) to the bridge; the pod
 interface then gets its MAC (``mac``/CNI_ARGS ``MAC``/runtimeConfig ``mac``, else ``0a:58:`` +
 the IPv4 octets), the IPs and routes, and is set up. The answer waits for the SpiderEndpoint
-write of in-process IPAM; the gratuitous ARP per IPv4 goes out right after the answer, once
-ovs-vswitchd has given the port an ofport. Any failure undoes what was done. ``vlan`` > 0
+write of in-process IPAM and for ovs-vswitchd to take the port (an ofport, within
+``PORT_TIMEOUT`` seconds; an ``error`` on the Interface, e.g. ``interface_type: internal`` on a
+veth, fails the ADD with 106); the gratuitous ARP per IPv4 goes out right after the answer.
+Any failure undoes what was done (port, veth, IP allocation). ``vlan`` > 0
 without ``trunk`` makes an access port; ``trunk`` a trunk port; ``vlan`` 0 or absent and no
 trunk: untagged (all VLANs).
 DEL: finds the port by ``contId`` + ``contIface`` and deletes it, IPAM DEL concurrently; the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ from .errors import (
     INVALID_CONFIG,
     LINK_FAILURE,
     OVS_FAILURE,
+    TRY_AGAIN_LATER,
     UNKNOWN_CONTAINER,
     UNSUPPORTED_FIELD,
     CniError,
@@ -71,6 +75,9 @@ MAX_VLAN = 4095
 """Highest trunk VLAN id (ovs-cni)."""
 MAX_ACCESS_VLAN = 4094
 """Highest access VLAN (Spiderpool SpiderMultusConfig ovs.vlan; 4095 is reserved)."""
+PORT_TIMEOUT = 5.0
+"""Seconds ADD waits for ovs-vswitchd to give the new port an ofport (or report an error)."""
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 @dataclass
@@ -140,14 +147,30 @@ def parse_conf(config: dict[str, Any], args: dict[str, str] | None = None) -> Ov
         raise CniError(INVALID_CONFIG, 'ipam must be an object with a "type"')
     mac = None
     runtime = config.get("runtimeConfig") or {}
-    for candidate in ((args or {}).get("MAC"), runtime.get("mac"), config.get("mac")):
-        if candidate:
-            mac = str(candidate).lower()
-            break
-    if mac is not None and (
-        len(mac.split(":")) != 6 or not all(len(b) == 2 for b in mac.split(":"))
-    ):
-        raise CniError(INVALID_CONFIG, f"mac {mac!r} is not a MAC address")
+    if not isinstance(runtime, dict):
+        raise CniError(INVALID_CONFIG, "runtimeConfig must be an object")
+    sources = (
+        ("CNI_ARGS MAC", (args or {}).get("MAC")),
+        ("runtimeConfig.mac", runtime.get("mac")),
+        ("mac", config.get("mac")),
+    )
+    for where, candidate in sources:
+        if candidate in (None, ""):
+            continue
+        if not isinstance(candidate, str) or not _MAC.match(candidate.lower()):
+            raise CniError(
+                INVALID_CONFIG,
+                f"{where} {candidate!r} is not a MAC address (six hex pairs, e.g. "
+                "0a:58:ac:12:1e:83)",
+            )
+        mac = candidate.lower()
+        if int(mac[:2], 16) & 1:
+            raise CniError(
+                INVALID_CONFIG,
+                f"{where} {candidate!r} is a multicast MAC address (low bit of the first "
+                "octet set)",
+            )
+        break
     return OvsNetConf(
         bridge=bridge,
         vlan=vlan if vlan else None,
@@ -236,6 +259,9 @@ def purge_error_ports(agent: CniAgent) -> list[str]:
         if stale:
             ports.detach_ports(agent.ovs, [p.name for p in stale])
             log.info("purged stale pod ports %s", [(p.name, p.errors) for p in stale])
+            for p in stale:  # a port vswitchd refused leaves its veth behind: delete it too
+                if p.name in present:
+                    delete_link(p.name, agent.host_netns)
         return [p.name for p in stale]
     except Exception:
         log.exception("purging stale pod ports failed")
@@ -253,17 +279,45 @@ def purge_soon(agent: CniAgent) -> None:
 
 
 # --- commands -------------------------------------------------------------------------------
-def _announce_when_ready(
-    agent: CniAgent, port: str, netns: str, ifname: str, mac: str, ipv4s: list[str]
-) -> None:
-    """After ovs-vswitchd has the port (ofport assigned), send the gratuitous ARPs.
+def _attach_confirmed(
+    agent: CniAgent, conf: OvsNetConf, host: str, ext: dict[str, str]
+) -> ports.PodPort:
+    """Add the port (one OVSDB transaction), then wait up to ``PORT_TIMEOUT`` seconds for
+    ovs-vswitchd to take it: an ofport, or an ``error`` on the Interface.
 
-    Runs after the ADD answer. A port that vswitchd rejected is logged with its error.
+    Raises ports.BridgeMissing, CniError 106 when vswitchd reports an error (the message
+    carries it), 11 when it does not answer in time.
     """
-    seen = ports.wait_ofport(agent.ovs, port)
-    if seen is not None and seen.errors:
-        log.error("ovs-vswitchd reports errors on pod port %s: %s", port, "; ".join(seen.errors))
-        return
+    ports.attach_port(
+        agent.ovs,
+        conf.bridge,
+        host,
+        ext,
+        tag=conf.vlan,
+        trunks=conf.trunks,
+        interface_type=conf.interface_type,
+        ofport_request=conf.ofport_request,
+        wait=False,
+    )
+    seen = ports.wait_ofport(agent.ovs, host, timeout=PORT_TIMEOUT)
+    if seen is None:
+        raise CniError(
+            TRY_AGAIN_LATER,
+            f"ovs-vswitchd did not take port {host} on bridge {conf.bridge} within "
+            f"{PORT_TIMEOUT:g} s (is ovs-vswitchd running on node {agent.node_name}?)",
+        )
+    if seen.errors or not any(o > 0 for o in seen.ofports):
+        kind = f" (interface_type {conf.interface_type})" if conf.interface_type else ""
+        raise CniError(
+            OVS_FAILURE,
+            f"ovs-vswitchd refused port {host}{kind} on bridge {conf.bridge}: "
+            + ("; ".join(seen.errors) or f"ofport {list(seen.ofports)}"),
+        )
+    return seen
+
+
+def _announce(netns: str, ifname: str, mac: str, ipv4s: list[str]) -> None:
+    """Send the gratuitous ARPs (after the ADD answer; the port is in place by then)."""
     if ipv4s:
         announce(netns, ifname, mac, ipv4s)
 
@@ -307,18 +361,7 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             ports.EXT_POD: f"{req.pod_namespace}/{req.pod_name}" if req.pod_name else "",
         }
         # the OVS port and the pod side are independent once the veth exists
-        attach_future = agent.executor.submit(
-            ports.attach_port,
-            ovs,
-            conf.bridge,
-            host,
-            ext,
-            tag=conf.vlan,
-            trunks=conf.trunks,
-            interface_type=conf.interface_type,
-            ofport_request=conf.ofport_request,
-            wait=False,
-        )
+        attach_future = agent.executor.submit(_attach_confirmed, agent, conf, host, ext)
         result, recorded = ipam_future.result()
         ipam_result = result or {"ips": [], "routes": [], "dns": {}}
         ips = ipam_result.get("ips", [])
@@ -344,6 +387,8 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
                 BRIDGE_MISSING,
                 f"OVS bridge {conf.bridge} does not exist on node {agent.node_name}",
             ) from exc
+        except CniError:
+            raise
         except Exception as exc:
             raise CniError(
                 OVS_FAILURE, f"adding port {host} to bridge {conf.bridge}: {exc}"
@@ -354,7 +399,7 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             started.append(attach_future)
         wait(started)
         with contextlib.suppress(Exception):
-            if attach_future is not None and attach_future.exception() is None and host:
+            if attach_future is not None and host:  # added, even if vswitchd refused it
                 ports.detach_ports(ovs, [host])
         with contextlib.suppress(Exception):
             if host:
@@ -365,10 +410,7 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             except Exception:
                 log.exception("IPAM rollback of %s failed", req.describe())
         raise
-    agent.background(
-        f"announce:{host}",
-        lambda: _announce_when_ready(agent, host, req.netns, req.ifname, pod_mac, v4),
-    )
+    agent.background(f"announce:{host}", lambda: _announce(req.netns, req.ifname, pod_mac, v4))
     purge_soon(agent)
     return {
         "interfaces": [

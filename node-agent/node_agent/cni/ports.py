@@ -169,39 +169,84 @@ class DetachPortsCommand(command.BaseCommand):
         self.result = removed
 
 
-def _port_bridges(api: Any) -> dict[Any, str]:
-    return {port.uuid: br.name for br in api.tables["Bridge"].rows.values() for port in br.ports}
+class FindPodPortsCommand(command.ReadOnlyCommand):
+    """Read-only: our ports whose external_ids include every ``key=value`` of ``match``.
+
+    ovsdbapp runs a ReadOnlyCommand under the connection's lock, which its IDL thread holds
+    while it applies updates from ovsdb-server: reading the IDL rows from another thread
+    without it races with those updates (rows change or vanish mid-iteration). The result
+    is plain :class:`PodPort` values, safe to use after the lock is released.
+    """
+
+    def __init__(self, api: Any, match: dict[str, str]) -> None:
+        super().__init__(api)
+        self.match = match
+
+    def run_idl(self, txn: Any) -> None:
+        matched = []
+        for port in self.api.tables["Port"].rows.values():
+            ext = port.external_ids
+            if ext.get(EXT_OWNER) != OWNER:
+                continue
+            if any(ext.get(k) != v for k, v in self.match.items()):
+                continue
+            matched.append((port, dict(ext)))
+        found = []
+        if matched:
+            bridges = {
+                p.uuid: br.name for br in self.api.tables["Bridge"].rows.values() for p in br.ports
+            }
+            for port, ext in matched:
+                ifaces = port.interfaces
+                errors = tuple(e for i in ifaces for e in i.error)
+                ofports = tuple(o for i in ifaces for o in i.ofport)
+                found.append(PodPort(port.name, bridges.get(port.uuid), ext, errors, ofports))
+        self.result = found
+
+
+class BridgeExistsCommand(command.ReadOnlyCommand):
+    """Read-only: True when a Bridge row named ``bridge`` exists (see FindPodPortsCommand)."""
+
+    def __init__(self, api: Any, bridge: str) -> None:
+        super().__init__(api)
+        self.bridge = bridge
+
+    def run_idl(self, txn: Any) -> None:
+        self.result = any(b.name == self.bridge for b in self.api.tables["Bridge"].rows.values())
+
+
+class InterfaceStateCommand(command.ReadOnlyCommand):
+    """Read-only: Interface ``name`` as a :class:`PodPort` (errors, ofport), or None."""
+
+    def __init__(self, api: Any, name: str) -> None:
+        super().__init__(api)
+        self.name = name
+
+    def run_idl(self, txn: Any) -> None:
+        iface = idlutils.row_by_value(self.api.idl, "Interface", "name", self.name, None)
+        if iface is None:
+            self.result = None
+            return
+        self.result = PodPort(
+            self.name, None, dict(iface.external_ids), tuple(iface.error), tuple(iface.ofport)
+        )
 
 
 def bridge_exists(api: Any, bridge: str) -> bool:
-    """True when ``bridge`` is a row of this node's Bridge table (read from the IDL cache)."""
-    return any(b.name == bridge for b in list(api.tables["Bridge"].rows.values()))
+    """True when ``bridge`` is a row of this node's Bridge table (read under the OVSDB
+    connection's lock)."""
+    return bool(BridgeExistsCommand(api, bridge).execute(check_error=True, log_errors=False))
 
 
 def find_pod_ports(api: Any, **match: str) -> list[PodPort]:
     """Ports owned by this plugin whose external_ids include every ``key=value`` in ``match``.
 
     Keyword names are external_ids keys, e.g. ``find_pod_ports(api, contId=cid, contIface="eth0")``.
-    Reads the IDL cache (ovsdbapp keeps it in sync with the server); converts each port's
-    external_ids once and resolves bridges only for the ports that match.
+    Reads the IDL cache under the connection's lock (:class:`FindPodPortsCommand`).
     """
-    matched = []
-    for port in list(api.tables["Port"].rows.values()):
-        ext = port.external_ids
-        if ext.get(EXT_OWNER) != OWNER:
-            continue
-        if any(ext.get(k) != v for k, v in match.items()):
-            continue
-        matched.append((port, ext))
-    if not matched:
-        return []
-    bridges = _port_bridges(api)
-    found = []
-    for port, ext in matched:
-        ifaces = port.interfaces
-        errors = tuple(e for i in ifaces for e in i.error)
-        ofports = tuple(o for i in ifaces for o in i.ofport)
-        found.append(PodPort(port.name, bridges.get(port.uuid), dict(ext), errors, ofports))
+    found: list[PodPort] = FindPodPortsCommand(api, match).execute(
+        check_error=True, log_errors=False
+    )
     return found
 
 
@@ -273,17 +318,20 @@ def detach_ports(api: Any, names: list[str], *, wait: bool = False) -> list[str]
 def wait_ofport(api: Any, name: str, timeout: float = 3.0) -> PodPort | None:
     """Wait until ovs-vswitchd assigned port ``name`` an ofport (or an error); return it.
 
-    Polls the IDL cache (ovsdbapp keeps it current). None when the port vanished or
-    ``timeout`` seconds passed.
+    Polls the IDL cache (ovsdbapp keeps it current) under the connection's lock. None when
+    the port vanished or ``timeout`` seconds passed.
     """
     deadline = time.monotonic() + timeout
+    delay = 0.002
     while True:
-        iface = idlutils.row_by_value(api.idl, "Interface", "name", name, None)
-        if iface is None:
+        seen: PodPort | None = InterfaceStateCommand(api, name).execute(
+            check_error=True, log_errors=False
+        )
+        if seen is None:
             return None
-        errors, ofports = tuple(iface.error), tuple(iface.ofport)
-        if errors or any(o > 0 for o in ofports):
-            return PodPort(name, None, dict(iface.external_ids), errors, ofports)
+        if seen.errors or any(o > 0 for o in seen.ofports):
+            return seen
         if time.monotonic() > deadline:
             return None
-        time.sleep(0.01)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)

@@ -66,6 +66,13 @@ class CniRequest:
         return f"{self.command} container={self.container_id} ifname={self.ifname}{pod}"
 
 
+def valid_ifname(name: str) -> bool:
+    """Linux ``dev_valid_name()``: 1-15 bytes, not ``.``/``..``, no ``/``, ``:`` or whitespace."""
+    if not name or len(name.encode()) > 15 or name in (".", ".."):
+        return False
+    return not any(c in "/:" or c.isspace() for c in name)
+
+
 def parse_cni_args(value: str) -> dict[str, str]:
     """Split CNI_ARGS ``K=V;K=V`` into a dict; raises CniError 4 on an element without ``=``."""
     out: dict[str, str] = {}
@@ -131,6 +138,10 @@ def decode_request(env: dict[str, str], stdin: bytes) -> CniRequest:
     req.version = check_version(config)
     if not isinstance(config.get("type"), str) or not config["type"]:
         raise CniError(INVALID_CONFIG, 'network config has no "type"')
-    if len(req.ifname) > 15 or "/" in req.ifname:
-        raise CniError(INVALID_ENV, f"CNI_IFNAME {req.ifname!r} is not a valid interface name")
+    if not valid_ifname(req.ifname):
+        raise CniError(
+            INVALID_ENV,
+            f"CNI_IFNAME {req.ifname!r} is not a valid interface name (1-15 characters, not "
+            "'.' or '..', no '/', ':' or whitespace)",
+        )
     return req

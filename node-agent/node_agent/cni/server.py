@@ -62,7 +62,9 @@ class CniAgent:
     ``kube`` is a ``kubernetes.client.ApiClient`` (needed by underlay-ipam). ``host_netns``
     is the path of the node's network namespace when this process runs elsewhere (tests run
     the agent in-process); None means the process's own namespace. ``purge_interval``
-    (seconds) rate-limits the background purge of dead pod ports.
+    (seconds) rate-limits the background purge of dead pod ports. ``api_timeout`` (seconds)
+    bounds every Kubernetes API request of the IPAM (a request the server does not answer
+    fails the CNI call with code 11).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class CniAgent:
         host_netns: str | None = None,
         ovsdb_timeout: float = 10.0,
         purge_interval: float = 10.0,
+        api_timeout: float = 10.0,
     ) -> None:
         self.node_name = node_name
         self.ovsdb_remote = ovsdb
@@ -84,6 +87,7 @@ class CniAgent:
         self.host_netns = host_netns
         self.ovsdb_timeout = ovsdb_timeout
         self.purge_interval = purge_interval
+        self.api_timeout = api_timeout
         """Seconds between opportunistic purges of dead pod ports (0: after every call)."""
         self.last_purge = 0.0
         self._ipam: Any = None
@@ -138,7 +142,7 @@ class CniAgent:
                     )
                 from node_agent.ipam import Ipam
 
-                self._ipam = Ipam(self.kube, self.node_name)
+                self._ipam = Ipam(self.kube, self.node_name, request_timeout=self.api_timeout)
             return self._ipam
 
     def background(self, key: str, fn: Callable[[], object]) -> bool:
@@ -202,6 +206,8 @@ class CniAgent:
         """
         self.executor.shutdown(wait=False)
         with self._lock:
+            if self._ipam is not None:
+                self._ipam.close()
             if self._own_ovs and self._ovs is not None:
                 from node_agent.ovsdb import disconnect
 
@@ -454,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--purge-interval", type=float, default=10.0, help="seconds between dead-port purges"
     )
+    p.add_argument(
+        "--api-timeout",
+        type=float,
+        default=10.0,
+        help="seconds before an unanswered Kubernetes API request fails the CNI call (code 11)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -471,7 +483,13 @@ def main(argv: list[str] | None = None) -> int:
         from .install import install_shims
 
         install_shims(a.install_shims, a.socket)
-    agent = CniAgent(a.node_name, ovsdb=a.ovsdb, kube=kube, purge_interval=a.purge_interval)
+    agent = CniAgent(
+        a.node_name,
+        ovsdb=a.ovsdb,
+        kube=kube,
+        purge_interval=a.purge_interval,
+        api_timeout=a.api_timeout,
+    )
     server = CniServer(a.socket, agent)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
