@@ -398,6 +398,9 @@ class PassReport:
     error: str | None = None
     reason: str = ""
     skipped_pipeline: bool = False
+    quiet: bool = False
+    """Nothing the plan reads changed since the last pass, which wrote nothing: its plan is
+    this pass's plan (no diff, no status to compute)."""
     status_written: int = 0
     suspended: bool = False
     aborted: bool = False
@@ -456,6 +459,7 @@ class Reconciler:
         self._good: Rendered | None = None
         self._memo: dict[Any, Any] = {}  # plan's diff memo, kept between passes
         self._inv_cache: tuple[Any, Inventory] | None = None
+        self._quiet: tuple[tuple[Any, ...], Plan | None] | None = None
         self._lock = threading.Lock()
         self.pass_started: float | None = None
         self.last_pass_ended: float | None = None
@@ -556,6 +560,18 @@ class Reconciler:
             if res.kind in needed:
                 rep.reason = "MissingCRD"
                 raise kube.MissingCRD(res)
+        # nothing the plan reads changed since a pass that wrote nothing: same plan, same status
+        quiet = (
+            rendered.key,
+            target.key if target is not None else None,
+            ((gs.obj or {}).get("metadata") or {}).get("resourceVersion"),
+            _signature(observed),
+            tuple(r.kind for r in missing),
+        )
+        if self._quiet is not None and self._quiet[0] == quiet:
+            rep.plan, rep.quiet = self._quiet[1], True
+            self._set_error(rep, rendered, None)
+            return
         plan: Plan | None = None
         outcome: Outcome | None = None
         if target is not None:
@@ -591,6 +607,14 @@ class Reconciler:
         self._pool_gauges(observed, outcome)
         if gs.write(status):
             rep.status_written += 1
+        self._quiet = None
+        if outcome is None:  # the cluster is as observed: remember what this pass saw
+            rv = ((gs.obj or {}).get("metadata") or {}).get("resourceVersion")
+            self._quiet = ((*quiet[:2], rv, *quiet[3:]), plan)
+        self._set_error(rep, rendered, outcome)
+
+    @staticmethod
+    def _set_error(rep: PassReport, rendered: Rendered, outcome: Outcome | None) -> None:
         if rendered.desired is None:
             rep.error = f"revision {rendered.revision} is invalid ({len(rendered.errors)} error(s))"
             rep.reason = "ValidationFailed"
@@ -1086,6 +1110,15 @@ def _describe_error(exc: Exception) -> str:
     if isinstance(inner, client.ApiException):
         return redact(api_message(inner))
     return redact(str(inner) or type(inner).__name__)
+
+
+def _signature(observed: dict[Any, dict[str, Any]]) -> int:
+    """Changes when any observed object is added, removed or written (its resourceVersion)."""
+    return hash(
+        frozenset(
+            (k, (o.get("metadata") or {}).get("resourceVersion")) for k, o in observed.items()
+        )
+    )
 
 
 def _ref_dict(a: Action) -> dict[str, Any]:

@@ -71,13 +71,13 @@ class Sampler:
         return self.both
 
 
-TIMING = {"lease_duration": 1.5, "renew_deadline": 1.0, "retry_period": 0.2}
+TIMING = {"lease_duration": 3.0, "renew_deadline": 2.0, "retry_period": 0.2}
 
 
 def test_one_leader_and_takeover_after_the_lease_expires(emu: Emulator) -> None:
     a, b = elector(emu, "a", **TIMING), elector(emu, "b", **TIMING)
     a.start()
-    wait_for(a.is_leader, 5, "a leads")
+    wait_for(a.is_leader, 30, "a leads")
     b.start()
     sampler = Sampler(a, b)
     time.sleep(1.0)
@@ -89,9 +89,9 @@ def test_one_leader_and_takeover_after_the_lease_expires(emu: Emulator) -> None:
     # a crashes (stops renewing, does not release): b waits out the lease, then takes over
     t0 = time.monotonic()
     a.stop(release=False)
-    wait_for(b.is_leader, 5, "b takes over")
+    wait_for(b.is_leader, 30, "b takes over")
     took = time.monotonic() - t0
-    assert 1.3 <= took <= 3.0, took
+    assert took >= 2.8, f"took over after {took:.1f}s, before the 3 s lease ran out"
     spec = lease(emu)
     assert spec.holder_identity == "b" and spec.lease_transitions == 1
     assert sampler.close() == 0
@@ -103,28 +103,28 @@ def test_one_leader_and_takeover_after_the_lease_expires(emu: Emulator) -> None:
     t0 = time.monotonic()
     b.stop(release=True)
     assert lease(emu).holder_identity in ("", "c")
-    wait_for(c.is_leader, 5, "c takes over")
-    assert time.monotonic() - t0 < 1.0, "released: no need to wait out the lease"
+    wait_for(c.is_leader, 30, "c takes over")
+    assert time.monotonic() - t0 < 2.5, "released: no need to wait out the 3 s lease"
     c.stop()
 
 
 def test_a_leader_that_cannot_renew_stops_before_another_can_start(emu: Emulator) -> None:
     a, b = elector(emu, "a", **TIMING), elector(emu, "b", **TIMING)
     a.start()
-    wait_for(a.is_leader, 5, "a leads")
+    wait_for(a.is_leader, 30, "a leads")
     b.start()
     sampler = Sampler(a, b)
     time.sleep(0.5)
     # a's renewals fail (the API server answers 500 to its Lease writes); b's reads still work
     emu.inject_fault(r"/leases/lock$", method="PUT", status=500, count=1000)
     t0 = time.monotonic()
-    wait_for(lambda: not a.is_leader(), 5, "a steps down")
+    wait_for(lambda: not a.is_leader(), 30, "a steps down")
     stepped = time.monotonic() - t0
-    assert stepped <= 1.0 + 0.3, stepped
+    assert stepped < 3.0, f"stepped down after {stepped:.1f}s, not within the lease"
     with pytest.raises(LeadershipLost):
         a.check()
     emu.clear_faults()
-    wait_for(lambda: a.is_leader() or b.is_leader(), 5, "someone leads again")
+    wait_for(lambda: a.is_leader() or b.is_leader(), 30, "someone leads again")
     assert sampler.close() == 0, "two leaders at the same time"
     a.stop()
     b.stop()
@@ -156,8 +156,8 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 ELECT = (
-    "--leader-elect", "--leader-elect-lease-duration", "3s",
-    "--leader-elect-renew-deadline", "2s", "--leader-elect-retry-period", "0.25s",
+    "--leader-elect", "--leader-elect-lease-duration", "4s",
+    "--leader-elect-renew-deadline", "3s", "--leader-elect-retry-period", "0.25s",
     "--interval", "1s",
 )  # fmt: skip
 
@@ -188,23 +188,22 @@ def writers(world: World, since: float = 0.0) -> set[str]:
 def test_only_the_leader_writes_and_the_standby_takes_over(world: World) -> None:
     world.commit(QUICK)
     a = replica(world, "a")
-    wait_for(lambda: holder(world) == "a", 15, f"a leads ({a.log})")
-    wait_for(lambda: pool_ips(world, "pool-a"), 10, "first apply")
+    wait_for(lambda: holder(world) == "a", 30, f"a leads ({a.log})")
+    wait_for(lambda: pool_ips(world, "pool-a"), 30, "first apply")
     b = replica(world, "b")
-    wait_for(lambda: b.http("/readyz")[0] == 200, 15, f"standby ready ({b.log})")
-    wait_for(lambda: "underlay_leader 1" in a.http("/metrics")[1], 5, "a reports leading")
+    wait_for(lambda: b.http("/readyz")[0] == 200, 30, f"standby ready ({b.log})")
+    wait_for(lambda: "underlay_leader 1" in a.http("/metrics")[1], 30, "a reports leading")
     assert "underlay_leader 0" in b.http("/metrics")[1]
     # both run; a new commit is applied by the leader only
     world.commit({"pool-a.yaml": pool("pool-a", 1, ips="10-30")})
-    wait_for(lambda: pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.30"], 5, "commit applied")
+    wait_for(lambda: pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.30"], 30, "commit applied")
     # drift is reverted by the leader only
     world.custom.patch_cluster_custom_object(
         "spiderpool.spidernet.io", "v2beta1", "spiderippools", "pool-a",
         {"spec": {"gateway": "10.1.0.254"}},
     )  # fmt: skip
     wait_for(
-        lambda: (world.get(vocab.SPIDER_IPPOOL, "pool-a") or {})["spec"]["gateway"] == "10.1.0.1",
-        5, "drift reverted",
+        lambda: (world.get(vocab.SPIDER_IPPOOL, "pool-a") or {})["spec"]["gateway"] == "10.1.0.1", 30, "drift reverted",
     )  # fmt: skip
     time.sleep(1.0)
     assert writers(world) == {"a"}
@@ -212,27 +211,27 @@ def test_only_the_leader_writes_and_the_standby_takes_over(world: World) -> None
         r.is_write for r in world.emu.requests(path="/leases/") if "(b)" in r.user_agent
     ), "a standby only reads a Lease that is held"
 
-    # the leader dies without releasing: b takes over once the 3 s lease ran out
+    # the leader dies without releasing: b takes over once the 4 s lease ran out
     killed = time.time()
     a.stop(signal.SIGKILL)
     world.commit({"pool-a.yaml": pool("pool-a", 1, ips="10-40")})
-    wait_for(lambda: holder(world) == "b", 10, f"b takes over ({b.log})")
+    wait_for(lambda: holder(world) == "b", 30, f"b takes over ({b.log})")
     took = time.time() - killed
-    assert 2.5 <= took <= 6.0, took
-    wait_for(lambda: pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.40"], 5, "b applies")
+    assert took >= 3.5, f"took over after {took:.1f}s, before the 4 s lease ran out"
+    wait_for(lambda: pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.40"], 30, "b applies")
     assert writers(world, since=killed) == {"b"}
     assert "underlay_leader 1" in b.http("/metrics")[1]
     assert world.condition("Ready")["status"] == "True"
 
     # b stops cleanly: it releases the Lease and c takes over without waiting out the lease
     c = replica(world, "c")
-    wait_for(lambda: c.http("/readyz")[0] == 200, 15, "c ready")
+    wait_for(lambda: c.http("/readyz")[0] == 200, 30, "c ready")
     stopped = time.time()
     assert b.stop() == 0
-    wait_for(lambda: holder(world) == "c", 10, "c takes over")
-    assert time.time() - stopped < 2.5
+    wait_for(lambda: holder(world) == "c", 30, "c takes over")
+    assert time.time() - stopped < 3.5, "released: no need to wait out the 4 s lease"
     world.commit({"pool-a.yaml": pool("pool-a", 1, ips="10-50")})
-    wait_for(lambda: pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.50"], 5, "c applies")
+    wait_for(lambda: pool_ips(world, "pool-a") == ["10.1.0.10-10.1.0.50"], 30, "c applies")
     assert writers(world, since=stopped + 0.5) <= {"c"}
     spec = client.CoordinationV1Api(world.api).read_namespaced_lease(LEASE, NS).spec
-    assert spec.lease_transitions == 2 and spec.lease_duration_seconds == 3
+    assert spec.lease_transitions == 2 and spec.lease_duration_seconds == 4

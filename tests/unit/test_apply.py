@@ -233,6 +233,10 @@ def test_first_pass_dry_runs_everything_then_writes_in_dependency_order(world: W
     world.emu.reset_requests()
     again = rec.run_once()
     assert again.skipped_pipeline and again.outcome is None and again.converged
+    assert not again.quiet, "the first pass after writes plans again"
+    # nothing changed since a pass that wrote nothing: answered without diffing anything
+    third = rec.run_once()
+    assert third.quiet and third.converged and third.plan is again.plan
     assert world.writes() == []
     # nor does a fresh process (no cache), although server defaults were added to the objects
     assert smc_live["spec"].get("enableCoordinator") is True, "the CRD default was applied"
@@ -412,13 +416,14 @@ def test_hand_edit_is_reported_and_reverted_on_the_next_pass(world: World) -> No
     world.commit(QUICK)
     rec = world.reconciler()
     assert rec.run_once().converged
+    assert rec.run_once().outcome is None  # a quiet state
     _hand_edit_gateway(world, "10.1.0.254")
     world.custom.delete_namespaced_custom_object(
         "k8s.cni.cncf.io", "v1", "kube-system", "network-attachment-definitions", "net-a"
     )
     world.emu.reset_requests()
     rep = rec.run_once()
-    assert rep.converged, rep.error
+    assert rep.converged and not rep.quiet, rep.error
     assert sorted(applied(rep)) == [
         "create NetworkAttachmentDefinition kube-system/net-a",
         "update SpiderIPPool pool-a",

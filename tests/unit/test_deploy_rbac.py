@@ -185,27 +185,27 @@ def test_reconciler_rbac_covers_every_request_and_nothing_more(tmp_path: Path) -
                     "--leader-elect-lease-duration", "3s", "--leader-elect-renew-deadline", "2s",
                     "--leader-elect-retry-period", "0.5s", identity="rbac")  # fmt: skip
         procs.append(p)
-        wait_for(lambda: pool_ips(w, "pool-b"), 15, f"first apply ({p.log})")
+        wait_for(lambda: pool_ips(w, "pool-b"), 30, f"first apply ({p.log})")
         # drift (changed and deleted), then an update and the prune of every other kind
         w.custom.patch_cluster_custom_object(
             "spiderpool.spidernet.io", "v2beta1", "spiderippools", "pool-a",
             {"spec": {"gateway": "10.1.0.254"}},
         )  # fmt: skip
         w.custom.delete_cluster_custom_object("underlay.dev", "v1alpha1", "ovsbridges", "br1")
-        wait_for(lambda: w.get(vocab.OVS_BRIDGE, "br1"), 10, "drift reverted")
+        wait_for(lambda: w.get(vocab.OVS_BRIDGE, "br1"), 30, "drift reverted")
         w.commit({
             "pool-a.yaml": pool("pool-a", 1, ips="10-30"), "pool-b.yaml": None,
             "smc.yaml": None, "bridge.yaml": None,
         })  # fmt: skip
-        wait_for(lambda: w.get(vocab.OVS_BRIDGE, "br1") is None, 10, "prune")
+        wait_for(lambda: w.get(vocab.OVS_BRIDGE, "br1") is None, 30, "prune")
         when = dt.datetime.now(dt.UTC).isoformat()
         w.custom.patch_namespaced_custom_object(
             "underlay.dev", "v1alpha1", NS, "gitsyncs", "underlay",
             {"metadata": {"annotations": {ANNO_RECONCILE_REQUESTED: when}}},
         )  # fmt: skip
-        wait_for(lambda: w.status().get("lastHandledReconcileAt") == when, 10, "annotation")
+        wait_for(lambda: w.status().get("lastHandledReconcileAt") == when, 30, "annotation")
         w.commit({"pool-a.yaml": pool("pool-a", 1, gateway="192.168.0.1")})
-        wait_for(lambda: w.condition("Ready")["reason"] == "ValidationFailed", 10, "invalid")
+        wait_for(lambda: w.condition("Ready")["reason"] == "ValidationFailed", 30, "invalid")
         assert p.stop(signal.SIGTERM) == 0  # releases the Lease
         for cmd in ("plan", "apply"):
             r = subprocess.run(
