@@ -333,15 +333,27 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
     if not os.path.exists(req.netns):
         raise CniError(UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
     ovs = agent.ovs
-    if not ports.bridge_exists(ovs, conf.bridge):
+    try:
+        present = ports.bridge_exists(ovs, conf.bridge)
+        # a retried ADD (runtime restarted mid-way) replaces what the first try left
+        agent.wait_deferred((req.netns, req.ifname))
+        _remove(agent, ports.find_pod_ports(ovs, contId=req.container_id, contIface=req.ifname))
+    except CniError:
+        raise
+    except LinkError as exc:
+        raise CniError(LINK_FAILURE, str(exc)) from exc
+    except Exception as exc:  # ovsdbapp timeouts, a lost connection
+        raise CniError(
+            TRY_AGAIN_LATER,
+            f"OVSDB {agent.ovsdb_remote or 'of the agent'} on node {agent.node_name}: "
+            f"{type(exc).__name__}: {exc}",
+        ) from exc
+    if not present:
         raise CniError(
             BRIDGE_MISSING,
             f"OVS bridge {conf.bridge} does not exist on node {agent.node_name} "
             f"(OVSDB {agent.ovsdb_remote or 'of the agent'})",
         )
-    # a retried ADD (runtime restarted mid-way) replaces what the first try left
-    agent.wait_deferred((req.netns, req.ifname))
-    _remove(agent, ports.find_pod_ports(ovs, contId=req.container_id, contIface=req.ifname))
 
     ipam_future = agent.executor.submit(_ipam_add, agent, req, conf)
     attach_future: Future[ports.PodPort] | None = None
@@ -474,7 +486,10 @@ def cmd_check(agent: CniAgent, req: CniRequest) -> None:
         raise CniError(CHECK_FAILED, f"port {port.name} has OVS errors: {'; '.join(port.errors)}")
     if not link_exists(port.name, agent.host_netns):
         raise CniError(CHECK_FAILED, f"host veth {port.name} is missing on node {agent.node_name}")
-    state = pod_interface_state(req.netns, req.ifname)
+    try:
+        state = pod_interface_state(req.netns, req.ifname)
+    except (OSError, LinkError) as exc:
+        raise CniError(CHECK_FAILED, f"cannot read {req.ifname} in {req.netns}: {exc}") from exc
     if state is None:
         raise CniError(CHECK_FAILED, f"{req.ifname} is missing in {req.netns}")
     prev_result = parse(prev, who="prevResult")

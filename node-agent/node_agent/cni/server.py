@@ -443,6 +443,24 @@ class CniServer:
         self.stop()
 
 
+def ipam_api_client(kubeconfig: str | None = None) -> Any:
+    """A ``kubernetes.client.ApiClient`` for the CNI calls: connection failures are retried
+    twice, a request that was sent is never retried by the transport.
+
+    The generated client's default (urllib3 ``Retry(3)``) re-sends a PUT whose answer timed
+    out, so one hung request would hold a CNI call for four request timeouts; the IPAM
+    retries conflicts itself and the runtime retries a failed ADD. Source: urllib3 ``Retry``.
+    """
+    from kubernetes import client
+    from urllib3.util.retry import Retry
+
+    from reconciler.kube import load_configuration
+
+    cfg = load_configuration(kubeconfig)
+    cfg.retries = Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0)
+    return client.ApiClient(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m node_agent.cni.server``: serve until SIGTERM/SIGINT. Prints ``ready`` once listening."""
     p = argparse.ArgumentParser(
@@ -475,10 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     if not a.node_name:
         p.error("--node-name (or NODE_NAME) is required")
     kube = None
-    from reconciler.kube import api_client, has_cluster_config
+    from reconciler.kube import has_cluster_config
 
     if has_cluster_config(a.kubeconfig):
-        kube = api_client(a.kubeconfig)
+        kube = ipam_api_client(a.kubeconfig)
     if a.install_shims:
         from .install import install_shims
 
