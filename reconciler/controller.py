@@ -650,7 +650,11 @@ class Reconciler:
         handled = requested or prev.get("lastHandledReconcileAt")
         if handled:
             st["lastHandledReconcileAt"] = handled
-        st["inventory"] = inventory.to_list()
+        old_inv = self._inv_cache[1] if self._inv_cache is not None else None
+        if old_inv is not None and inventory == old_inv and "inventory" in prev:
+            st["inventory"] = prev["inventory"]  # unchanged: no need to rebuild 1000s of dicts
+        else:
+            st["inventory"] = inventory.to_list()
         if plan is not None and plan.blocked:
             st["blocked"] = [
                 {**_ref_dict(a), "op": (a.blocked_op or Op.UPDATE).value, "reason": a.reason}
@@ -1165,7 +1169,12 @@ def next_inventory(
             if id(a) in done:
                 entries[a.key] = Entry(a.resource, a.namespace, a.name, uids.get(a.key), d)
             elif a.op is Op.UNCHANGED:
-                entries[a.key] = Entry(a.resource, a.namespace, a.name, live_uid, d)
+                same = prev is not None and prev.uid == live_uid and prev.digest == d
+                entries[a.key] = (
+                    prev
+                    if same and prev is not None
+                    else Entry(a.resource, a.namespace, a.name, live_uid, d)
+                )
             elif a.op is Op.BLOCKED:
                 if a.live is not None and owned_by(a.live, instance):
                     entries[a.key] = prev or Entry(a.resource, a.namespace, a.name, live_uid)
