@@ -31,6 +31,7 @@ Cluster-scoped kinds have ``namespace`` None.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -57,6 +58,7 @@ __all__ = [
     "DEFAULT_MAX_NODES",
     "DEFAULT_NAMESPACE",
     "ERROR",
+    "MAX_SAFE_INTEGER",
     "WARNING",
     "YAML_SUFFIXES",
     "Document",
@@ -80,6 +82,17 @@ DEFAULT_MAX_ALIAS_NODES = 50_000
 
 DEFAULT_MAX_DEPTH = 64
 """Deepest nesting of mappings/sequences accepted in one document (``nesting-limit``)."""
+
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Largest integer magnitude accepted in a document (``number-out-of-range`` beyond it).
+
+Kubernetes stores int64, but JSON clients (kubectl's JavaScript-based UIs, jq, many languages)
+read numbers as IEEE 754 doubles: only integers up to 2^53-1 are exact (RFC 8259 section 6,
+Kubernetes API conventions "Primitive types"). No field of our kinds needs more."""
+
+_MAX_INT_TEXT = 64
+"""Integer scalars with more significant characters than this are out of range unconverted
+(int() refuses more than 4300 digits, and sexagesimal 1:2:3... grows quadratically)."""
 
 DEFAULT_NAMESPACE = "default"
 """Namespace given to a namespaced object without ``metadata.namespace`` (kubectl's default)."""
@@ -394,7 +407,7 @@ class _Builder:
         m = node.start_mark
         self.marks[path] = (m.line + 1, m.column + 1)
         if isinstance(node, ScalarNode):
-            return self._scalar(node)
+            return self._scalar(node, path)
         if depth >= self.max_depth:
             raise _Abort(
                 self._problem(
@@ -443,7 +456,7 @@ class _Builder:
             )
         )
 
-    def _scalar(self, node: ScalarNode) -> Any:
+    def _scalar(self, node: ScalarNode, path: JSONPath) -> Any:
         tag = node.tag
         if tag in (_STR, _TIMESTAMP):
             return node.value
@@ -452,11 +465,66 @@ class _Builder:
         if tag == _BOOL:
             return SafeConstructor.bool_values[node.value.lower()]
         if tag == _INT:
-            return _CONSTRUCTOR.construct_yaml_int(node)
+            return self._int(node, path)
         if tag == _FLOAT:
-            return _CONSTRUCTOR.construct_yaml_float(node)
+            return self._float(node, path)
         self._unsupported_tag(node)
         return node.value
+
+    def _int(self, node: ScalarNode, path: JSONPath) -> int | str | None:
+        """An int of magnitude at most MAX_SAFE_INTEGER; None (with a problem) beyond it; the text itself
+        when it only looks like an int (``0b_``), as go-yaml keeps it a string."""
+        text = node.value.replace("_", "")
+        body = text.lstrip("+-")
+        if body[:2].lower() in ("0x", "0b", "0o"):
+            body = body[2:]
+        if len(body.lstrip("0")) > _MAX_INT_TEXT:
+            self._out_of_range(node, path)
+            return None
+        try:
+            value: int = _CONSTRUCTOR.construct_yaml_int(node)
+        except ValueError:
+            return node.value
+        if abs(value) > MAX_SAFE_INTEGER:
+            self._out_of_range(node, path)
+            return None
+        return value
+
+    def _float(self, node: ScalarNode, path: JSONPath) -> float | str | None:
+        """A finite float; None (with a problem) for .inf, .nan or an overflow like 1e999."""
+        try:
+            value: float = _CONSTRUCTOR.construct_yaml_float(node)
+        except ValueError:
+            return node.value
+        if not math.isfinite(value):
+            self.problems.append(
+                replace(
+                    self._problem(
+                        node,
+                        "number-out-of-range",
+                        f"number {_short(node.value)} is not finite: JSON and Kubernetes "
+                        "cannot store infinity or NaN",
+                        "write a finite number",
+                    ),
+                    field=format_path(path),
+                )
+            )
+            return None
+        return value
+
+    def _out_of_range(self, node: ScalarNode, path: JSONPath) -> None:
+        self.problems.append(
+            replace(
+                self._problem(
+                    node,
+                    "number-out-of-range",
+                    f"integer {_short(node.value)} is out of range: Kubernetes clients read "
+                    f"integers exactly only up to 2^53-1 ({MAX_SAFE_INTEGER}) in magnitude",
+                    "write a number within the field's range",
+                ),
+                field=format_path(path),
+            )
+        )
 
     def _key(self, node: Node) -> str | None:
         if isinstance(node, ScalarNode):
@@ -542,6 +610,13 @@ class _Builder:
             if isinstance(merged, dict):
                 for k, v in merged.items():
                     out.setdefault(k, v)
+
+
+def _short(text: str) -> str:
+    """``text`` for a message, elided in the middle when longer than 24 characters."""
+    if len(text) <= 24:
+        return text
+    return f"{text[:10]}...{text[-6:]} ({len(text)} characters)"
 
 
 # --- reading files --------------------------------------------------------------------------

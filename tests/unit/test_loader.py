@@ -313,6 +313,45 @@ def test_unsupported_tag_and_non_string_key() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("9" * 4301, "9999999999...999999 (4301 characters)"),  # int() refuses > 4300 digits
+        ("9" * 100_000, "9999999999...999999 (100000 characters)"),
+        ("9007199254740992", "9007199254740992"),  # 2^53: the first integer JSON reads wrongly
+        ("-9007199254740992", "-9007199254740992"),
+        ("0x20000000000000", "0x20000000000000"),
+        ("1" + ":59" * 12, "1:59:59:59...:59:59 (37 characters)"),  # sexagesimal, YAML 1.1
+    ],
+)
+def test_integers_beyond_2_53_are_problems_not_crashes(value: str, shown: str) -> None:
+    res = load_text(POOL + f"  x: {value}\n", "big.yaml")
+    assert lines(res.problems) == [
+        f"big.yaml:12:6: error: SpiderIPPool ippool-test spec.x: integer {shown} is out of range: "
+        "Kubernetes clients read integers exactly only up to 2^53-1 (9007199254740991) in "
+        "magnitude (write a number within the field's range)"
+    ]
+    assert res.documents[0].obj["spec"]["x"] is None  # dropped, never half-converted
+
+
+def test_numbers_that_fit_and_int_lookalikes_load() -> None:
+    text = POOL + "  a: 9007199254740991\n  b: -0x1F\n  c: 1_000\n  d: 0b_\n  e: 0o17\n  f: 1.5e+3\n"
+    res = load_text(text, "n.yaml")
+    assert res.problems == []
+    spec = res.documents[0].obj["spec"]
+    # go-yaml (YAML 1.1) keeps a scalar it cannot convert as a string: so do we ("0b_")
+    assert [spec[k] for k in "abcdef"] == [2**53 - 1, -31, 1000, "0b_", "0o17", 1500.0]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.Inf", ".nan", "1.0e+999"])
+def test_non_finite_numbers_are_problems(value: str) -> None:
+    res = load_text(POOL + f"  x: {value}\n", "f.yaml")
+    assert lines(res.problems) == [
+        f"f.yaml:12:6: error: SpiderIPPool ippool-test spec.x: number {value} is not finite: JSON "
+        "and Kubernetes cannot store infinity or NaN (write a finite number)"
+    ]
+
+
 def test_not_utf8(tmp_path: Path) -> None:
     write(tmp_path, {"latin1.yaml": "apiVersion: v1\nkind: Pod\n# caf\xe9\n".encode("latin-1")})
     res = load_repo(tmp_path)
