@@ -1,12 +1,17 @@
 """Output formats of ``underlay validate``: text, json, github, junit, sarif.
 
 - ``text``: one :meth:`Problem.format` line per problem, then a summary line; ANSI colour only
-  when asked for (``use_color``: a TTY and no ``NO_COLOR``, https://no-color.org).
+  when asked for (``use_color``: a TTY and no ``NO_COLOR``, https://no-color.org). File and
+  object names come from pull requests, so control characters in any part of a line are
+  written escaped (``\x1b``, ``\n``; see :func:`printable`): a name cannot move the cursor,
+  recolour the terminal or forge another line.
 - ``json``: ``{"version": 1, "summary": {...}, "problems": [Problem.to_dict(), ...]}``.
 - ``github``: GitHub Actions workflow commands (``::error file=...,line=...,col=...,title=...::``)
-  so findings show as annotations on the pull request.
+  so findings show as annotations on the pull request (control characters escaped as in
+  ``text``, then the workflow-command escapes).
 - ``junit``: JUnit XML, one test case per file read (failing when it has errors), as CI
-  systems (GitLab, Jenkins) display test reports.
+  systems (GitLab, Jenkins) display test reports (control characters escaped: XML 1.0 cannot
+  hold them).
 - ``sarif``: SARIF 2.1.0 (OASIS), one run, every rule of ``reconciler.rules.RULES`` listed,
   one result per problem, for GitHub code scanning and other SARIF viewers.
 """
@@ -15,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -75,6 +81,47 @@ def use_color(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
 
 _RESET, _BOLD, _RED, _YELLOW, _DIM = "\033[0m", "\033[1m", "\033[31m", "\033[33m", "\033[2m"
 
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match[str]) -> str:
+    ch = m.group()
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(s: str) -> str:
+    """``s`` with control characters escaped the way Python writes them in a string literal.
+
+    C0 controls (ESC becomes ``\x1b``, newline ``\n``), DEL, C1 controls and the Unicode
+    line separators and bidirectional overrides/isolates (Trojan Source, CVE-2021-42574,
+    shown as ``\u202e``) are escaped; everything else, non-ASCII letters included, is kept.
+    """
+    return _UNPRINTABLE.sub(_escape, s) if _UNPRINTABLE.search(s) else s
+
+
+def _safe(p: Problem) -> Problem:
+    """``p`` with every text field passed through :func:`printable`."""
+    fields: dict[str, Any] = {
+        k: printable(v)
+        for k, v in (
+            ("file", p.file),
+            ("kind", p.kind),
+            ("namespace", p.namespace),
+            ("name", p.name),
+            ("field", p.field),
+            ("message", p.message),
+            ("hint", p.hint),
+        )
+        if isinstance(v, str) and _UNPRINTABLE.search(v)
+    }
+    return replace(p, **fields) if fields else p
+
 
 def _color_line(p: Problem) -> str:
     sev_color = _RED if p.severity == ERROR else _YELLOW
@@ -88,6 +135,7 @@ def _color_line(p: Problem) -> str:
 
 def text(problems: Sequence[Problem], summary: Summary, *, color: bool = False) -> str:
     """Human-readable lines plus the summary line (see module docstring)."""
+    problems = [_safe(p) for p in problems]
     lines = [_color_line(p) if color else p.format() for p in problems]
     lines.append(summary.line())
     return "\n".join(lines) + "\n"
@@ -121,7 +169,7 @@ def _gh_prop(s: str) -> str:
 def github(problems: Sequence[Problem], summary: Summary) -> str:
     """GitHub Actions workflow commands, one per problem, then the summary line."""
     lines = []
-    for p in problems:
+    for p in map(_safe, problems):
         level = "error" if p.severity == ERROR else "warning"
         body = p.format().split(f": {p.severity}: ", 1)[1]
         props = (
@@ -135,8 +183,8 @@ def github(problems: Sequence[Problem], summary: Summary) -> str:
 
 def junit(problems: Sequence[Problem], summary: Summary, files: Sequence[str]) -> str:
     """JUnit XML: one test case per file (files without problems pass)."""
-    by_file: dict[str, list[Problem]] = {f: [] for f in files}
-    for p in problems:
+    by_file: dict[str, list[Problem]] = {printable(f): [] for f in files}
+    for p in map(_safe, problems):
         by_file.setdefault(p.file, []).append(p)
     failures = sum(1 for ps in by_file.values() if any(p.severity == ERROR for p in ps))
     suites = ET.Element(
@@ -271,4 +319,4 @@ def render(
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-__all__ = ["FORMATS", "WARNING", "Summary", "render", "use_color"]
+__all__ = ["FORMATS", "WARNING", "Summary", "printable", "render", "use_color"]
