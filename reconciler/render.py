@@ -8,6 +8,9 @@ instance. No I/O here: same input, same output.
 NetworkAttachmentDefinition naming and annotations follow Spiderpool's SpiderMultusConfig
 controller (reference/spiderpool.md); the CNI config list uses our plugins (DESIGN.md, "What the
 reconciler writes").
+
+Render trusts the validator but never crashes on what slips past it: a document it cannot
+turn into objects raises ValueError naming the object and its file:line.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import netaddr
 
 from reconciler import vocab
+from reconciler.rules_multus import cni_config_problem, strict_json
 from reconciler.vocab import Resource
 
 
@@ -98,12 +102,15 @@ def cni_plugins(smc: Mapping[str, Any]) -> list[dict[str, Any]]:
     macvlan/ipvlan -> the reference ``macvlan``/``ipvlan`` plugin on ``master`` (``master.vlanID``
     when a VLAN is set) with ``underlay-ipam``; custom -> ``customCNI`` verbatim. Spiderpool's
     coordinator plugin is not rendered (underlay has none). Raises ValueError for a cniType we
-    cannot render (vlan, sriov, ib-sriov, ipoib), naming it.
+    cannot render (vlan, sriov, ib-sriov, ipoib), naming it, and for a config the validator
+    refuses (an ovs section without bridge, a customCNI that is not a CNI configuration).
     """
     spec = smc.get("spec") or {}
     cni_type = spec.get("cniType", "custom")
     if cni_type == "ovs":
         ovs = spec.get("ovs") or {}
+        if not isinstance(ovs.get("bridge"), str) or not ovs["bridge"]:
+            raise ValueError("cniType ovs needs spec.ovs.bridge")
         plugin: dict[str, Any] = {"type": vocab.CNI_OVS_TYPE, "bridge": ovs["bridge"]}
         if ovs.get("vlan"):
             plugin["vlan"] = ovs["vlan"]
@@ -133,8 +140,16 @@ def cni_plugins(smc: Mapping[str, Any]) -> list[dict[str, Any]]:
         raw = spec.get("customCNI")
         if not raw:
             return []
-        conf = json.loads(raw)
-        return list(conf["plugins"]) if "plugins" in conf else [conf]
+        try:
+            conf = strict_json(raw)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"customCNI is not usable JSON: {exc}") from None
+        if not isinstance(conf, dict):
+            raise ValueError("customCNI must be a JSON object")
+        why = cni_config_problem(conf)
+        if why:
+            raise ValueError(f"customCNI is not a CNI configuration: {why}")
+        return copy.deepcopy(list(conf["plugins"])) if "plugins" in conf else [conf]
     raise ValueError(
         f"cniType {cni_type!r} is not supported by underlay (ovs, macvlan, ipvlan, custom)"
     )
@@ -195,15 +210,23 @@ def render(documents: Iterable[Any], instance: str = vocab.DEFAULT_INSTANCE) -> 
         res = vocab.BY_KEY.get((obj.get("apiVersion"), obj.get("kind")))
         if res is None or res not in vocab.USER_KINDS:
             continue
-        d = Desired(res, _labelled(obj, instance), source=source)
-        if res is vocab.SPIDER_IPPOOL:
-            _default_ip_version(d.body)
+        try:
+            d = Desired(res, _labelled(obj, instance), source=source)
+            _ = d.key  # metadata.name must be there
+            if res is vocab.SPIDER_IPPOOL:
+                _default_ip_version(d.body)
+            nad = render_nad(obj, instance) if res is vocab.SPIDER_MULTUS_CONFIG else None
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise ValueError(
+                f"cannot render {_ref(res, obj)}{' (' + source + ')' if source else ''}: "
+                f"{_reason(exc)}; run underlay validate on the repository"
+            ) from None
         by_kind[res.kind].append(d)
-        if res is vocab.SPIDER_MULTUS_CONFIG:
+        if nad is not None:
             nads.append(
                 Desired(
                     vocab.NETWORK_ATTACHMENT_DEFINITION,
-                    render_nad(obj, instance),
+                    nad,
                     source=source,
                     owner=d.key,
                     rendered_from=d.ref(),
@@ -224,6 +247,22 @@ def _default_ip_version(pool: dict[str, Any]) -> None:
             spec["ipVersion"] = netaddr.IPNetwork(
                 str(spec["subnet"])
             ).version  # else: the validator reports it
+
+
+def _ref(res: Resource, obj: Mapping[str, Any]) -> str:
+    """``Kind namespace/name`` of a document for an error message, whatever its shape."""
+    md = obj.get("metadata")
+    md = md if isinstance(md, Mapping) else {}
+    ns, name = md.get("namespace"), md.get("name")
+    return f"{res.kind} {ns + '/' if isinstance(ns, str) and ns else ''}{name!s}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing field {exc.args[0]!r}" if exc.args else "a field is missing"
+    if isinstance(exc, RecursionError):
+        return "nesting too deep"
+    return str(exc) or type(exc).__name__
 
 
 def _source(doc: Any) -> str:
