@@ -50,6 +50,12 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
     ("missing-kind", _E, "load", "a document has no kind"),
     ("unknown-kind", _E, "load", "a kind underlay does not read from Git"),
     ("wrong-apiversion", _E, "load", "a known kind with an apiVersion underlay does not read"),
+    (
+        "number-out-of-range",
+        _E,
+        "load",
+        "an integer beyond 2^53-1 in magnitude, or a number that is not finite (.inf, .nan)",
+    ),
     # JSON Schema
     ("unknown-field", _E, "schema", "a field the schema does not define (typo?)"),
     ("missing-field", _E, "schema", "a required field is absent"),
@@ -65,6 +71,13 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
     ("duplicate-object", _E, "semantic", "the same kind/namespace/name is defined twice"),
     ("namespace-defaulted", _W, "semantic", "a namespaced object has no namespace (default used)"),
     ("status-ignored", _W, "semantic", "status in Git is ignored"),
+    (
+        "label-selector-invalid",
+        _E,
+        "semantic",
+        "a LabelSelector expression lacks the values In/NotIn need, or has values "
+        "Exists/DoesNotExist forbid",
+    ),
     # SpiderIPPool
     ("subnet-invalid", _E, "semantic", "subnet is not a CIDR"),
     (
@@ -72,6 +85,12 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
         _E,
         "semantic",
         "subnet has host bits set or is not in canonical form",
+    ),
+    (
+        "subnet-reserved",
+        _E,
+        "semantic",
+        "subnet is loopback, multicast, link-local, unspecified or IPv4-mapped",
     ),
     ("ip-version-mismatch", _E, "semantic", "ipVersion does not match the subnet's family"),
     ("ip-invalid", _E, "semantic", "an address or range is malformed"),
@@ -81,6 +100,20 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
     ("gateway-outside-subnet", _E, "semantic", "gateway lies outside the subnet"),
     ("gateway-allocatable", _E, "semantic", "gateway is inside ips and not excluded"),
     (
+        "gateway-network-or-broadcast",
+        _E,
+        "semantic",
+        "gateway is the network or broadcast address of an IPv4 subnet",
+    ),
+    (
+        "ip-network-or-broadcast",
+        _E,
+        "semantic",
+        "ips hand out the network or broadcast address of an IPv4 subnet",
+    ),
+    ("gateway-in-other-pool", _E, "semantic", "gateway is an address another pool hands out"),
+    ("pool-too-large", _W, "semantic", "ips minus excludeIPs exceed Spiderpool's 5000 records"),
+    (
         "route-invalid",
         _E,
         "semantic",
@@ -89,6 +122,8 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
     ("route-default", _E, "semantic", "routes holds a default route (use gateway)"),
     ("route-gateway-outside-subnet", _E, "semantic", "a route gw lies outside the subnet"),
     ("route-duplicate", _E, "semantic", "two routes have the same dst"),
+    ("route-gateway-allocatable", _E, "semantic", "a route gw is an address a pool hands out"),
+    ("route-to-own-subnet", _W, "semantic", "a route's dst is the pool's own on-link subnet"),
     ("subnet-overlap", _E, "semantic", "subnets of one family overlap without being identical"),
     ("ip-overlap", _E, "semantic", "two pools hand out the same addresses"),
     ("multus-name-invalid", _E, "semantic", "a multusName entry is not name or namespace/name"),
@@ -103,6 +138,30 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
     ("cni-type-unsupported", _E, "semantic", "cniType underlay cannot render"),
     ("custom-cni-invalid-json", _E, "semantic", "customCNI is not a JSON object"),
     ("chain-cni-invalid-json", _E, "semantic", "a chainCNIJsonData entry is not a JSON object"),
+    (
+        "custom-cni-invalid-config",
+        _E,
+        "semantic",
+        "customCNI is not a CNI config ({type}) or config list ({plugins: [{type}...]})",
+    ),
+    (
+        "chain-cni-invalid-plugin",
+        _E,
+        "semantic",
+        "a chainCNIJsonData entry is not a CNI plugin config (a string type)",
+    ),
+    (
+        "master-name-invalid",
+        _E,
+        "semantic",
+        "a macvlan/ipvlan master or bond name is not a Linux interface name",
+    ),
+    (
+        "vlan-interface-name-too-long",
+        _E,
+        "semantic",
+        "master.vlanID is longer than Linux's 15-character interface name limit",
+    ),
     ("bond-required", _E, "semantic", "two or more master interfaces without bond"),
     ("trunk-entry-invalid", _E, "semantic", "a trunk entry is neither {id} nor {minID, maxID}"),
     ("trunk-range-reversed", _E, "semantic", "a trunk entry has minID above maxID"),
@@ -123,6 +182,20 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
     ),
     # OvsBridge
     ("bridge-name-invalid", _E, "semantic", "the bridge name is not a valid interface name"),
+    (
+        "bridge-object-name-invalid",
+        _E,
+        "semantic",
+        "an OvsBridge name is over 63 characters (it labels its OvsBridgeEnactments)",
+    ),
+    ("uplink-name-invalid", _E, "semantic", "an uplink is not a valid Linux interface name"),
+    ("bridge-is-uplink", _E, "semantic", "a bridge has the name of another OvsBridge's uplink"),
+    (
+        "bridge-name-like-nic",
+        _W,
+        "semantic",
+        "a bridge is named like a physical NIC (eth*, en*, ib*, wl*, bond*)",
+    ),
     ("bridge-conflict", _E, "semantic", "two OvsBridges define one bridge on the same nodes"),
     ("uplink-conflict", _E, "semantic", "one NIC is an uplink of two bridges on the same nodes"),
     ("uplink-duplicate", _E, "semantic", "an uplink is listed twice"),

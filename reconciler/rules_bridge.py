@@ -1,30 +1,74 @@
 """Semantic rules of OvsBridge (underlay.dev/v1alpha1, schemas/underlay.dev_v1alpha1_OvsBridge.json).
 
-The bridge name (``spec.bridge``, else ``metadata.name``) is also a Linux interface name (at
-most 15 characters, IFNAMSIZ - 1); an uplink is listed once and is not the bridge itself;
-``nodeOverrides`` name each node once. Across objects, two OvsBridges whose equality
-``nodeSelector``s can select one node may not make the same bridge or share an uplink NIC.
+Per object: the bridge name (``spec.bridge``, else ``metadata.name``) and every uplink are
+Linux interface names (Linux ``dev_valid_name()``: at most 15 characters, IFNAMSIZ - 1; not
+"." or ".."; the schema pattern refuses "/", ":" and whitespace); an uplink is listed once
+and is not the bridge itself; ``nodeOverrides`` name each node once; ``metadata.name`` is at
+most 63 characters, because the node agent puts it in the ``underlay.dev/bridge`` label of
+every OvsBridgeEnactment; ``nodeSelector`` keys and values are valid labels; a bridge named
+like a physical NIC (eth*, en*, ib*, wl*, bond*) gets a warning.
+
+Across objects, for OvsBridges whose equality ``nodeSelector``s can select one node: they may
+not make the same bridge, and no NIC is an uplink of two bridges on any node, taking
+``nodeOverrides`` into account (an override replaces the uplinks on its node). No bridge may
+be named like an uplink of another OvsBridge. Two documents that duplicate one object are
+never compared with each other.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from reconciler.loader import Document, Problem
-from reconciler.rules_common import Context, bridge_name, selectors_overlap
+from reconciler import vocab
+from reconciler.loader import WARNING, Document, Problem
+from reconciler.rules_common import (
+    Context,
+    bridge_name,
+    check_label_map,
+    duplicates,
+    ifname_problem,
+    selectors_overlap,
+)
 
 IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 """Linux interface names we accept: 1-15 characters of letters, digits, ``_ . -``."""
+
+NIC_LIKE = re.compile(r"^(eth|en|ib|wl|bond)")
+"""Prefixes of the names Linux and udev give physical NICs and bonds (``bridge-name-like-nic``)."""
+
+LABEL_VALUE_MAX = 63
+"""Longest label value (Kubernetes API conventions); OvsBridge names become one."""
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+"""Well-known node label holding the node name (a nodeSelector on it selects one node)."""
+
+
+def _bridge_path(doc: Document) -> tuple[str, ...]:
+    return ("spec", "bridge") if doc.get(("spec", "bridge")) else ("metadata", "name")
 
 
 def check_bridge(doc: Document, ctx: Context) -> list[Problem]:
     """Per-object rules (see module docstring)."""
     out: list[Problem] = []
+    if doc.name is not None and len(doc.name) > LABEL_VALUE_MAX:
+        out.append(
+            doc.problem(
+                ("metadata", "name"),
+                rule="bridge-object-name-invalid",
+                message=f"OvsBridge name has {len(doc.name)} characters: the node agent labels "
+                f"each OvsBridgeEnactment {vocab.LABEL_ENACTMENT_BRIDGE}=<name>, and label "
+                f"values are at most {LABEL_VALUE_MAX} characters",
+                hint=f"write a name of at most {LABEL_VALUE_MAX} characters, e.g. "
+                f"{doc.name[:LABEL_VALUE_MAX].rstrip('-.')}",
+            )
+        )
     spec = doc.get(("spec",))
     if not isinstance(spec, dict):
         return out
     bridge = bridge_name(doc)
+    explicit = spec.get("bridge")
     if "bridge" not in spec and doc.name is not None and not IFNAME.match(doc.name):
         out.append(
             doc.problem(
@@ -35,6 +79,17 @@ def check_bridge(doc: Document, ctx: Context) -> list[Problem]:
                 hint="set spec.bridge to a name of at most 15 characters, e.g. br1",
             )
         )
+    elif isinstance(explicit, str) and explicit in (".", ".."):
+        out.append(
+            doc.problem(
+                ("spec", "bridge"),
+                rule="bridge-name-invalid",
+                message=f'bridge "{explicit}" is not a Linux interface name: '
+                f"{ifname_problem(explicit)}",
+                hint="write a name such as br1",
+            )
+        )
+    out += check_label_map(doc, ("spec", "nodeSelector"), spec.get("nodeSelector"))
     uplinks = spec.get("uplinks")
     if isinstance(uplinks, list):
         out += _check_uplinks(doc, ("spec", "uplinks"), uplinks, bridge)
@@ -73,6 +128,16 @@ def _check_uplinks(
     for i, nic in enumerate(uplinks):
         if not isinstance(nic, str):
             continue
+        if nic in (".", ".."):
+            out.append(
+                doc.problem(
+                    (*base, i),
+                    rule="uplink-name-invalid",
+                    message=f'uplink "{nic}" is not a Linux interface name: {ifname_problem(nic)}',
+                    hint="write the NIC's name as `ip link` shows it on the node, e.g. eth0",
+                )
+            )
+            continue
         if nic in seen:
             out.append(
                 doc.problem(
@@ -101,8 +166,56 @@ def _where(doc: Document, path: tuple[str | int, ...]) -> str:
     return f"{doc.path}:{line}:{col}"
 
 
+@dataclass
+class _Uplinks:
+    """Where one OvsBridge puts which NIC: its default uplinks (every node it selects that has
+    no override with uplinks) and, per overridden node, the override's uplinks."""
+
+    doc: Document
+    bridge: str
+    selector: Any
+    default: list[tuple[str, tuple[str | int, ...]]]
+    per_node: dict[str, list[tuple[str, tuple[str | int, ...]]]]
+
+    @classmethod
+    def of(cls, doc: Document, bridge: str) -> _Uplinks:
+        def nics(
+            value: Any, base: tuple[str | int, ...]
+        ) -> list[tuple[str, tuple[str | int, ...]]]:
+            if not isinstance(value, list):
+                return []
+            return [(n, (*base, i)) for i, n in enumerate(value) if isinstance(n, str)]
+
+        per_node: dict[str, list[tuple[str, tuple[str | int, ...]]]] = {}
+        overrides = doc.get(("spec", "nodeOverrides"))
+        for i, o in enumerate(overrides if isinstance(overrides, list) else ()):
+            if isinstance(o, dict) and isinstance(o.get("nodeName"), str) and "uplinks" in o:
+                per_node.setdefault(
+                    o["nodeName"], nics(o["uplinks"], ("spec", "nodeOverrides", i, "uplinks"))
+                )
+        return cls(
+            doc,
+            bridge,
+            doc.get(("spec", "nodeSelector")),
+            nics(doc.get(("spec", "uplinks")), ("spec", "uplinks")),
+            per_node,
+        )
+
+    def may_select(self, node: str) -> bool:
+        """False only when the nodeSelector pins another node by ``kubernetes.io/hostname``."""
+        sel = self.selector
+        return not (isinstance(sel, dict) and sel.get(HOSTNAME_LABEL, node) != node)
+
+    def on(self, node: str | None) -> list[tuple[str, tuple[str | int, ...]]]:
+        """Uplinks on ``node`` (None: a node without an override)."""
+        if node is not None and node in self.per_node:
+            return self.per_node[node]
+        return self.default
+
+
 def check_bridge_conflicts(ctx: Context) -> list[Problem]:
-    """``bridge-conflict`` and ``uplink-conflict`` between OvsBridges that can share a node.
+    """``bridge-conflict``, ``uplink-conflict``, ``bridge-is-uplink`` and the
+    ``bridge-name-like-nic`` warning (see module docstring).
 
     Pairs are compared with selectors extracted once; a thousand per-rack bridges on one
     uplink name (disjoint selectors) cost half a million cheap dict comparisons.
@@ -126,45 +239,123 @@ def check_bridge_conflicts(ctx: Context) -> list[Problem]:
                 None,
             )
             if other is not None:
-                path = ("spec", "bridge") if d.get(("spec", "bridge")) else ("metadata", "name")
-                opath = (
-                    ("spec", "bridge") if other.get(("spec", "bridge")) else ("metadata", "name")
-                )
                 out.append(
                     d.problem(
-                        path,
+                        _bridge_path(d),
                         rule="bridge-conflict",
                         message=f"bridge {name} is also made by {other.ref()} "
-                        f"({_where(other, opath)}) on nodes both select",
+                        f"({_where(other, _bridge_path(other))}) on nodes both select",
                         hint="keep one OvsBridge per bridge, or give the nodeSelectors different values for one label",
                     )
                 )
     bridges = sorted(
-        ((d, name) for name, docs in ctx.bridges.items() for d in docs),
-        key=lambda t: order[id(t[0])],
+        (_Uplinks.of(d, name) for name, docs in ctx.bridges.items() for d in docs),
+        key=lambda u: order[id(u.doc)],
     )
-    owners: dict[str, list[tuple[Document, int, str, Any]]] = {}
-    for d, bname in bridges:
-        uplinks = d.get(("spec", "uplinks"))
-        if not isinstance(uplinks, list):
-            continue
-        sel = selector[id(d)]
-        for i, nic in enumerate(uplinks):
-            if not isinstance(nic, str):
-                continue
-            for e, j, ename, esel in owners.get(nic, ()):
-                if e is d or ename == bname:
-                    continue  # same object, or a bridge-conflict already reported
-                if selectors_overlap(sel, esel):
-                    out.append(
-                        d.problem(
-                            ("spec", "uplinks", i),
-                            rule="uplink-conflict",
-                            message=f"uplink {nic} is also an uplink of {e.ref()} "
-                            f"({_where(e, ('spec', 'uplinks', j))}) on nodes both select",
-                            hint="a NIC can be the uplink of one bridge only; use another NIC or disjoint nodeSelectors",
-                        )
-                    )
-                    break
-            owners.setdefault(nic, []).append((d, i, bname, sel))
+    out += _uplink_conflicts(bridges)
+    out += _bridge_names_vs_uplinks(bridges)
     return out
+
+
+def _uplink_conflicts(bridges: list[_Uplinks]) -> list[Problem]:
+    """``uplink-conflict``: one NIC on two bridges of one node, reported on the later entry.
+
+    A node is either one an override names (finitely many, compared exactly) or any other
+    node (both bridges use their default uplinks there; they meet when the selectors overlap).
+    """
+    out: list[Problem] = []
+    # NIC -> earlier (bridge, node scope, path); node scope None = nodes without override
+    owners: dict[str, list[tuple[_Uplinks, str | None, tuple[str | int, ...]]]] = {}
+    for u in bridges:
+        entries = [(None, nic, path) for nic, path in u.default] + [
+            (node, nic, path) for node, nics in u.per_node.items() for nic, path in nics
+        ]
+        reported: set[tuple[str | int, ...]] = set()
+        for node, nic, path in entries:
+            for e, enode, epath in owners.get(nic, ()):
+                if e.bridge == u.bridge or duplicates(e.doc, u.doc) or path in reported:
+                    continue  # bridge-conflict or duplicate-object covers it
+                if not selectors_overlap(u.selector, e.selector):
+                    continue
+                where = _conflict_node(u, node, e, enode, nic)
+                if where is False:
+                    continue
+                on = f" on node {where}" if isinstance(where, str) else " on nodes both select"
+                out.append(
+                    u.doc.problem(
+                        path,
+                        rule="uplink-conflict",
+                        message=f"uplink {nic} is also an uplink of {e.doc.ref()} "
+                        f"({_where(e.doc, epath)}){on}",
+                        hint="a NIC can be the uplink of one bridge only; use another NIC"
+                        + (
+                            f" in the override for {where}"
+                            if isinstance(where, str)
+                            else " or disjoint nodeSelectors"
+                        ),
+                    )
+                )
+                reported.add(path)
+        for node, nic, path in entries:
+            owners.setdefault(nic, []).append((u, node, path))
+    return out
+
+
+def _conflict_node(
+    u: _Uplinks, node: str | None, e: _Uplinks, enode: str | None, nic: str
+) -> str | bool:
+    """Where ``nic`` (an uplink of ``u`` on ``node`` and of ``e`` on ``enode``) is on both:
+    a node name, True for "nodes both select" (both defaults), False for nowhere."""
+    if node is None and enode is None:
+        return True
+    if node is not None and enode is not None:
+        return node if node == enode else False
+    named = node if node is not None else enode
+    assert named is not None
+    generic = e if node is not None else u  # the one using its default uplinks there
+    if named in generic.per_node or not (u.may_select(named) and e.may_select(named)):
+        return False  # its override replaces the default uplinks on that node
+    return named
+
+
+def _bridge_names_vs_uplinks(bridges: list[_Uplinks]) -> list[Problem]:
+    """``bridge-is-uplink`` against every other OvsBridge; else ``bridge-name-like-nic``."""
+    uplink_of: dict[str, tuple[_Uplinks, tuple[str | int, ...]]] = {}
+    for u in bridges:
+        for nic, path in u.default + [p for nics in u.per_node.values() for p in nics]:
+            uplink_of.setdefault(nic, (u, path))
+    out: list[Problem] = []
+    for u in bridges:
+        if u.doc.name is None:
+            continue
+        hit = uplink_of.get(u.bridge)
+        if hit is not None and hit[0] is not u and not duplicates(hit[0].doc, u.doc):
+            e, epath = hit
+            out.append(
+                u.doc.problem(
+                    _bridge_path(u.doc),
+                    rule="bridge-is-uplink",
+                    message=f"bridge {u.bridge} has the name of an uplink of {e.doc.ref()} "
+                    f"({_where(e.doc, epath)}): the bridge's internal interface and that NIC "
+                    "cannot both exist on a node",
+                    hint=f"rename the bridge, e.g. {_suggest(u.bridge)}",
+                )
+            )
+        elif NIC_LIKE.match(u.bridge):
+            out.append(
+                u.doc.problem(
+                    _bridge_path(u.doc),
+                    rule="bridge-name-like-nic",
+                    severity=WARNING,
+                    message=f"bridge {u.bridge} is named like a physical NIC: on a node that "
+                    "has a NIC of that name the node agent refuses to make the bridge (Git "
+                    "cannot tell which nodes have it)",
+                    hint=f"name bridges apart from NICs, e.g. {_suggest(u.bridge)}",
+                )
+            )
+    return out
+
+
+def _suggest(bridge: str) -> str:
+    """A bridge name that cannot be a NIC's: ``br-<name>`` when it fits 15 characters."""
+    return f"br-{bridge}" if len(bridge) <= 12 else "br1"

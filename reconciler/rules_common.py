@@ -28,7 +28,9 @@ class PoolInfo:
 
     ``net``: the subnet (canonical network) or None; ``family``: 4, 6 or None;
     ``entries``: (field path, (version, first, last)) of the valid ``ips`` entries;
-    ``allocatable``: merged (version, first, last) integer spans of ips minus excludeIPs.
+    ``allocatable``: merged (version, first, last) integer spans of ips minus excludeIPs;
+    ``gateway``: the parsed gateway (netaddr.IPAddress) or None; ``route_gws``: (field path,
+    parsed route gw) of the valid route gateways.
     """
 
     doc: Document
@@ -36,6 +38,8 @@ class PoolInfo:
     family: int | None = None
     entries: list[tuple[tuple[str | int, ...], Any]] = field(default_factory=list)
     allocatable: list[tuple[int, int, int]] = field(default_factory=list)
+    gateway: Any = None
+    route_gws: list[tuple[tuple[str | int, ...], Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -44,7 +48,8 @@ class Context:
 
     ``pools``: SpiderIPPool by name; ``nads``: SpiderMultusConfig by (namespace, name of the
     NetworkAttachmentDefinition it renders); ``bridges``: OvsBridge by the bridge name it
-    makes; ``pool_info``: parsed pools (filled by the SpiderIPPool rules).
+    makes; ``pool_info``: parsed pools (filled by the SpiderIPPool rules); ``partial``: the
+    documents are only some files of the repository (see :attr:`scope`).
     """
 
     documents: list[Document]
@@ -52,11 +57,28 @@ class Context:
     nads: dict[tuple[str, str], list[Document]] = field(default_factory=dict)
     bridges: dict[str, list[Document]] = field(default_factory=dict)
     pool_info: dict[int, PoolInfo] = field(default_factory=dict)
+    partial: bool = False
+
+    @property
+    def scope(self) -> str:
+        """Where references were looked for: "the repository" or "the files checked"."""
+        return "the files checked" if self.partial else "the repository"
+
+    def outside_note(self, what: str, done: str = "managed") -> str:
+        """Hint tail for a reference not found: where else ``what`` may legitimately be
+        ``done`` ("managed", "made")."""
+        if self.partial:
+            return (
+                f"fine if {what} is {done} outside Git or defined in a file not checked here: a "
+                "pre-commit hook passes only the changed files, so CI should check the whole "
+                "repository"
+            )
+        return f"fine if {what} is {done} outside Git"
 
     @classmethod
-    def build(cls, documents: Iterable[Document]) -> Context:
+    def build(cls, documents: Iterable[Document], *, partial: bool = False) -> Context:
         """Index ``documents`` (all kinds; documents without a name are left out)."""
-        ctx = cls(list(documents))
+        ctx = cls(list(documents), partial=partial)
         for d in ctx.documents:
             if d.name is None:
                 continue
@@ -254,3 +276,105 @@ def selectors_overlap(a: Any, b: Any) -> bool:
     if not isinstance(a, dict) or not isinstance(b, dict):
         return True
     return all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
+def duplicates(a: Document, b: Document) -> bool:
+    """Whether two documents define the same object (kind/namespace/name): the pair gets one
+    ``duplicate-object`` error, never cross-object problems against itself."""
+    return a.name is not None and a.key() == b.key()
+
+
+_IFNAME_BAD = re.compile(r"[/:\s]")
+
+
+def ifname_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a Linux network interface name, or None when it can.
+
+    Linux ``dev_valid_name()`` (net/core/dev.c): not empty, shorter than IFNAMSIZ (16, so at
+    most 15 characters), not "." or "..", no "/", ":" or whitespace.
+    """
+    if not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return f'"{name}" names a directory in /sys/class/net and /proc/sys/net, never an interface'
+    if len(name) > 15:
+        return f"it has {len(name)} characters; Linux allows at most 15 (IFNAMSIZ 16 with the NUL)"
+    if _IFNAME_BAD.search(name):
+        return "Linux interface names may not hold '/', ':' or whitespace"
+    return None
+
+
+_OPERATORS_WITH_VALUES = ("In", "NotIn")
+_OPERATORS_WITHOUT_VALUES = ("Exists", "DoesNotExist")
+
+
+def check_label_selector(
+    doc: Document, path: tuple[str | int, ...], selector: Any
+) -> list[Problem]:
+    """A metav1.LabelSelector (k8s.io/apimachinery ValidateLabelSelector).
+
+    ``matchLabels`` keys are qualified names and values label values (``label-invalid``);
+    each ``matchExpressions`` entry has a qualified ``key``, operators In/NotIn need a non-empty
+    ``values`` list, Exists/DoesNotExist must not have values (``label-selector-invalid``),
+    and every value is a label value (``label-invalid``).
+    """
+    if not isinstance(selector, dict):
+        return []
+    out = check_label_map(doc, (*path, "matchLabels"), selector.get("matchLabels"))
+    exprs = selector.get("matchExpressions")
+    if not isinstance(exprs, list):
+        return out
+    for i, expr in enumerate(exprs):
+        if not isinstance(expr, dict):
+            continue
+        base = (*path, "matchExpressions", i)
+        key = expr.get("key")
+        if isinstance(key, str) and key:
+            reason = _qualified_key_problem(key)
+            if reason:
+                out.append(
+                    doc.problem(
+                        (*base, "key"),
+                        rule="label-invalid",
+                        message=f'label key "{key}" is not valid: {reason}',
+                        hint="write a key like example.com/name",
+                    )
+                )
+        op = expr.get("operator")
+        values = expr.get("values")
+        if op in _OPERATORS_WITH_VALUES and (values is None or values == []):
+            out.append(
+                doc.problem(
+                    (*base, "values") if "values" in expr else (*base, "operator"),
+                    rule="label-selector-invalid",
+                    message=f"operator {op} needs at least one value (Kubernetes refuses to "
+                    "evaluate a selector with an empty In or NotIn list)",
+                    hint=f"add values: [<label value>], or use operator "
+                    f"{'Exists' if op == 'In' else 'DoesNotExist'} to test only the key",
+                )
+            )
+        elif op in _OPERATORS_WITHOUT_VALUES and isinstance(values, list) and values:
+            out.append(
+                doc.problem(
+                    (*base, "values"),
+                    rule="label-selector-invalid",
+                    message=f"operator {op} tests only whether the key is present and must not "
+                    "have values",
+                    hint=f"remove values, or use operator {'In' if op == 'Exists' else 'NotIn'} "
+                    "to match these values",
+                    at_key=True,
+                )
+            )
+        if isinstance(values, list):
+            for j, v in enumerate(values):
+                if isinstance(v, str) and (len(v) > 63 or not _LABEL_VALUE.match(v)):
+                    out.append(
+                        doc.problem(
+                            (*base, "values", j),
+                            rule="label-invalid",
+                            message=f'label value "{v}" is not valid: at most 63 letters, digits, '
+                            "'-', '_' or '.', starting and ending with a letter or digit",
+                            hint="shorten it or replace the other characters with '-'",
+                        )
+                    )
+    return out

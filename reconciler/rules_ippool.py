@@ -1,11 +1,17 @@
 """Semantic rules of SpiderIPPool (Spiderpool 1.2.x, reference/spiderpool.md), with netaddr.
 
-Per pool: canonical subnet, ipVersion against the subnet, every ``ips``/``excludeIPs`` entry a
-valid IP or ``first-last`` range (first <= last) inside the subnet, gateway inside the subnet
+Per pool: canonical subnet of unicast addresses (not loopback, multicast, link-local,
+unspecified or IPv4-mapped), ipVersion against the subnet, every ``ips``/``excludeIPs`` entry a
+valid IP or ``first-last`` range (first <= last) inside the subnet, no IPv4 network or
+broadcast address handed out, gateway inside the subnet, not the network or broadcast address
 and not allocatable unless excluded, routes (no default route, canonical dst of the pool's
-family, gw inside the subnet, no duplicate dst), multusName syntax and references.
+family, gw inside the subnet and not a pod address, no duplicate dst, a warning for a route to
+the pool's own subnet), at most 5000 allocatable addresses (Spiderpool's record limit, a
+warning), multusName syntax and references.
 Across pools: subnets of one family overlap only when identical; no address is allocatable
-from two pools.
+from two pools; no pool's gateway or route gw is an address another pool hands out. Two
+documents that duplicate one object are never compared with each other (``duplicate-object``
+reports them once).
 
 Addresses are written as Spiderpool (Go ``net.ParseIP``) reads them: no spaces, no zone, no
 leading zeros; a canonical CIDR is what Go's ``net.IPNet.String()`` prints (RFC 5952 for IPv6).
@@ -20,10 +26,32 @@ from typing import Any
 import netaddr
 
 from reconciler import vocab
-from reconciler.loader import WARNING, Document, Problem, format_path
-from reconciler.rules_common import Context, PoolInfo
+from reconciler.loader import MAX_SAFE_INTEGER, WARNING, Document, Problem, format_path
+from reconciler.rules_common import Context, PoolInfo, check_label_selector, duplicates
 
 Path = tuple[str | int, ...]
+
+MAX_POOL_RECORDS = 5000
+"""Allocation records one SpiderIPPool holds: Spiderpool's SPIDERPOOL_IPPOOL_MAX_ALLOCATED_IPS
+default (pkg/ippoolmanager/config.go ``defaultMaxAllocatedIPs``); the node agent's IPAM keeps
+the same limit."""
+
+RESERVED_BLOCKS: tuple[tuple[netaddr.IPNetwork, str], ...] = tuple(
+    (netaddr.IPNetwork(cidr), what)
+    for cidr, what in (
+        ("0.0.0.0/8", "unspecified ('this network', RFC 1122)"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("255.255.255.255/32", "the limited broadcast address"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("::ffff:0:0/96", "IPv4-mapped (RFC 4291 2.5.5.2; write the IPv4 subnet instead)"),
+        ("fe80::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+    )
+)
+"""Address blocks a pod subnet may not touch: pods cannot be given these addresses on a link."""
 
 
 def parse_ip(text: str) -> netaddr.IPAddress | None:
@@ -228,6 +256,8 @@ def check_pool(doc: Document, ctx: Context) -> list[Problem]:
                 hint=f"write ipVersion: {net.version}, or leave it out",
             )
         )
+    if net is not None:
+        out += _check_reserved(doc, net.cidr)
     info.net = net.cidr if net is not None else None
     info.family = net.version if net is not None else (version if version in (4, 6) else None)
 
@@ -258,6 +288,9 @@ def check_pool(doc: Document, ctx: Context) -> list[Problem]:
     spans.setdefault("ips", [])
     spans.setdefault("excludeIPs", [])
     info.allocatable = subtract_spans(spans["ips"], spans["excludeIPs"])
+    if net is not None:
+        out += _check_network_broadcast(doc, spec, info, net.cidr)
+    out += _check_size(doc, spec, info)
 
     gateway = spec.get("gateway")
     if isinstance(gateway, str):
@@ -280,6 +313,17 @@ def check_pool(doc: Document, ctx: Context) -> list[Problem]:
                     hint=f"use an address inside {canonical(net)}",
                 )
             )
+        elif net is not None and (edge := _network_or_broadcast(net.cidr, int(gw))):
+            host = net.cidr.first + 1 if edge == "network" else net.cidr.last - 1
+            out.append(
+                doc.problem(
+                    ("spec", "gateway"),
+                    rule="gateway-network-or-broadcast",
+                    message=f"gateway {gateway} is the {edge} address of subnet "
+                    f"{canonical(net)}, not a router's address",
+                    hint=f"write the router's host address, e.g. {netaddr.IPAddress(host, 4)}",
+                )
+            )
         elif span_contains(spans["ips"], gw.version, int(gw)) and not span_contains(
             spans["excludeIPs"], gw.version, int(gw)
         ):
@@ -300,14 +344,113 @@ def check_pool(doc: Document, ctx: Context) -> list[Problem]:
                     hint=f"add {gateway} to excludeIPs, or take it out of ips",
                 )
             )
-    out += _check_routes(doc, spec.get("routes"), net, info.family)
+        if gw is not None and (net is None or gw in net):
+            info.gateway = gw
+    out += _check_routes(doc, spec.get("routes"), net, info)
     out += _check_multus_names(doc, ctx, spec.get("multusName"))
+    for selector in ("podAffinity", "namespaceAffinity", "nodeAffinity"):
+        out += check_label_selector(doc, ("spec", selector), spec.get(selector))
     return out
 
 
-def _check_routes(
-    doc: Document, routes: Any, net: netaddr.IPNetwork | None, family: int | None
+def _check_reserved(doc: Document, net: netaddr.IPNetwork) -> list[Problem]:
+    """``subnet-reserved``: the subnet touches a block of :data:`RESERVED_BLOCKS`."""
+    for block, what in RESERVED_BLOCKS:
+        if block.version != net.version or block.last < net.first or net.last < block.first:
+            continue
+        inside = net.first >= block.first and net.last <= block.last
+        why = f"is {what}" if inside else f"contains {block} ({what})"
+        example = "172.18.0.0/16" if net.version == 4 else "fd00:18::/64"
+        return [
+            doc.problem(
+                ("spec", "subnet"),
+                rule="subnet-reserved",
+                message=f"subnet {net} {why}: pods cannot use these addresses on a network",
+                hint=f"use a unicast subnet of the network the pods attach to, e.g. {example}",
+            )
+        ]
+    return []
+
+
+def _network_or_broadcast(net: netaddr.IPNetwork, value: int) -> str | None:
+    """The word "network" or "broadcast" when ``value`` is that address of IPv4 ``net``
+    (prefix <= 30; /31 and /32 have neither, RFC 3021), else None."""
+    if net.version != 4 or net.prefixlen > 30:
+        return None
+    if value == net.first:
+        return "network"
+    if value == net.last:
+        return "broadcast"
+    return None
+
+
+def _check_network_broadcast(
+    doc: Document, spec: dict[str, Any], info: PoolInfo, net: netaddr.IPNetwork
 ) -> list[Problem]:
+    """``ip-network-or-broadcast``: an allocatable IPv4 network or broadcast address."""
+    if net.version != 4 or net.prefixlen > 30:
+        return []
+    out: list[Problem] = []
+    for edge, value in (("network", net.first), ("broadcast", net.last)):
+        if not span_contains(info.allocatable, 4, value):
+            continue
+        addr = netaddr.IPAddress(value, 4)
+        for path, (v, first, last) in info.entries:
+            if v != 4 or not first <= value <= last:
+                continue
+            text = spec["ips"][path[2]]
+            if first == last:
+                message = f'"{text}" is the {edge} address of subnet {net}'
+                hint = f"remove it, or add {addr} to excludeIPs"
+            elif edge == "network":
+                message = f'"{text}" includes {addr}, the network address of subnet {net}'
+                hint = f"start the range at {netaddr.IPAddress(value + 1, 4)}, or add {addr} to excludeIPs"
+            else:
+                message = f'"{text}" includes {addr}, the broadcast address of subnet {net}'
+                hint = f"end the range at {netaddr.IPAddress(value - 1, 4)}, or add {addr} to excludeIPs"
+            out.append(
+                doc.problem(
+                    path,
+                    rule="ip-network-or-broadcast",
+                    message=message + "; hosts on the subnet do not take it for a pod's address",
+                    hint=hint,
+                )
+            )
+            break
+    return out
+
+
+def _check_size(doc: Document, spec: dict[str, Any], info: PoolInfo) -> list[Problem]:
+    """``pool-too-large``: more allocatable addresses than a pool keeps records for."""
+    total = sum(b - a + 1 for _v, a, b in info.allocatable)
+    if total <= MAX_POOL_RECORDS:
+        return []
+    message = (
+        f"ips minus excludeIPs hold {total} addresses, but a SpiderIPPool keeps at most "
+        f"{MAX_POOL_RECORDS} allocation records, so the rest is never handed out"
+    )
+    if total > MAX_SAFE_INTEGER:
+        message += (
+            f"; totalIPCount is also capped at {MAX_SAFE_INTEGER} (2^53-1), the largest count "
+            "JSON clients read exactly"
+        )
+    return [
+        doc.problem(
+            ("spec", "ips"),
+            rule="pool-too-large",
+            severity=WARNING,
+            message=message,
+            hint=f"narrow ips to at most {MAX_POOL_RECORDS} addresses, or split the range into "
+            "several pools",
+            at_key=True,
+        )
+    ]
+
+
+def _check_routes(
+    doc: Document, routes: Any, net: netaddr.IPNetwork | None, info: PoolInfo
+) -> list[Problem]:
+    family = info.family
     if not isinstance(routes, list):
         return []
     out: list[Problem] = []
@@ -368,6 +511,18 @@ def _check_routes(
                     )
                 else:
                     seen[dst] = i
+                if net is not None and d.cidr == net.cidr:
+                    out.append(
+                        doc.problem(
+                            path,
+                            rule="route-to-own-subnet",
+                            severity=WARNING,
+                            message=f"route dst {dst} is the pool's own subnet: pods reach "
+                            "it on-link through the route their address brings, and a second "
+                            "route to it through a gateway conflicts with that one",
+                            hint="remove this route",
+                        )
+                    )
         gw_text = route.get("gw")
         if isinstance(gw_text, str):
             path = ("spec", "routes", i, "gw")
@@ -390,6 +545,8 @@ def _check_routes(
                         hint=f"use a next hop inside {canonical(net)}",
                     )
                 )
+            else:
+                info.route_gws.append((path, gw))
     return out
 
 
@@ -427,8 +584,8 @@ def _check_multus_names(doc: Document, ctx: Context, names: Any) -> list[Problem
                     path,
                     rule="multus-config-not-found",
                     severity=WARNING,
-                    message=f"no SpiderMultusConfig in the repository renders {key[0]}/{key[1]}",
-                    hint="check the name; fine if that Multus config is managed outside Git",
+                    message=f"no SpiderMultusConfig in {ctx.scope} renders {key[0]}/{key[1]}",
+                    hint=f"check the name; {ctx.outside_note('that Multus config')}",
                 )
             )
     return out
@@ -461,6 +618,8 @@ def _subnet_overlaps(infos: list[PoolInfo]) -> list[Problem]:
             if stack:
                 outer = by_net[stack[-1]][0]
                 for info in by_net[n]:
+                    if duplicates(info.doc, outer.doc):
+                        continue
                     out.append(
                         info.doc.problem(
                             ("spec", "subnet"),
@@ -499,6 +658,8 @@ def _ip_overlaps(infos: list[PoolInfo]) -> list[Problem]:
             heapq.heappush(active, (last, first, i))
         for (i, j), (lo, hi) in sorted(pairs.items()):
             earlier, later = infos[i], infos[j]
+            if duplicates(earlier.doc, later.doc):
+                continue
             if order[id(earlier)] > order[id(later)]:
                 earlier, later = later, earlier
             path = next(
@@ -521,3 +682,94 @@ def _ip_overlaps(infos: list[PoolInfo]) -> list[Problem]:
                 )
             )
     return out
+
+
+class _SpanIndex:
+    """Allocatable spans of every pool, for point lookups (spans of two pools may overlap when
+    ``ip-overlap`` is reported, so a lookup scans back while a running maximum of span ends
+    still reaches the point: O(log n) when pools are disjoint)."""
+
+    def __init__(self, infos: list[PoolInfo]) -> None:
+        rows = sorted((v, a, b, k) for k, info in enumerate(infos) for v, a, b in info.allocatable)
+        self.keys = [(v, a) for v, a, _b, _k in rows]
+        self.rows = rows
+        self.reach: list[tuple[int, int]] = []
+        best = (0, -1)
+        for v, _a, b, _k in rows:
+            best = max(best, (v, b)) if best[0] == v else (v, b)
+            self.reach.append(best)
+
+    def owners(self, version: int, value: int) -> list[int]:
+        """Indexes of the pools whose allocatable spans hold ``value`` (of ``version``)."""
+        i = bisect.bisect_right(self.keys, (version, value)) - 1
+        found: list[int] = []
+        while i >= 0 and self.reach[i][0] == version and self.reach[i][1] >= value:
+            v, a, b, k = self.rows[i]
+            if v == version and a <= value <= b:
+                found.append(k)
+            i -= 1
+        return sorted(set(found))
+
+
+def check_addresses_across_pools(ctx: Context) -> list[Problem]:
+    """``gateway-in-other-pool`` and ``route-gateway-allocatable`` (after :func:`check_pool`).
+
+    A gateway that another pool hands out would be given to a pod by IPAM (pods of this pool
+    then send their traffic to that pod); a route gw that any pool hands out, this one
+    included, likewise. Duplicates of one object are not compared with each other.
+    """
+    infos = [ctx.pool_info[id(d)] for d in ctx.documents if id(d) in ctx.pool_info]
+    if not infos:
+        return []
+    index = _SpanIndex(infos)
+    out: list[Problem] = []
+    for info in infos:
+        doc = info.doc
+        gw = info.gateway
+        if gw is not None:
+            for k in index.owners(gw.version, int(gw)):
+                other = infos[k]
+                if other is info or duplicates(doc, other.doc):
+                    continue
+                path = _entry_path(other, gw.version, int(gw))
+                out.append(
+                    doc.problem(
+                        ("spec", "gateway"),
+                        rule="gateway-in-other-pool",
+                        message=f"gateway {gw} is an address {other.doc.ref()} hands to pods "
+                        f'("{other.doc.get(path)}" at {_where(other.doc, path)}); IPAM would '
+                        "give this pool's gateway to a pod",
+                        hint=f"add {gw} to the excludeIPs of {other.doc.name}, or take it out of "
+                        "its ips",
+                    )
+                )
+                break
+        for path, rgw in info.route_gws:
+            for k in index.owners(rgw.version, int(rgw)):
+                other = infos[k]
+                if other is not info and duplicates(doc, other.doc):
+                    continue
+                opath = _entry_path(other, rgw.version, int(rgw))
+                whose = (
+                    "this pool" if other is info else other.doc.ref()
+                ) + f' ("{other.doc.get(opath)}" at {_where(other.doc, opath)})'
+                out.append(
+                    doc.problem(
+                        path,
+                        rule="route-gateway-allocatable",
+                        message=f"route gw {rgw} is an address {whose} hands to pods, not a "
+                        "router's",
+                        hint=f"write the router's address, or add {rgw} to the excludeIPs of "
+                        + ("this pool" if other is info else str(other.doc.name)),
+                    )
+                )
+                break
+    return out
+
+
+def _entry_path(info: PoolInfo, version: int, value: int) -> Path:
+    """Path of the ``ips`` entry of ``info`` holding ``value`` (``spec.ips`` if none)."""
+    return next(
+        (p for p, (v, a, b) in info.entries if v == version and a <= value <= b),
+        ("spec", "ips"),
+    )

@@ -1,9 +1,13 @@
 """Semantic rules of SpiderMultusConfig (Spiderpool 1.2.x, reference/spiderpool.md).
 
 Exactly one per-type section matching ``cniType`` (``custom``, the default, has none and may
-carry ``customCNI``); JSON in ``customCNI``/``chainCNIJsonData``; two or more ``master``
-interfaces need ``bond``; OVS trunk entries; references to OvsBridges and SpiderIPPools of the
-repository (missing ones are warnings: they may be managed outside Git); the
+carry ``customCNI``); ``customCNI`` is a CNI network configuration (``{"type": ...}``) or
+configuration list (``{"plugins": [{"type": ...}, ...]}``) and each ``chainCNIJsonData`` entry
+one plugin configuration (CNI spec 1.0.0, section "Configuration format"); two or more
+``master`` interfaces need ``bond``; master and bond names are Linux interface names, and the
+VLAN interface ``<master>.<vlanID>`` Spiderpool makes for ``vlanID`` fits Linux's 15
+characters; OVS trunk entries; references to OvsBridges and SpiderIPPools of the repository
+(missing ones are warnings: they may be managed outside Git); the
 NetworkAttachmentDefinition names the configs render must not collide.
 """
 
@@ -11,11 +15,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from typing import Any
 
 from reconciler import vocab
-from reconciler.loader import WARNING, Document, Problem
-from reconciler.rules_common import Context, check_dns1123, nad_name
+from reconciler.loader import MAX_SAFE_INTEGER, WARNING, Document, Problem
+from reconciler.rules_common import Context, check_dns1123, ifname_problem, nad_name
 from reconciler.rules_ippool import parse_multus_name
 
 SECTIONS = ("macvlan", "ipvlan", "ovs")
@@ -31,14 +36,104 @@ _EXAMPLE = {
 }
 
 
+class _JSONValueError(ValueError):
+    """A JSON number Kubernetes clients and CNI plugins cannot read (see :func:`strict_json`)."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > 16 or abs(int(text)) > MAX_SAFE_INTEGER:
+        raise _JSONValueError(
+            f"integer {text[:24]}{'...' if len(text) > 24 else ''} is beyond 2^53-1"
+        )
+    return int(text)
+
+
+def _parse_constant(text: str) -> Any:
+    raise _JSONValueError(f"{text} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JSONValueError(f"number {text[:24]} overflows a double")
+    return value
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` as RFC 8259 reads it: no NaN/Infinity, finite numbers, integers within
+    2^53-1 (so no 4300-digit conversion error). Raises ValueError (json.JSONDecodeError for
+    syntax) or RecursionError for absurd nesting."""
+    return json.loads(
+        text, parse_int=_parse_int, parse_constant=_parse_constant, parse_float=_parse_float
+    )
+
+
 def _json_object_problem(text: str) -> str | None:
     try:
-        value = json.loads(text)
+        value = strict_json(text)
     except json.JSONDecodeError as exc:
         return f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    except RecursionError:
+        return "is not usable JSON: it nests too deeply"
+    except ValueError as exc:
+        return f"is not usable JSON: {exc}"
     if not isinstance(value, dict):
         return "must be a JSON object ({...})"
     return None
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {json.dumps(value)}"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def plugin_problem(plugin: Any, where: str | None = None) -> str | None:
+    """Why ``plugin`` (decoded JSON) is not one CNI plugin configuration, or None.
+
+    CNI spec 1.0.0, "Plugin configuration objects": an object whose ``type`` (the plugin
+    binary) is a non-empty string. ``where`` names it in the message (``plugins[0]``).
+    """
+    if not isinstance(plugin, dict):
+        return f"{where or 'it'} must be a plugin object with a type, got {_json_kind(plugin)}"
+    kind = plugin.get("type")
+    if "type" not in plugin:
+        return f'{where or "it"} has no "type" (the name of the plugin binary)'
+    if not isinstance(kind, str) or not kind.strip():
+        return (
+            f"{where + '.' if where else ''}type must be the name of a plugin binary, "
+            f"got {_json_kind(kind)}"
+        )
+    return None
+
+
+def cni_config_problem(conf: dict[str, Any]) -> str | None:
+    """Why a decoded ``customCNI`` object is not a CNI configuration (list), or None.
+
+    CNI spec 1.0.0, "Configuration format": a network configuration list has ``plugins``, a
+    non-empty list of plugin objects; a single network configuration (the pre-list form) has
+    ``type`` itself.
+    """
+    if "plugins" in conf:
+        plugins = conf["plugins"]
+        if not isinstance(plugins, list):
+            return f'"plugins" must be a list of plugin objects, got {_json_kind(plugins)}'
+        if not plugins:
+            return '"plugins" is empty; a configuration list needs at least one plugin'
+        for i, plugin in enumerate(plugins):
+            why = plugin_problem(plugin, f"plugins[{i}]")
+            if why:
+                return why
+        return None
+    if "type" not in conf:
+        return 'has neither "plugins" (a configuration list) nor "type" (a single plugin)'
+    return plugin_problem(conf)
 
 
 def check_smc(doc: Document, ctx: Context) -> list[Problem]:
@@ -106,6 +201,18 @@ def check_smc(doc: Document, ctx: Context) -> list[Problem]:
                     hint='write a CNI config object, e.g. {"cniVersion": "1.0.0", "type": "bridge"}',
                 )
             )
+        else:
+            why = cni_config_problem(strict_json(custom))
+            if why:
+                out.append(
+                    doc.problem(
+                        ("spec", "customCNI"),
+                        rule="custom-cni-invalid-config",
+                        message=f"customCNI is not a CNI configuration: {why}",
+                        hint='write {"cniVersion": "1.0.0", "plugins": [{"type": "bridge"}]} or '
+                        'a single plugin {"cniVersion": "1.0.0", "type": "bridge"}',
+                    )
+                )
     chain = spec.get("chainCNIJsonData")
     if isinstance(chain, list):
         for i, item in enumerate(chain):
@@ -118,6 +225,18 @@ def check_smc(doc: Document, ctx: Context) -> list[Problem]:
                             rule="chain-cni-invalid-json",
                             message=f"chained plugin {why}",
                             hint='write one plugin object, e.g. {"type": "tuning"}',
+                        )
+                    )
+                    continue
+                why = plugin_problem(strict_json(item))
+                if why:
+                    out.append(
+                        doc.problem(
+                            ("spec", "chainCNIJsonData", i),
+                            rule="chain-cni-invalid-plugin",
+                            message=f"chainCNIJsonData[{i}] is not a CNI plugin configuration: "
+                            f"{why}",
+                            hint='write one plugin object with its type, e.g. {"type": "tuning"}',
                         )
                     )
     for section in SECTIONS:
@@ -142,6 +261,8 @@ def _check_section(
                 hint="add bond: {name: bond0, mode: 1}, or keep one master",
             )
         )
+    if section in ("macvlan", "ipvlan"):
+        out += _check_master_names(doc, base, body)
     if section == "ovs":
         out += _check_trunk(doc, body.get("trunk"))
         bridge = body.get("bridge")
@@ -152,10 +273,10 @@ def _check_section(
                     (*base, "bridge"),
                     rule="bridge-not-found",
                     severity=WARNING,
-                    message=f'no OvsBridge in the repository makes bridge "{bridge}"',
+                    message=f'no OvsBridge in {ctx.scope} makes bridge "{bridge}"',
                     hint=f"did you mean {close[0]}?"
                     if close
-                    else "add an OvsBridge for it; fine if the bridge is made outside Git",
+                    else f"add an OvsBridge for it; {ctx.outside_note('the bridge', 'made')}",
                 )
             )
     pools = body.get("ippools")
@@ -168,6 +289,55 @@ def _check_section(
                         out += _check_pool_ref(
                             doc, ctx, (*base, "ippools", family_key, i), name, family
                         )
+    return out
+
+
+def _check_master_names(
+    doc: Document, base: tuple[str | int, ...], body: dict[str, Any]
+) -> list[Problem]:
+    """``master-name-invalid`` and ``vlan-interface-name-too-long`` of a macvlan/ipvlan section.
+
+    The parent interface is the bond when there is one, else ``master[0]`` (Spiderpool's
+    SpiderMultusConfig controller); with a ``vlanID`` it is ``<parent>.<vlanID>``.
+    """
+    out: list[Problem] = []
+    names: list[tuple[tuple[str | int, ...], str]] = []
+    master = body.get("master")
+    if isinstance(master, list):
+        names += [((*base, "master", i), m) for i, m in enumerate(master) if isinstance(m, str)]
+    bond = body.get("bond")
+    bond_name = bond.get("name") if isinstance(bond, dict) else None
+    if isinstance(bond_name, str):
+        names.append(((*base, "bond", "name"), bond_name))
+    for path, name in names:
+        if name in (".", ".."):
+            out.append(
+                doc.problem(
+                    path,
+                    rule="master-name-invalid",
+                    message=f'"{name}" is not a Linux interface name: {ifname_problem(name)}',
+                    hint="write the NIC's name as `ip link` shows it on the node, e.g. eth0",
+                )
+            )
+    vlan = body.get("vlanID")
+    if not isinstance(vlan, int) or isinstance(vlan, bool) or vlan <= 0 or not names:
+        return out
+    path, parent = names[-1] if isinstance(bond_name, str) else names[0]
+    vlan_if = f"{parent}.{vlan}"
+    if len(vlan_if) > 15 and len(parent) <= 15:
+        room = 15 - len(f".{vlan}")
+        out.append(
+            doc.problem(
+                path,
+                rule="vlan-interface-name-too-long",
+                message=f'the VLAN interface "{vlan_if}" made for vlanID {vlan} has '
+                f"{len(vlan_if)} characters; Linux interface names are at most 15 (IFNAMSIZ 16 "
+                "with the terminating NUL), so the interface cannot be created",
+                hint=f"for vlanID {vlan} the parent name may have at most {room} characters: "
+                "give the NIC a shorter name on the nodes with a systemd .link file, or create "
+                "the VLAN interface on the nodes and name it as master, without vlanID",
+            )
+        )
     return out
 
 
@@ -213,8 +383,8 @@ def _check_pool_ref(
                 path,
                 rule="ippool-not-found",
                 severity=WARNING,
-                message=f'no SpiderIPPool "{name}" in the repository',
-                hint="check the name; fine if the pool is managed outside Git",
+                message=f'no SpiderIPPool "{name}" in {ctx.scope}',
+                hint=f"check the name; {ctx.outside_note('the pool')}",
             )
         ]
     pool = found[0]

@@ -128,7 +128,10 @@ def run(args: argparse.Namespace, out: Any = None, err: Any = None) -> int:
             ignore_unknown_kinds=args.ignore_unknown_kinds,
             max_file_bytes=args.max_file_bytes,
         )
-        problems = loaded.problems + validate(loaded.documents)
+        # only some files of the repository: "not in the files checked", not "in the repository"
+        root_abs = Path(os.path.abspath(root))
+        partial = bool(args.paths) and all(Path(os.path.abspath(p)) != root_abs for p in paths)
+        problems = loaded.problems + validate(loaded.documents, partial=partial)
         problems = finalize(problems, strict=args.strict)
         text = report.render(
             problems,

@@ -38,9 +38,10 @@ from reconciler.loader import (
     Problem,
     load_repo,
 )
+from reconciler.rules import RULES
 from reconciler.rules_bridge import check_bridge, check_bridge_conflicts
 from reconciler.rules_common import Context, check_duplicates, check_metadata
-from reconciler.rules_ippool import check_overlaps, check_pool
+from reconciler.rules_ippool import check_addresses_across_pools, check_overlaps, check_pool
 from reconciler.rules_multus import check_nad_names, check_smc
 from reconciler.vocab import Resource
 
@@ -125,6 +126,7 @@ _PATTERN_TEXT = {
     "^([0-9a-fA-F]{2}:[0-9a-fA-F]{2})?$": "two hex bytes like 0a:1b",
     "^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$": "a CNI network name (letters, digits, '_', '.', '-')",
     "^(100|[1-9][0-9]?)%$": "a percentage from 1% to 100%",
+    "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$": "a DNS-1123 subdomain",
 }
 
 _TYPE_NAMES = {
@@ -281,6 +283,13 @@ def _error_problems(doc: Document, err: ValidationError) -> list[Problem]:
         size = len(value) if isinstance(value, (str, list)) else 0
         if kw == "minLength" and n == 1:
             message, hint = "must not be empty", "write a value"
+        elif kw == "maxLength" and n == IFNAME_MAX and schema.get("pattern") == IFNAME_PATTERN:
+            message = f"interface name \"{value}\" has {size} characters, at most {n}"
+            hint = (
+                "Linux allows at most 15 characters in an interface name: IFNAMSIZ is 16 bytes "
+                "with the terminating NUL; write the name `ip link` shows on the node, or give "
+                "the NIC a shorter name with a systemd .link file"
+            )
         elif kw.startswith("min"):
             message = f"has {size} {unit}{'' if size == 1 else 's'}, needs at least {n}"
             hint = f"write at least {n} {unit}{plural}"
@@ -301,11 +310,31 @@ def _error_problems(doc: Document, err: ValidationError) -> list[Problem]:
     return [doc.problem(path, rule="schema", message=err.message)]
 
 
+IFNAME_PATTERN = "^[A-Za-z0-9_.-]+$"
+"""Schema pattern of Linux interface names (bridge, uplinks, master, bond name)."""
+IFNAME_MAX = 15
+"""Longest Linux interface name: IFNAMSIZ (16) minus the terminating NUL."""
+
+_SUPERSEDED = {
+    # OvsBridge names: name-not-dns1123 and bridge-object-name-invalid say why and what to write
+    (vocab.OVS_BRIDGE.kind, "metadata.name"): frozenset({"pattern-mismatch", "bad-length"}),
+}
+"""(kind, field) -> schema rules not reported there because a semantic rule explains them."""
+
+
+_LABEL_MAPS = ("labels", "matchLabels", "nodeSelector")
+
+
 def schema_problems(doc: Document) -> list[Problem]:
     """JSON Schema problems of one document, mapped to its file positions."""
     out: list[Problem] = []
     for err in validator_for(doc.resource).iter_errors(doc.obj):
+        path = err.absolute_path
+        if err.validator == "maxLength" and len(path) >= 2 and path[-2] in _LABEL_MAPS:
+            continue  # label-invalid says it, with the label value rules
         out.extend(_error_problems(doc, err))
+    if out:
+        out = [p for p in out if p.rule not in _SUPERSEDED.get((doc.kind, p.field), ())]
     # a value of the wrong type also fails its enum/pattern/range: report the type only
     mistyped = {p.field for p in out if p.rule == "wrong-type"}
     if mistyped:
@@ -322,14 +351,18 @@ _PER_KIND = {
 }
 
 
-def validate(documents: Iterable[Document], *, strict: bool = False) -> list[Problem]:
+def validate(
+    documents: Iterable[Document], *, strict: bool = False, partial: bool = False
+) -> list[Problem]:
     """Schema and semantic problems of ``documents`` (all of the repository, for cross rules).
 
-    Warnings become errors under ``strict``. Sorted by file, line, column. Never raises for
-    bad content.
+    ``partial``: the documents are only some files of the repository (paths given on the
+    command line, a pre-commit hook), so messages about missing references say "in the files
+    checked" instead of "in the repository". Warnings become errors under ``strict``. Sorted
+    by file, line, column. Never raises for bad content.
     """
     docs = list(documents)
-    ctx = Context.build(docs)
+    ctx = Context.build(docs, partial=partial)
     problems: list[Problem] = []
     for d in docs:
         problems += schema_problems(d)
@@ -342,13 +375,26 @@ def validate(documents: Iterable[Document], *, strict: bool = False) -> list[Pro
                 problems += check(d, ctx)
     problems += check_duplicates(ctx)
     problems += check_overlaps(ctx)
+    problems += check_addresses_across_pools(ctx)
     problems += check_nad_names(ctx)
     problems += check_bridge_conflicts(ctx)
     return finalize(problems, strict=strict)
 
 
 def finalize(problems: Iterable[Problem], *, strict: bool = False) -> list[Problem]:
-    """Deduplicate and sort ``problems``; under ``strict`` every warning becomes an error."""
+    """Deduplicate and sort ``problems``; under ``strict`` every warning becomes an error.
+
+    A number the loader could not keep (``number-out-of-range``) was replaced by null, so JSON
+    Schema problems at the same position are dropped: they would only repeat it.
+    """
+    problems = list(problems)
+    unkept = {(p.file, p.line, p.column) for p in problems if p.rule == "number-out-of-range"}
+    if unkept:
+        problems = [
+            p
+            for p in problems
+            if (p.file, p.line, p.column) not in unkept or RULES[p.rule].stage != "schema"
+        ]
     if strict:
         problems = [p.as_error() for p in problems]
     unique = dict.fromkeys(problems)
@@ -367,15 +413,16 @@ def validate_repo(
     strict: bool = False,
     ignore_unknown_kinds: bool = False,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    partial: bool = False,
 ) -> tuple[list[Document], list[Problem]]:
     """Load ``paths`` under ``root`` (default: all of it) and validate every document.
 
     Returns (documents, problems): loading and validation problems together, sorted, warnings
-    raised to errors under ``strict``. Raises NotADirectoryError when ``root`` is not a
-    directory.
+    raised to errors under ``strict``; ``partial`` as in :func:`validate`. Raises
+    NotADirectoryError when ``root`` is not a directory.
     """
     loaded = load_repo(
         root, paths, ignore_unknown_kinds=ignore_unknown_kinds, max_file_bytes=max_file_bytes
     )
-    problems = loaded.problems + validate(loaded.documents)
+    problems = loaded.problems + validate(loaded.documents, partial=partial)
     return loaded.documents, finalize(problems, strict=strict)
