@@ -92,15 +92,27 @@ def test_clean_repository_exits_0() -> None:
 
 
 def test_paths_relative_to_cwd_and_root(tmp_path: Path) -> None:
-    """Only the files named are read: the pool's Multus config is then not seen (a warning)."""
+    """Only the files named are read: the pool's Multus config is then not seen (a warning),
+    and the message says so: "in the files checked", not "in the repository"."""
     r = validate(tmp_path, "--root", str(QUICKSTART), str(QUICKSTART / "ippool.yaml"))
     assert r.returncode == 0
     assert r.stdout.splitlines() == [
         "ippool.yaml:13:5: warning: SpiderIPPool ippool-test spec.multusName[0]: no "
-        "SpiderMultusConfig in the repository renders kube-system/ovs-conf (check the name; fine "
-        "if that Multus config is managed outside Git)",
+        "SpiderMultusConfig in the files checked renders kube-system/ovs-conf (check the name; "
+        "fine if that Multus config is managed outside Git or defined in a file not checked "
+        "here: a pre-commit hook passes only the changed files, so CI should check the whole "
+        "repository)",
         "1 warning in 1 file (1 document)",
     ]
+    # the whole repository, named as a path or as the root: "in the repository"
+    for args in (["--root", str(QUICKSTART), str(QUICKSTART)], ["--root", str(QUICKSTART)]):
+        r = validate(tmp_path, *args)
+        assert (r.returncode, r.stdout) == (0, "ok: 3 documents in 3 files\n")
+    only_pool = tmp_path / "only-pool"
+    only_pool.mkdir()
+    (only_pool / "ippool.yaml").write_text((QUICKSTART / "ippool.yaml").read_text())
+    r = validate(only_pool, ".")
+    assert "no SpiderMultusConfig in the repository renders kube-system/ovs-conf" in r.stdout
 
 
 def test_warnings_pass_unless_strict(tmp_path: Path) -> None:
@@ -230,6 +242,65 @@ def test_github_format_escapes_properties(tmp_path: Path) -> None:
         "multus-config-not-found::"
     )
     assert out[3] == "2 errors, 1 warning in 1 file (1 document)"
+
+
+HOSTILE_POOL = """\
+apiVersion: spiderpool.spidernet.io/v2beta1
+kind: SpiderIPPool
+metadata:
+  name: "p\\e[31mRED\\e[0m\\u202e"
+spec:
+  subnet: 10.0.0.0/8
+"""
+
+
+@pytest.fixture
+def hostile_repo(tmp_path: Path) -> Path:
+    """A file name with a newline and a fake workflow command, an object name with ANSI escape
+    sequences and a right-to-left override (YAML double-quoted escapes \\e and \\u202e)."""
+    (tmp_path / "a\n::error file=evil.yaml::pwned\n.yaml").write_text(HOSTILE_POOL)
+    (tmp_path / "\x1b[31mred.yaml").write_text(HOSTILE_POOL.replace('"p', '"q'))
+    return tmp_path
+
+
+def test_control_characters_in_names_are_escaped_in_text(hostile_repo: Path) -> None:
+    r = validate(hostile_repo)
+    assert r.returncode == 1
+    escaped = "p\\x1b[31mRED\\x1b[0m\\u202e"
+    assert r.stdout.splitlines() == [  # sorted by file name: ESC (0x1b) before "a"
+        f"\\x1b[31mred.yaml:4:9: error: SpiderIPPool q{escaped[1:]} metadata.name: name "
+        f'"q{escaped[1:]}" is not a DNS-1123 subdomain: it may only hold lower-case letters, '
+        "digits, '-' and '.', starting and ending with a letter or digit (write q-31mred-0m)",
+        f"a\\n::error file=evil.yaml::pwned\\n.yaml:4:9: error: SpiderIPPool {escaped} "
+        f'metadata.name: name "{escaped}" is not a DNS-1123 subdomain: it may only hold lower-case '
+        "letters, digits, '-' and '.', starting and ending with a letter or digit (write "
+        "p-31mred-0m)",
+        "2 errors in 2 files (2 documents)",
+    ]
+    # on a terminal too: our own colour codes only, the names' escaped
+    tty = run_on_tty(hostile_repo, {})
+    assert "\x1b[31mRED" not in tty and "\u202e" not in tty and "\\x1b[31mRED" in tty
+
+
+def test_control_characters_are_escaped_in_github_and_junit(hostile_repo: Path) -> None:
+    gh = validate(hostile_repo, "--format", "github").stdout
+    assert "\x1b" not in gh and "\u202e" not in gh
+    assert gh.splitlines()[1].startswith(
+        "::error file=a\\n%3A%3Aerror file=evil.yaml%3A%3Apwned\\n.yaml,line=4,col=9,"
+    )
+    assert len(gh.splitlines()) == 3  # two annotations and the summary: nothing forged
+    junit = validate(hostile_repo, "--format", "junit").stdout
+    root = ET.fromstring(junit)  # XML 1.0 cannot hold ESC: it must be escaped to parse
+    assert {c.get("name") for c in root.iter("testcase")} == {
+        "a\\n::error file=evil.yaml::pwned\\n.yaml",
+        "\\x1b[31mred.yaml",
+    }
+    # JSON and SARIF escape by themselves and keep the names exact
+    doc = json.loads(validate(hostile_repo, "--format", "json").stdout)
+    assert {p["name"] for p in doc["problems"]} == {
+        "p\x1b[31mRED\x1b[0m\u202e",
+        "q\x1b[31mRED\x1b[0m\u202e",
+    }
 
 
 def test_junit_format(bad_repo: Path) -> None:

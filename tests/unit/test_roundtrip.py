@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis): random valid SpiderIPPools.
 
-- a random valid pool (IPv4 or IPv6 subnet, disjoint ranges, excludes, gateway, routes)
+- a random valid pool (IPv4 or IPv6 unicast subnet, disjoint ranges of at most 5,000
+  addresses in all, excludes, gateway, routes through a router that is not a pod address)
   validates clean, and stays valid and equal after load -> dump -> load;
 - breaking its subnet's canonical form is reported at the subnet's line and column;
 - the cross-pool overlap sweep finds exactly the pairs a brute-force netaddr.IPSet check finds.
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.loader import dump_yaml, load_text
+from reconciler.rules_ippool import MAX_POOL_RECORDS, RESERVED_BLOCKS
 from reconciler.validation import validate
 
 NAME = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?\Z")
@@ -30,10 +32,24 @@ def _address(net: netaddr.IPNetwork, offset: int, full: bool) -> str:
 @st.composite
 def subnets(draw: st.DrawFn) -> netaddr.IPNetwork:
     version = draw(st.sampled_from([4, 6]))
-    bits = 32 if version == 4 else 128
     prefix = draw(st.integers(8, 28) if version == 4 else st.integers(64, 124))
-    value = draw(st.integers(0, 2**bits - 1))
-    return netaddr.IPNetwork((value, prefix), version=version).cidr
+    # pods need unicast addresses (subnet-reserved): IPv4 1-126 and 128-223 outside
+    # 169/8 (a /8 there would hold 169.254/16); IPv6 2000::/3 (global) and fc00::/7 (ULA)
+    if version == 4:
+        value = draw(st.integers(0x01000000, 0x7EFFFFFF) | st.integers(0x80000000, 0xDFFFFFFF))
+        if value >> 24 == 169:
+            value ^= 1 << 24  # 169/8 -> 168/8
+    else:
+        value = draw(
+            st.integers(0x2000 << 112, (0x4000 << 112) - 1)
+            | st.integers(0xFC00 << 112, (0xFE00 << 112) - 1)
+        )
+    net = netaddr.IPNetwork((value, prefix), version=version).cidr
+    assert not any(
+        b.version == version and b.first <= net.last and net.first <= b.last
+        for b, _what in RESERVED_BLOCKS
+    )
+    return net
 
 
 @st.composite
@@ -49,7 +65,9 @@ def pools(draw: st.DrawFn, net: netaddr.IPNetwork | None = None) -> dict[str, An
         )
     )
     full = draw(st.booleans())
-    ranges = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2)]
+    # at most 4 ranges of 1,000 addresses: within Spiderpool's 5,000 records (pool-too-large)
+    ranges = [(cuts[i], min(cuts[i + 1], cuts[i] + 999)) for i in range(0, len(cuts), 2)]
+    assert sum(b - a + 1 for a, b in ranges) <= MAX_POOL_RECORDS
     ips = [
         _address(net, a, full) if a == b else f"{_address(net, a, full)}-{_address(net, b, full)}"
         for a, b in ranges
@@ -70,6 +88,16 @@ def pools(draw: st.DrawFn, net: netaddr.IPNetwork | None = None) -> dict[str, An
         spec["gateway"] = _address(net, gateway_offset, False)
         if any(a <= gateway_offset <= b for a, b in ranges):
             excludes.append(spec["gateway"])  # a gateway inside ips must be excluded
+    routes = []
+    for dst in draw(st.lists(subnets(), max_size=3)):
+        if dst.version != net.version or dst.prefixlen == 0 or dst == net:
+            continue  # no default route (use gateway), no route to the pool's own subnet
+        if any(r["dst"] == str(dst) for r in routes):
+            continue
+        gw_offset = draw(st.integers(1, size - 2))
+        routes.append({"dst": str(dst), "gw": _address(net, gw_offset, False)})
+        if any(a <= gw_offset <= b for a, b in ranges):
+            excludes.append(routes[-1]["gw"])  # a router is not a pod: keep it out of IPAM
     if excludes:
         # excluded entries may overlap each other only if distinct; keep one per address run
         merged = netaddr.IPSet()
@@ -83,13 +111,6 @@ def pools(draw: st.DrawFn, net: netaddr.IPNetwork | None = None) -> dict[str, An
         spec["excludeIPs"] = unique
     if draw(st.booleans()):
         spec["ipVersion"] = net.version
-    routes = []
-    for dst in draw(st.lists(subnets(), max_size=3)):
-        if dst.version != net.version or dst.prefixlen == 0:
-            continue
-        if any(r["dst"] == str(dst) for r in routes):
-            continue
-        routes.append({"dst": str(dst), "gw": _address(net, draw(st.integers(1, size - 2)), False)})
     if routes:
         spec["routes"] = routes
     if draw(st.booleans()):
@@ -141,6 +162,7 @@ def pool_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
         pool["metadata"]["name"] = f"pool-{i}"
         pool["spec"].pop("gateway", None)
         pool["spec"].pop("excludeIPs", None)
+        pool["spec"].pop("routes", None)  # a router of one pool may be a pod address of another
         out.append(pool)
     return out
 

@@ -1010,6 +1010,844 @@ CASES: list[tuple[str, str, dict[str, str], list[str], dict[str, bool]]] = [
         ],
         {},
     ),
+    # --- numbers, selectors, addresses, CNI configs and interface names ---------------------
+    (
+        "number-out-of-range",
+        "number-out-of-range",
+        {
+            "b.yaml": BR
+            + y("""
+          metadata:
+            name: br1
+          spec:
+            uplinks: [eth0]
+            mtu: 99999999999999999999
+            probeTimeoutSeconds: .inf
+          """)
+        },
+        [
+            (
+                "b.yaml:7:8: error: OvsBridge br1 spec.mtu: integer 99999999999999999999 is out of range: "
+                "Kubernetes clients read integers exactly only up to 2^53-1 (9007199254740991) in "
+                "magnitude (write a number within the field's range)"
+            ),
+            (
+                "b.yaml:8:24: error: OvsBridge br1 spec.probeTimeoutSeconds: number .inf is not finite: "
+                "JSON and Kubernetes cannot store infinity or NaN (write a finite number)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "label-selector-invalid",
+        "label-selector-invalid",
+        {
+            "p.yaml": POOL
+            + y("""
+          metadata:
+            name: p1
+          spec:
+            subnet: 172.18.0.0/16
+            podAffinity:
+              matchExpressions:
+              - key: app
+                operator: In
+            nodeAffinity:
+              matchExpressions:
+              - key: rack
+                operator: Exists
+                values: [r1]
+          """)
+        },
+        [
+            (
+                "p.yaml:10:17: error: SpiderIPPool p1 spec.podAffinity.matchExpressions[0].operator: "
+                "operator In needs at least one value (Kubernetes refuses to evaluate a selector with an "
+                "empty In or NotIn list) (add values: [<label value>], or use operator Exists to test "
+                "only the key)"
+            ),
+            (
+                "p.yaml:15:7: error: SpiderIPPool p1 spec.nodeAffinity.matchExpressions[0].values: "
+                "operator Exists tests only whether the key is present and must not have values (remove "
+                "values, or use operator In to match these values)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "label-invalid-in-selectors",
+        "label-invalid",
+        {
+            "p.yaml": POOL
+            + y("""
+          metadata:
+            name: p1
+          spec:
+            subnet: 172.18.0.0/16
+            namespaceAffinity:
+              matchLabels:
+                team/a/b: net
+              matchExpressions:
+              - key: tier
+                operator: NotIn
+                values: ["front end"]
+          """),
+            "b.yaml": BR
+            + y("""
+          metadata:
+            name: br1
+          spec:
+            uplinks: [eth0]
+            nodeSelector:
+              rack: "r 1"
+          """),
+        },
+        [
+            (
+                'b.yaml:8:11: error: OvsBridge br1 spec.nodeSelector.rack: label value "r 1" is not '
+                "valid: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
+                "digit (shorten it or replace the other characters with '-')"
+            ),
+            (
+                'p.yaml:9:7: error: SpiderIPPool p1 spec.namespaceAffinity.matchLabels["team/a/b"]: label '
+                'key "team/a/b" is not valid: prefix "team/a" is not a DNS-1123 subdomain (write a key '
+                "like example.com/name)"
+            ),
+            (
+                "p.yaml:13:16: error: SpiderIPPool p1 "
+                'spec.namespaceAffinity.matchExpressions[0].values[0]: label value "front end" is not '
+                "valid: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
+                "digit (shorten it or replace the other characters with '-')"
+            ),
+        ],
+        {},
+    ),
+    (
+        "subnet-reserved",
+        "subnet-reserved",
+        {
+            "p.yaml": POOL
+            + y("""
+          metadata:
+            name: lo
+          spec:
+            subnet: 127.0.0.0/8
+          ---
+          """)
+            + POOL
+            + y("""
+          metadata:
+            name: ll6
+          spec:
+            subnet: fe80::/64
+          ---
+          """)
+            + POOL
+            + y("""
+          metadata:
+            name: mapped
+          spec:
+            subnet: ::ffff:10.9.0.0/120
+          """)
+        },
+        [
+            (
+                "p.yaml:6:11: error: SpiderIPPool lo spec.subnet: subnet 127.0.0.0/8 is loopback: pods "
+                "cannot use these addresses on a network (use a unicast subnet of the network the pods "
+                "attach to, e.g. 172.18.0.0/16)"
+            ),
+            (
+                "p.yaml:13:11: error: SpiderIPPool ll6 spec.subnet: subnet fe80::/64 is link-local: pods "
+                "cannot use these addresses on a network (use a unicast subnet of the network the pods "
+                "attach to, e.g. fd00:18::/64)"
+            ),
+            (
+                "p.yaml:20:11: error: SpiderIPPool mapped spec.subnet: subnet ::ffff:10.9.0.0/120 is "
+                "IPv4-mapped (RFC 4291 2.5.5.2; write the IPv4 subnet instead): pods cannot use these "
+                "addresses on a network (use a unicast subnet of the network the pods attach to, e.g. "
+                "fd00:18::/64)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "gateway-network-or-broadcast",
+        "gateway-network-or-broadcast",
+        {
+            "p.yaml": POOL
+            + y("""
+          metadata:
+            name: p1
+          spec:
+            subnet: 10.2.0.0/24
+            ips: [10.2.0.10-10.2.0.20]
+            gateway: 10.2.0.255
+          """)
+        },
+        [
+            (
+                "p.yaml:8:12: error: SpiderIPPool p1 spec.gateway: gateway 10.2.0.255 is the broadcast "
+                "address of subnet 10.2.0.0/24, not a router's address (write the router's host address, "
+                "e.g. 10.2.0.254)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "ip-network-or-broadcast",
+        "ip-network-or-broadcast",
+        {
+            "p.yaml": POOL
+            + y("""
+          metadata:
+            name: p1
+          spec:
+            subnet: 10.3.0.0/24
+            ips:
+            - 10.3.0.0-10.3.0.100
+            - 10.3.0.255
+            excludeIPs: [10.3.0.1]
+            gateway: 10.3.0.1
+          """)
+        },
+        [
+            (
+                'p.yaml:8:5: error: SpiderIPPool p1 spec.ips[0]: "10.3.0.0-10.3.0.100" includes 10.3.0.0, '
+                "the network address of subnet 10.3.0.0/24; hosts on the subnet do not take it for a "
+                "pod's address (start the range at 10.3.0.1, or add 10.3.0.0 to excludeIPs)"
+            ),
+            (
+                'p.yaml:9:5: error: SpiderIPPool p1 spec.ips[1]: "10.3.0.255" is the broadcast address of '
+                "subnet 10.3.0.0/24; hosts on the subnet do not take it for a pod's address (remove it, "
+                "or add 10.3.0.255 to excludeIPs)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "ip-network-or-broadcast-excluded-is-fine",
+        "ip-network-or-broadcast",
+        {
+            "p.yaml": POOL
+            + y("""
+          metadata:
+            name: p1
+          spec:
+            subnet: 10.3.0.0/24
+            ips: [10.3.0.0-10.3.0.255]
+            excludeIPs: [10.3.0.0-10.3.0.1, 10.3.0.255]
+            gateway: 10.3.0.1
+          ---
+          """)
+            + POOL
+            + y("""
+          metadata:
+            name: p31
+          spec:
+            subnet: 10.4.0.0/31
+            ips: [10.4.0.0-10.4.0.1]
+          """)
+        },
+        [],
+        {},
+    ),
+    (
+        "gateway-in-other-pool",
+        "gateway-in-other-pool",
+        {
+            "a.yaml": POOL
+            + y("""
+          metadata:
+            name: a
+          spec:
+            subnet: 172.18.0.0/16
+            ips: [172.18.30.131-172.18.30.140]
+            gateway: 172.18.31.5
+          """),
+            "b.yaml": POOL
+            + y("""
+          metadata:
+            name: b
+          spec:
+            subnet: 172.18.0.0/16
+            ips: [172.18.31.1-172.18.31.10]
+            gateway: 172.18.0.1
+          """),
+        },
+        [
+            (
+                "a.yaml:8:12: error: SpiderIPPool a spec.gateway: gateway 172.18.31.5 is an address "
+                'SpiderIPPool b hands to pods ("172.18.31.1-172.18.31.10" at b.yaml:7:9); IPAM would give '
+                "this pool's gateway to a pod (add 172.18.31.5 to the excludeIPs of b, or take it out of "
+                "its ips)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "pool-too-large",
+        "pool-too-large",
+        {
+            "p.yaml": POOL
+            + y("""
+          metadata:
+            name: big
+          spec:
+            subnet: 10.0.0.0/16
+            ips: [10.0.0.2-10.0.255.254]
+            excludeIPs: [10.0.0.100-10.0.0.199]
+          ---
+          """)
+            + POOL
+            + y("""
+          metadata:
+            name: big6
+          spec:
+            subnet: fd00::/64
+            ips: ["fd00::2-fd00::ffff:ffff:ffff:ffff"]
+          ---
+          """)
+            + POOL
+            + y("""
+          metadata:
+            name: just-fits
+          spec:
+            subnet: 10.1.0.0/16
+            ips: [10.1.0.1-10.1.19.136]
+          """)
+        },
+        [
+            (
+                "p.yaml:7:3: warning: SpiderIPPool big spec.ips: ips minus excludeIPs hold 65433 "
+                "addresses, but a SpiderIPPool keeps at most 5000 allocation records, so the rest is "
+                "never handed out (narrow ips to at most 5000 addresses, or split the range into several "
+                "pools)"
+            ),
+            (
+                "p.yaml:16:3: warning: SpiderIPPool big6 spec.ips: ips minus excludeIPs hold "
+                "18446744073709551614 addresses, but a SpiderIPPool keeps at most 5000 allocation "
+                "records, so the rest is never handed out; totalIPCount is also capped at "
+                "9007199254740991 (2^53-1), the largest count JSON clients read exactly (narrow ips to at "
+                "most 5000 addresses, or split the range into several pools)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "route-gateway-allocatable",
+        "route-gateway-allocatable",
+        {
+            "p.yaml": POOL
+            + y("""
+          metadata:
+            name: p1
+          spec:
+            subnet: 10.6.0.0/24
+            ips: [10.6.0.10-10.6.0.12]
+            gateway: 10.6.0.1
+            routes:
+            - dst: 192.168.0.0/16
+              gw: 10.6.0.11
+            - dst: 192.169.0.0/16
+              gw: 10.6.0.50
+          """),
+            "q.yaml": POOL
+            + y("""
+          metadata:
+            name: p2
+          spec:
+            subnet: 10.6.0.0/24
+            ips: [10.6.0.40-10.6.0.60]
+            gateway: 10.6.0.1
+          """),
+        },
+        [
+            (
+                "p.yaml:11:9: error: SpiderIPPool p1 spec.routes[0].gw: route gw 10.6.0.11 is an address "
+                'this pool ("10.6.0.10-10.6.0.12" at p.yaml:7:9) hands to pods, not a router\'s (write the '
+                "router's address, or add 10.6.0.11 to the excludeIPs of this pool)"
+            ),
+            (
+                "p.yaml:13:9: error: SpiderIPPool p1 spec.routes[1].gw: route gw 10.6.0.50 is an address "
+                'SpiderIPPool p2 ("10.6.0.40-10.6.0.60" at q.yaml:7:9) hands to pods, not a router\'s '
+                "(write the router's address, or add 10.6.0.50 to the excludeIPs of p2)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "route-to-own-subnet",
+        "route-to-own-subnet",
+        {
+            "p.yaml": POOL
+            + y("""
+          metadata:
+            name: p1
+          spec:
+            subnet: 10.5.0.0/24
+            ips: [10.5.0.10]
+            gateway: 10.5.0.1
+            routes:
+            - dst: 10.5.0.0/24
+              gw: 10.5.0.1
+          """)
+        },
+        [
+            (
+                "p.yaml:10:10: warning: SpiderIPPool p1 spec.routes[0].dst: route dst 10.5.0.0/24 is the "
+                "pool's own subnet: pods reach it on-link through the route their address brings, and a "
+                "second route to it through a gateway conflicts with that one (remove this route)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "custom-cni-invalid-config",
+        "custom-cni-invalid-config",
+        {
+            "m.yaml": SMC
+            + y("""
+          metadata:
+            name: c1
+            namespace: default
+          spec:
+            cniType: custom
+            customCNI: '{"cniVersion": "1.0.0", "plugins": 5}'
+          ---
+          """)
+            + SMC
+            + y("""
+          metadata:
+            name: c2
+            namespace: default
+          spec:
+            customCNI: |
+              {"cniVersion": "1.0.0", "name": "c2",
+               "plugins": [{"type": "bridge"}, {"capabilities": {"mac": true}}]}
+          ---
+          """)
+            + SMC
+            + y("""
+          metadata:
+            name: c3
+            namespace: default
+          spec:
+            customCNI: '{"cniVersion": "1.0.0", "name": "c3"}'
+          """)
+        },
+        [
+            (
+                "m.yaml:8:14: error: SpiderMultusConfig default/c1 spec.customCNI: customCNI is not a CNI "
+                'configuration: "plugins" must be a list of plugin objects, got number 5 (write '
+                '{"cniVersion": "1.0.0", "plugins": [{"type": "bridge"}]} or a single plugin '
+                '{"cniVersion": "1.0.0", "type": "bridge"})'
+            ),
+            (
+                "m.yaml:16:14: error: SpiderMultusConfig default/c2 spec.customCNI: customCNI is not a "
+                'CNI configuration: plugins[1] has no "type" (the name of the plugin binary) (write '
+                '{"cniVersion": "1.0.0", "plugins": [{"type": "bridge"}]} or a single plugin '
+                '{"cniVersion": "1.0.0", "type": "bridge"})'
+            ),
+            (
+                "m.yaml:26:14: error: SpiderMultusConfig default/c3 spec.customCNI: customCNI is not a "
+                'CNI configuration: has neither "plugins" (a configuration list) nor "type" (a single '
+                'plugin) (write {"cniVersion": "1.0.0", "plugins": [{"type": "bridge"}]} or a single '
+                'plugin {"cniVersion": "1.0.0", "type": "bridge"})'
+            ),
+        ],
+        {},
+    ),
+    (
+        "chain-cni-invalid-plugin",
+        "chain-cni-invalid-plugin",
+        {
+            "m.yaml": SMC
+            + y("""
+          metadata:
+            name: c1
+            namespace: default
+          spec:
+            customCNI: '{"cniVersion": "1.0.0", "type": "bridge"}'
+            chainCNIJsonData:
+            - '{"type": "tuning"}'
+            - '{"type": 7}'
+            - '{"mtu": 1500}'
+          """)
+        },
+        [
+            (
+                "m.yaml:10:5: error: SpiderMultusConfig default/c1 spec.chainCNIJsonData[1]: "
+                "chainCNIJsonData[1] is not a CNI plugin configuration: type must be the name of a plugin "
+                'binary, got number 7 (write one plugin object with its type, e.g. {"type": "tuning"})'
+            ),
+            (
+                "m.yaml:11:5: error: SpiderMultusConfig default/c1 spec.chainCNIJsonData[2]: "
+                'chainCNIJsonData[2] is not a CNI plugin configuration: it has no "type" (the name of the '
+                'plugin binary) (write one plugin object with its type, e.g. {"type": "tuning"})'
+            ),
+        ],
+        {},
+    ),
+    (
+        "master-name-invalid",
+        "master-name-invalid",
+        {
+            "m.yaml": SMC
+            + y("""
+          metadata:
+            name: c1
+            namespace: default
+          spec:
+            cniType: ipvlan
+            ipvlan:
+              master: [".."]
+          """)
+        },
+        [
+            (
+                'm.yaml:9:14: error: SpiderMultusConfig default/c1 spec.ipvlan.master[0]: ".." is not a '
+                'Linux interface name: ".." names a directory in /sys/class/net and /proc/sys/net, never '
+                "an interface (write the NIC's name as `ip link` shows it on the node, e.g. eth0)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "vlan-interface-name-too-long",
+        "vlan-interface-name-too-long",
+        {
+            "m.yaml": SMC
+            + y("""
+          metadata:
+            name: c1
+            namespace: default
+          spec:
+            cniType: macvlan
+            macvlan:
+              master: [enp0s31f6abcde]
+              vlanID: 4094
+          ---
+          """)
+            + SMC
+            + y("""
+          metadata:
+            name: c2
+            namespace: default
+          spec:
+            cniType: macvlan
+            macvlan:
+              master: [eth0, eth1]
+              bond:
+                name: bond-uplink0
+                mode: 1
+              vlanID: 100
+          ---
+          """)
+            + SMC
+            + y("""
+          metadata:
+            name: fits
+            namespace: default
+          spec:
+            cniType: macvlan
+            macvlan:
+              master: [enp0s31f6a]
+              vlanID: 4094
+          """)
+        },
+        [
+            (
+                "m.yaml:9:14: error: SpiderMultusConfig default/c1 spec.macvlan.master[0]: the VLAN "
+                'interface "enp0s31f6abcde.4094" made for vlanID 4094 has 19 characters; Linux interface '
+                "names are at most 15 (IFNAMSIZ 16 with the terminating NUL), so the interface cannot be "
+                "created (for vlanID 4094 the parent name may have at most 10 characters: give the NIC a "
+                "shorter name on the nodes with a systemd .link file, or create the VLAN interface on the "
+                "nodes and name it as master, without vlanID)"
+            ),
+            (
+                "m.yaml:22:13: error: SpiderMultusConfig default/c2 spec.macvlan.bond.name: the VLAN "
+                'interface "bond-uplink0.100" made for vlanID 100 has 16 characters; Linux interface '
+                "names are at most 15 (IFNAMSIZ 16 with the terminating NUL), so the interface cannot be "
+                "created (for vlanID 100 the parent name may have at most 11 characters: give the NIC a "
+                "shorter name on the nodes with a systemd .link file, or create the VLAN interface on the "
+                "nodes and name it as master, without vlanID)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "bridge-object-name-invalid",
+        "bridge-object-name-invalid",
+        {
+            "b.yaml": BR
+            + y("""
+          metadata:
+            name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb
+          spec:
+            bridge: br1
+            uplinks: [eth0]
+          """)
+        },
+        [
+            (
+                "b.yaml:4:9: error: OvsBridge "
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb metadata.name: "
+                "OvsBridge name has 64 characters: the node agent labels each OvsBridgeEnactment "
+                "underlay.dev/bridge=<name>, and label values are at most 63 characters (write a name of "
+                "at most 63 characters, e.g. "
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "uplink-name-invalid",
+        "uplink-name-invalid",
+        {
+            "b.yaml": BR
+            + y("""
+          metadata:
+            name: br1
+          spec:
+            uplinks: [eth0]
+            nodeOverrides:
+            - nodeName: worker-1
+              uplinks: ["."]
+          """)
+        },
+        [
+            (
+                'b.yaml:9:15: error: OvsBridge br1 spec.nodeOverrides[0].uplinks[0]: uplink "." is not a '
+                'Linux interface name: "." names a directory in /sys/class/net and /proc/sys/net, never '
+                "an interface (write the NIC's name as `ip link` shows it on the node, e.g. eth0)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "bridge-name-invalid-dots",
+        "bridge-name-invalid",
+        {
+            "b.yaml": BR
+            + y("""
+          metadata:
+            name: dots
+          spec:
+            bridge: ".."
+            uplinks: [eth0]
+          """)
+        },
+        [
+            (
+                'b.yaml:6:11: error: OvsBridge dots spec.bridge: bridge ".." is not a Linux interface '
+                'name: ".." names a directory in /sys/class/net and /proc/sys/net, never an interface '
+                "(write a name such as br1)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "bridge-is-uplink",
+        "bridge-is-uplink",
+        {
+            "b.yaml": BR
+            + y("""
+          metadata:
+            name: b1
+          spec:
+            bridge: eth1
+            uplinks: [eth0]
+          ---
+          """)
+            + BR
+            + y("""
+          metadata:
+            name: b2
+          spec:
+            bridge: br2
+            uplinks: [eth1]
+          """)
+        },
+        [
+            (
+                "b.yaml:6:11: error: OvsBridge b1 spec.bridge: bridge eth1 has the name of an uplink of "
+                "OvsBridge b2 (b.yaml:15:13): the bridge's internal interface and that NIC cannot both "
+                "exist on a node (rename the bridge, e.g. br-eth1)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "bridge-name-like-nic",
+        "bridge-name-like-nic",
+        {
+            "b.yaml": BR
+            + y("""
+          metadata:
+            name: b1
+          spec:
+            bridge: ens5
+            uplinks: [eth0]
+          """)
+        },
+        [
+            (
+                "b.yaml:6:11: warning: OvsBridge b1 spec.bridge: bridge ens5 is named like a physical "
+                "NIC: on a node that has a NIC of that name the node agent refuses to make the bridge "
+                "(Git cannot tell which nodes have it) (name bridges apart from NICs, e.g. br-ens5)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "uplink-conflict-through-node-override",
+        "uplink-conflict",
+        {
+            "b.yaml": BR
+            + y("""
+          metadata:
+            name: br1
+          spec:
+            uplinks: [eth0]
+          ---
+          """)
+            + BR
+            + y("""
+          metadata:
+            name: br2
+          spec:
+            uplinks: [eth1]
+            nodeOverrides:
+            - nodeName: n1
+              uplinks: [eth0]
+          ---
+          """)
+            + BR
+            + y("""
+          metadata:
+            name: br3
+          spec:
+            uplinks: [eth2]
+            nodeSelector:
+              kubernetes.io/hostname: n2
+            nodeOverrides:
+            - nodeName: n2
+              uplinks: [eth3]
+          ---
+          """)
+            + BR
+            + y("""
+          metadata:
+            name: br4
+          spec:
+            uplinks: [eth3]
+            nodeSelector:
+              kubernetes.io/hostname: n3
+          ---
+          """)
+            + BR
+            + y("""
+          metadata:
+            name: br5
+          spec:
+            uplinks: [eth4]
+            nodeOverrides:
+            - nodeName: n1
+              uplinks: [eth5]
+          ---
+          """)
+            + BR
+            + y("""
+          metadata:
+            name: br6
+          spec:
+            uplinks: [eth6]
+            nodeOverrides:
+            - nodeName: n1
+              uplinks: [eth4]
+          """)
+        },
+        [
+            (
+                "b.yaml:16:15: error: OvsBridge br2 spec.nodeOverrides[0].uplinks[0]: uplink eth0 is also "
+                "an uplink of OvsBridge br1 (b.yaml:6:13) on node n1 (a NIC can be the uplink of one "
+                "bridge only; use another NIC in the override for n1)"
+            ),
+        ],
+        {},
+    ),
+    (
+        "duplicate-object-is-not-compared-with-itself",
+        "duplicate-object",
+        {
+            "a.yaml": POOL
+            + y("""
+          metadata:
+            name: p1
+          spec:
+            subnet: 172.18.0.0/16
+            ips: [172.18.30.131-172.18.30.140]
+            gateway: 172.18.30.1
+          """),
+            "b.yaml": POOL
+            + y("""
+          metadata:
+            name: p1
+          spec:
+            subnet: 172.18.0.0/16
+            ips: [172.18.30.1-172.18.30.140]
+            excludeIPs: [172.18.30.1]
+            gateway: 172.18.30.135
+            routes:
+            - dst: 10.0.0.0/8
+              gw: 172.18.30.132
+          """),
+            "c.yaml": BR
+            + y("""
+          metadata:
+            name: br1
+          spec:
+            bridge: eth9
+            uplinks: [eth0]
+          ---
+          """)
+            + BR
+            + y("""
+          metadata:
+            name: br1
+          spec:
+            bridge: br7
+            uplinks: [eth0, eth9]
+          """),
+        },
+        [
+            (
+                "b.yaml:4:9: error: SpiderIPPool p1 metadata.name: SpiderIPPool p1 is already defined at "
+                "a.yaml:4:9 (rename one of them or delete the copy)"
+            ),
+            (
+                "b.yaml:9:12: error: SpiderIPPool p1 spec.gateway: gateway 172.18.30.135 is inside ips "
+                '("172.18.30.1-172.18.30.140") and not excluded, so a pod could get it (add 172.18.30.135 '
+                "to excludeIPs, or take it out of ips)"
+            ),
+            (
+                "b.yaml:12:9: error: SpiderIPPool p1 spec.routes[0].gw: route gw 172.18.30.132 is an "
+                'address this pool ("172.18.30.1-172.18.30.140" at b.yaml:7:9) hands to pods, not a '
+                "router's (write the router's address, or add 172.18.30.132 to the excludeIPs of this "
+                "pool)"
+            ),
+            (
+                "c.yaml:6:11: warning: OvsBridge br1 spec.bridge: bridge eth9 is named like a physical "
+                "NIC: on a node that has a NIC of that name the node agent refuses to make the bridge "
+                "(Git cannot tell which nodes have it) (name bridges apart from NICs, e.g. br-eth9)"
+            ),
+            (
+                "c.yaml:12:9: error: OvsBridge br1 metadata.name: OvsBridge br1 is already defined at "
+                "c.yaml:4:9 (rename one of them or delete the copy)"
+            ),
+        ],
+        {},
+    ),
 ]
 
 

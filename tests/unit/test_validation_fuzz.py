@@ -3,18 +3,20 @@
 Valid quick-start documents get a random subtree replaced by random data (any JSON-like
 value, including wrong types and nulls); the YAML is dumped, loaded and validated. Every run
 must return problems, not raise, and every problem must carry a known rule, a position inside
-the file and the object it is about.
+the file and the object it is about. Render never crashes on a config the validator passed.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler import render
 from reconciler.loader import dump_yaml, load_text
 from reconciler.rules import RULES
 from reconciler.validation import validate
@@ -122,3 +124,43 @@ def test_mutated_documents_give_problems_not_exceptions(docs: list[dict[str, Any
         assert p.message
         if p.rule not in ("non-string-key", "duplicate-key"):
             assert p.kind is not None, p.format()
+
+
+CNI_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["type", "plugins", "name", "x"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(CNI_JSON, st.lists(CNI_JSON, max_size=2))
+def test_render_never_crashes_on_validated_custom_cni(custom: Any, chain: list[Any]) -> None:
+    """Whatever JSON customCNI/chainCNIJsonData hold: what validates renders, and render turns
+    anything else into a ValueError naming the object, never a TypeError or a wrong config."""
+    smc = {
+        "apiVersion": "spiderpool.spidernet.io/v2beta1",
+        "kind": "SpiderMultusConfig",
+        "metadata": {"name": "custom", "namespace": "default"},
+        "spec": {
+            "cniType": "custom",
+            "customCNI": json.dumps(custom),
+            "chainCNIJsonData": [json.dumps(c) for c in chain],
+        },
+    }
+    docs = load_text(dump_yaml([smc]), "smc.yaml").documents
+    errors = [p for p in validate(docs) if p.severity == "error"]
+    try:
+        out = render.render(docs)
+    except ValueError as exc:
+        assert errors, f"render refused a config the validator passed: {exc}"
+        assert "SpiderMultusConfig default/custom (smc.yaml:1)" in str(exc)
+        return
+    if not errors:
+        conf = json.loads(out[-1].body["spec"]["config"])
+        assert conf["plugins"] and all(
+            isinstance(p, dict) and isinstance(p.get("type"), str) for p in conf["plugins"]
+        )
