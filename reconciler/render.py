@@ -254,7 +254,8 @@ def _ref(res: Resource, obj: Mapping[str, Any]) -> str:
     md = obj.get("metadata")
     md = md if isinstance(md, Mapping) else {}
     ns, name = md.get("namespace"), md.get("name")
-    return f"{res.kind} {ns + '/' if isinstance(ns, str) and ns else ''}{name!s}"
+    shown = name if isinstance(name, str) and name else "(no name)"
+    return f"{res.kind} {ns + '/' if isinstance(ns, str) and ns else ''}{shown}"
 
 
 def _reason(exc: BaseException) -> str:

@@ -1978,3 +1978,46 @@ def test_every_rule_has_a_case(tmp_path: Path) -> None:
     ]:
         produced |= {p.rule for p in load_text(text, "t.yaml", **kw).problems}
     assert set(RULES) - {"schema"} - produced == set()
+
+
+def test_render_refuses_what_validation_refuses_naming_the_object(tmp_path: Path) -> None:
+    """customCNI '{"plugins": 5}' crashed plan with "'int' object is not iterable" and
+    '{"plugins": "abc"}' rendered plugins a, b, c: validation reports both, and render, should
+    they ever reach it, raises a ValueError naming the object and its file:line."""
+    from reconciler import render
+
+    for custom, why in [
+        ('{"plugins": 5}', '"plugins" must be a list of plugin objects, got number 5'),
+        ('{"plugins": "abc"}', '"plugins" must be a list of plugin objects, got string "abc"'),
+        ('{"plugins": [{"type": "bridge"}, 7]}', "plugins[1] must be a plugin object"),
+        ('{"type": NaN}', "NaN is not JSON"),
+    ]:
+        (tmp_path / "smc.yaml").write_text(
+            SMC
+            + "metadata:\n  name: cd\n  namespace: default\nspec:\n"
+            + f"  cniType: custom\n  customCNI: '{custom}'\n"
+        )
+        docs, problems = validate_repo(tmp_path)
+        assert [p.rule for p in problems if p.severity == "error"] in (
+            ["custom-cni-invalid-config"],
+            ["custom-cni-invalid-json"],
+        ), custom
+        with pytest.raises(ValueError) as exc:
+            render.render(docs)
+        assert str(exc.value).startswith(
+            "cannot render SpiderMultusConfig default/cd (smc.yaml:1): customCNI is not "
+        ), exc.value
+        assert why in str(exc.value)
+    # an ovs config without bridge, as a plain dict that never met the validator
+    bad = {
+        "apiVersion": "spiderpool.spidernet.io/v2beta1",
+        "kind": "SpiderMultusConfig",
+        "metadata": {"name": "o", "namespace": "kube-system"},
+        "spec": {"cniType": "ovs", "ovs": {"vlan": 5}},
+    }
+    with pytest.raises(ValueError, match=r"^cannot render SpiderMultusConfig kube-system/o: "):
+        render.render([bad])
+    with pytest.raises(
+        ValueError, match=r"^cannot render SpiderIPPool \(no name\): missing field 'name'"
+    ):
+        render.render([{**bad, "kind": "SpiderIPPool", "metadata": {}, "spec": {}}])
