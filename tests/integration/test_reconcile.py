@@ -193,7 +193,7 @@ def test_annotation_triggers_a_pass_at_once(world: World) -> None:
     assert p.stop() == 0
 
 
-def test_watch_applies_a_local_edit_within_a_second(world: World) -> None:
+def test_watch_applies_a_local_edit_without_waiting_for_the_interval(world: World) -> None:
     local = world.tmp / "local"
     local.mkdir()
     for name, text in QUICK.items():
