@@ -300,6 +300,11 @@ class BridgeAgent:
         self.stopping = threading.Event()
         self._api_due = threading.Event()
         self._lock = threading.Lock()
+        """One full pass at a time."""
+        self._node_lock = threading.RLock()
+        """Held while the node is changed and ``_enacted`` updated with it (full pass and the
+        repair thread); never held across a Kubernetes API call."""
+        self._drift = threading.Event()
         self._trig_lock = threading.Lock()
         self._triggers: dict[str, _Trigger] = {}
         self._watchers: list[Any] = []
@@ -365,8 +370,9 @@ class BridgeAgent:
         for oname, e in enacted.items():  # after a restart: what this node had enacted
             state = (e.get("status") or {}).get("enactedState")
             if state and oname not in self._enacted:
-                with contextlib.suppress(bridges.InvalidBridge):
-                    self._enacted[oname] = bridges.DesiredBridge.from_object(state, self.node.name)
+                with contextlib.suppress(bridges.InvalidBridge), self._node_lock:
+                    d = bridges.DesiredBridge.from_object(state, self.node.name)
+                    self._enacted.setdefault(oname, d)
         self._pending = False
         outcomes: dict[str, str] = {}
         selected: set[str] = set()
@@ -454,7 +460,8 @@ class BridgeAgent:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         oname = obj["metadata"]["name"]
-        self._enacted[oname] = desired
+        with self._node_lock:
+            self._enacted[oname] = desired
         self._failed.pop(oname, None)
         fields: dict[str, Any] = {
             "enactedGeneration": obj["metadata"].get("generation"),
@@ -541,7 +548,10 @@ class BridgeAgent:
             enactment = self._report(
                 obj, enactment, COND_PROGRESSING, REASON_ENACTING, "changing the node"
             )
-            result = bridges.enact(desired, self.node, run_probes=self.run_probes)
+            with self._node_lock:
+                result = bridges.enact(desired, self.node, run_probes=self.run_probes)
+                if result.status in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
+                    self._enacted[oname] = desired  # before a repair could undo it
             self._log_result(oname, result)
             if result.status in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
                 self._ready(obj, desired, enactment, {"lastChanges": list(result.changes) or None})
@@ -607,8 +617,13 @@ class BridgeAgent:
         reason it failed; the repair is logged and kept for ``status.lastRepair``.
         """
         drift = [f"{d.kind}: {d.detail}" for d in bridges.classify(p)]
-        result = bridges.enact(desired, self.node, run_probes=False)
-        if result.status not in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
+        with self._node_lock:
+            if self._enacted.get(oname) != desired:
+                return "repaired"  # the other thread changed or removed it meanwhile
+            result = bridges.enact(desired, self.node, run_probes=False)
+        if result.status == bridges.STATUS_UNCHANGED:
+            return "repaired"  # the other thread repaired it first
+        if result.status != bridges.STATUS_CHANGED:
             log.error(
                 "OvsBridge %s: repairing drift on %s failed: %s",
                 oname,
@@ -616,7 +631,7 @@ class BridgeAgent:
                 result.reason,
             )
             return f"repairing drift failed: {result.reason}"
-        record = {
+        record: dict[str, Any] = {
             "time": _now(),
             "trigger": trigger,
             "drift": drift,
@@ -637,19 +652,20 @@ class BridgeAgent:
     def _repair_enacted(self, oname: str, trigger: str) -> str | None:
         """Repair drift of the state this node last enacted for ``oname`` (if any); used while
         a newer generation waits (Pending, Aborted, Failing) and by the local pass."""
-        desired = self._enacted.get(oname)
-        if desired is None:
-            return None
-        p = bridges.plan(desired, self.node)
-        if p.invalid or p.empty:
-            return None
-        return self._repair(oname, desired, p, trigger)
+        with self._node_lock:
+            desired = self._enacted.get(oname)
+            if desired is None:
+                return None
+            p = bridges.plan(desired, self.node)
+            if p.invalid or p.empty:
+                return None
+            return self._repair(oname, desired, p, trigger)
 
     def local_pass(self, trigger: str) -> list[str]:
         """Repair drift of every bridge this node enacted, without the Kubernetes API (drift
         may have cut the node off it). Returns the OvsBridge names repaired; never raises."""
         repaired = []
-        with self._lock:
+        with self._node_lock:
             for oname in sorted(self._enacted):
                 try:
                     if self._repair_enacted(oname, trigger) == "repaired":
@@ -787,7 +803,11 @@ class BridgeAgent:
             return "forgotten"
         obj = state or status.get("desiredState") or {"metadata": {"name": oname}}
         try:
-            res = bridges.remove(desired, self.node)
+            with self._node_lock:
+                res = bridges.remove(desired, self.node)
+                if res.status in (bridges.STATUS_REMOVED, bridges.STATUS_ABSENT):
+                    # forgotten in the same breath: a repair must not build it again
+                    self._enacted.pop(oname, None)
         except Exception as exc:
             log.error("OvsBridge %s: removal from %s failed: %s", oname, self.node.name, exc)
             self._report(obj, enactment, COND_FAILING, REASON_REMOVAL_FAILED, str(exc))
@@ -804,8 +824,6 @@ class BridgeAgent:
             )
             self._capacity(desired.name, False)
             return res.status
-        # forget it before any API call: a local pass must not build it again
-        self._enacted.pop(oname, None)
         self._failed.pop(oname, None)
         self._repairs.pop(oname, None)
         self._blocked.discard(oname)
@@ -862,7 +880,7 @@ class BridgeAgent:
     # --- drift watchers -----------------------------------------------------------------------
 
     def _watch_drift(self) -> None:
-        desired = sorted(self._enacted.values(), key=lambda d: d.name)
+        desired = sorted(list(self._enacted.values()), key=lambda d: d.name)
         names = tuple(sorted({d.name for d in desired}))
         paths: set[str] = set()
         for d in desired:
@@ -893,7 +911,20 @@ class BridgeAgent:
         with self._trig_lock:
             self._triggers.setdefault(what, _Trigger(what, time.monotonic()))
         log.debug("drift on %s: %s changed", self.node.name, what)
-        self.wake.set()
+        self._drift.set()
+
+    def _repair_loop(self) -> None:
+        """Repair thread: a local pass as soon as a watcher reports drift, whatever the full
+        pass is doing (it may be stuck on an API server the drift made unreachable)."""
+        while not self.stopping.is_set():
+            self._drift.wait()
+            self._drift.clear()
+            triggers = self._take_triggers()
+            if self.stopping.is_set() or not triggers:
+                continue
+            if self.local_pass(", ".join(t.what for t in triggers)) or self._blocked:
+                self._api_due.set()  # write lastRepair, or retry a blocked removal
+                self.wake.set()
 
     def _take_triggers(self) -> list[_Trigger]:
         with self._trig_lock:
@@ -975,9 +1006,9 @@ class BridgeAgent:
 
     def run(self) -> None:
         """Loop until :meth:`stop`: a full pass at start, on OvsBridge or Node label changes,
-        every ``resync`` s (every ``rollout_retry`` s while Pending); a local repair pass as soon
-        as a watcher reports drift. API errors never end the loop: passes are retried with
-        exponential backoff (1 s doubling to 30 s)."""
+        every ``resync`` s (every ``rollout_retry`` s while Pending); in its own thread, a local
+        repair pass as soon as a watcher reports drift (replay records at start). API errors
+        never end the loop: passes are retried with exponential backoff (1 s doubling to 30 s)."""
         r = vocab.OVS_BRIDGE
         custom = client.CustomObjectsApi(self.api)
         threads = [
@@ -1006,12 +1037,14 @@ class BridgeAgent:
                 daemon=True,
             ),
         ]
+        threads.append(threading.Thread(target=self._repair_loop, name="repair", daemon=True))
         for t in threads:
             t.start()
         # reboot replay: what this node enacted is on disk; put it back before anything needs
         # the API server (after a reboot the route to it may be one of the things missing)
-        for d in bridges.recorded_bridges(self.node.root):
-            self._enacted.setdefault(d.object_name, d)
+        with self._node_lock:
+            for d in bridges.recorded_bridges(self.node.root):
+                self._enacted.setdefault(d.object_name, d)
         if self._enacted:
             with contextlib.suppress(Exception):
                 self._watch_drift()
@@ -1020,16 +1053,10 @@ class BridgeAgent:
         next_full = time.monotonic()
         while not self.stopping.is_set():
             self.wake.clear()
-            triggers = self._take_triggers()
-            trigger = ", ".join(t.what for t in triggers)
-            if triggers and (self.local_pass(trigger) or self._blocked):
-                self._api_due.set()  # write lastRepair, or retry a blocked removal
-            if self.stopping.is_set():
-                break
             if self._api_due.is_set() or time.monotonic() >= next_full:
                 self._api_due.clear()
                 try:
-                    self.sync(trigger or "resync")
+                    self.sync("resync")
                     backoff = 1.0
                     wait = self.resync
                     if self._pending:
@@ -1052,6 +1079,7 @@ class BridgeAgent:
         """Ask :meth:`run` to return (after the pass in progress) and stop the watchers."""
         self.stopping.set()
         self.wake.set()
+        self._drift.set()
         for w in self._watchers:
             w.stop()
         self._watchers = []
