@@ -9,6 +9,7 @@ after their netns is gone), and a port that ovs-vswitchd refuses.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -238,6 +239,7 @@ def test_port_lookups_from_many_threads_while_ovsdb_changes(rig: Rig) -> None:
                 assert ports.bridge_exists(api, "br1")
                 ports.wait_ofport(api, "vx0", timeout=0)
                 lookups[0] += 1
+                time.sleep(0.001)  # let the connection thread apply updates in between
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
 
