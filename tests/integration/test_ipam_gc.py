@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
-from node_agent.ipam import Ipam
-from node_agent.ipam_gc import collect
+from node_agent.ipam import Ipam, IpamRequest
+from node_agent.ipam_gc import GcLoop, collect
 
 from reconciler.ippool import allocated_ips
 from tests.integration.test_ipam_kube import Cluster, cluster, req
+from tests.rig import wait_for
 
 __all__ = ["cluster"]  # the fixture, shared with test_ipam_kube
+
+POOL = {"default_ipv4_ippool": ["ippool-test"]}
 
 
 def test_leaked_allocations_and_endpoints_are_released_live_ones_stay(cluster: Cluster) -> None:
@@ -82,3 +86,66 @@ def test_gc_racing_allocations_never_loses_a_record(cluster: Cluster) -> None:
     assert len(records) == 40 == status["allocatedIPCount"]
     assert {r["podUid"] for r in records.values()} == {uid for _, uid in pods}
     assert json.loads(status["allocatedIPs"]) == records
+
+
+def test_sandbox_switches_and_recreated_pods_keep_what_is_in_use(cluster: Cluster) -> None:
+    """Container IDs in SpiderEndpoint entries: a pod whose sandbox was recreated keeps its
+    record whichever sandbox holds it; a StatefulSet pod recreated under its name keeps the
+    new UID's record and endpoint while the old UID's record (its DEL never came) goes."""
+    cluster.node("n1")
+    cluster.pool("ippool-test")
+    ipam = Ipam(cluster.api, "n1")
+    uid = cluster.pod("web")
+    (a,) = ipam.allocate(IpamRequest("default", "web", uid, "sandbox-A", "eth0", POOL))
+    (b,) = ipam.allocate(IpamRequest("default", "web", uid, "sandbox-B", "eth0", POOL))
+    assert a.ip == b.ip
+    old = cluster.pod("db-0")
+    (o,) = ipam.allocate(IpamRequest("default", "db-0", old, "db-old", "eth0", POOL))
+    cluster.core.delete_namespaced_pod(
+        "db-0", "default", grace_period_seconds=0, propagation_policy="Orphan"
+    )
+    new = cluster.pod("db-0")
+    (n,) = ipam.allocate(IpamRequest("default", "db-0", new, "db-new", "eth0", POOL))
+
+    report = collect(cluster.api)
+
+    assert [(ip, pod) for _, ip, pod, _ in report.ips] == [(o.ip, "default/db-0")]
+    assert report.endpoints == []
+    records = allocated_ips(cluster.status("ippool-test"))
+    assert records == {
+        b.ip: {"pod": "default/web", "podUid": uid},
+        n.ip: {"pod": "default/db-0", "podUid": new},
+    }
+    for name, cid in (("web", "sandbox-B"), ("db-0", "db-new")):
+        ep = cluster.endpoint(name)
+        assert ep is not None
+        assert [e["containerID"] for e in ep["status"]["current"]["ips"]] == [cid]
+
+
+def test_gc_loop_passes_at_start_and_every_interval(cluster: Cluster) -> None:
+    cluster.node("n1")
+    cluster.pool("ippool-test")
+    ipam = Ipam(cluster.api, "n1")
+
+    def leak(name: str) -> None:
+        uid = cluster.pod(name)
+        ipam.allocate(IpamRequest("default", name, uid, f"c-{name}", "eth0", POOL))
+        cluster.delete_pod(name)  # and its DEL never comes
+
+    leak("gone")
+    loop = GcLoop(cluster.api, interval=0.3, request_timeout=5)
+    loop.start()
+    try:
+        wait_for(lambda: allocated_ips(cluster.status("ippool-test")) == {}, what="first pass")
+        cluster.em.inject_fault(r"/spiderippools$", method="GET", status=500, count=1)
+        leak("gone-later")
+        wait_for(lambda: loop.failures == 1, what="a failing pass")
+        wait_for(lambda: allocated_ips(cluster.status("ippool-test")) == {}, what="a later pass")
+        assert "500" in loop.last_error
+        assert loop.last_report is not None
+    finally:
+        loop.stop()
+    passes = loop.passes
+    assert passes >= 3
+    time.sleep(0.5)
+    assert loop.passes == passes  # stopped
