@@ -130,3 +130,36 @@ def test_ovs_conf_vlan_trunk_mac() -> None:
     with pytest.raises(CniError) as e:
         parse_conf({"bridge": "b", "deviceID": "0000:00:01.0"})
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("ifname", "ok"),
+    [("eth0", True), ("a" * 15, True), ("net1.100", True), ("", False), (".", False),
+     ("..", False), ("eth 0", False), ("eth0:1", False), ("a/b", False), ("a" * 16, False)],
+)  # fmt: skip
+def test_ifname_follows_linux_dev_valid_name(ifname: str, ok: bool) -> None:
+    env = {**ENV, "CNI_IFNAME": ifname}
+    if ok:
+        assert decode_request(env, b'{"type": "x"}').ifname == ifname
+        return
+    with pytest.raises(CniError) as e:
+        decode_request(env, b'{"type": "x"}')
+    assert e.value.code == 4 and "CNI_IFNAME" in e.value.msg
+
+
+@pytest.mark.parametrize(
+    ("conf", "args", "field"),
+    [
+        ({"mac": "zz:zz:zz:zz:zz:zz"}, {}, "mac 'zz:zz:zz:zz:zz:zz'"),
+        ({"mac": 12}, {}, "mac 12"),
+        ({"mac": "01:00:5e:00:00:01"}, {}, "multicast"),
+        ({"runtimeConfig": {"mac": "0a:58:ac:12:1e"}}, {}, "runtimeConfig.mac"),
+        ({}, {"MAC": "0a-58-ac-12-1e-83"}, "CNI_ARGS MAC"),
+    ],
+)
+def test_bad_mac_is_invalid_config_naming_the_field(
+    conf: dict[str, object], args: dict[str, str], field: str
+) -> None:
+    with pytest.raises(CniError) as e:
+        parse_conf({"bridge": "b", **conf}, args)
+    assert e.value.code == 7 and field in e.value.msg

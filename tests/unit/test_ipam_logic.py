@@ -348,3 +348,25 @@ def test_cni_result_has_gateway_and_default_route() -> None:
         ],
         "dns": {},
     }
+
+
+@pytest.mark.parametrize("key", ["x", "172.18.30.131/16", "172.18.030.131", "", "fd00::0001"])
+def test_lowest_free_rejects_non_canonical_record_keys(key: str) -> None:
+    with pytest.raises(ipam.BadRecordKey) as e:
+        ipam.lowest_free(SPEC, [key])
+    assert repr(key) in str(e.value) and isinstance(e.value, ValueError)
+
+
+def test_lowest_free_skips_reserved_gateways_of_its_family_only() -> None:
+    spec = {"subnet": "10.0.0.0/24", "ips": ["10.0.0.1-10.0.0.4"]}
+    assert ipam.lowest_free(spec, [], ["10.0.0.1", "10.0.0.2"]) == "10.0.0.3"
+    # ::a00:1 has the integer value of 10.0.0.1 but is another family
+    assert ipam.lowest_free(spec, [], ["::a00:1"]) == "10.0.0.1"
+
+
+def test_pool_status_caps_total_at_json_safe_integer() -> None:
+    huge = {"subnet": "fd00::/64", "ips": ["fd00::2-fd00::ffff:ffff:ffff:ffff"]}
+    st = ipam.pool_status(huge, {"fd00::2": {"pod": "a/b", "podUid": "u"}})
+    assert st["totalIPCount"] == 2**53 - 1 == ipam.MAX_SAFE_INTEGER
+    assert st["allocatedIPCount"] == 1
+    assert ipam.pool_status(SPEC, {})["totalIPCount"] == ippool.allocatable(SPEC).size
