@@ -593,6 +593,22 @@ def test_drift_is_repaired_within_5_seconds(
     assert w.cluster.condition("n1")[0] == "Ready"
 
 
+def test_drift_repair_does_not_wait_for_a_hung_api_server(world: World) -> None:
+    """The full pass is stuck in a request the API server does not answer; drift is repaired
+    anyway, by the repair thread, within 5 s."""
+    w = world
+    n1 = w.node("n1")
+    w.cluster.apply_bridge(ovs_bridge())
+    a = w.agent("n1", resync=0.5)
+    w.cluster.wait_condition("n1", "Ready")
+    w.cluster.emu.inject_fault("/ovsbridges$", method="GET", hang=12, count=3)
+    wait_for(lambda: w.cluster.emu.faults()[0].count < 3, 5, "a pass stuck in a request")
+    n1.vsctl("del-port", "br1", "eth0")
+    wait_for(lambda: _uplink_port_back(n1), 5, "uplink port repaired", step=0.02)
+    a.wait_log("repaired drift on n1 in", 2)
+    w.cluster.emu.clear_faults()
+
+
 # --- removal -----------------------------------------------------------------------------------
 
 
