@@ -1037,7 +1037,8 @@ class BridgeAgent:
                 daemon=True,
             ),
         ]
-        threads.append(threading.Thread(target=self._repair_loop, name="repair", daemon=True))
+        repairer = threading.Thread(target=self._repair_loop, name="repair", daemon=True)
+        threads.append(repairer)
         for t in threads:
             t.start()
         # reboot replay: what this node enacted is on disk; put it back before anything needs
@@ -1074,6 +1075,7 @@ class BridgeAgent:
                     next_full = time.monotonic() + backoff
                     backoff = min(backoff * 2, MAX_BACKOFF)
             self.wake.wait(max(0.0, next_full - time.monotonic()))
+        repairer.join(timeout=60)  # a repair in progress finishes before OVSDB is closed
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (after the pass in progress) and stop the watchers."""
