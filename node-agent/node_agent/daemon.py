@@ -5,8 +5,11 @@ One process per node (DaemonSet, hostNetwork, privileged). It
   the ones that select it (:mod:`node_agent.bridges`: OVS through ovsdbapp, links through
   pyroute2, persistence files), within the rollout limits of :mod:`node_agent.rollout`
   (``maxUnavailable`` slots as Leases; a Failing node aborts the rollout for the others);
-- repairs drift that OVSDB monitoring or the file watcher reports, locally first (no API call
-  stands between a broken node and its repair), then records it in the enactment;
+- repairs drift that OVSDB monitoring (including a reconnect to a replaced database) or the
+  file watcher reports, in a repair thread of its own that needs no API call (the drift may
+  have cut the node off the API server, and the full pass may be stuck on it), then records it
+  in the enactment; at start it replays what the replay records under
+  ``/var/lib/underlay/bridges`` say this node carried (reboot replay) the same way;
 - records the per-node outcome in OvsBridgeEnactment ``<node>.<bridge>`` with the conditions
   Ready, Progressing, Failing, Pending and Aborted (as kubernetes-nmstate's
   NodeNetworkConfigurationEnactment, with Ready for its Available) and publishes the Node
@@ -272,7 +275,8 @@ class BridgeAgent:
 
     ``sync()`` does one full pass (idempotent; raises on API errors); ``local_pass()`` repairs
     drift of what this node enacted without the API; ``run()`` loops until :meth:`stop`.
-    Thread-safe: one pass at a time.
+    Thread-safe: one full pass at a time; node changes (full pass or repair thread) are
+    serialised by a lock that is never held across an API call.
     """
 
     def __init__(
