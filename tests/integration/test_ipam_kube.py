@@ -509,7 +509,9 @@ def test_debian_bridge_plugin_with_underlay_ipam(
         assert p1.ping("172.18.30.132")
         rt.check(conf, p1, "c1", pod=("default", "p1", u1))  # bridge's CHECK runs ours too
         # drift: p1's allocation released behind the runtime's back (as a GC would)
-        Ipam(cluster.api, "n1").release(req("p1", u1))
+        Ipam(cluster.api, "n1").release(
+            IpamRequest("default", "p1", u1, "c1", "eth0", {"default_ipv4_ippool": ["ippool-test"]})
+        )
         with pytest.raises(CniFailure) as e:
             rt.check(conf, p1, "c1", pod=("default", "p1", u1))
         assert e.value.code == 108 and "SpiderEndpoint default/p1" in e.value.msg
