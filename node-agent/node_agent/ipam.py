@@ -36,6 +36,7 @@ from kubernetes.client.exceptions import ApiException
 
 from node_agent.cni.errors import (
     CHECK_FAILED,
+    INTERNAL,
     INVALID_CONFIG,
     NO_POOL_ELIGIBLE,
     NO_POOL_SELECTED,
@@ -445,6 +446,19 @@ class _Ineligible(Exception):
         self.pool, self.why = pool, why
 
 
+@dataclass
+class _PoolOp:
+    """One queued read-modify-write of a pool (see Ipam.update_pool)."""
+
+    mutate: Callable[[dict[str, Any], dict[str, dict[str, str]]], tuple[bool, Any]]
+    first: dict[str, Any] | None
+    fresh: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    claimed: bool = False
+    value: Any = None
+    error: BaseException | None = None
+
+
 class _KeyedLocks:
     """One lock per key, created on demand and dropped when nobody holds or waits for it.
 
@@ -544,6 +558,8 @@ class Ipam:
         self.endpoints = Objects(api, SPIDER_ENDPOINT)
         self.core: Any = client.CoreV1Api(api)
         self._pool_locks = _KeyedLocks()
+        self._batch_guard = threading.Lock()
+        self._batches: dict[str, list[_PoolOp]] = {}
         self._pod_locks = _KeyedLocks()
         self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ipam")
         self._pool_cache: dict[str, dict[str, Any]] = {}
@@ -688,31 +704,91 @@ class Ipam:
         full or not eligible: ``mutate`` raising _Exhausted/_Ineligible) are only trusted on a
         fresh read. On 409 the pool is re-read and ``mutate`` runs again, up to
         ``max_attempts``. Returns ``value``. Raises CniError 102/11/7, or what ``mutate`` raises.
+
+        Group commit: calls for one pool that wait while another runs are applied together,
+        one after the other to the same records, and written with one status write by the
+        thread that holds the pool's lock (waited for at most ``pool_lock_wait`` seconds;
+        a call that got neither the lock nor a place in a running batch runs alone).
         """
-        locked = self._pool_locks.acquire(name, self.pool_lock_wait)
+        op = _PoolOp(mutate, first, fresh and first is not None)
+        with self._batch_guard:
+            self._batches.setdefault(name, []).append(op)
+        if self._pool_locks.acquire(name, self.pool_lock_wait):
+            try:
+                while not op.done.is_set():  # lead batches until this call's is done
+                    with self._batch_guard:
+                        ops = self._batches.pop(name, [])
+                        for o in ops:
+                            o.claimed = True
+                    if not ops:  # cannot happen: an unclaimed op is queued
+                        raise CniError(INTERNAL, f"SpiderIPPool {name}: lost a queued update")
+                    self._run_batch(name, ops)
+            finally:
+                self._pool_locks.release(name)
+        else:
+            with self._batch_guard:
+                alone = not op.claimed
+                if alone:
+                    self._batches[name].remove(op)
+                    if not self._batches[name]:
+                        del self._batches[name]
+                    op.claimed = True
+            if alone:
+                self._run_batch(name, [op])
+            else:
+                op.done.wait()
+        if op.error is not None:
+            raise op.error
+        value: T = op.value
+        return value
+
+    def _run_batch(self, name: str, ops: list[_PoolOp]) -> None:
+        """Apply ``ops`` in order to one copy of pool ``name`` and write it once (see
+        :meth:`update_pool`); every op ends done with a value or an error."""
         try:
-            pool = first or self._pool_cache.get(name)
-            fresh = fresh and first is not None
-            for attempt in range(self.max_attempts):
-                if pool is None:
-                    pool = self.get_pool(name)
-                    fresh = True
+            self._apply_batch(name, ops)
+        except BaseException as exc:
+            for op in ops:
+                if not op.done.is_set():
+                    op.error = exc
+        finally:
+            for op in ops:
+                op.done.set()
+
+    def _apply_batch(self, name: str, ops: list[_PoolOp]) -> None:
+        lead = next((o for o in ops if o.fresh), None) or next((o for o in ops if o.first), None)
+        pool = lead.first if lead is not None else self._pool_cache.get(name)
+        fresh = lead is not None and lead.fresh
+        for attempt in range(self.max_attempts):
+            if pool is None:
+                pool = self.get_pool(name)
+                fresh = True
+            try:
+                records = ippool.allocated_ips(pool.get("status"))
+            except ValueError as exc:
+                raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc
+            outcomes: list[tuple[_PoolOp, bool, Any, BaseException | None]] = []
+            stale = False
+            for op in ops:
                 try:
-                    records = ippool.allocated_ips(pool.get("status"))
-                except ValueError as exc:
-                    raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc
-                try:
-                    changed, value = mutate(pool, records)
-                except (_Exhausted, _Ineligible):
+                    changed, value = op.mutate(pool, records)
+                except (_Exhausted, _Ineligible) as exc:
                     if not fresh:
-                        pool = None
-                        continue
-                    raise
-                if not changed:
-                    if not fresh:
-                        pool = None
-                        continue
-                    return value
+                        stale = True
+                        break
+                    outcomes.append((op, False, None, exc))
+                    continue
+                except Exception as exc:  # a CniError of this op only; records untouched
+                    outcomes.append((op, False, None, exc))
+                    continue
+                if not changed and not fresh:
+                    stale = True
+                    break
+                outcomes.append((op, changed, value, None))
+            if stale:
+                pool = None
+                continue
+            if any(changed for _, changed, _, _ in outcomes):
                 body = dict(pool)
                 try:
                     body["status"] = {
@@ -744,14 +820,13 @@ class Ipam:
                     continue
                 if isinstance(written, dict) and written.get("metadata"):
                     self._pool_cache[name] = written
-                return value
-            raise CniError(
-                TRY_AGAIN_LATER,
-                f"SpiderIPPool {name}: {self.max_attempts} conflicting status writes in a row; try again",
-            )
-        finally:
-            if locked:
-                self._pool_locks.release(name)
+            for op, _, value, error in outcomes:
+                op.value, op.error = value, error
+            return
+        raise CniError(
+            TRY_AGAIN_LATER,
+            f"SpiderIPPool {name}: {self.max_attempts} conflicting status writes in a row; try again",
+        )
 
     # --- allocation ---------------------------------------------------------------------
     def allocate(self, req: IpamRequest) -> list[Allocation]:
