@@ -322,6 +322,7 @@ class BridgeAgent:
         self._blocked: set[str] = set()
         """OvsBridge names whose removal waits for pod ports to go (OVSDB changes retry it)."""
         self._labels: dict[str, str] | None = None
+        self._node_uid: str | None = None
         self._pending = False
         self.last_results: dict[str, str] = {}
 
@@ -342,6 +343,7 @@ class BridgeAgent:
             raise
         labels = dict((node.metadata.labels if node.metadata else None) or {})
         self._labels = labels
+        self._node_uid = node.metadata.uid if node.metadata else None
         return labels
 
     def _enactment_name(self, bridge_object: str) -> str:
@@ -736,7 +738,7 @@ class BridgeAgent:
             self._repairs.pop(oname, None)
             return current
         if current is None:
-            body = {
+            body: dict[str, Any] = {
                 "apiVersion": vocab.UNDERLAY_API_VERSION,
                 "kind": vocab.OVS_BRIDGE_ENACTMENT.kind,
                 "metadata": {
@@ -748,6 +750,13 @@ class BridgeAgent:
                 },
                 "spec": {"nodeName": self.node.name, "bridge": oname},
             }
+            if self._node_uid:
+                # a Node that leaves the cluster takes its enactments with it (garbage
+                # collection), so its last Failing enactment no longer stops a rollout
+                body["metadata"]["ownerReferences"] = [
+                    {"apiVersion": "v1", "kind": "Node", "name": self.node.name,
+                     "uid": self._node_uid}
+                ]  # fmt: skip
             try:
                 current = self.enactments.create(body)
             except client.ApiException as exc:

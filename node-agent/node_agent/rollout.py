@@ -35,8 +35,9 @@ Limits: expiry compares the holder's ``renewTime`` with the reader's clock (cloc
 nodes shortens or lengthens a dead holder's slot, as with client-go leader election); an agent
 that dies while changing its node blocks one slot for ``leaseDurationSeconds`` and then the
 rollout goes on without knowing that node's outcome; lowering ``maxUnavailable`` while slots
-with higher indexes are held lets those holders finish (briefly more than N); a node that is
-Failing and then leaves the cluster keeps the rollout stopped until the OvsBridge changes;
+with higher indexes are held lets those holders finish (briefly more than N); a Failing node
+that is down but still in the cluster keeps the rollout stopped until the OvsBridge changes
+(enactments are owned by their Node, so deleting the Node collects them and frees the rollout);
 waiting agents poll for a free slot (``--rollout-retry`` seconds, jittered) rather than watch.
 """
 

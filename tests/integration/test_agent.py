@@ -312,6 +312,10 @@ def test_restarted_agent_changes_nothing_and_writes_nothing(world: World) -> Non
     assert e is not None
     st = e["status"]
     assert st["observedGeneration"] == st["enactedGeneration"] == 1
+    node_uid = w.cluster.core.read_node("n1").metadata.uid
+    assert e["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": node_uid}
+    ]
     assert {c["type"] for c in st["conditions"]} == {
         "Ready", "Progressing", "Failing", "Pending", "Aborted",
     }  # fmt: skip

@@ -188,6 +188,11 @@ def test_rollout_one_node_at_a_time_stops_at_a_failing_node_until_the_bridge_cha
     assert w.cluster.enactment("n1", "br2")["status"]["enactedGeneration"] == 2  # type: ignore[index]
     assert n1.ping(DATA_GATEWAY, count=1)
 
+    # n2 leaves the cluster: its enactments are garbage-collected with its Node (owner), so its
+    # last Failing no longer stops anybody
+    w.cluster.core.delete_node("n2")
+    wait_for(lambda: w.cluster.enactment("n2", "br2") is None, 10, "n2's enactment collected")
+
 
 # --- slots against the API server alone ------------------------------------------------------
 
