@@ -443,7 +443,7 @@ class CniServer:
         self.stop()
 
 
-def ipam_api_client(kubeconfig: str | None = None) -> Any:
+def ipam_api_client(kubeconfig: str | None = None, context: str | None = None) -> Any:
     """A ``kubernetes.client.ApiClient`` for the CNI calls: connection failures are retried
     twice, a request that was sent is never retried by the transport.
 
@@ -456,7 +456,7 @@ def ipam_api_client(kubeconfig: str | None = None) -> Any:
 
     from reconciler.kube import load_configuration
 
-    cfg = load_configuration(kubeconfig)
+    cfg = load_configuration(kubeconfig, context)
     cfg.retries = Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0)
     return client.ApiClient(cfg)
 
