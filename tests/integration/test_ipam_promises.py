@@ -163,7 +163,7 @@ def test_parallel_interfaces_of_one_pod_get_distinct_ips(cluster: Cluster) -> No
 def test_retried_add_after_a_fallback_keeps_its_ip_and_leaks_nothing(cluster: Cluster) -> None:
     cluster.pool("a", ips="172.18.30.1")
     cluster.pool("b", ips="172.18.31.1-172.18.31.5")
-    conf = {"default_ipv4_ippool": ["a", "b"]}
+    conf: dict[str, Any] = {"default_ipv4_ippool": ["a", "b"]}
     ipam = Ipam(cluster.api, "n1")
     x = cluster.pod("x")
     assert ipam.allocate(sandbox("x", x, "cx", **conf))[0].pool == "a"
@@ -190,7 +190,7 @@ def test_leftover_records_of_the_pod_in_other_candidate_pools_are_released(
 ) -> None:
     cluster.pool("a", ips="172.18.30.1")
     cluster.pool("b", ips="172.18.31.1-172.18.31.5")
-    conf = {"default_ipv4_ippool": ["a", "b"]}
+    conf: dict[str, Any] = {"default_ipv4_ippool": ["a", "b"]}
     p = cluster.pod("p")
     for name, ip in (("a", "172.18.30.1"), ("b", "172.18.31.3")):  # a crashed agent's leftovers
         pool = cluster.pools.get(name)
