@@ -45,6 +45,8 @@ from node_agent.persistence import NodeNetConfig
 IFNAMSIZ_MAX = 15
 """Longest Linux interface name (IFNAMSIZ 16 including the NUL)."""
 RECORD_DIR = "/var/lib/underlay/bridges"
+OVS_LINK_KINDS = ("openvswitch", "tun")
+"""rtnetlink kinds of OVS internal interfaces: kernel datapath, userspace (netdev) datapath."""
 DEFAULT_BOND_MODE = "active-backup"
 DEFAULT_PROBE_TIMEOUT = 20.0
 
@@ -326,9 +328,10 @@ def carried_config(desired: DesiredBridge, obs: Observed, root: Path) -> NodeNet
 def validate(desired: DesiredBridge, node: NodeContext) -> list[str]:
     """Node-local problems of ``desired`` on ``node``, one clear sentence each ([] = fine).
 
-    Checks: bridge name at most 15 characters (Linux interface name), each uplink exists on
-    the node, no uplink is already a port of another OVS bridge, an uplink is not named like
-    the bridge, the requested datapath is usable.
+    Checks: bridge name at most 15 characters (Linux interface name), no other network
+    interface on the node already has the bridge's name, each uplink exists on the node, no
+    uplink is already a port of another OVS bridge, an uplink is not named like the bridge,
+    the requested datapath is usable.
     """
     reasons = []
     if len(desired.name) > IFNAMSIZ_MAX:
@@ -342,6 +345,15 @@ def validate(desired: DesiredBridge, node: NodeContext) -> list[str]:
         for u in desired.uplinks:
             if links.read_link(ipr, u) is None:
                 reasons.append(f"uplink {u} does not exist on node {node.name}")
+        kind = links.link_kind(ipr, desired.name)
+    # A link with the bridge's name that OVS did not make (OVS internal ports are "openvswitch"
+    # with the kernel datapath, "tun" with netdev) is another device: taking its name would put
+    # the node's addresses on it.
+    if kind not in (None, *OVS_LINK_KINDS) and ovs.read_bridge(node.ovsdb, desired.name) is None:
+        reasons.append(
+            f"node {node.name} already has a network interface named {desired.name} "
+            f"({kind or 'a physical NIC'}) that is not an OVS bridge; set spec.bridge to another name"
+        )
     owners = ovs.interface_bridges(node.ovsdb)
     for u in desired.uplinks:
         other = owners.get(u)

@@ -196,6 +196,24 @@ def read_link(ipr: IPRoute, ifname: str) -> LinkState | None:
     )
 
 
+def link_kind(ipr: IPRoute, ifname: str) -> str | None:
+    """rtnetlink IFLA_INFO_KIND of ``ifname`` ("veth", "bridge", "openvswitch", "tun", ...).
+
+    "" for a link without a kind (a physical NIC), None when no such link exists.
+    """
+    index = _index(ipr, ifname)
+    if index is None:
+        return None
+    try:
+        (link,) = ipr.get_links(index)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise LinkError(f"reading link {ifname}: {exc}") from exc
+    info = link.get_attr("IFLA_LINKINFO")
+    return str(info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
+
+
 def _route_order(r: Route) -> tuple[Any, ...]:
     # on-link routes first (their gateways are needed by the others), default routes last
     return (r.gateway is not None, r.is_default, r.family, r.dst, r.metric or 0, r.gateway or "")

@@ -332,6 +332,21 @@ def test_uplink_already_in_another_bridge_is_refused(rig: Rig, agents: list[Agen
     assert state(a) == before
 
 
+def test_bridge_named_like_another_nic_is_refused(rig: Rig, agents: list[Agent]) -> None:
+    """A data NIC eth1 exists: an OvsBridge named eth1 over eth0 would move the node's
+    address onto the NIC and cut it off (found by a hostile test): refused, nothing changed."""
+    a = add(agents, rig, "n1", N1_IP)
+    a.node.run("ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p")
+    before = state(a)
+    res = bridges.enact(a.desired(ovs_bridge("data", bridge="eth1")), a.ctx)
+    assert res.status == "invalid"
+    assert (
+        "node n1 already has a network interface named eth1 (veth) that is not an OVS bridge"
+        in (res.reason or "")
+    )
+    assert state(a) == before
+
+
 # --- reboot, removal, drift -----------------------------------------------------------------
 
 
