@@ -83,6 +83,8 @@ API_ERRORS: tuple[type[BaseException], ...] = (client.ApiException, urllib3.exce
 with backoff; every other error belongs to one bridge and is reported on its enactment."""
 
 MAX_BACKOFF = 30.0
+LABEL_VALUE_MAX = 63
+"""Longest label value (Kubernetes "Labels and Selectors"); OvsBridge names label enactments."""
 
 
 class NodeNotFound(RuntimeError):
@@ -385,7 +387,21 @@ class BridgeAgent:
         for obj in objs:
             oname = obj["metadata"]["name"]
             try:
+                if len(oname) > LABEL_VALUE_MAX:
+                    raise bridges.InvalidBridge(
+                        f"OvsBridge {oname}: metadata.name is {len(oname)} characters; it labels "
+                        f"the enactments, and label values are at most {LABEL_VALUE_MAX}"
+                    )
                 outcome, is_selected = self._reconcile(obj, labels, enacted.get(oname), trigger)
+            except bridges.InvalidBridge as exc:  # cannot even be reported on an enactment
+                log.error("%s", exc)
+                outcome, is_selected = "invalid", False
+            except client.ApiException as exc:
+                if exc.status not in (400, 422):
+                    raise
+                # the API refuses something about this bridge: the other bridges go on
+                log.error("OvsBridge %s: the API server refused a request: %s", oname, exc.reason)
+                outcome, is_selected = "failed", oname in enacted
             except API_ERRORS:
                 raise
             except Exception as exc:  # a local failure of this bridge; the others go on

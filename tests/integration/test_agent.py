@@ -705,6 +705,22 @@ def test_bad_input_is_failing_and_changes_nothing(
     assert w.cluster.coord.list_namespaced_lease("kube-system").items == []  # no slot taken
 
 
+def test_a_bridge_the_api_cannot_label_does_not_stop_the_others(world: World) -> None:
+    """An OvsBridge whose name is too long to label its enactments (found by a hostile test:
+    a 400 on its label selector stopped every bridge on every node) is reported in the log;
+    br1 is still built."""
+    w = world
+    w.node("n1")
+    long_name = "b" * 64
+    w.cluster.apply_bridge(ovs_bridge(long_name, bridge="brx"))
+    w.cluster.apply_bridge(ovs_bridge())
+    a = w.agent("n1")
+    w.cluster.wait_condition("n1", "Ready")
+    ready_with_br1(w, "n1", IPS["n1"])
+    a.wait_log(f"OvsBridge {long_name}: metadata.name is 64 characters")
+    assert not w.rig.nodes["n1"].link_exists("brx")
+
+
 # --- process lifecycle -------------------------------------------------------------------------
 
 
