@@ -537,7 +537,7 @@ class Ipam:
         cache_ttl: float = 5.0,
         request_timeout: float = 10.0,
         pool_lock_wait: float = 2.0,
-        gateway_ttl: float = 5.0,
+        gateway_ttl: float = 30.0,
         max_records: int = MAX_RECORDS,
     ) -> None:
         self.api = api
