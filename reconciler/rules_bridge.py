@@ -206,6 +206,13 @@ class _Uplinks:
         sel = self.selector
         return not (isinstance(sel, dict) and sel.get(HOSTNAME_LABEL, node) != node)
 
+    @property
+    def pinned(self) -> str | None:
+        """The one node a ``kubernetes.io/hostname`` nodeSelector selects, else None."""
+        sel = self.selector
+        node = sel.get(HOSTNAME_LABEL) if isinstance(sel, dict) else None
+        return node if isinstance(node, str) else None
+
     def on(self, node: str | None) -> list[tuple[str, tuple[str | int, ...]]]:
         """Uplinks on ``node`` (None: a node without an override)."""
         if node is not None and node in self.per_node:
@@ -257,29 +264,81 @@ def check_bridge_conflicts(ctx: Context) -> list[Problem]:
     return out
 
 
+_Entry = tuple[int, "_Uplinks", str | None, tuple[str | int, ...]]
+"""(sequence number, bridge, node scope (None: nodes without override), path of the NIC)."""
+
+
+class _Owners:
+    """The earlier entries of one NIC, indexed by the label keys of their nodeSelectors, so a
+    bridge finds the entries whose selectors can meet its own without testing them all: a
+    thousand per-rack bridges on one NIC cost a dict lookup each instead of 500k pair tests."""
+
+    def __init__(self) -> None:
+        self.everywhere: list[_Entry] = []  # no (or empty) nodeSelector: every node
+        self.by_keys: dict[tuple[str, ...], dict[tuple[Any, ...], list[_Entry]]] = {}
+        self.odd: list[_Entry] = []  # values of the wrong type (the schema reports them)
+
+    def add(self, entry: _Entry) -> None:
+        sel = entry[1].selector
+        if not isinstance(sel, dict) or not sel:
+            self.everywhere.append(entry)
+            return
+        if not all(isinstance(v, str) for v in sel.values()):
+            self.odd.append(entry)
+            return
+        keys = tuple(sorted(sel))
+        self.by_keys.setdefault(keys, {}).setdefault(tuple(sel[k] for k in keys), []).append(entry)
+
+    def meeting(self, sel: Any) -> list[_Entry]:
+        """Entries whose nodeSelector can select a node ``sel`` selects, in input order."""
+        if (
+            not isinstance(sel, dict)
+            or not sel
+            or not all(isinstance(v, str) for v in sel.values())
+        ):
+            found = self.everywhere + self.odd
+            for groups in self.by_keys.values():
+                for entries in groups.values():
+                    found += entries
+            found = [e for e in found if selectors_overlap(sel, e[1].selector)]
+            return sorted(found, key=lambda e: e[0])
+        found = self.everywhere + [e for e in self.odd if selectors_overlap(sel, e[1].selector)]
+        for keys, groups in self.by_keys.items():
+            shared = [i for i, k in enumerate(keys) if k in sel]
+            if not shared:
+                for entries in groups.values():
+                    found += entries
+            elif len(shared) == len(keys):
+                found += groups.get(tuple(sel[k] for k in keys), ())
+            else:
+                for values, entries in groups.items():
+                    if all(values[i] == sel[keys[i]] for i in shared):
+                        found += entries
+        return sorted(found, key=lambda e: e[0])
+
+
 def _uplink_conflicts(bridges: list[_Uplinks]) -> list[Problem]:
     """``uplink-conflict``: one NIC on two bridges of one node, reported on the later entry.
 
     A node is either one an override names (finitely many, compared exactly) or any other
-    node (both bridges use their default uplinks there; they meet when the selectors overlap).
+    node (both bridges use their default uplinks there; they meet when the selectors overlap,
+    see :func:`reconciler.rules_common.selectors_overlap`).
     """
     out: list[Problem] = []
-    # NIC -> earlier (bridge, node scope, path); node scope None = nodes without override
-    owners: dict[str, list[tuple[_Uplinks, str | None, tuple[str | int, ...]]]] = {}
+    owners: dict[str, _Owners] = {}
+    seq = 0
     for u in bridges:
         entries = [(None, nic, path) for nic, path in u.default] + [
             (node, nic, path) for node, nics in u.per_node.items() for nic, path in nics
         ]
-        reported: set[tuple[str | int, ...]] = set()
         for node, nic, path in entries:
-            for e, enode, epath in owners.get(nic, ()):
-                if e.bridge == u.bridge or duplicates(e.doc, u.doc) or path in reported:
-                    continue  # bridge-conflict or duplicate-object covers it
-                if not selectors_overlap(u.selector, e.selector):
-                    continue
+            earlier = owners.get(nic)
+            for _seq, e, enode, epath in earlier.meeting(u.selector) if earlier else ():
+                if e.bridge == u.bridge:
+                    continue  # bridge-conflict covers it
                 where = _conflict_node(u, node, e, enode, nic)
-                if where is False:
-                    continue
+                if where is False or duplicates(e.doc, u.doc):
+                    continue  # duplicate-object covers it
                 on = f" on node {where}" if isinstance(where, str) else " on nodes both select"
                 out.append(
                     u.doc.problem(
@@ -295,9 +354,10 @@ def _uplink_conflicts(bridges: list[_Uplinks]) -> list[Problem]:
                         ),
                     )
                 )
-                reported.add(path)
+                break
         for node, nic, path in entries:
-            owners.setdefault(nic, []).append((u, node, path))
+            owners.setdefault(nic, _Owners()).add((seq, u, node, path))
+            seq += 1
     return out
 
 
@@ -307,9 +367,16 @@ def _conflict_node(
     """Where ``nic`` (an uplink of ``u`` on ``node`` and of ``e`` on ``enode``) is on both:
     a node name, True for "nodes both select" (both defaults), False for nowhere."""
     if node is None and enode is None:
-        return True
+        pinned = u.pinned or e.pinned
+        if pinned is None:
+            return True
+        # the defaults of a pinned bridge apply on that one node only, unless overridden there
+        if pinned in u.per_node or pinned in e.per_node:
+            return False
+        return pinned if u.may_select(pinned) and e.may_select(pinned) else False
     if node is not None and enode is not None:
-        return node if node == enode else False
+        same = node == enode and u.may_select(node) and e.may_select(node)
+        return node if same else False
     named = node if node is not None else enode
     assert named is not None
     generic = e if node is not None else u  # the one using its default uplinks there

@@ -164,3 +164,91 @@ def test_render_never_crashes_on_validated_custom_cni(custom: Any, chain: list[A
         assert conf["plugins"] and all(
             isinstance(p, dict) and isinstance(p.get("type"), str) for p in conf["plugins"]
         )
+
+
+HOSTNAME = "kubernetes.io/hostname"
+SELECTORS = st.dictionaries(
+    st.sampled_from(["rack", "zone", HOSTNAME]), st.sampled_from(["1", "2"]), max_size=2
+).map(lambda d: {k: (f"n{v}" if k == HOSTNAME else v) for k, v in d.items()})
+NICS = st.lists(st.sampled_from(["eth0", "eth1", "eth2"]), min_size=1, max_size=2, unique=True)
+
+
+@st.composite
+def bridge_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
+    out = []
+    for i in range(draw(st.integers(2, 6))):
+        spec: dict[str, Any] = {"bridge": draw(st.sampled_from(["br1", "br2", "br3", f"b{i}"]))}
+        spec["uplinks"] = draw(NICS)
+        sel = draw(SELECTORS)
+        if sel:
+            spec["nodeSelector"] = sel
+        nodes = draw(st.lists(st.sampled_from(["n1", "n2"]), max_size=2, unique=True))
+        if nodes:
+            spec["nodeOverrides"] = [
+                {"nodeName": n, **({"uplinks": draw(NICS)} if draw(st.booleans()) else {})}
+                for n in nodes
+            ]
+        name = draw(st.sampled_from([f"o{i}", "dup"]))  # "dup": duplicates of one object
+        out.append(
+            {
+                "apiVersion": "underlay.dev/v1alpha1",
+                "kind": "OvsBridge",
+                "metadata": {"name": name},
+                "spec": spec,
+            }
+        )
+    return out
+
+
+def _brute_force_conflicts(bridges: list[dict[str, Any]]) -> set[tuple[int, str]]:
+    """(document index, field) of every uplink entry that shares its NIC with an earlier
+    OvsBridge (another bridge name, not a duplicate) on some node, by enumerating nodes: n1,
+    n2 and an unnamed one, each with every combination of the rack and zone labels."""
+    label_sets = [
+        {k: v for k, v in (("rack", r), ("zone", z)) if v is not None}
+        for r in (None, "1", "2")
+        for z in (None, "1", "2")
+    ]
+    nodes = [(n, {**ls, HOSTNAME: n}) for n in ("n1", "n2", "other") for ls in label_sets]
+
+    def entries_on(b: dict[str, Any], node: str) -> list[tuple[str, str]]:
+        for i, o in enumerate(b["spec"].get("nodeOverrides", [])):
+            if o["nodeName"] == node and "uplinks" in o:
+                return [
+                    (n, f"spec.nodeOverrides[{i}].uplinks[{j}]") for j, n in enumerate(o["uplinks"])
+                ]
+        return [(n, f"spec.uplinks[{j}]") for j, n in enumerate(b["spec"]["uplinks"])]
+
+    found = set()
+    for k, u in enumerate(bridges):
+        for e in bridges[:k]:
+            if e["spec"]["bridge"] == u["spec"]["bridge"] or (
+                e["metadata"]["name"] == u["metadata"]["name"]
+            ):
+                continue
+            for node, labels in nodes:
+                if not all(
+                    labels.get(a) == v
+                    for s in (u, e)
+                    for a, v in s["spec"].get("nodeSelector", {}).items()
+                ):
+                    continue
+                theirs = {n for n, _p in entries_on(e, node)}
+                found |= {(k, p) for n, p in entries_on(u, node) if n in theirs}
+    return found
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bridge_sets())
+def test_uplink_conflicts_match_brute_force_over_nodes(bridges: list[dict[str, Any]]) -> None:
+    """The selector index and the per-node override logic of uplink-conflict find exactly the
+    uplink entries that share a NIC with an earlier bridge on some node."""
+    text = dump_yaml(bridges)
+    docs = load_text(text, "b.yaml").documents
+    starts = [d.mark(())[0] for d in docs]
+    found = {
+        (max(i for i, s in enumerate(starts) if s <= p.line), p.field)
+        for p in validate(docs)
+        if p.rule == "uplink-conflict"
+    }
+    assert found == _brute_force_conflicts(bridges)
