@@ -163,3 +163,22 @@ def test_bad_mac_is_invalid_config_naming_the_field(
     with pytest.raises(CniError) as e:
         parse_conf({"bridge": "b", **conf}, args)
     assert e.value.code == 7 and field in e.value.msg
+
+
+@pytest.mark.parametrize(
+    ("obj", "field"),
+    [
+        ({"ips": [{"address": "10.0.0.5"}]}, "ips[0].address '10.0.0.5'"),
+        ({"ips": [{"address": "10.0.0.5/24", "gateway": "nope"}]}, "ips[0].gateway 'nope'"),
+        ({"ips": ["10.0.0.5/24"]}, "ips is not a list of objects"),
+        ({"routes": [{"dst": "default"}]}, "routes[0].dst 'default'"),
+        ({"routes": [{"dst": "0.0.0.0/0", "gw": 5}]}, "routes[0].gw 5"),
+        ({"dns": []}, "dns is not an object"),
+    ],
+)
+def test_malformed_results_of_other_plugins_are_decode_failures(
+    obj: dict[str, object], field: str
+) -> None:
+    with pytest.raises(CniError) as e:
+        result.parse(json.dumps(obj), who="host-local")
+    assert e.value.code == 6 and e.value.msg.startswith("host-local: ") and field in e.value.msg

@@ -15,6 +15,7 @@ Sources: CNI spec 1.0.0 section "Result"; CNI spec 0.4.0 / 0.3.1 "Result" sectio
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
@@ -77,7 +78,9 @@ def parse(data: bytes | str | dict[str, Any], who: str = "result") -> dict[str, 
     """Parse a result of any supported version into the 1.0.0 shape.
 
     ``who`` names the producer in errors (e.g. ``"host-local"``). Raises CniError code 6 when
-    the bytes are not a JSON object.
+    the bytes are not a JSON object, or when an entry is malformed (an IP that is not an
+    address in CIDR form, a gateway or route that is not an address, a list item that is not
+    an object); the message names the field, e.g. ``host-local: ips[0].address``.
     """
     if isinstance(data, dict):
         obj = data
@@ -88,6 +91,20 @@ def parse(data: bytes | str | dict[str, Any], who: str = "result") -> dict[str, 
             raise CniError(DECODE_FAILURE, f"cannot decode {who}: {exc}") from exc
     if not isinstance(obj, dict):
         raise CniError(DECODE_FAILURE, f"cannot decode {who}: not a JSON object")
+    for key in ("interfaces", "ips", "routes"):
+        items = obj.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise CniError(DECODE_FAILURE, f"{who}: {key} is not a list of objects")
+    if not isinstance(obj.get("dns") or {}, dict):
+        raise CniError(DECODE_FAILURE, f"{who}: dns is not an object")
+    for i, ip in enumerate(obj.get("ips") or []):
+        _check_address(who, f"ips[{i}].address", ip.get("address"), cidr=True)
+        if ip.get("gateway") is not None:
+            _check_address(who, f"ips[{i}].gateway", ip["gateway"], cidr=False)
+    for i, route in enumerate(obj.get("routes") or []):
+        _check_address(who, f"routes[{i}].dst", route.get("dst"), cidr=True)
+        if route.get("gw") is not None:
+            _check_address(who, f"routes[{i}].gw", route["gw"], cidr=False)
     out: dict[str, Any] = {
         "interfaces": [dict(i) for i in obj.get("interfaces") or []],
         "ips": [{k: v for k, v in ip.items() if k != "version"} for ip in obj.get("ips") or []],
@@ -95,6 +112,18 @@ def parse(data: bytes | str | dict[str, Any], who: str = "result") -> dict[str, 
         "dns": dict(obj.get("dns") or {}),
     }
     return out
+
+
+def _check_address(who: str, field: str, value: Any, *, cidr: bool) -> None:
+    ok = isinstance(value, str) and (not cidr or "/" in value)
+    if ok:
+        try:
+            (ipaddress.ip_interface if cidr else ipaddress.ip_address)(value)
+        except ValueError:
+            ok = False
+    if not ok:
+        form = "an IP address in CIDR form" if cidr else "an IP address"
+        raise CniError(DECODE_FAILURE, f"{who}: {field} {value!r} is not {form}")
 
 
 def version_reply() -> dict[str, Any]:
