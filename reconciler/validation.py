@@ -284,7 +284,7 @@ def _error_problems(doc: Document, err: ValidationError) -> list[Problem]:
         if kw == "minLength" and n == 1:
             message, hint = "must not be empty", "write a value"
         elif kw == "maxLength" and n == IFNAME_MAX and schema.get("pattern") == IFNAME_PATTERN:
-            message = f"interface name \"{value}\" has {size} characters, at most {n}"
+            message = f'interface name "{value}" has {size} characters, at most {n}'
             hint = (
                 "Linux allows at most 15 characters in an interface name: IFNAMSIZ is 16 bytes "
                 "with the terminating NUL; write the name `ip link` shows on the node, or give "

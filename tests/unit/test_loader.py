@@ -335,7 +335,9 @@ def test_integers_beyond_2_53_are_problems_not_crashes(value: str, shown: str) -
 
 
 def test_numbers_that_fit_and_int_lookalikes_load() -> None:
-    text = POOL + "  a: 9007199254740991\n  b: -0x1F\n  c: 1_000\n  d: 0b_\n  e: 0o17\n  f: 1.5e+3\n"
+    text = (
+        POOL + "  a: 9007199254740991\n  b: -0x1F\n  c: 1_000\n  d: 0b_\n  e: 0o17\n  f: 1.5e+3\n"
+    )
     res = load_text(text, "n.yaml")
     assert res.problems == []
     spec = res.documents[0].obj["spec"]

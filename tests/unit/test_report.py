@@ -267,7 +267,8 @@ def test_control_characters_in_names_are_escaped_in_text(hostile_repo: Path) -> 
     r = validate(hostile_repo)
     assert r.returncode == 1
     escaped = "p\\x1b[31mRED\\x1b[0m\\u202e"
-    assert r.stdout.splitlines() == [  # sorted by file name: ESC (0x1b) before "a"
+    # sorted by file name: ESC (0x1b) before "a"
+    assert r.stdout.splitlines() == [
         f"\\x1b[31mred.yaml:4:9: error: SpiderIPPool q{escaped[1:]} metadata.name: name "
         f'"q{escaped[1:]}" is not a DNS-1123 subdomain: it may only hold lower-case letters, '
         "digits, '-' and '.', starting and ending with a letter or digit (write q-31mred-0m)",
