@@ -173,7 +173,7 @@ def test_bad_mac_is_invalid_config_naming_the_field(
         ({"ips": ["10.0.0.5/24"]}, "ips is not a list of objects"),
         ({"routes": [{"dst": "default"}]}, "routes[0].dst 'default'"),
         ({"routes": [{"dst": "0.0.0.0/0", "gw": 5}]}, "routes[0].gw 5"),
-        ({"dns": []}, "dns is not an object"),
+        ({"dns": "8.8.8.8"}, "dns is not an object"),
     ],
 )
 def test_malformed_results_of_other_plugins_are_decode_failures(
