@@ -1223,10 +1223,19 @@ class Ipam:
                             self._pod_owner(req.pod_name, uid),
                         ],
                     }
-                    ep = self._call(
-                        "moving the SpiderEndpoint ownerReference",
-                        partial(self._replace_endpoint, body),
-                    )
+                    try:
+                        ep = self._call(
+                            "moving the SpiderEndpoint ownerReference",
+                            partial(self._replace_endpoint, body),
+                        )
+                    except ApiException as exc:
+                        if exc.status != 403:
+                            raise
+                        log.warning(
+                            "SpiderEndpoint %s: cannot move its ownerReference to pod UID %s "
+                            "(403: the agent's role needs update on spiderendpoints)",
+                            req.pod_ref, uid,
+                        )  # fmt: skip
                 cur = self._current(ep)
                 if cur.get("uid") == uid:
                     ips = [e for e in cur.get("ips") or [] if e.get("interface") != req.ifname]
