@@ -12,7 +12,10 @@ Records are Spiderpool's: ``status.allocatedIPs`` is a JSON *string*
 ``{"<ip>": {"pod": "<ns>/<name>", "podUid": "<uid>"}}`` (absent when empty),
 ``allocatedIPCount`` and ``totalIPCount`` are recomputed on every write, so they cannot drift
 from the records. Idempotency: a pod UID's records that no other interface of the pod claims
-(per its SpiderEndpoint) are reused, so a retried ADD never takes a second IP.
+(per its SpiderEndpoint), in any candidate pool, are reused, so a retried ADD never takes a
+second IP. Each SpiderEndpoint entry also names the CNI container (sandbox) that holds the
+interface (``containerID``), and a DEL releases only what its container holds: the late DEL
+of a pod's dead sandbox never frees the address its new sandbox uses.
 Sources: reference/spiderpool.md (Spiderpool 1.2.x, v2beta1); Kubernetes API conventions,
 "Concurrency Control and Consistency"; Kubernetes label selectors (matchLabels/matchExpressions).
 """
