@@ -168,6 +168,16 @@ def to_structural(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _metadata(schema: dict[str, Any]) -> dict[str, Any]:
+    """CRD schema of ``metadata``: only name restrictions are allowed there (structural rule)."""
+    name = (schema.get("properties") or {}).get("name") or {}
+    rules = {k: name[k] for k in ("maxLength", "pattern") if k in name}
+    out: dict[str, Any] = {"type": "object"}
+    if rules:
+        out["properties"] = {"name": {"type": "string", **rules}}
+    return out
+
+
 def crd_for(res: Resource) -> dict[str, Any]:
     """The apiextensions.k8s.io/v1 CustomResourceDefinition for ``res``."""
     raw = copy.deepcopy(load_schema(res))
@@ -179,7 +189,7 @@ def crd_for(res: Resource) -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "metadata": _metadata(props.get("metadata") or {}),
         },
     }
     for name in ("spec", "status"):
