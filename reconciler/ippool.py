@@ -14,6 +14,8 @@ from typing import Any
 
 import netaddr
 
+from reconciler import vocab
+
 
 class PoolSyntaxError(ValueError):
     """An ``ips``/``excludeIPs`` entry is not an IP or a ``first-last`` range (message names it)."""
@@ -82,11 +84,13 @@ def pool_status(
     """The status Spiderpool shows for a pool with allocation ``records``.
 
     ``{"allocatedIPs": <JSON string, absent when empty>, "allocatedIPCount": n,
-    "totalIPCount": len(ips - excludeIPs)}``.
+    "totalIPCount": len(ips - excludeIPs)}``. ``totalIPCount`` is capped at
+    ``vocab.MAX_SAFE_INTEGER``: an IPv6 pool can cover 2^64 addresses, more than the API server
+    stores and JSON clients read exactly, and such a count would make every status write fail.
     """
     status: dict[str, Any] = {
         "allocatedIPCount": len(records),
-        "totalIPCount": allocatable(spec).size,
+        "totalIPCount": min(allocatable(spec).size, vocab.MAX_SAFE_INTEGER),
     }
     encoded = encode_allocated(records)
     if encoded is not None:

@@ -83,7 +83,7 @@ DEFAULT_MAX_ALIAS_NODES = 50_000
 DEFAULT_MAX_DEPTH = 64
 """Deepest nesting of mappings/sequences accepted in one document (``nesting-limit``)."""
 
-MAX_SAFE_INTEGER = 2**53 - 1
+MAX_SAFE_INTEGER = vocab.MAX_SAFE_INTEGER
 """Largest integer magnitude accepted in a document (``number-out-of-range`` beyond it).
 
 Kubernetes stores int64, but JSON clients (kubectl's JavaScript-based UIs, jq, many languages)

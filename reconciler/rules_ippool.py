@@ -31,7 +31,7 @@ from reconciler.rules_common import Context, PoolInfo, check_label_selector, dup
 
 Path = tuple[str | int, ...]
 
-MAX_POOL_RECORDS = 5000
+MAX_POOL_RECORDS = vocab.MAX_POOL_RECORDS
 """Allocation records one SpiderIPPool holds: Spiderpool's SPIDERPOOL_IPPOOL_MAX_ALLOCATED_IPS
 default (pkg/ippoolmanager/config.go ``defaultMaxAllocatedIPs``); the node agent's IPAM keeps
 the same limit."""

@@ -68,6 +68,12 @@ CNI_SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 CNI_DEFAULT_VERSION = "1.0.0"
 
 DEFAULT_AGENT_SOCKET = "/run/underlay/agent.sock"
+
+MAX_POOL_RECORDS = 5000
+"""Allocation records one SpiderIPPool holds at most (Spiderpool's
+SPIDERPOOL_IPPOOL_MAX_ALLOCATED_IPS default: "threshold of IP allocations exceeded")."""
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Largest integer JSON clients read exactly; counts and YAML integers are bounded by it."""
 NODE_RESOURCE_PREFIX = f"{UNDERLAY_GROUP}/"
 NODE_RESOURCE_CAPACITY = 1000
 

@@ -49,7 +49,7 @@ from node_agent.cni.errors import (
     TRY_AGAIN_LATER,
     CniError,
 )
-from reconciler import ippool
+from reconciler import ippool, vocab
 from reconciler.kube import Objects
 from reconciler.vocab import (
     ANNO_MULTUS_DEFAULT_NETWORK,
@@ -83,11 +83,8 @@ def pool_family(spec: dict[str, Any]) -> int:
     return 6 if ":" in str(spec.get("subnet", "")) else 4
 
 
-MAX_RECORDS = 5000
-"""Allocation records one SpiderIPPool may hold (Spiderpool's SPIDERPOOL_IPPOOL_MAX_ALLOCATED_IPS
-default: "threshold of IP allocations (<=5000) for IPPool exceeded")."""
-MAX_SAFE_INTEGER = 2**53 - 1
-"""Largest integer every JSON client reads exactly (RFC 8259 section 6); counts are capped there."""
+MAX_RECORDS = vocab.MAX_POOL_RECORDS
+MAX_SAFE_INTEGER = vocab.MAX_SAFE_INTEGER
 
 
 class BadRecordKey(ValueError):
@@ -108,17 +105,6 @@ def ip_value(text: str, what: str = "status.allocatedIPs key") -> int:
     if str(addr) != text:
         raise BadRecordKey(f"{what} {text!r} is not in canonical form ({addr})")
     return int(addr)
-
-
-def pool_status(spec: dict[str, Any], records: dict[str, dict[str, str]]) -> dict[str, Any]:
-    """:func:`reconciler.ippool.pool_status` with ``totalIPCount`` capped at MAX_SAFE_INTEGER.
-
-    An IPv6 pool can cover 2^64 addresses, more than the int64 the API server stores and the
-    2^53-1 that JSON clients read exactly; such a count would make every status write fail.
-    """
-    status = ippool.pool_status(spec, records)
-    status["totalIPCount"] = min(int(status["totalIPCount"]), MAX_SAFE_INTEGER)
-    return status
 
 
 def lowest_free(
@@ -796,7 +782,7 @@ class Ipam:
                 try:
                     body["status"] = {
                         **(pool.get("status") or {}),
-                        **pool_status(pool.get("spec") or {}, records),
+                        **ippool.pool_status(pool.get("spec") or {}, records),
                     }
                 except ValueError as exc:
                     raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc

@@ -33,7 +33,6 @@ from typing import Any
 
 from kubernetes import client
 
-from node_agent.ipam import pool_status
 from reconciler import ippool, vocab
 from reconciler.kube import Objects
 
@@ -124,7 +123,7 @@ def collect(
             keep = {ip: rec for ip, rec in records.items() if ip not in leaks}
             status = {k: v for k, v in (pool.get("status") or {}).items() if k != "allocatedIPs"}
             try:
-                status.update(pool_status(pool.get("spec") or {}, keep))
+                status.update(ippool.pool_status(pool.get("spec") or {}, keep))
             except ValueError as exc:
                 log.warning("SpiderIPPool %s: malformed spec (%s): skipped", name, exc)
                 break

@@ -366,7 +366,7 @@ def test_lowest_free_skips_reserved_gateways_of_its_family_only() -> None:
 
 def test_pool_status_caps_total_at_json_safe_integer() -> None:
     huge = {"subnet": "fd00::/64", "ips": ["fd00::2-fd00::ffff:ffff:ffff:ffff"]}
-    st = ipam.pool_status(huge, {"fd00::2": {"pod": "a/b", "podUid": "u"}})
+    st = ippool.pool_status(huge, {"fd00::2": {"pod": "a/b", "podUid": "u"}})
     assert st["totalIPCount"] == 2**53 - 1 == ipam.MAX_SAFE_INTEGER
     assert st["allocatedIPCount"] == 1
-    assert ipam.pool_status(SPEC, {})["totalIPCount"] == ippool.allocatable(SPEC).size
+    assert ippool.pool_status(SPEC, {})["totalIPCount"] == ippool.allocatable(SPEC).size
