@@ -157,6 +157,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-bridges", action="store_true", help="serve the CNI plugins only; leave bridges alone"
     )
+    p.add_argument(
+        "--gc-interval",
+        type=float,
+        default=300.0,
+        help="seconds between garbage collections of leaked IP allocations (a pass also runs "
+        "at start; 0 turns it off) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cni-api-timeout",
+        type=float,
+        default=10.0,
+        help="seconds one API request of a CNI call may take before the call fails with code "
+        "11, try again later (default: %(default)s)",
+    )
 
 
 def _now() -> str:
@@ -1221,13 +1235,21 @@ def run(args: argparse.Namespace) -> int:
         finally:
             ovsdb.disconnect(ovs_api)
     from node_agent.cni.install import install_shims
-    from node_agent.cni.server import CniAgent, CniServer
+    from node_agent.cni.server import CniAgent, CniServer, ipam_api_client
+    from node_agent.ipam_gc import GcLoop
 
     if args.cni_bin_dir:
         for path in install_shims(args.cni_bin_dir, args.socket, python=args.cni_python):
             log.info("installed CNI plugin %s", path)
-    server = CniServer(args.socket, CniAgent(args.node_name, ovs_api=ovs_api, kube=api))
+    # The CNI calls get their own API client (never re-sends a request that timed out) and
+    # their own OVSDB connection, which monitors only the columns the plugins read.
+    cni_api = ipam_api_client(args.kubeconfig, args.context)
+    cni = CniAgent(args.node_name, ovsdb=args.ovsdb, kube=cni_api, api_timeout=args.cni_api_timeout)
+    server = CniServer(args.socket, cni)
     server.start()
+    gc = GcLoop(cni_api, interval=args.gc_interval) if args.gc_interval > 0 else None
+    if gc is not None:
+        gc.start()
     log.info("serving CNI on %s for node %s", args.socket, args.node_name)
     agent = BridgeAgent(
         kube.api_client(args.kubeconfig, args.context),
@@ -1250,8 +1272,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             agent.run()
     finally:
+        if gc is not None:
+            gc.stop()
         agent.stop()
         server.stop()
+        cni.close()
         ovsdb.disconnect(ovs_api)
     log.info("agent on %s stopped", args.node_name)
     return 0
