@@ -117,7 +117,7 @@ class AgentProcess:
             self.proc = node.popen(
                 UNDERLAY, "-v", "agent", "--node-name", name, "--kubeconfig", kubeconfig,
                 "--ovsdb", node.ovsdb, "--socket", self.socket, "--root", str(node.root),
-                "--cni-bin-dir", str(self.bin_dir), "--cni-python", PYTHON, "--resync", "5",
+                "--cni-bin-dir", str(self.bin_dir), "--cni-python", PYTHON, "--resync", "5", "--gc-interval", "1",
                 stdout=logf, stderr=subprocess.STDOUT,
             )  # fmt: skip
         wait_for(
@@ -266,6 +266,21 @@ def test_quickstart_from_git_commit_to_pods_pinging(
         assert pod1.ping("172.18.30.132")
         assert pod2.ping("172.18.30.131")
         assert pod1.ping(GATEWAY) and pod2.ping(GATEWAY)
+
+        # a pod deleted from the API while its DEL never comes (node down, runtime crash): the
+        # agents' garbage collection gives its IP back
+        uid3 = cluster.create_pod("test-app-3", "n1")
+        pod3 = rig.add_pod("pod3")
+        r3 = runtimes["n1"].add(conflist, pod3, "cid3", pod=("default", "test-app-3", uid3))
+        assert r3["ips"][0]["address"] == "172.18.30.133/16"
+        cluster.core.delete_namespaced_pod("test-app-3", "default", grace_period_seconds=0)
+        wait_for(
+            lambda: "172.18.30.133" not in json.loads(cluster.pool()["status"]["allocatedIPs"]),
+            20,
+            "GC to release the IP of the deleted pod",
+        )
+        assert cluster.pool()["status"]["allocatedIPCount"] == 2
+        runtimes["n1"].delete(conflist, pod3, "cid3", pod=("default", "test-app-3", uid3))
 
         # 6. DEL releases both IPs and removes ports and veths; a second DEL and a DEL for a
         #    netns that no longer exists both succeed
