@@ -379,7 +379,10 @@ def _options(args: argparse.Namespace, namespace: str, identity: str = "underlay
 
 
 # exit code of a pass by the reason it did not converge
-_FINDINGS = {"ValidationFailed", "Blocked", "ApplyFailed", "DryRunFailed", "DriftDetected"}
+_FINDINGS = {
+    "ValidationFailed", "Blocked", "ApplyFailed", "DryRunFailed", "DriftDetected",
+    "OwnershipConflict",
+}  # fmt: skip
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -480,6 +483,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         n = len(rep.rendered.errors) if rep.rendered else 0
         print(f"{n} error(s) in {where}: nothing applied.", file=sys.stderr)
         return EXIT_FINDINGS
+    if rep.reason == "OwnershipConflict":
+        print(f"{rep.error}; adopt or rename them (see above).", file=sys.stderr)
+        return EXIT_FINDINGS
     if rep.error is not None and rep.reason not in _FINDINGS:
         print(f"underlay apply: error: {rep.error}", file=sys.stderr)
         return EXIT_ERROR
@@ -497,7 +503,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(
             f"Applied {where}: {c(Op.CREATE)} created, {c(Op.UPDATE)} updated, "
             f"{c(Op.PRUNE)} pruned, {len(outcome.failed) + len(outcome.dry_run_failed)} failed, "
-            f"{len(plan.blocked)} blocked, {plan.count(Op.UNCHANGED)} unchanged."
+            f"{len(plan.blocked) + len(outcome.blocked)} blocked, "
+            + (f"{len(outcome.skipped)} skipped, " if outcome.skipped else "")
+            + f"{plan.count(Op.UNCHANGED)} unchanged."
         )
     return EXIT_OK if rep.converged else EXIT_FINDINGS
 

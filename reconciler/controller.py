@@ -581,7 +581,9 @@ class Reconciler:
                 memo=self._memo,
             )  # fmt: skip
             rep.plan = plan
-            if plan.has_changes:
+            if plan.collisions:  # refused whole: nothing is written (all-or-nothing)
+                outcome = rep.outcome = execute(self.api, plan, log=self.out, guard=self.guard)
+            elif plan.has_changes:
                 pending = _pending_inventory(inventory, plan)
                 working = dict(prev)
                 working["conditions"] = set_condition(
@@ -618,6 +620,12 @@ class Reconciler:
         if rendered.desired is None:
             rep.error = f"revision {rendered.revision} is invalid ({len(rendered.errors)} error(s))"
             rep.reason = "ValidationFailed"
+        elif outcome is not None and outcome.refused:
+            rep.error = (
+                f"{len(outcome.refused)} object(s) of revision {rendered.revision} exist in the "
+                "cluster without this instance's labels: nothing applied"
+            )
+            rep.reason = "OwnershipConflict"
         elif outcome is not None and outcome.dry_run_failed:
             rep.error, rep.reason = "the API server rejected the dry run", "DryRunFailed"
         elif outcome is not None and not outcome.ok:
@@ -655,10 +663,11 @@ class Reconciler:
             st["inventory"] = prev["inventory"]  # unchanged: no need to rebuild 1000s of dicts
         else:
             st["inventory"] = inventory.to_list()
-        if plan is not None and plan.blocked:
+        blocked = _all_blocked(plan, outcome)
+        if blocked:
             st["blocked"] = [
-                {**_ref_dict(a), "op": (a.blocked_op or Op.UPDATE).value, "reason": a.reason}
-                for a in plan.blocked[:MAX_LISTED]
+                {**_ref_dict(a), "op": (a.blocked_op or a.op).value, "reason": why}
+                for a, why in blocked[:MAX_LISTED]
             ]
         if plan is not None and plan.drifted:
             st["drift"] = [
@@ -710,6 +719,14 @@ class Reconciler:
                 True,
             )
         assert plan is not None
+        if plan.collisions:
+            first = "; ".join(f"{a.ref()}: {a.reason}" for a in plan.collisions[:3])
+            return (
+                False, "OwnershipConflict",
+                f"nothing of revision {rev} applied: {len(plan.collisions)} object(s) exist in "
+                f"the cluster without this instance's labels: {first}",
+                True,
+            )  # fmt: skip
         if outcome is not None and outcome.dry_run_failed:
             first = "; ".join(f"{a.ref()}: {m}" for a, m in outcome.dry_run_failed[:3])
             return (
@@ -726,11 +743,12 @@ class Reconciler:
                 f"{len(bad)} object(s) of revision {rev} not applied: {'; '.join(bad[:3])}", False,
             )  # fmt: skip
         n = sum(1 for a in plan.actions if a.desired is not None)
-        if plan.blocked:
-            first = "; ".join(f"{a.ref()}: {a.reason}" for a in plan.blocked[:3])
+        blocked = _all_blocked(plan, outcome)
+        if blocked:
+            first = "; ".join(f"{a.ref()}: {why}" for a, why in blocked[:3])
             return (
                 False, "Blocked",
-                f"revision {rev} applied except {len(plan.blocked)} blocked action(s): {first}",
+                f"revision {rev} applied except {len(blocked)} blocked action(s): {first}",
                 True,
             )  # fmt: skip
         if plan.count(Op.DRIFTED):
@@ -849,7 +867,7 @@ class Reconciler:
         if plan is not None:
             for a in plan.drifted:
                 m.drift.inc(kind=a.resource.kind)
-            m.blocked.set(len(plan.blocked))
+            m.blocked.set(len(_all_blocked(plan, outcome)))
         m.inventory.set(len(inventory))
         rev = status.get("lastAppliedRevision")
         if rev:
@@ -1123,6 +1141,14 @@ def _signature(observed: dict[Any, dict[str, Any]]) -> int:
             (k, (o.get("metadata") or {}).get("resourceVersion")) for k, o in observed.items()
         )
     )
+
+
+def _all_blocked(plan: Plan | None, outcome: Outcome | None) -> list[tuple[Action, str]]:
+    """(action, reason) of everything blocked: by the plan, then at the write (after a 409)."""
+    out = [(a, a.reason) for a in plan.blocked] if plan is not None else []
+    if outcome is not None:
+        out += outcome.blocked
+    return out
 
 
 def _ref_dict(a: Action) -> dict[str, Any]:

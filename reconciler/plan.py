@@ -6,16 +6,24 @@ other managers own never cause drift), and fields we applied before but no longe
 our entry in ``metadata.managedFields``) count as drift to remove.
 
 Safety rules decided here, shown in the plan as ``blocked`` with the reason:
-- an object that exists without this instance's ownership label is never updated or pruned;
+- an object that exists without this instance's ownership labels is never updated or pruned; a
+  desired object that collides with one (same kind and name) is a *collision*, which stops the
+  whole pass before any write (all-or-nothing), with the ``kubectl label`` command that adopts it;
 - prune only touches objects that carry the label AND are in this instance's inventory (with
   the uid recorded there), never an object someone copied the labels onto;
 - a revision that renders no object prunes nothing unless ``allow_empty`` (Argo CD allowEmpty);
-- a SpiderIPPool that still has allocations is never pruned, nor shrunk below them;
-- ``spec.subnet`` and ``spec.ipVersion`` of a SpiderIPPool are immutable (Spiderpool).
+- a SpiderIPPool that still has allocations is never pruned, nor shrunk below them; one whose
+  ``status.allocatedIPs`` cannot be read may have allocations, so it is neither pruned nor shrunk;
+- ``spec.subnet`` and ``spec.ipVersion`` of a SpiderIPPool are immutable (Spiderpool);
+- a SpiderMultusConfig naming a pool that is blocked is not written either (nor its NAD), so the
+  cluster never holds a Multus config that allocates from a pool that is not what Git says.
 
 Drift: a difference on an object whose Git body did not change since this instance applied it
 (same inventory digest) was made in the cluster, by hand. It is reverted like any update
-(self-heal), or with ``self_heal=False`` only reported (op ``drifted``).
+(self-heal), or with ``self_heal=False`` only reported (op ``drifted``). A ``spec`` field of a
+user kind that Git leaves unset but the cluster has is a difference too (``Change.foreign``),
+unless it equals the CRD schema's default (the API server filled it in): server-side apply cannot
+remove a field another manager owns, so apply removes it with a merge patch.
 """
 
 from __future__ import annotations
@@ -62,11 +70,18 @@ SYMBOL = {
 
 @dataclass
 class Change:
-    """One field difference: ``path`` (dotted), ``before`` (None if absent), ``after`` (None if removed)."""
+    """One field difference: ``path`` (dotted), ``before`` (None if absent), ``after`` (None if removed).
+
+    ``foreign``: a removal of a field Git does not set and this reconciler never applied (set by
+    hand or by another manager); server-side apply cannot remove it, a merge patch does.
+    """
 
     path: str
     before: Any
     after: Any
+    foreign: bool = False
+    parts: tuple[str, ...] = ()
+    """The path as its keys (set for ``foreign`` changes: map keys may contain dots)."""
 
 
 @dataclass
@@ -89,6 +104,9 @@ class Action:
     reason: str = ""
     blocked_op: Op | None = None
     drift: bool = False
+    collision: bool = False
+    """The object exists in the cluster without this instance's labels: nothing of the pass
+    is applied (see :attr:`Plan.collisions`)."""
 
     @property
     def key(self) -> Key:
@@ -109,6 +127,7 @@ class Plan:
     against_empty: bool = False
     not_in_inventory: list[Key] = field(default_factory=list)
     """Objects labelled as ours, not in Git, not in the inventory: never pruned, listed."""
+    instance: str = vocab.DEFAULT_INSTANCE
 
     def count(self, op: Op) -> int:
         """How many actions have ``op``."""
@@ -123,6 +142,12 @@ class Plan:
     def blocked(self) -> list[Action]:
         """Actions refused for safety, with their reasons."""
         return [a for a in self.actions if a.op is Op.BLOCKED]
+
+    @property
+    def collisions(self) -> list[Action]:
+        """Desired objects that exist in the cluster without this instance's labels. Any of
+        them stops the whole pass before the first write (all-or-nothing)."""
+        return [a for a in self.actions if a.collision]
 
     @property
     def drifted(self) -> list[Action]:
@@ -211,11 +236,19 @@ def compared_part(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def diff(desired: Mapping[str, Any], live: Mapping[str, Any], manager: str) -> list[Change]:
+def diff(
+    desired: Mapping[str, Any],
+    live: Mapping[str, Any],
+    manager: str,
+    resource: Resource | None = None,
+) -> list[Change]:
     """Field changes needed to make ``live`` carry ``desired`` (server-side apply semantics).
 
     A desired leaf that differs or is missing is a change; a leaf ``manager`` owns in ``live``
-    that ``desired`` no longer sets is a removal. Everything else in ``live`` is left alone.
+    that ``desired`` no longer sets is a removal. With ``resource`` (one of ``vocab.USER_KINDS``)
+    a ``spec`` field ``live`` has and ``desired`` leaves unset is a removal too
+    (``foreign=True``), unless it equals the default of ``resource``'s schema (see
+    :func:`foreign_changes`). Everything else in ``live`` is left alone.
     """
     want = compared_part(desired)
     changes: list[Change] = []
@@ -238,7 +271,95 @@ def diff(desired: Mapping[str, Any], live: Mapping[str, Any], manager: str) -> l
         have = _get(live, path)
         if have is not _MISSING:
             changes.append(Change(".".join(path), have, None))
+    if resource is not None and resource in vocab.USER_KINDS:
+        seen = {c.path for c in changes}
+        changes += [c for c in foreign_changes(desired, live, resource) if c.path not in seen]
     return changes
+
+
+def foreign_changes(
+    desired: Mapping[str, Any], live: Mapping[str, Any], resource: Resource
+) -> list[Change]:
+    """Removals of ``spec`` fields that ``live`` has and ``desired`` (Git) leaves unset.
+
+    Walks ``live.spec`` alongside ``desired.spec``: a key Git does not set is reported
+    (``Change(path, live value, None, foreign=True)``) unless its value is what the API server
+    fills in, the default of ``resource``'s JSON Schema (``schemas/``, the CRD's structural
+    defaults), or an object made only of such defaults. Lists are atomic (compared whole by
+    :func:`diff`); maps are walked key by key, as server-side apply treats them. Sources:
+    Kubernetes API concepts, "Server-Side Apply" (field management, merge strategy) and CRD
+    "Defaulting".
+    """
+    out: list[Change] = []
+    live_spec = live.get("spec")
+    if not isinstance(live_spec, dict):
+        return out
+    want_spec = desired.get("spec")
+    schema = _spec_schema(resource)
+    _walk_foreign(
+        live_spec, want_spec if isinstance(want_spec, dict) else {}, ("spec",), schema, out
+    )
+    return out
+
+
+def _walk_foreign(
+    have: dict[str, Any],
+    want: dict[str, Any],
+    path: tuple[str, ...],
+    schema: Mapping[str, Any],
+    out: list[Change],
+) -> None:
+    props: Mapping[str, Any] = _props(schema)
+    extra = schema.get("additionalProperties")
+    for key, value in have.items():
+        sub = props.get(key) if key in props else (extra if isinstance(extra, dict) else {})
+        sub = sub if isinstance(sub, dict) else {}
+        p = (*path, str(key))
+        if key in want:
+            if isinstance(value, dict) and isinstance(want[key], dict):
+                _walk_foreign(value, want[key], p, sub, out)
+            continue
+        if _defaulted(value, sub):
+            continue
+        out.append(Change(".".join(p), value, None, foreign=True, parts=p))
+
+
+def _props(schema: Mapping[str, Any]) -> Mapping[str, Any]:
+    p = schema.get("properties")
+    return p if isinstance(p, Mapping) else {}
+
+
+def _defaulted(value: Any, schema: Mapping[str, Any]) -> bool:
+    """True when ``value`` is what the API server would fill in by itself: the schema's
+    ``default``, or an object whose every field is defaulted (``{}`` included)."""
+    if "default" in schema and _same(value, schema["default"]):
+        return True
+    if isinstance(value, dict):
+        props = _props(schema)
+        extra = schema.get("additionalProperties")
+        for k, v in value.items():
+            sub = props.get(k) if k in props else (extra if isinstance(extra, dict) else None)
+            if not isinstance(sub, dict) or not _defaulted(v, sub):
+                return False
+        return True
+    return False
+
+
+_SPEC_SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+def _spec_schema(resource: Resource) -> dict[str, Any]:
+    """The ``spec`` part of ``resource``'s JSON Schema (``schemas/``; {} when it has none)."""
+    got = _SPEC_SCHEMAS.get(resource.kind)
+    if got is None:
+        from reconciler.validation import load_schema
+
+        try:
+            spec = load_schema(resource).get("properties", {}).get("spec") or {}
+        except FileNotFoundError:
+            spec = {}
+        got = _SPEC_SCHEMAS[resource.kind] = spec if isinstance(spec, dict) else {}
+    return got
 
 
 # --- safety rules -----------------------------------------------------------------------
@@ -253,43 +374,145 @@ def owned_by(live: Mapping[str, Any], instance: str) -> bool:
     )
 
 
+def collision_reason(resource: Resource, live: Mapping[str, Any], instance: str) -> str:
+    """Why a desired object that exists without ``instance``'s labels is not applied, and the
+    ``kubectl label`` command that adopts it (Kubernetes labels; ``--overwrite`` because the
+    object may carry another instance's value)."""
+    md = live.get("metadata") or {}
+    labels = md.get("labels") or {}
+    other = labels.get(vocab.LABEL_INSTANCE)
+    owner = (
+        f"it belongs to reconciler instance {other!r}"
+        if other and other != instance
+        else f"it lacks the labels {vocab.LABEL_INSTANCE}={instance} and "
+        f"{vocab.LABEL_MANAGED_BY}={vocab.MANAGED_BY_VALUE}"
+    )
+    ns = f" -n {md['namespace']}" if resource.namespaced and md.get("namespace") else ""
+    cmd = (
+        f"kubectl label{ns} {resource.plural}.{resource.group} {md.get('name', '')} "
+        f"{vocab.LABEL_INSTANCE}={instance} "
+        f"{vocab.LABEL_MANAGED_BY}={vocab.MANAGED_BY_VALUE} --overwrite"
+    )
+    return (
+        f"exists in the cluster but is not managed by this reconciler ({owner}); nothing is "
+        f"applied while it collides with Git. To adopt it: {cmd}; or rename the object in Git"
+    )
+
+
+def pool_records(live: Mapping[str, Any]) -> tuple[dict[netaddr.IPAddress, dict[str, Any]], str]:
+    """Allocation records of a live SpiderIPPool, keyed by parsed address, and a problem.
+
+    Returns ``(records, problem)``; ``problem`` is "" when ``status.allocatedIPs`` was read in
+    full, else says what could not be read (not JSON, not an object of records, keys that are
+    not IP addresses, or ``allocatedIPCount`` above the records listed): the pool may then
+    hold allocations this function cannot see, and callers must assume it does. Keys are parsed
+    leniently (surrounding blanks are ignored). Never raises. Source: reference/spiderpool.md
+    (``status.allocatedIPs`` is a JSON string mapping IP -> {pod, podUid}).
+    """
+    status = live.get("status")
+    status = status if isinstance(status, Mapping) else {}
+    raw = status.get("allocatedIPs")
+    records: dict[netaddr.IPAddress, dict[str, Any]] = {}
+    if raw:
+        try:
+            data = json.loads(raw) if isinstance(raw, str) else raw
+        except (ValueError, RecursionError) as exc:
+            return {}, f"status.allocatedIPs is not valid JSON ({exc})"
+        if not isinstance(data, Mapping):
+            return {}, "status.allocatedIPs is not a JSON object of allocation records"
+        bad: list[str] = []
+        for key, rec in data.items():
+            try:
+                ip = netaddr.IPAddress(str(key).strip())
+            except (netaddr.AddrFormatError, ValueError, TypeError):
+                bad.append(repr(key))
+                continue
+            records[ip] = dict(rec) if isinstance(rec, Mapping) else {}
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            return records, f"status.allocatedIPs has keys that are not IP addresses: {shown}"
+    count = status.get("allocatedIPCount")
+    if isinstance(count, int) and not isinstance(count, bool) and count > len(records):
+        return records, (
+            f"status.allocatedIPCount is {count} but status.allocatedIPs lists {len(records)}"
+        )
+    return records, ""
+
+
 def pool_allocations(live: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Allocation records of a live SpiderIPPool (empty when none or unreadable)."""
-    try:
-        return ippool.allocated_ips(live.get("status"))
-    except (ValueError, TypeError):
-        return {}
+    """Allocation records of a live SpiderIPPool by address text (empty when none; what could
+    not be read is left out: use :func:`pool_records` to know whether something was)."""
+    return {str(ip): rec for ip, rec in pool_records(live)[0].items()}
+
+
+def _pods(records: Mapping[Any, Mapping[str, Any]], ips: Iterable[Any]) -> str:
+    ips = list(ips)
+    shown = ", ".join(f"{ip} ({records[ip].get('pod', '?')})" for ip in ips[:5])
+    return shown + (f" and {len(ips) - 5} more" if len(ips) > 5 else "")
 
 
 def pool_update_block(desired: Mapping[str, Any], live: Mapping[str, Any]) -> str:
     """Why a SpiderIPPool update may not be applied, or "" when it may.
 
     Immutable ``subnet``/``ipVersion``; allocated IPs must stay allocatable (Spiderpool: an
-    allocated IP may not be removed from the pool).
+    allocated IP may not be removed from the pool); when the live status cannot be read in
+    full, no address may leave the pool (it may be allocated). Never raises.
     """
     dspec, lspec = desired.get("spec") or {}, live.get("spec") or {}
     for f in ("subnet", "ipVersion"):
         if f in lspec and f in dspec and str(lspec[f]) != str(dspec[f]):
             return f"spec.{f} is immutable ({lspec[f]} -> {dspec[f]}); delete and recreate the pool"
-    records = pool_allocations(live)
-    if records:
+    records, problem = pool_records(live)
+    try:
         keep = ippool.allocatable(dspec)
-        lost = sorted((ip for ip in records if ip not in keep), key=netaddr.IPAddress)
-        if lost:
-            shown = ", ".join(f"{ip} ({records[ip].get('pod', '?')})" for ip in lost[:5])
-            more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
-            return f"would remove allocated IPs from the pool: {shown}{more}; release them first"
+    except (ValueError, TypeError, netaddr.AddrFormatError) as exc:
+        return f"the addresses in Git cannot be read ({exc}); not applied"
+    lost = sorted(ip for ip in records if ip not in keep)
+    if lost:
+        return (
+            f"would remove allocated IPs from the pool: {_pods(records, lost)}; release them first"
+        )
+    if problem:
+        try:
+            removed = ippool.allocatable(lspec) - keep
+        except (ValueError, TypeError, netaddr.AddrFormatError):
+            removed = None  # the live addresses cannot be read: assume some leave
+        if removed is None or removed.size:
+            return (
+                f"{problem}: the pool may hold allocations this reconciler cannot see, so no "
+                "address is removed from it; repair or clear status.allocatedIPs first"
+            )
     return ""
 
 
 def pool_prune_block(live: Mapping[str, Any]) -> str:
-    """Why a live SpiderIPPool may not be deleted, or ""."""
-    records = pool_allocations(live)
+    """Why a live SpiderIPPool may not be deleted, or "". Never raises."""
+    records, problem = pool_records(live)
     if records:
-        pods = sorted({r.get("pod", "?") for r in records.values()})
+        pods = sorted({str(r.get("pod", "?")) for r in records.values()})
         shown = ", ".join(pods[:5]) + (f" and {len(pods) - 5} more" if len(pods) > 5 else "")
-        return f"still has {len(records)} allocated IP(s) (pods {shown}); not pruned"
+        extra = f"; also {problem}" if problem else ""
+        return f"still has {len(records)} allocated IP(s) (pods {shown}){extra}; not pruned"
+    if problem:
+        return (
+            f"{problem}: it may still hold allocations, so it is not pruned; repair or clear "
+            "status.allocatedIPs first"
+        )
     return ""
+
+
+def pools_used(body: Mapping[str, Any]) -> set[str]:
+    """Pool names a SpiderMultusConfig body's sections name in ``ippools`` (ipv4 and ipv6)."""
+    spec = body.get("spec") or {}
+    out: set[str] = set()
+    if not isinstance(spec, Mapping):
+        return out
+    for sec in spec.values():
+        if isinstance(sec, Mapping) and isinstance(sec.get("ippools"), Mapping):
+            for names in sec["ippools"].values():
+                if isinstance(names, list):
+                    out.update(str(n) for n in names)
+    return out
 
 
 # --- the plan ---------------------------------------------------------------------------
@@ -317,7 +540,11 @@ def make_plan(
     in the inventory (same uid when one was recorded); labelled objects outside the inventory
     are listed in ``Plan.not_in_inventory`` and left alone. With no desired object at all and
     ``allow_empty`` False, prunes are blocked. ``self_heal`` False turns updates and re-creates
-    that only revert hand edits into ``drifted`` (reported, not applied).
+    that only revert hand edits into ``drifted`` (reported, not applied). A desired object that
+    exists without this instance's labels is blocked as a collision (``Plan.collisions``: the
+    whole pass is refused); a pool blocked for any reason blocks the Multus configs that name it
+    and their NADs. A pool whose judgement fails (unreadable status) is blocked with the reason,
+    never an exception: one pool never stops the plan of the others.
 
     ``memo`` (kept by the caller between passes) remembers each object's field changes by
     (live resourceVersion, desired digest, owner uid): an object nobody wrote since the last
@@ -354,11 +581,8 @@ def make_plan(
         if uid_ := live.get("metadata", {}).get("uid"):
             uids[key] = uid_
         if not owned_by(live, instance):
-            a.op, a.blocked_op = Op.BLOCKED, Op.UPDATE
-            a.reason = (
-                f"exists in the cluster without the label {vocab.LABEL_INSTANCE}={instance}: "
-                "not managed by this reconciler, left untouched"
-            )
+            a.op, a.blocked_op, a.collision = Op.BLOCKED, Op.UPDATE, True
+            a.reason = collision_reason(d.resource, live, instance)
             actions.append(a)
             continue
         stamp = (live.get("metadata", {}).get("resourceVersion"), want, uid)
@@ -368,7 +592,7 @@ def make_plan(
         else:
             if uid and d.owner is not None:
                 body = with_owner(body, observed.get(d.owner) or {}, d.owner, uid)
-            a.changes = diff(body, live, manager)
+            a.changes = diff(body, live, manager, d.resource)
         new_memo[key] = (stamp, list(a.changes))
         if not a.changes:
             a.op = Op.UNCHANGED
@@ -384,6 +608,7 @@ def make_plan(
             if d.resource is vocab.SPIDER_IPPOOL and (why := pool_update_block(body, live)):
                 a.op, a.blocked_op, a.reason = Op.BLOCKED, Op.UPDATE, why
         actions.append(a)
+    _block_dependents(actions)
     not_in_inventory: list[Key] = []
     if prune:
         order = {
@@ -418,7 +643,37 @@ def make_plan(
     if memo is not None:
         memo.clear()
         memo.update(new_memo)
-    return Plan(actions, against_empty=against_empty, not_in_inventory=not_in_inventory)
+    return Plan(
+        actions, against_empty=against_empty, not_in_inventory=not_in_inventory, instance=instance
+    )
+
+
+def _block_dependents(actions: list[Action]) -> None:
+    """Block the writes that depend on a blocked one: a SpiderMultusConfig naming a pool whose
+    create or update is blocked, and the NetworkAttachmentDefinition of a SpiderMultusConfig
+    whose write is blocked (a Multus config must never allocate from a pool that is not what
+    Git says)."""
+    pools = {
+        a.name: a.reason
+        for a in actions
+        if a.resource is vocab.SPIDER_IPPOOL and a.op is Op.BLOCKED
+    }
+    blocked_smc: dict[Key, str] = {}
+    for a in actions:
+        if a.desired is None or a.op not in (Op.CREATE, Op.UPDATE):
+            continue
+        why = ""
+        if a.resource is vocab.SPIDER_MULTUS_CONFIG and pools:
+            bad = sorted(pools_used(a.desired.body) & set(pools))
+            if bad:
+                why = f"it uses SpiderIPPool {bad[0]}, which is blocked ({pools[bad[0]]})"
+        elif a.desired.owner is not None and a.desired.owner in blocked_smc:
+            owner = a.desired.owner
+            why = f"its SpiderMultusConfig {owner[1]}/{owner[2]} is blocked"
+        if why:
+            a.blocked_op, a.op, a.reason = a.op, Op.BLOCKED, why
+            if a.resource is vocab.SPIDER_MULTUS_CONFIG:
+                blocked_smc[a.key] = why
 
 
 def with_owner(
@@ -500,6 +755,14 @@ def format_plan(plan: Plan, *, verbose: bool = False) -> str:
         lines.append(
             f"  note: {len(plan.not_in_inventory)} object(s) carry this instance's labels but are "
             f"not in its inventory, so they are never pruned: {shown}{more}"
+        )
+    if plan.collisions:
+        refs = ", ".join(a.ref() for a in plan.collisions[:5])
+        more = f" and {len(plan.collisions) - 5} more" if len(plan.collisions) > 5 else ""
+        lines.append(
+            f"  Nothing would be applied: {len(plan.collisions)} object(s) of this revision "
+            f"exist in the cluster without this instance's labels ({refs}{more}); adopt or "
+            "rename them first (see above)."
         )
     lines.append(("No changes. " if not plan.has_changes else "") + "Plan: " + plan.summary() + ".")
     return "\n".join(lines)

@@ -271,3 +271,118 @@ def test_diff_memo_follows_resource_version_and_git() -> None:
     # objects that left the plan leave the memo
     make_plan([], {}, memo=memo)
     assert memo == {}
+
+
+# --- fields Git leaves unset, collisions, unreadable pool status, dependents -------------------
+
+
+def test_field_git_leaves_unset_is_drift_unless_it_is_the_schema_default() -> None:
+    """kubectl sets spec.disable and spec.excludeIPs, which Git never sets: a difference
+    (removed by merge patch: foreign), while server defaults (disable: false) never are."""
+    d = desired(POOL)
+    live = live_of(d[0].body)  # disable: false, the CRD default
+    assert make_plan(d, {d[0].key: live}).actions[0].op is Op.UNCHANGED
+    live["spec"].update(disable=True, excludeIPs=["172.18.30.131-172.18.30.140"], default=False)
+    applied = Inventory([Entry(vocab.SPIDER_IPPOOL, None, "ippool-test", "u1", digest(d[0].body))])
+    (a,) = make_plan(d, {d[0].key: live}, inventory=applied).actions
+    assert a.op is Op.UPDATE and a.drift
+    assert [(c.path, c.before, c.after, c.foreign) for c in a.changes] == [
+        ("spec.disable", True, None, True),
+        ("spec.excludeIPs", ["172.18.30.131-172.18.30.140"], None, True),
+    ]
+    assert a.changes[0].parts == ("spec", "disable")
+    # maps are compared key by key: a node selector key added by hand is a difference too
+    bridge = {
+        "apiVersion": "underlay.dev/v1alpha1", "kind": "OvsBridge", "metadata": {"name": "br1"},
+        "spec": {"uplinks": ["eth0"], "nodeSelector": {"rack": "r1"}},
+    }  # fmt: skip
+    (db,) = desired(bridge)
+    live_b = live_of(db.body)
+    live_b["spec"].pop("disable")
+    live_b["spec"].update(moveAddresses=True, persistence="auto")  # server defaults
+    live_b["spec"]["nodeSelector"]["kubernetes.io/hostname"] = "n1"
+    (b,) = make_plan([db], {db.key: live_b}).actions
+    assert [(c.parts, c.foreign) for c in b.changes] == [
+        (("spec", "nodeSelector", "kubernetes.io/hostname"), True)
+    ]
+
+
+def test_collision_blocks_with_the_command_that_adopts_the_object() -> None:
+    d = desired(POOL)
+    live = live_of(POOL)  # same name, made by someone else: no labels
+    plan = make_plan(d, {d[0].key: live})
+    (a,) = plan.collisions
+    assert a.op is Op.BLOCKED and a.blocked_op is Op.UPDATE
+    assert (
+        "kubectl label spiderippools.spiderpool.spidernet.io ippool-test "
+        "underlay.dev/instance=underlay app.kubernetes.io/managed-by=underlay --overwrite"
+    ) in a.reason
+    assert "Nothing would be applied: 1 object(s)" in format_plan(plan)
+    blue = live_of(render.render([POOL], "blue")[0].body)
+    (a,) = make_plan(d, {d[0].key: blue}).collisions
+    assert "it belongs to reconciler instance 'blue'" in a.reason
+
+
+def _with_status(body: dict[str, Any], **status: Any) -> dict[str, Any]:
+    return live_of(body, **status)
+
+
+def test_unreadable_pool_status_blocks_prune_and_shrink_never_crashes() -> None:
+    ours = render.render([POOL], "underlay")[0].body
+    cases = {
+        "truncated JSON": '{"172.18.30.131": {"pod": "default/z"',
+        "not an object": "[1, 2]",
+        "a key that is no IP": json.dumps({"garbage": {"pod": "default/q"}}),
+        "count above the records": None,
+    }
+    for what, raw in cases.items():
+        st: dict[str, Any] = {"allocatedIPCount": 3} if raw is None else {"allocatedIPs": raw}
+        live = _with_status(ours, **st)
+        plan = make_plan(
+            [], {("SpiderIPPool", None, "ippool-test"): live}, inventory=inv("ippool-test"),
+            allow_empty=True,
+        )  # fmt: skip
+        (a,) = plan.actions
+        assert a.op is Op.BLOCKED and a.blocked_op is Op.PRUNE, what
+        assert "may still hold allocations" in a.reason, what
+        small = copy.deepcopy(POOL)
+        small["spec"]["ips"] = ["172.18.30.131-172.18.30.135"]
+        d = desired(small)
+        (a,) = make_plan(d, {d[0].key: live}).actions
+        assert a.op is Op.BLOCKED and "no address is removed" in a.reason, what
+        grown = copy.deepcopy(POOL)
+        grown["spec"]["ips"] = ["172.18.30.131-172.18.30.150"]
+        d = desired(grown)
+        (a,) = make_plan(d, {d[0].key: live}).actions
+        assert a.op is Op.UPDATE, what  # nothing leaves the pool: safe
+    # a key with blanks around the address is that address (found by the tester: it crashed)
+    live = _with_status(
+        ours, allocatedIPs=json.dumps({"172.18.30.140 ": {"pod": "default/y", "podUid": "v"}})
+    )
+    small = copy.deepcopy(POOL)
+    small["spec"]["ips"] = ["172.18.30.131-172.18.30.138"]
+    d = desired(small)
+    (a,) = make_plan(d, {d[0].key: live}).actions
+    assert a.op is Op.BLOCKED and "172.18.30.140 (default/y)" in a.reason
+
+
+def test_multus_config_naming_a_blocked_pool_is_blocked_with_its_nad() -> None:
+    smc = {
+        "apiVersion": "spiderpool.spidernet.io/v2beta1",
+        "kind": "SpiderMultusConfig",
+        "metadata": {"name": "ovs-conf", "namespace": "kube-system"},
+        "spec": {"cniType": "ovs", "ovs": {"bridge": "br1", "ippools": {"ipv4": ["ippool-test"]}}},
+    }
+    moved = copy.deepcopy(POOL)
+    moved["spec"].update(subnet="172.19.0.0/16", gateway="172.19.0.1", ips=["172.19.0.10"])
+    d = desired(moved, smc)
+    plan = make_plan(d, {d[0].key: live_of(desired(POOL)[0].body)})
+    assert [(a.op, a.blocked_op, a.resource.kind) for a in plan.actions] == [
+        (Op.BLOCKED, Op.UPDATE, "SpiderIPPool"),
+        (Op.BLOCKED, Op.CREATE, "SpiderMultusConfig"),
+        (Op.BLOCKED, Op.CREATE, "NetworkAttachmentDefinition"),
+    ]
+    assert "uses SpiderIPPool ippool-test, which is blocked (spec.subnet is immutable" in (
+        plan.actions[1].reason
+    )
+    assert not plan.collisions and not plan.has_changes
