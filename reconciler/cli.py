@@ -2,8 +2,13 @@
 
 Exit codes (the same for every command, so CI can rely on them):
   0  success / the cluster matches Git
-  1  findings: validation errors, blocked or failed actions, or (plan --exit-code) changes
+  1  findings: validation errors, blocked, refused or failed actions, an unverified revision,
+     or (plan --exit-code) changes
   2  usage error, unreachable cluster or repository, internal error
+
+Start-up is kept short: building the parser imports only argparse and :mod:`reconciler.vocab`
+(the ``validate`` and ``agent`` arguments come from light modules, and only the subcommand that
+runs is built in full); each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -12,20 +17,74 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from reconciler import vocab
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
+COMMANDS = ("validate", "plan", "apply", "reconcile", "agent", "crds")
+
 EPILOG = """\
-exit codes: 0 success, 1 findings (invalid YAML, blocked or failed actions), 2 usage/internal error
+exit codes:
+  0  success: the cluster matches Git
+  1  findings: invalid YAML, blocked, refused or failed actions, an unverified revision
+  2  usage error, unreachable cluster or repository, internal error
+
 docs: README.md; the quick start: underlay plan examples/quickstart
 """
+
+PLAN_EPILOG = """\
+exit codes:
+  0  planned (with --exit-code: and nothing to change)
+  1  findings: invalid YAML, an unverified revision; with --exit-code: changes to apply
+  2  usage error, unreachable cluster or repository, internal error
+
+docs: README.md; the quick start: underlay plan examples/quickstart
+"""
+
+CRDS_EPILOG = """\
+exit codes:
+  0  printed or written
+  2  usage error, a directory that cannot be written, internal error
+"""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps every description paragraph to the terminal width, like option help; paragraphs
+    with indented lines (lists, exit codes) are kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for para in text.strip("\n").split("\n\n"):
+            lines = para.splitlines()
+            if any(line.startswith(" ") for line in lines):
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(
+                    textwrap.fill(
+                        " ".join(line.strip() for line in lines), width,
+                        initial_indent=indent, subsequent_indent=indent,
+                    )
+                )  # fmt: skip
+        return "\n\n".join(out) + "\n"
+
+
+def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """``-v`` and ``--log-format``, accepted before and after the subcommand (on subcommands
+    their default is SUPPRESS, so a value given before the subcommand is kept)."""
+    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging", **kw)
+    p.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        help="log lines as JSON objects or text; default: json for `reconcile` when stderr is "
+        "not a terminal, text otherwise",
+        **kw,
+    )
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +93,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         "path",
         nargs="?",
         default=None,
-        help="directory of YAML to use; with --repo, a sub-directory inside the repository (default: all of it)",
+        help="directory of YAML to use; with --repo, a sub-directory inside the repository "
+        "(default: all of it)",
     )
     g.add_argument(
         "--repo",
@@ -45,7 +105,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         "--ref", default="main", help="branch, tag or commit to use with --repo (default: main)"
     )
     g.add_argument(
-        "--cache-dir", type=Path, help="where Git checkouts are kept (default: ~/.cache/underlay)"
+        "--cache-dir",
+        type=Path,
+        help="where Git checkouts are kept (default: $UNDERLAY_CACHE_DIR, else ~/.cache/underlay)",
     )
     g.add_argument(
         "--git-secret",
@@ -60,25 +122,53 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip documents of kinds underlay does not manage",
     )
+    v = p.add_argument_group(
+        "signature verification",
+        "With --repo: the head commit must be signed by an allowed key, else the revision is "
+        "refused and nothing is applied.",
+    )
+    v.add_argument(
+        "--verify-gpg-key",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="an ASCII-armored OpenPGP public key (gpg --armor --export) allowed to sign; "
+        "repeat for several",
+    )
+    v.add_argument(
+        "--verify-ssh-signers",
+        type=Path,
+        metavar="FILE",
+        help="an allowed_signers file (ssh-keygen(1)) of the SSH keys allowed to sign",
+    )
+    v.add_argument(
+        "--verify-secret",
+        metavar="NAME",
+        help="Secret (in --namespace) with allowed keys, read on every fetch: armored OpenPGP "
+        "public keys under any key, SSH signers under allowed_signers",
+    )
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument(
         "--kubeconfig",
-        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster)",
+        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster); a "
+        "kubeconfig named here or in $KUBECONFIG must exist",
     )
     g.add_argument("--context", help="kubeconfig context to use")
     g.add_argument(
         "--instance",
         default=vocab.DEFAULT_INSTANCE,
-        help=f"reconciler instance name, the value of the {vocab.LABEL_INSTANCE} label on every object it owns, and the name of its GitSync status object (default: %(default)s)",
+        help=f"reconciler instance name: the value of the {vocab.LABEL_INSTANCE} label on every "
+        "object it owns, and the name of its GitSync status object (default: %(default)s)",
     )
     g.add_argument(
         "-n",
         "--namespace",
-        help="namespace of the GitSync status object (and the leader Lease): default $POD_NAMESPACE, "
-        "in a pod its own namespace, else the kubeconfig context's namespace",
+        help="namespace of the GitSync status object (and the leader Lease): default "
+        "$POD_NAMESPACE, in a pod its own namespace, else the kubeconfig context's namespace",
     )
     g.add_argument(
         "--api-timeout",
@@ -104,87 +194,186 @@ def _pass_args(p: argparse.ArgumentParser, *, prune_help: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of every ``underlay`` subcommand."""
+HELP = {
+    "validate": "check the YAML of a repository (for CI and pre-commit)",
+    "plan": "show what apply would change (writes nothing to the cluster)",
+    "apply": "make the cluster match the YAML once (one reconcile pass)",
+    "reconcile": "the controller loop: apply on every new revision and every interval",
+    "agent": "the node agent: builds this node's OVS bridges and serves the CNI plugins",
+    "crds": "print the CustomResourceDefinitions generated from schemas/",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("underlay-gitops")
+    except PackageNotFoundError:
+        return "dev"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"underlay {_version()}")
+        parser.exit()
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argparse tree of every ``underlay`` subcommand.
+
+    ``only``: build just this subcommand's arguments (the others are listed with their help
+    but have none); "" builds none (enough for ``underlay --help``); None (default) builds all.
+    :func:`main` passes the subcommand on the command line, so start-up never pays for the
+    others.
+    """
     parser = argparse.ArgumentParser(
         prog="underlay",
         description="Git-driven underlay networking for Kubernetes pods on Open vSwitch: "
-        "OVS bridges on nodes, Spiderpool-compatible IP pools and Multus attachments from YAML in Git.",
+        "OVS bridges on nodes, Spiderpool-compatible IP pools and Multus attachments from YAML "
+        "in Git.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument(
-        "--log-format",
-        choices=["json", "text"],
-        help="log lines as JSON objects or text; default: json for `reconcile` when stderr is "
-        "not a terminal, text otherwise",
+        "--version", action=_VersionAction, help="print the version of underlay and exit"
     )
+    _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from reconciler import validate_cmd
+    def full(name: str) -> bool:
+        return only is None or only == name
 
-    validate_cmd.register(sub)
+    def stub(name: str) -> None:
+        sub.add_parser(name, help=HELP[name], add_help=False)
 
-    p = sub.add_parser(
-        "plan",
-        help="show what apply would change (no writes)",
-        description="Load and validate the YAML, render the objects (NetworkAttachmentDefinitions "
-        "included) and diff them against the cluster. Without a configured cluster, diffs "
-        "against an empty cluster and says so. Writes nothing.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _source_args(p)
-    _cluster_args(p)
-    p.add_argument(
-        "-o",
-        "--output",
-        choices=["text", "yaml", "json"],
-        default="text",
-        help="text (default): one line per object; yaml/json: the objects that would be written",
-    )
-    _pass_args(p, prune_help="do not plan deletions")
-    p.add_argument("--all", action="store_true", help="also list unchanged objects")
-    p.add_argument(
-        "--watch",
-        action="store_true",
-        help="stay running and print the plan again whenever a file under PATH changes (local path only)",
-    )
-    p.add_argument(
-        "--exit-code",
-        action="store_true",
-        help="exit 1 when there are changes, 0 when none (like git diff --exit-code)",
-    )
-    p.set_defaults(func=cmd_plan)
+    if full("validate"):
+        from reconciler import validate_cmd
 
-    p = sub.add_parser(
-        "apply",
-        help="make the cluster match the YAML once (one reconcile pass)",
-        description="One pass: fetch, load, validate (nothing is applied if anything is invalid), "
-        "plan, server-side apply (field manager 'underlay') after a dry run of every object, "
-        "and prune objects this instance owns that left Git. Prints what it created, updated "
-        "and pruned; a second run writes nothing and says so.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _source_args(p)
-    _cluster_args(p)
-    _pass_args(p, prune_help="never delete objects that left Git")
-    p.set_defaults(func=cmd_apply)
+        validate_cmd.register(sub)
+        _common(sub.choices["validate"])
+    else:
+        stub("validate")
 
+    if full("plan"):
+        p = sub.add_parser(
+            "plan",
+            help=HELP["plan"],
+            description="Load and validate the YAML, render the objects (NetworkAttachmentDefinitions "
+            "included) and diff them against the cluster. Without a configured cluster, diffs "
+            "against an empty cluster and says so. Writes nothing to the cluster; with --repo it "
+            "keeps a checkout of the repository in --cache-dir.",
+            epilog=PLAN_EPILOG,
+            formatter_class=HelpFormatter,
+        )
+        _common(p)
+        _source_args(p)
+        _cluster_args(p)
+        p.add_argument(
+            "-o",
+            "--output",
+            choices=["text", "yaml", "json"],
+            default="text",
+            help="text (default): one line per object; yaml/json: the objects that would be written",
+        )
+        _pass_args(p, prune_help="do not plan deletions")
+        p.add_argument("--all", action="store_true", help="also list unchanged objects")
+        p.add_argument(
+            "--watch",
+            action="store_true",
+            help="stay running and print the plan again whenever a file under PATH changes "
+            "(local path only)",
+        )
+        p.add_argument(
+            "--exit-code",
+            action="store_true",
+            help="exit 1 when there are changes, 0 when none (like git diff --exit-code)",
+        )
+        p.set_defaults(func=cmd_plan)
+    else:
+        stub("plan")
+
+    if full("apply"):
+        p = sub.add_parser(
+            "apply",
+            help=HELP["apply"],
+            description="One pass: fetch, load, validate (nothing is applied if anything is "
+            "invalid), plan, server-side apply (field manager 'underlay') after a dry run of "
+            "every object, and prune objects this instance owns that left Git. Nothing is "
+            "applied either when an object of the revision exists in the cluster without this "
+            "instance's labels. Prints what it created, updated and pruned; a second run writes "
+            "nothing and says so.",
+            epilog=EPILOG,
+            formatter_class=HelpFormatter,
+        )
+        _common(p)
+        _source_args(p)
+        _cluster_args(p)
+        _pass_args(p, prune_help="never delete objects that left Git")
+        p.set_defaults(func=cmd_apply)
+    else:
+        stub("apply")
+
+    if full("reconcile"):
+        _reconcile_parser(sub)
+    else:
+        stub("reconcile")
+
+    if full("agent"):
+        from node_agent import agent_args
+
+        p = sub.add_parser(
+            "agent",
+            help=HELP["agent"],
+            description=agent_args.DESCRIPTION,
+            epilog=agent_args.EPILOG,
+            formatter_class=HelpFormatter,
+        )
+        _common(p)
+        agent_args.add_arguments(p)
+        p.set_defaults(func=cmd_agent)
+    else:
+        stub("agent")
+
+    if full("crds"):
+        p = sub.add_parser(
+            "crds",
+            help=HELP["crds"],
+            description="Print (or write to --out-dir) the CustomResourceDefinitions underlay "
+            "serves, generated from the JSON Schemas in schemas/: its own kinds (OvsBridge, "
+            "OvsBridgeEnactment, GitSync) and the Spiderpool and Multus kinds it accepts "
+            "(SpiderIPPool, SpiderMultusConfig, SpiderEndpoint, NetworkAttachmentDefinition).",
+            epilog=CRDS_EPILOG,
+            formatter_class=HelpFormatter,
+        )
+        _common(p)
+        p.add_argument("--out-dir", type=Path, help="write one file per CRD into this directory")
+        p.set_defaults(func=cmd_crds)
+    else:
+        stub("crds")
+    return parser
+
+
+def _reconcile_parser(sub: Any) -> None:
     p = sub.add_parser(
         "reconcile",
-        help="the controller loop: apply on every new revision and every interval",
+        help=HELP["reconcile"],
         description="Run apply passes forever: poll the repository every --interval (with "
         "jitter), load/validate/render only when the revision moved, re-check the cluster for "
         "drift on every pass, and record status in GitSync <instance> (conditions, revisions, "
         "inventory), Events and /metrics. A pass runs at once when the GitSync's "
-        "underlay.dev/reconcile-requested-at annotation changes, or (--watch) a local file changes.",
+        "underlay.dev/reconcile-requested-at annotation changes, or (--watch) a local file "
+        "changes.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
+    _common(p)
     _source_args(p)
     _cluster_args(p)
     p.add_argument(
@@ -205,17 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--watch",
         action="store_true",
-        help="also run a pass within a second of any change to the files under PATH (local path only)",
+        help="also run a pass within a second of any change to the files under PATH (local "
+        "path only)",
     )
     p.add_argument(
         "--http-address",
         default=":8080",
-        help="where /metrics, /healthz and /readyz are served; empty to disable (default: %(default)s)",
+        help="where /metrics, /healthz and /readyz are served; empty to disable "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--backoff",
         default="1s",
-        help="wait after a failed pass, doubled per consecutive failure up to --interval (default: %(default)s)",
+        help="wait after a failed pass, doubled per consecutive failure up to --interval "
+        "(default: %(default)s)",
     )
     g = p.add_argument_group("leader election (coordination.k8s.io/v1 Lease)")
     g.add_argument(
@@ -226,12 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--leader-elect-lease-duration",
         default="35s",
-        help="how long standbys wait after the last renewal before taking over (default: %(default)s)",
+        help="how long standbys wait after the last renewal before taking over "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--leader-elect-renew-deadline",
         default="30s",
-        help="the leader stops writing when it could not renew for this long (default: %(default)s)",
+        help="the leader stops writing when it could not renew for this long "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--leader-elect-retry-period",
@@ -244,34 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--identity",
-        help="this replica's name in the Lease and in Events (default: $POD_NAME, else host_random)",
+        help="this replica's name, as the Lease holder and the source of its Events (default: "
+        "$POD_NAME, else <hostname>_<8 random hex digits>)",
     )
     p.set_defaults(func=cmd_reconcile)
-
-    p = sub.add_parser(
-        "agent",
-        help="the node agent: builds this node's OVS bridges and serves the CNI plugins",
-        description="Watch OvsBridge objects, make this node's bridges match the ones that select "
-        "it (OVS through ovsdbapp, addresses and routes through pyroute2), persist them "
-        "(netplan / NetworkManager), report OvsBridgeEnactment <node>.<bridge>, and serve "
-        "the underlay-ovs and underlay-ipam CNI plugins over a unix socket.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    from node_agent import daemon
-
-    daemon.add_arguments(p)
-    p.set_defaults(func=cmd_agent)
-
-    p = sub.add_parser(
-        "crds",
-        help="print the CustomResourceDefinitions generated from schemas/",
-        description="Print (or write to --out-dir) the CRDs underlay serves, generated from the "
-        "JSON Schemas in schemas/: underlay-ovs kinds and the Spiderpool kinds it accepts.",
-    )
-    p.add_argument("--out-dir", type=Path, help="write one file per CRD into this directory")
-    p.set_defaults(func=cmd_crds)
-    return parser
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -291,61 +461,91 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * unit[u] for n, u in parts)
 
 
+def _verification(args: argparse.Namespace, api: Any = None, namespace: str = "") -> Any:
+    """A provider of the allowed signing keys (``--verify-*``), or None when none is asked."""
+    gpg = list(getattr(args, "verify_gpg_key", None) or [])
+    ssh = getattr(args, "verify_ssh_signers", None)
+    secret = getattr(args, "verify_secret", None)
+    if not gpg and not ssh and not secret:
+        return None
+    if not args.repo:
+        raise UsageError("--verify-gpg-key/--verify-ssh-signers/--verify-secret need --repo")
+    from reconciler.controller import verification_provider
+    from reconciler.signatures import verification_from_files
+
+    static = verification_from_files(gpg, ssh) if gpg or ssh else None
+    return verification_provider(api, namespace, secret, static)
+
+
 def _resolve_source(
     args: argparse.Namespace, api: Any = None, namespace: str = ""
-) -> tuple[Path, list[Path] | None, str]:
+) -> tuple[Path, list[Path] | None, str, str | None]:
+    """(root, paths, revision, who signed it) for ``plan``: the Git checkout (verified when
+    ``--verify-*`` is given) or the local directory."""
     from reconciler.controller import git_credentials
     from reconciler.source import fetch
 
+    verification = _verification(args, api, namespace)
     if args.repo:
         creds = git_credentials(api, namespace, args.git_secret)()
-        co = fetch(args.repo, args.ref, cache_dir=args.cache_dir, credentials=creds)
+        co = fetch(
+            args.repo, args.ref, cache_dir=args.cache_dir, credentials=creds,
+            verify=verification() if verification is not None else None,
+        )  # fmt: skip
         paths = [co.path / args.path] if args.path else None
         if paths and not paths[0].exists():
             raise FileNotFoundError(f"{args.path} does not exist in {co.url} at {co.revision[:12]}")
-        return co.path, paths, co.revision
+        return co.path, paths, co.revision, co.signature
     path = Path(args.path or ".")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     root = path if path.is_dir() else path.parent
-    return root, None if path.is_dir() else [path], "local"
+    return root, None if path.is_dir() else [path], "local", None
 
 
 def _make_source(args: argparse.Namespace, api: Any = None, namespace: str = "") -> Any:
     from reconciler.controller import DirSource, GitSource, git_credentials
 
+    verification = _verification(args, api, namespace)
     if args.repo:
         creds = git_credentials(api, namespace, getattr(args, "git_secret", None))
-        return GitSource(args.repo, args.ref, args.path, args.cache_dir, credentials=creds)
+        return GitSource(
+            args.repo, args.ref, args.path, args.cache_dir, credentials=creds,
+            verification=verification,
+        )  # fmt: skip
     return DirSource(Path(args.path or "."))
 
 
-def _retry_policy(args: argparse.Namespace) -> Any:
+def _retry_policy(args: argparse.Namespace, *, one_shot: bool = False) -> Any:
+    """Retries of API requests: ``--api-timeout`` per request; a one-shot command (plan,
+    apply) gives up after 3 tries (under a second of waiting), the loop after 6."""
     from reconciler.retry import RetryPolicy
 
-    return RetryPolicy(timeout=parse_duration(args.api_timeout))
+    timeout = parse_duration(args.api_timeout)
+    if one_shot:
+        return RetryPolicy(attempts=3, cap=1.0, timeout=timeout)
+    return RetryPolicy(timeout=timeout)
 
 
 def _user_agent(identity: str | None = None) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("underlay-gitops")
-    except PackageNotFoundError:
-        v = "dev"
-    return f"underlay/{v}" + (f" ({identity})" if identity else "")
+    return f"underlay/{_version()}" + (f" ({identity})" if identity else "")
 
 
 def _client(
-    args: argparse.Namespace, *, required: bool, on_retry: Any = None, identity: str | None = None
+    args: argparse.Namespace,
+    *,
+    required: bool,
+    on_retry: Any = None,
+    identity: str | None = None,
+    one_shot: bool = False,
 ) -> Any:
     from reconciler import kube
 
     if not required and not kube.has_cluster_config(args.kubeconfig):
         return None
     return kube.api_client(
-        args.kubeconfig, args.context, retry=_retry_policy(args), on_retry=on_retry,
-        user_agent=_user_agent(identity),
+        args.kubeconfig, args.context, retry=_retry_policy(args, one_shot=one_shot),
+        on_retry=on_retry, user_agent=_user_agent(identity),
     )  # fmt: skip
 
 
@@ -381,8 +581,13 @@ def _options(args: argparse.Namespace, namespace: str, identity: str = "underlay
 # exit code of a pass by the reason it did not converge
 _FINDINGS = {
     "ValidationFailed", "Blocked", "ApplyFailed", "DryRunFailed", "DriftDetected",
-    "OwnershipConflict",
+    "OwnershipConflict", "VerificationFailed",
 }  # fmt: skip
+
+
+def short(revision: str) -> str:
+    """A revision for people: 12 hex digits of a commit SHA, ``local@...`` as is."""
+    return revision if revision.startswith("local") else revision[:12]
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -399,9 +604,9 @@ def _plan_once(args: argparse.Namespace) -> int:
     from reconciler.controller import read_inventory, run_pass
     from reconciler.plan import Op, format_plan
 
-    api = _client(args, required=False)
+    api = _client(args, required=False, one_shot=True)
     namespace = _namespace(args)
-    root, paths, revision = _resolve_source(args, api, namespace)
+    root, paths, revision, signer = _resolve_source(args, api, namespace)
     inventory = read_inventory(api, namespace, args.instance) if api is not None else None
     res = run_pass(
         root, paths, api, revision=revision, instance=args.instance, strict=args.strict,
@@ -414,7 +619,8 @@ def _plan_once(args: argparse.Namespace) -> int:
         return EXIT_FINDINGS
     if args.output == "text":
         if revision != "local":
-            print(f"Revision {revision} of {args.repo} ({args.ref})")
+            signed = f", signed by {signer}" if signer else ""
+            print(f"Revision {short(revision)} of {args.repo} ({args.ref}){signed}")
         print(format_plan(res.plan, verbose=args.all))
     else:
         objs = [
@@ -425,6 +631,8 @@ def _plan_once(args: argparse.Namespace) -> int:
         if args.output == "json":
             print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}, indent=2))
         else:
+            import yaml
+
             print(yaml.safe_dump_all(objs, sort_keys=False), end="")
     sys.stdout.flush()
     if args.exit_code and res.plan.has_changes:
@@ -467,7 +675,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.controller import Reconciler
     from reconciler.plan import Op
 
-    api = _client(args, required=True)
+    api = _client(args, required=True, one_shot=True)
     namespace = _namespace(args)
     source = _make_source(args, api, namespace)
     rec = Reconciler(
@@ -475,7 +683,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     )
     rep = rec.run_once()
     where = (
-        f"revision {rep.revision[:12]}"
+        f"revision {short(rep.revision)}"
         if rep.revision and not rep.revision.startswith("local")
         else str(args.path or ".")
     )
@@ -483,8 +691,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         n = len(rep.rendered.errors) if rep.rendered else 0
         print(f"{n} error(s) in {where}: nothing applied.", file=sys.stderr)
         return EXIT_FINDINGS
-    if rep.reason == "OwnershipConflict":
-        print(f"{rep.error}; adopt or rename them (see above).", file=sys.stderr)
+    if rep.reason in ("OwnershipConflict", "VerificationFailed"):
+        tail = "; adopt or rename them (see above)" if rep.reason == "OwnershipConflict" else ""
+        print(f"underlay apply: {rep.error}{tail}. Nothing applied.", file=sys.stderr)
         return EXIT_FINDINGS
     if rep.error is not None and rep.reason not in _FINDINGS:
         print(f"underlay apply: error: {rep.error}", file=sys.stderr)
@@ -492,7 +701,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     plan, outcome = rep.plan, rep.outcome
     assert plan is not None
     if outcome is None:
-        print(f"No changes: the cluster matches {where} ({plan.summary()}).")
+        if plan.blocked or plan.count(Op.DRIFTED):
+            print(f"Nothing applied, and the cluster does not match {where} ({plan.summary()}):")
+        else:
+            print(f"No changes: the cluster matches {where} ({plan.summary()}).")
         for a in plan.blocked:
             print(f"blocked {a.ref()}: {a.reason}")
         for a in plan.actions:
@@ -627,6 +839,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
+    """``underlay crds``: print the CRDs, or write one file per CRD into --out-dir."""
+    import yaml
+
     from reconciler import crdgen
 
     crds = crdgen.generate_all()
@@ -640,7 +855,9 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``underlay``; returns the exit code (see module docstring)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = next((a for a in argv if a in COMMANDS), "")  # the subcommand: build only that one
+    parser = build_parser(only)
     args = parser.parse_args(argv)
     if args.log_format == "json":
         from reconciler import logs
@@ -661,11 +878,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"underlay {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # every error gets a clear line and exit code 2
-        from reconciler.source import SourceError, redact
+        from reconciler import kube
+        from reconciler.source import SignatureError, SourceError, redact
 
+        if isinstance(exc, SignatureError):
+            print(f"underlay {args.command}: {redact(str(exc))}", file=sys.stderr)
+            return EXIT_FINDINGS
         if args.verbose and not isinstance(exc, SourceError):
             raise
-        print(f"underlay {args.command}: error: {redact(str(exc))}", file=sys.stderr)
+        target = kube.describe_target(
+            getattr(args, "kubeconfig", None), getattr(args, "context", None)
+        )
+        text = kube.transport_error(exc, target=target) or str(exc)
+        print(f"underlay {args.command}: error: {redact(text)}", file=sys.stderr)
         return EXIT_ERROR
 
 

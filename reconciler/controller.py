@@ -193,6 +193,8 @@ class Snapshot:
     paths: list[Path] | None
     revision: str
     key: str
+    signer: str | None = None
+    """Who signed the commit, when verification is configured (``GPG key ...``/``SSH ... key``)."""
 
 
 class Source(Protocol):
@@ -269,7 +271,10 @@ class GitSource:
     Each resolve asks the remote for the ref's commit first (:func:`reconciler.source.ls_remote`,
     nothing downloaded) and fetches only when it moved or the work tree is not there yet.
     ``credentials()`` (optional) is called on every resolve, so a rotated Secret is picked up;
-    ``fetch_kwargs`` go to :func:`reconciler.source.fetch` (e.g. ``verify``).
+    so is ``verification()`` (optional; a :class:`reconciler.signatures.Verification`): the
+    head commit must be signed by one of its keys (SignatureError otherwise), and a head already
+    accepted is verified again when the allowed keys change. ``fetch_kwargs`` go to
+    :func:`reconciler.source.fetch` (e.g. ``verify``).
     """
 
     def __init__(
@@ -279,24 +284,36 @@ class GitSource:
         subpath: str | None = None,
         cache_dir: Path | None = None,
         credentials: Callable[[], Any] | None = None,
+        verification: Callable[[], Any] | None = None,
         **fetch_kwargs: Any,
     ) -> None:
         self.url, self.ref, self.subpath, self.cache_dir = url, ref, subpath, cache_dir
         self.credentials = credentials
+        self.verification = verification
         self.fetch_kwargs = fetch_kwargs
         self._last: Snapshot | None = None
+        self._verified_with: Any = None
 
     def resolve(self) -> Snapshot:
-        """The current revision on disk; raises SourceError/OSError when unreachable."""
+        """The current revision on disk; raises SourceError/OSError when unreachable, and
+        SignatureError when verification is configured and the head commit does not verify."""
         from reconciler import source
 
         creds = self.credentials() if self.credentials is not None else None
         auth = {"credentials": creds} if creds is not None else {}
-        if self._last is not None and self._last.root.is_dir():
+        kw = dict(self.fetch_kwargs)
+        if self.verification is not None:
+            kw["verify"] = self.verification()
+        if (
+            self._last is not None
+            and self._last.root.is_dir()
+            and kw.get("verify") == self._verified_with
+        ):
             head = source.ls_remote(self.url, self.ref, **auth)
             if head is not None and head == self._last.revision:
                 return self._last
-        co = fetch(self.url, self.ref, cache_dir=self.cache_dir, **auth, **self.fetch_kwargs)
+        co = fetch(self.url, self.ref, cache_dir=self.cache_dir, **auth, **kw)
+        self._verified_with = kw.get("verify")
         paths = [co.path / self.subpath] if self.subpath else None
         if paths and not paths[0].exists():
             raise FileNotFoundError(
@@ -306,7 +323,7 @@ class GitSource:
             fp = tree_fingerprint(co.path, paths)
             return Snapshot(co.path, paths, f"local@{fp[:12]}", fp)
         key = co.revision + ("/" + self.subpath if self.subpath else "")
-        self._last = Snapshot(co.path, paths, co.revision, key)
+        self._last = Snapshot(co.path, paths, co.revision, key, co.signature)
         return self._last
 
     def describe(self) -> dict[str, str]:
@@ -348,6 +365,45 @@ def git_credentials(
             raise
         creds = credentials_from_secret(obj.get("data"), name=f"{namespace}/{secret}")
         return creds.merged(env) if not creds.empty else env
+
+    return provide
+
+
+def verification_provider(
+    api: client.ApiClient | None,
+    namespace: str,
+    secret: str | None,
+    static: Any = None,
+) -> Callable[[], Any]:
+    """A provider of the allowed signing keys for :class:`GitSource`: ``static`` (a
+    :class:`reconciler.signatures.Verification` from files, or None) plus the keys of Secret
+    ``secret`` in ``namespace`` when given (armored OpenPGP public keys under any key, SSH
+    signers under ``allowed_signers``; Flux's ``verify.secretRef``). Read on every call, so a
+    rotated Secret takes effect at the next pass. Raises SignatureError when the Secret is
+    missing or holds no usable key (verification was asked for: nothing is accepted without
+    it), SourceError when a value is malformed.
+    """
+    from reconciler.signatures import SignatureError, verification_from_secret
+
+    def provide() -> Any:
+        """The Verification to use now."""
+        if not secret:
+            return static
+        if api is None:
+            raise SignatureError(
+                f"verification Secret {namespace}/{secret} cannot be read: no cluster configured"
+            )
+        try:
+            obj = kube.request(api, "GET", f"/api/v1/namespaces/{namespace}/secrets/{secret}")
+        except client.ApiException as exc:
+            if exc.status == 404:
+                raise SignatureError(
+                    f"verification Secret {namespace}/{secret} not found: no revision is "
+                    "accepted until it exists"
+                ) from None
+            raise
+        v = verification_from_secret(obj.get("data"), name=f"Secret {namespace}/{secret}")
+        return v.merged(static)
 
     return provide
 
@@ -460,6 +516,7 @@ class Reconciler:
         self._memo: dict[Any, Any] = {}  # plan's diff memo, kept between passes
         self._inv_cache: tuple[Any, Inventory] | None = None
         self._quiet: tuple[tuple[Any, ...], Plan | None] | None = None
+        self._signed: tuple[str, str] | None = None  # (revision, who signed it) when verified
         self._lock = threading.Lock()
         self.pass_started: float | None = None
         self.last_pass_ended: float | None = None
@@ -511,7 +568,7 @@ class Reconciler:
             rep.aborted, rep.error, rep.reason = True, str(exc), "LeadershipLost"
             log.warning("pass aborted: %s", exc)
         except Exception as exc:
-            rep.error = _describe_error(exc)
+            rep.error = _describe_error(exc, self.api)
             rep.reason = rep.reason or _reason_of(exc)
             log.error("pass failed (%s): %s", rep.reason, rep.error)
             self._record_failure(rep)
@@ -543,9 +600,15 @@ class Reconciler:
         try:
             snap = self.source.resolve()
         except Exception as exc:
+            from reconciler.signatures import SignatureError
+
+            if isinstance(exc, SignatureError):
+                rep.reason, rep.revision = "VerificationFailed", exc.revision
+                raise _Stage("VerificationFailed", exc) from exc
             rep.reason = "SourceFailed"
             raise _Stage("SourceFailed", exc) from exc
         rep.revision = snap.revision
+        self._signed = (snap.revision, snap.signer) if snap.signer else None
         rendered, cached = self._render(snap)
         rep.rendered, rep.skipped_pipeline = rendered, cached
         target = rendered if rendered.desired is not None else self._good
@@ -649,6 +712,8 @@ class Reconciler:
             st["observedGeneration"] = gen
         st["source"] = self.source.describe()
         st["lastAttemptedRevision"] = rendered.revision
+        if self._signed is not None:
+            st["signature"] = {"revision": self._signed[0], "signer": self._signed[1]}
         applied = prev.get("lastAppliedRevision")
         ok_apply = outcome is None or outcome.ok
         if rendered.desired is not None and plan is not None and ok_apply:
@@ -770,7 +835,7 @@ class Reconciler:
             prev = gs.status
             gen = gs.generation
             st = dict(prev)
-            stalled = rep.reason == "MissingCRD"
+            stalled = rep.reason in ("MissingCRD", "VerificationFailed")
             message = rep.error or "unknown error"
             st["source"] = self.source.describe()
             if gen is not None:
@@ -1125,12 +1190,15 @@ def _reason_of(exc: Exception) -> str:
     return "ReconcileFailed"
 
 
-def _describe_error(exc: Exception) -> str:
+def _describe_error(exc: Exception, api: Any = None) -> str:
     from reconciler.source import redact
 
     inner = exc.exc if isinstance(exc, _Stage) else exc
     if isinstance(inner, client.ApiException):
         return redact(api_message(inner))
+    unreachable = kube.transport_error(inner, api)
+    if unreachable is not None:
+        return redact(unreachable)
     return redact(str(inner) or type(inner).__name__)
 
 

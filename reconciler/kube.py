@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
 
@@ -19,7 +19,35 @@ from reconciler.vocab import Resource
 
 
 class NoClusterConfigured(RuntimeError):
-    """Neither a kubeconfig nor an in-cluster service account is available."""
+    """Neither a kubeconfig nor an in-cluster service account is available, or the kubeconfig
+    named by ``--kubeconfig``/``$KUBECONFIG`` does not exist (the message names it)."""
+
+
+def _kubeconfig_path(kubeconfig: str | None) -> tuple[str | None, str]:
+    """(the kubeconfig to load or None, where it came from) by client-go's loading rules:
+    ``--kubeconfig``, else ``$KUBECONFIG`` (a list, the files that exist are merged), else
+    ``~/.kube/config`` when it exists. A kubeconfig that was named but does not exist raises
+    NoClusterConfigured naming it: it must never silently fall back to another cluster, or to
+    none at all."""
+    if kubeconfig:
+        if not os.path.exists(kubeconfig):
+            raise NoClusterConfigured(f"kubeconfig {kubeconfig} (--kubeconfig): no such file")
+        return kubeconfig, kubeconfig
+    env = os.environ.get("KUBECONFIG")
+    if env:
+        files = [f for f in env.split(os.pathsep) if f]
+        if files and not any(os.path.exists(f) for f in files):
+            raise NoClusterConfigured(
+                f"KUBECONFIG={env}: no such file"
+                + ("s" if len(files) > 1 else "")
+                + " (unset KUBECONFIG to use ~/.kube/config or the in-cluster service account)"
+            )
+        existing = os.pathsep.join(f for f in files if os.path.exists(f))
+        return existing, f"KUBECONFIG={env}"
+    default = os.path.expanduser("~/.kube/config")
+    if os.path.exists(default):
+        return default, default
+    return None, ""
 
 
 def load_configuration(
@@ -27,12 +55,13 @@ def load_configuration(
 ) -> client.Configuration:
     """The client Configuration from ``kubeconfig`` (or $KUBECONFIG, ~/.kube/config), else in-cluster.
 
-    Raises NoClusterConfigured when none of them exists, and the kubernetes ConfigException
-    when a kubeconfig exists but is broken. Source: client-go loading rules.
+    Raises NoClusterConfigured when none of them exists or a named kubeconfig is missing, and
+    the kubernetes ConfigException when a kubeconfig exists but is broken. Source: client-go
+    loading rules.
     """
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    path, _where = _kubeconfig_path(kubeconfig)
     cfg = client.Configuration()
-    if kubeconfig or os.path.exists(path):
+    if path is not None:
         config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
         return cfg
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -41,6 +70,56 @@ def load_configuration(
     raise NoClusterConfigured(
         "no cluster configured: pass --kubeconfig, set KUBECONFIG, or run in a pod"
     )
+
+
+def describe_target(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """Which configuration a client of ``kubeconfig``/``context`` uses, for error messages:
+    ``kubeconfig /root/.kube/config, context prod`` or ``in-cluster service account``. Never
+    raises."""
+    try:
+        _path, where = _kubeconfig_path(kubeconfig)
+    except NoClusterConfigured:
+        where = kubeconfig or os.environ.get("KUBECONFIG") or ""
+    if not where:
+        return "in-cluster service account" if os.environ.get("KUBERNETES_SERVICE_HOST") else ""
+    text = where if where.startswith("KUBECONFIG=") else f"kubeconfig {where}"
+    return text + (f", context {context}" if context else ", its current context")
+
+
+def transport_error(exc: BaseException, api: Any = None, target: str = "") -> str | None:
+    """A one-line description of a failure to reach the API server (connection refused, DNS,
+    TLS, timeout; the urllib3/OS errors the client raises), naming the server ``api`` talks to
+    and ``target`` (see :func:`describe_target`); None when ``exc`` is not such a failure."""
+    import re
+
+    import urllib3
+
+    if not isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
+        return None
+    reason: Any = getattr(exc, "reason", None) or exc
+    text = str(reason)
+    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if m:
+        why = m.group(1).strip()
+    elif isinstance(reason, (urllib3.exceptions.TimeoutError, TimeoutError)) or "timed out" in text:
+        why = "timed out"
+    elif "CERTIFICATE_VERIFY_FAILED" in text or "SSLError" in text:
+        why = "TLS certificate not trusted"
+    else:
+        why = text.split(": ", 1)[-1][:200] or type(exc).__name__
+    host = getattr(getattr(api, "configuration", None), "host", "") or ""
+    # the connection (urllib3 NewConnectionError) or pool (MaxRetryError) that failed
+    conn: Any = exc.__dict__.get("conn") or exc.__dict__.get("pool")
+    if not host and conn is not None and getattr(conn, "host", None):
+        scheme = getattr(conn, "scheme", None) or (
+            "https" if "HTTPS" in type(conn).__name__ else "http"
+        )
+        port = f":{conn.port}" if getattr(conn, "port", None) else ""
+        host = f"{scheme}://{conn.host}{port}"
+    target = target or str(getattr(api, "underlay_target", "") or "")
+    where = f" at {host}" if host else ""
+    via = f" ({target})" if target else ""
+    return f"cannot reach the Kubernetes API server{where}{via}: {why}"
 
 
 def api_client(
@@ -61,6 +140,7 @@ def api_client(
     api = RetryingApiClient(cfg, retry, on_retry) if retry is not None else client.ApiClient(cfg)
     if user_agent:
         api.user_agent = user_agent
+    cast(Any, api).underlay_target = describe_target(kubeconfig, context)  # transport_error
     return api
 
 
@@ -71,8 +151,11 @@ def default_namespace(kubeconfig: str | None = None, context: str | None = None)
     env = os.environ.get("POD_NAMESPACE")
     if env:
         return env
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    if kubeconfig or os.path.exists(path):
+    try:
+        path, _where = _kubeconfig_path(kubeconfig)
+    except NoClusterConfigured:
+        path = None  # reported by api_client
+    if path is not None:
         try:
             contexts, current = config.list_kube_config_contexts(config_file=path)
         except Exception:  # a broken kubeconfig is reported by api_client, not here
@@ -87,10 +170,12 @@ def default_namespace(kubeconfig: str | None = None, context: str | None = None)
 
 
 def has_cluster_config(kubeconfig: str | None = None) -> bool:
-    """True when :func:`api_client` would find a configuration."""
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    """True when a cluster is configured: ``kubeconfig`` or ``$KUBECONFIG`` given (even when
+    missing: :func:`api_client` then raises naming it), ``~/.kube/config`` exists, or in a pod."""
+    if kubeconfig or os.environ.get("KUBECONFIG"):
+        return True
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-    return bool(kubeconfig) or os.path.exists(path) or in_cluster
+    return os.path.exists(os.path.expanduser("~/.kube/config")) or in_cluster
 
 
 class Objects:

@@ -26,7 +26,9 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()) |
 
 
 def _redact(text: str) -> str:
-    from reconciler.source import redact
+    # source_auth, not source: a record logged while reconciler.source imports gitpython (git
+    # logs its own start-up at debug level) must not import source again half-way
+    from reconciler.source_auth import redact
 
     return redact(text)
 

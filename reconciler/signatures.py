@@ -36,6 +36,16 @@ _ARMOR = re.compile(
 _HEADER_LINE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*: ")
 
 
+class SignatureError(SourceError):
+    """A revision is refused because its commit signature does not verify (unsigned, signed by
+    a key that is not allowed, altered, or the tool cannot run). ``revision`` is the refused
+    commit's full SHA (empty when unknown). The message names the commit and the reason."""
+
+    def __init__(self, message: str, revision: str = "") -> None:
+        super().__init__(message)
+        self.revision = revision
+
+
 @dataclass(frozen=True)
 class Verification:
     """Which signatures are accepted on the head commit.
@@ -53,6 +63,17 @@ class Verification:
     def empty(self) -> bool:
         """True when no key is configured (every commit would be refused)."""
         return not self.gpg_keys and not self.ssh_allowed_signers.strip()
+
+    def merged(self, other: Verification | None) -> Verification:
+        """The keys of both (either one's key is accepted)."""
+        if other is None:
+            return self
+        ssh = "\n".join(
+            t.rstrip("\n")
+            for t in (self.ssh_allowed_signers, other.ssh_allowed_signers)
+            if t.strip()
+        )
+        return Verification(self.gpg_keys + other.gpg_keys, ssh + "\n" if ssh else "")
 
 
 def verification_from_secret(
@@ -232,15 +253,15 @@ def verify_commit(
     """Verify commit ``sha`` of ``repo`` with ``git verify-commit --raw``; return who signed it,
     e.g. ``GPG key C32C...12C2 (Test <t@example.com>)`` or ``SSH ED25519 key SHA256:... (ops)``.
 
-    Raises SourceError ``commit <sha> [of <where>]: signature not verified: <reason>`` when the
+    Raises SignatureError ``commit <sha> [of <where>]: signature not verified: <reason>`` when the
     commit is unsigned, signed by a key that is not allowed, badly signed, signed with a kind
     that has no allowed keys, or when gpg/ssh-keygen cannot run. gpg trust levels do not matter
     (``gpg.minTrustLevel=undefined``): the private keyring holds only allowed keys.
     """
     label = f"commit {sha}" + (f" of {where}" if where else "")
 
-    def refuse(reason: str) -> SourceError:
-        return SourceError(f"{label}: signature not verified: {redact(reason)}")
+    def refuse(reason: str) -> SignatureError:
+        return SignatureError(f"{label}: signature not verified: {redact(reason)}", sha)
 
     try:
         kind = _signature_kind(repo.commit(sha))

@@ -24,6 +24,7 @@ from pathlib import Path
 import git
 
 from reconciler.signatures import (
+    SignatureError,
     Verification,
     verification_from_files,
     verification_from_secret,
@@ -42,6 +43,7 @@ from reconciler.source_auth import (
 __all__ = [
     "Checkout",
     "Credentials",
+    "SignatureError",
     "SourceError",
     "Verification",
     "credentials_from_env",
@@ -262,9 +264,10 @@ def fetch(
     ``depth``: commits to fetch (shallow when the server allows it; 0 = full history).
     ``credentials``: https/ssh credentials; None (default) reads them from the ``UNDERLAY_GIT_*``
     environment (:func:`credentials_from_env`). Credentials in the URL fill what is not set,
-    and are never stored. ``verify``: when given, the head commit must carry a GPG or SSH signature that git
-    verifies with one of these keys, else SourceError and the work tree keeps the previous
-    revision. ``timeout``: seconds per git command.
+    and are never stored. ``verify``: when given, the head commit must carry a GPG or SSH
+    signature that git verifies with one of these keys, else SignatureError (a SourceError
+    naming the commit) and the work tree keeps the previous revision. ``timeout``: seconds per
+    git command.
 
     A plain directory (not a Git repository) is returned in place with revision ``local``.
     Raises SourceError, naming the redacted URL and the ref, when the repository is unreachable,

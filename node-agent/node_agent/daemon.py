@@ -33,22 +33,19 @@ import contextlib
 import copy
 import datetime
 import logging
-import os
 import random
 import signal
-import socket
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import urllib3
 from kubernetes import client, watch
 
-from node_agent import bridges, ovsdb, rollout
+from node_agent import agent_args, bridges, ovsdb, rollout
 from reconciler import kube, vocab
 
 log = logging.getLogger("underlay.agent")
@@ -91,86 +88,9 @@ class NodeNotFound(RuntimeError):
     """This agent's Node object does not exist (wrong --node-name, or not registered yet)."""
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``underlay agent``."""
-    p.add_argument(
-        "--node-name",
-        default=os.environ.get("NODE_NAME") or socket.gethostname(),
-        help="this node's name in Kubernetes (default: $NODE_NAME, else the hostname)",
-    )
-    p.add_argument(
-        "--kubeconfig",
-        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster)",
-    )
-    p.add_argument("--context", help="kubeconfig context")
-    p.add_argument(
-        "--ovsdb", default=ovsdb.DEFAULT_REMOTE, help="OVSDB to manage (default: %(default)s)"
-    )
-    p.add_argument(
-        "--socket",
-        default=vocab.DEFAULT_AGENT_SOCKET,
-        help="unix socket the CNI plugins call (default: %(default)s)",
-    )
-    p.add_argument(
-        "--root",
-        type=Path,
-        default=Path("/"),
-        help="directory that stands for the node's / when writing netplan/NetworkManager files (default: /)",
-    )
-    p.add_argument(
-        "--cni-bin-dir",
-        type=Path,
-        help="install the underlay-ovs and underlay-ipam plugins into this directory at start (e.g. /opt/cni/bin)",
-    )
-    p.add_argument(
-        "--cni-python",
-        default="/usr/bin/python3",
-        help="interpreter the installed plugins run with (default: %(default)s)",
-    )
-    p.add_argument(
-        "--resync",
-        type=float,
-        default=60.0,
-        help="seconds between full re-checks of the node against the OvsBridges (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lease-namespace",
-        default=os.environ.get("POD_NAMESPACE") or DEFAULT_LEASE_NAMESPACE,
-        help="namespace of the rollout slot Leases (default: $POD_NAMESPACE, else %(default)s)",
-    )
-    p.add_argument(
-        "--rollout-retry",
-        type=float,
-        default=2.0,
-        help="seconds between attempts to get a rollout slot while Pending, jittered (default: %(default)s)",
-    )
-    p.add_argument(
-        "--noop",
-        action="store_true",
-        help="print what would change on this node and the files it would write, change nothing, exit",
-    )
-    p.add_argument(
-        "--no-probe",
-        action="store_true",
-        help="skip the gateway/API server probes after a change (not recommended)",
-    )
-    p.add_argument(
-        "--no-bridges", action="store_true", help="serve the CNI plugins only; leave bridges alone"
-    )
-    p.add_argument(
-        "--gc-interval",
-        type=float,
-        default=300.0,
-        help="seconds between garbage collections of leaked IP allocations (a pass also runs "
-        "at start; 0 turns it off) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--cni-api-timeout",
-        type=float,
-        default=10.0,
-        help="seconds one API request of a CNI call may take before the call fails with code "
-        "11, try again later (default: %(default)s)",
-    )
+add_arguments = agent_args.add_arguments
+"""Options of ``underlay agent``: :func:`node_agent.agent_args.add_arguments` (a light module,
+so building the CLI parser does not import this one)."""
 
 
 def _now() -> str:

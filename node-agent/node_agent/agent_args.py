@@ -1,0 +1,122 @@
+"""The command-line options of ``underlay agent``, without importing the agent.
+
+``underlay --help`` and every other command build the whole argparse tree; importing
+:mod:`node_agent.daemon` for it would load kubernetes, pyroute2 and ovsdbapp (most of a
+second). This module imports only the standard library and :mod:`reconciler.vocab`;
+:func:`node_agent.daemon.add_arguments` is this module's :func:`add_arguments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from reconciler import vocab
+
+DEFAULT_OVSDB_REMOTE = "unix:/var/run/openvswitch/db.sock"
+"""OVSDB the agent manages by default (the same as ``node_agent.ovsdb.DEFAULT_REMOTE``)."""
+
+DEFAULT_LEASE_NAMESPACE = "kube-system"
+"""Namespace of the rollout slot Leases without $POD_NAMESPACE (``daemon.DEFAULT_LEASE_NAMESPACE``)."""
+
+DESCRIPTION = (
+    "Watch OvsBridge objects, make this node's bridges match the ones that select it (OVS "
+    "through ovsdbapp, addresses and routes through pyroute2), persist them (netplan / "
+    "NetworkManager), report OvsBridgeEnactment <node>.<bridge>, and serve the underlay-ovs "
+    "and underlay-ipam CNI plugins over a unix socket."
+)
+
+EPILOG = """\
+exit codes: 0 stopped cleanly (SIGTERM/SIGINT) or --noop done; 1 --noop: this node's Node
+object does not exist; 2 usage error, or the API server or OVSDB cannot be reached at start
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``underlay agent`` (node name, kubeconfig, OVSDB, CNI socket and plugins,
+    resync and GC intervals, rollout Leases, --noop)."""
+    p.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME") or socket.gethostname(),
+        help="this node's name in Kubernetes (default: $NODE_NAME, else the hostname)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster)",
+    )
+    p.add_argument("--context", help="kubeconfig context")
+    p.add_argument(
+        "--ovsdb", default=DEFAULT_OVSDB_REMOTE, help="OVSDB to manage (default: %(default)s)"
+    )
+    p.add_argument(
+        "--socket",
+        default=vocab.DEFAULT_AGENT_SOCKET,
+        help="unix socket the CNI plugins call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        help="directory that stands for the node's / when writing netplan/NetworkManager "
+        "files (default: /)",
+    )
+    p.add_argument(
+        "--cni-bin-dir",
+        type=Path,
+        help="install the underlay-ovs and underlay-ipam plugins into this directory at start "
+        "(e.g. /opt/cni/bin)",
+    )
+    p.add_argument(
+        "--cni-python",
+        default="/usr/bin/python3",
+        help="interpreter the installed plugins run with (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resync",
+        type=float,
+        default=60.0,
+        help="seconds between full re-checks of the node against the OvsBridges "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE") or DEFAULT_LEASE_NAMESPACE,
+        help="namespace of the rollout slot Leases (default: $POD_NAMESPACE, else %(default)s)",
+    )
+    p.add_argument(
+        "--rollout-retry",
+        type=float,
+        default=2.0,
+        help="seconds between attempts to get a rollout slot while Pending, jittered "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--noop",
+        action="store_true",
+        help="print what would change on this node and the files it would write, change "
+        "nothing, exit",
+    )
+    p.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="skip the gateway/API server probes after a change (not recommended)",
+    )
+    p.add_argument(
+        "--no-bridges", action="store_true", help="serve the CNI plugins only; leave bridges alone"
+    )
+    p.add_argument(
+        "--gc-interval",
+        type=float,
+        default=300.0,
+        help="seconds between garbage collections of leaked IP allocations (a pass also runs "
+        "at start; 0 turns it off) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cni-api-timeout",
+        type=float,
+        default=10.0,
+        help="seconds one API request of a CNI call may take before the call fails with code "
+        "11, try again later (default: %(default)s)",
+    )
