@@ -12,7 +12,8 @@
 2. Commit-to-applied latency of ``underlay reconcile --interval 1s`` (a process), from
    ``git commit`` in the origin to the changed SpiderIPPool being visible in the API, over
    ``--commits`` commits, on a small repository (the quick start) and on the large one.
-   Target: under 2 s.
+   Target: under 2 s (the median on the large repository; every commit on the small one).
+   Commits start after the process's first pass (counted on its /metrics).
 
 The emulator runs as its own process (``python -m tests.kube.emulator``), as an API server
 would, so it does not share the reconciler's interpreter. Exit status 0 when every target is
@@ -190,13 +191,35 @@ def worker(a: argparse.Namespace) -> int:
 def latency(
     emu: EmulatorProcess, tmp: Path, origin: Path, commits: int, name: str, instance: str
 ) -> list[float]:
-    """Seconds from ``git commit`` (a label added to one pool) to the label in the API."""
+    """Seconds from ``git commit`` (a label added to one pool) to the label in the API.
+
+    Commits start once the process finished its first pass (its /metrics count one), so the
+    figures are those of a running reconciler, not of its start-up."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.Popen(
         [UNDERLAY, "--log-format", "json", "reconcile", "--repo", str(origin), "--interval", "1s",
-         "--kubeconfig", str(emu.kubeconfig), "--namespace", "default", "--http-address", "",
+         "--kubeconfig", str(emu.kubeconfig), "--namespace", "default",
+         "--http-address", f"127.0.0.1:{port}",
          "--instance", instance, "--cache-dir", str(tmp / f"cache-{name}")],
         stdout=subprocess.DEVNULL, stderr=open(tmp / f"lat-{name}.log", "w"),  # noqa: SIM115
     )  # fmt: skip
+
+    def passes() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return 0
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith("underlay_reconcile_total{")
+        )
+
     pool_file = next(
         (p for p in sorted(origin.rglob("*.yaml")) if "kind: SpiderIPPool" in p.read_text()), None
     )
@@ -217,6 +240,10 @@ def latency(
         if time.monotonic() > deadline or proc.poll() is not None:
             raise SystemExit(f"first apply did not finish: see {tmp / f'lat-{name}.log'}")
         time.sleep(0.2)
+    while passes() < 1:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"first pass did not finish: see {tmp / f'lat-{name}.log'}")
+        time.sleep(0.1)
     out = []
     for i in range(commits):
         marker = f"bench-{i}"
@@ -368,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"commit-to-applied, 1 s poll, {name} repository "
                       f"({docs or 'quick start'} documents): median {statistics.median(lat):.2f} s, "
                       f"max {max(lat):.2f} s over {len(lat)} commits")  # fmt: skip
-                if name == "small":
-                    ok &= max(lat) < 2.0
+                ok &= statistics.median(lat) < 2.0 and (name != "small" or max(lat) < 2.0)
             lat = watch_latency(emu, tmp, a.commits)
             print(f"edit-to-applied with --watch (quick start, 1 h interval): {[round(x, 2) for x in lat]} median "
                   f"{statistics.median(lat):.2f} s, max {max(lat):.2f} s over {len(lat)} edits")  # fmt: skip

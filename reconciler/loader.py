@@ -31,6 +31,7 @@ Cluster-scoped kinds have ``namespace`` None.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import os
 import stat
@@ -915,6 +916,7 @@ def load_repo(
     max_nodes: int = DEFAULT_MAX_NODES,
     max_alias_nodes: int = DEFAULT_MAX_ALIAS_NODES,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    cache: dict[Any, LoadResult] | None = None,
 ) -> LoadResult:
     """Load every ``.yaml``/``.yml`` document under ``paths`` (default: the whole ``root``).
 
@@ -929,6 +931,11 @@ def load_repo(
     ``unknown-kind`` errors unless ``ignore_unknown_kinds`` (see :func:`load_text`).
     Raises ``NotADirectoryError`` when ``root`` is not a directory; never raises for file
     content.
+
+    ``cache`` (optional, kept by the caller between calls, e.g. the reconciler's loop): the
+    result of each file by (path, SHA-256 of its bytes, limits); a file whose bytes did not
+    change is not parsed again and yields the *same* :class:`Document` objects (documents are
+    never changed after loading). The cache is rewritten to hold exactly this call's files.
     """
     root_abs = os.path.abspath(root)
     if not os.path.isdir(root_abs):
@@ -1019,6 +1026,7 @@ def load_repo(
         else:
             add_file(abs_path, real)
 
+    used: dict[Any, LoadResult] = {}
     for rel, real in files:
         result.files.append(rel)
         try:
@@ -1054,6 +1062,16 @@ def load_repo(
                 "split it into smaller files",
             )
             continue
+        key = None
+        if cache is not None:
+            digest = hashlib.sha256(data).digest()
+            key = (rel, digest, ignore_unknown_kinds, max_nodes, max_alias_nodes, max_depth)
+            hit = cache.get(key)
+            if hit is not None:
+                used[key] = hit
+                result.documents.extend(hit.documents)
+                result.problems.extend(hit.problems)
+                continue
         one = load_text(
             data,
             rel,
@@ -1062,8 +1080,13 @@ def load_repo(
             max_alias_nodes=max_alias_nodes,
             max_depth=max_depth,
         )
+        if key is not None:
+            used[key] = one
         result.documents.extend(one.documents)
         result.problems.extend(one.problems)
+    if cache is not None:
+        cache.clear()
+        cache.update(used)
     return result
 
 

@@ -195,48 +195,76 @@ def render_nad(smc: Mapping[str, Any], instance: str) -> dict[str, Any]:
     }
 
 
-def render(documents: Iterable[Any], instance: str = vocab.DEFAULT_INSTANCE) -> list[Desired]:
+def render(
+    documents: Iterable[Any],
+    instance: str = vocab.DEFAULT_INSTANCE,
+    *,
+    cache: dict[Any, tuple[Desired, Desired | None]] | None = None,
+) -> list[Desired]:
     """Desired objects for ``documents`` (loader Documents or plain dicts), in apply order.
 
     Order: every OvsBridge, every SpiderIPPool, every SpiderMultusConfig, every rendered NAD;
     within a kind by namespace/name, so the output is stable whatever the file order.
     Documents of kinds outside ``vocab.USER_KINDS`` are ignored (the loader reports them).
+
+    ``cache`` (optional, kept by the caller between calls): the objects rendered from each
+    loader Document (by identity: the loader's own cache hands back the same Document for an
+    unchanged file), so only new or changed documents are rendered again; the same
+    :class:`Desired` objects come back (they are never changed after render). Rewritten to
+    hold exactly this call's documents.
     """
     by_kind: dict[str, list[Desired]] = {r.kind: [] for r in vocab.USER_KINDS}
     nads: list[Desired] = []
+    used: dict[Any, tuple[Desired, Desired | None]] = {}
     for doc in documents:
-        obj = getattr(doc, "obj", doc)
-        source = _source(doc)
-        res = vocab.BY_KEY.get((obj.get("apiVersion"), obj.get("kind")))
-        if res is None or res not in vocab.USER_KINDS:
-            continue
-        try:
-            d = Desired(res, _labelled(obj, instance), source=source)
-            _ = d.key  # metadata.name must be there
-            if res is vocab.SPIDER_IPPOOL:
-                _default_ip_version(d.body)
-            nad = render_nad(obj, instance) if res is vocab.SPIDER_MULTUS_CONFIG else None
-        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
-            raise ValueError(
-                f"cannot render {_ref(res, obj)}{' (' + source + ')' if source else ''}: "
-                f"{_reason(exc)}; run underlay validate on the repository"
-            ) from None
-        by_kind[res.kind].append(d)
+        key = (doc, instance) if cache is not None and not isinstance(doc, dict) else None
+        hit = cache.get(key) if cache is not None and key is not None else None
+        if hit is None:
+            hit = _render_one(doc, instance)
+            if hit is None:
+                continue
+        if key is not None:
+            used[key] = hit
+        d, nad = hit
+        by_kind[d.resource.kind].append(d)
         if nad is not None:
-            nads.append(
-                Desired(
-                    vocab.NETWORK_ATTACHMENT_DEFINITION,
-                    nad,
-                    source=source,
-                    owner=d.key,
-                    rendered_from=d.ref(),
-                )
-            )
+            nads.append(nad)
+    if cache is not None:
+        cache.clear()
+        cache.update(used)
     out: list[Desired] = []
     for res in vocab.USER_KINDS:
         out.extend(sorted(by_kind[res.kind], key=lambda d: (d.namespace or "", d.name)))
     out.extend(sorted(nads, key=lambda d: (d.namespace or "", d.name)))
     return out
+
+
+def _render_one(doc: Any, instance: str) -> tuple[Desired, Desired | None] | None:
+    """(the object, its NAD for a SpiderMultusConfig) of one document; None for other kinds.
+    Raises ValueError naming the object and its file:line (see :func:`render`)."""
+    obj = getattr(doc, "obj", doc)
+    source = _source(doc)
+    res = vocab.BY_KEY.get((obj.get("apiVersion"), obj.get("kind")))
+    if res is None or res not in vocab.USER_KINDS:
+        return None
+    try:
+        d = Desired(res, _labelled(obj, instance), source=source)
+        _ = d.key  # metadata.name must be there
+        if res is vocab.SPIDER_IPPOOL:
+            _default_ip_version(d.body)
+        nad = render_nad(obj, instance) if res is vocab.SPIDER_MULTUS_CONFIG else None
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise ValueError(
+            f"cannot render {_ref(res, obj)}{' (' + source + ')' if source else ''}: "
+            f"{_reason(exc)}; run underlay validate on the repository"
+        ) from None
+    nad_d = None
+    if nad is not None:
+        nad_d = Desired(
+            vocab.NETWORK_ATTACHMENT_DEFINITION, nad, source=source, owner=d.key,
+            rendered_from=d.ref(),
+        )  # fmt: skip
+    return d, nad_d
 
 
 def _default_ip_version(pool: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from importlib import resources
@@ -352,7 +353,11 @@ _PER_KIND = {
 
 
 def validate(
-    documents: Iterable[Document], *, strict: bool = False, partial: bool = False
+    documents: Iterable[Document],
+    *,
+    strict: bool = False,
+    partial: bool = False,
+    cache: dict[Any, Any] | None = None,
 ) -> list[Problem]:
     """Schema and semantic problems of ``documents`` (all of the repository, for cross rules).
 
@@ -360,19 +365,49 @@ def validate(
     command line, a pre-commit hook), so messages about missing references say "in the files
     checked" instead of "in the repository". Warnings become errors under ``strict``. Sorted
     by file, line, column. Never raises for bad content.
+
+    ``cache`` (optional, kept by the caller between calls, with documents the loader reuses,
+    see ``load_repo(cache=...)``): remembers, per :class:`Document` object, its schema and
+    metadata problems, and for a SpiderIPPool its per-pool problems and parsed pool (which
+    also depend on the set of Multus configs, part of the key). Every rule across documents
+    runs on all of them each time. The cache is rewritten to hold exactly this call's entries.
     """
     docs = list(documents)
     ctx = Context.build(docs, partial=partial)
     problems: list[Problem] = []
+    used: dict[Any, Any] = {}
     for d in docs:
-        problems += schema_problems(d)
-        problems += check_metadata(d)
+        key: tuple[Any, ...] = (d, "document")
+        got = cache.get(key) if cache is not None else None
+        if got is None:
+            got = schema_problems(d) + check_metadata(d)
+        used[key] = got
+        problems += got
+    nads = None  # the Multus configs the pool rules look up, as one short comparable value
+    if cache is not None:
+        names = "\n".join(sorted(f"{ns}/{name}" for ns, name in ctx.nads))
+        nads = (hashlib.sha256(names.encode()).hexdigest(), partial)
     # pools first: the Multus config rules read their parsed families
     for kind in (vocab.SPIDER_IPPOOL.kind, vocab.OVS_BRIDGE.kind, vocab.SPIDER_MULTUS_CONFIG.kind):
         check = _PER_KIND[kind]
         for d in docs:
-            if d.kind == kind:
+            if d.kind != kind:
+                continue
+            if cache is None or kind != vocab.SPIDER_IPPOOL.kind:
                 problems += check(d, ctx)
+                continue
+            key = (d, "pool", nads)
+            hit = cache.get(key)
+            if hit is not None:
+                ctx.pool_info[id(d)] = hit[0]
+            else:
+                found = check(d, ctx)
+                hit = (ctx.pool_info[id(d)], found)
+            used[key] = hit
+            problems += hit[1]
+    if cache is not None:
+        cache.clear()
+        cache.update(used)
     problems += check_duplicates(ctx)
     problems += check_overlaps(ctx)
     problems += check_addresses_across_pools(ctx)
@@ -414,15 +449,23 @@ def validate_repo(
     ignore_unknown_kinds: bool = False,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     partial: bool = False,
+    cache: dict[str, dict[Any, Any]] | None = None,
 ) -> tuple[list[Document], list[Problem]]:
     """Load ``paths`` under ``root`` (default: all of it) and validate every document.
 
     Returns (documents, problems): loading and validation problems together, sorted, warnings
     raised to errors under ``strict``; ``partial`` as in :func:`validate`. Raises
-    NotADirectoryError when ``root`` is not a directory.
+    NotADirectoryError when ``root`` is not a directory. ``cache`` (optional, kept by the
+    caller between calls): ``cache["load"]`` and ``cache["validate"]`` are passed to
+    :func:`reconciler.loader.load_repo` and :func:`validate`.
     """
+    c: dict[str, dict[Any, Any]] = cache if cache is not None else {}
     loaded = load_repo(
-        root, paths, ignore_unknown_kinds=ignore_unknown_kinds, max_file_bytes=max_file_bytes
-    )
-    problems = loaded.problems + validate(loaded.documents, partial=partial)
+        root, paths, ignore_unknown_kinds=ignore_unknown_kinds, max_file_bytes=max_file_bytes,
+        cache=c.setdefault("load", {}) if cache is not None else None,
+    )  # fmt: skip
+    problems = loaded.problems + validate(
+        loaded.documents, partial=partial,
+        cache=c.setdefault("validate", {}) if cache is not None else None,
+    )  # fmt: skip
     return loaded.documents, finalize(problems, strict=strict)
