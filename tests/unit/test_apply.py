@@ -11,12 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import git
-import pytest
 import yaml
 from kubernetes import client
 
@@ -162,15 +160,6 @@ class World:
 
     def stop(self) -> None:
         self.emu.stop()
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
-    try:
-        yield w
-    finally:
-        w.stop()
 
 
 QUICK = {

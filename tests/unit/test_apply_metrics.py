@@ -8,8 +8,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -81,15 +79,6 @@ def test_json_log_lines_are_redacted() -> None:
     assert line["msg"] == "cannot fetch https://***@git.example/net.git"
     assert line["revision"] == "abc" and line["ts"].endswith("Z")
     assert logs.default_format(io.StringIO()) == "json", "not a terminal: JSON"
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
-    try:
-        yield w
-    finally:
-        w.stop()
 
 
 def test_healthz_fails_while_a_pass_is_stuck(world: World) -> None:

@@ -126,15 +126,6 @@ def _no_orphans(world: World) -> None:
         assert live is not None and live["metadata"]["uid"] == e["uid"]
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
-    try:
-        yield w
-    finally:
-        w.stop()
-
-
 def test_failures_in_the_middle_of_an_apply_converge(world: World) -> None:
     """Faults armed right after the pool is written (before the Multus config and the NAD):
     a hang past the client timeout (the server applies anyway), a 503 with Retry-After, a

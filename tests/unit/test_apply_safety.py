@@ -15,11 +15,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from reconciler import kube, vocab
 from reconciler.controller import PassReport
@@ -27,15 +24,6 @@ from reconciler.plan import format_plan
 from tests.unit.test_apply import BRIDGE, NS, QUICK, World, applied, pool, smc
 
 POOLS = ("spiderpool.spidernet.io", "v2beta1", "spiderippools")
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
-    try:
-        yield w
-    finally:
-        w.stop()
 
 
 def set_records(world: World, name: str, records: dict[str, Any] | str | None) -> None:

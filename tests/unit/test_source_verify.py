@@ -8,10 +8,8 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from kubernetes import client
 
 from reconciler import kube, vocab
@@ -29,15 +27,6 @@ from tests.unit.test_source_signatures import (
 
 UNDERLAY = str(Path(sys.executable).parent / "underlay")
 SECRET = "underlay-git-verify"
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
-    try:
-        yield w
-    finally:
-        w.stop()
 
 
 def put_secret(world: World, data: dict[str, str]) -> None:
