@@ -99,8 +99,8 @@ def cni_plugins(smc: Mapping[str, Any]) -> list[dict[str, Any]]:
     """CNI plugin list for a SpiderMultusConfig's ``spec`` (without name/cniVersion).
 
     ovs -> ``underlay-ovs`` (bridge, vlan when non-zero, trunk, deviceID) with ``underlay-ipam``;
-    macvlan/ipvlan -> the reference ``macvlan``/``ipvlan`` plugin on ``master`` (``master.vlanID``
-    when a VLAN is set) with ``underlay-ipam``; custom -> ``customCNI`` verbatim. Spiderpool's
+    macvlan/ipvlan -> the reference ``macvlan``/``ipvlan`` plugin on ``bond.name`` when there is a
+    bond, else ``master[0]`` (``<parent>.vlanID`` when a VLAN is set) with ``underlay-ipam``; custom -> ``customCNI`` verbatim. Spiderpool's
     coordinator plugin is not rendered (underlay has none). Raises ValueError for a cniType we
     cannot render (vlan, sriov, ib-sriov, ipoib), naming it, and for a config the validator
     refuses (an ovs section without bridge, a customCNI that is not a CNI configuration).
@@ -125,7 +125,10 @@ def cni_plugins(smc: Mapping[str, Any]) -> list[dict[str, Any]]:
     if cni_type in ("macvlan", "ipvlan"):
         sec = spec.get(cni_type) or {}
         masters = list(sec.get("master") or [])
-        master = masters[0] if masters else ""
+        bond: dict[str, Any] = sec["bond"] if isinstance(sec.get("bond"), dict) else {}
+        # the parent is the bond when there is one (Spiderpool's SpiderMultusConfig controller;
+        # underlay does not create it: the validator warns, bond-not-created)
+        master = bond.get("name") or (masters[0] if masters else "")
         if sec.get("vlanID"):
             master = f"{master}.{sec['vlanID']}"
         plugin = {"type": cni_type, "master": master}
@@ -155,13 +158,31 @@ def cni_plugins(smc: Mapping[str, Any]) -> list[dict[str, Any]]:
     )
 
 
+def chained_plugins(smc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The plugins of a SpiderMultusConfig's ``spec.chainCNIJsonData`` (a list of JSON strings,
+    one plugin object each), parsed, in order: they run after the main plugin, as Spiderpool
+    appends them to the NAD's plugin list. Raises ValueError naming the entry for one that is
+    not a JSON object with a string ``type`` (the validator refuses those first)."""
+    out: list[dict[str, Any]] = []
+    for i, raw in enumerate((smc.get("spec") or {}).get("chainCNIJsonData") or []):
+        try:
+            plugin = strict_json(raw)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise ValueError(f"chainCNIJsonData[{i}] is not usable JSON: {exc}") from None
+        if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str):
+            raise ValueError(f"chainCNIJsonData[{i}] is not a CNI plugin object with a type")
+        out.append(plugin)
+    return out
+
+
 def render_nad(smc: Mapping[str, Any], instance: str) -> dict[str, Any]:
     """The NetworkAttachmentDefinition for one SpiderMultusConfig.
 
     Shape (Network Plumbing WG spec v1.2): ``spec.config`` is a CNI config *list* as a JSON
     string: ``{"cniVersion", "name", "plugins": [...]}``. cniVersion comes from the annotation
     ``multus.spidernet.io/cni-version`` (default 1.0.0), name from
-    ``cni.spidernet.io/cniconfig-name`` (default: the NAD name). The SMC's annotations are
+    ``cni.spidernet.io/cniconfig-name`` (default: the NAD name); the plugins are the main one
+    (:func:`cni_plugins`) then ``chainCNIJsonData`` (:func:`chained_plugins`). The SMC's annotations are
     copied, as Spiderpool does. An ovs NAD also carries ``k8s.v1.cni.cncf.io/resourceName:
     underlay.dev/<bridge>``, the Node extended resource the agent publishes while the bridge is
     Ready, unless the SMC sets that annotation itself.
@@ -178,7 +199,7 @@ def render_nad(smc: Mapping[str, Any], instance: str) -> dict[str, Any]:
     conf = {
         "cniVersion": annotations.get(vocab.ANNO_SMC_CNI_VERSION, vocab.CNI_DEFAULT_VERSION),
         "name": annotations.get(vocab.ANNO_SMC_CNICONFIG_NAME, name),
-        "plugins": cni_plugins(smc),
+        "plugins": cni_plugins(smc) + chained_plugins(smc),
     }
     nad_md: dict[str, Any] = {
         "name": name,

@@ -163,6 +163,12 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
         "master.vlanID is longer than Linux's 15-character interface name limit",
     ),
     ("bond-required", _E, "semantic", "two or more master interfaces without bond"),
+    (
+        "bond-not-created",
+        _W,
+        "semantic",
+        "a macvlan/ipvlan bond: underlay uses it as master but does not create it",
+    ),
     ("trunk-entry-invalid", _E, "semantic", "a trunk entry is neither {id} nor {minID, maxID}"),
     ("trunk-range-reversed", _E, "semantic", "a trunk entry has minID above maxID"),
     (

@@ -263,6 +263,21 @@ def _check_section(
         )
     if section in ("macvlan", "ipvlan"):
         out += _check_master_names(doc, base, body)
+        bond = body.get("bond")
+        bond_name = bond.get("name") if isinstance(bond, dict) else None
+        if isinstance(bond_name, str) and bond_name:
+            out.append(
+                doc.problem(
+                    (*base, "bond"),
+                    rule="bond-not-created",
+                    severity=WARNING,
+                    message=f'underlay does not create bond "{bond_name}" as Spiderpool\'s '
+                    "ifacer plugin does: the NetworkAttachmentDefinition uses it as the "
+                    f"{section} master, so it must already exist on every node",
+                    hint="create the bond on the nodes with netplan or NetworkManager, or keep one "
+                    "master and drop bond",
+                )
+            )
     if section == "ovs":
         out += _check_trunk(doc, body.get("trunk"))
         bridge = body.get("bridge")

@@ -95,6 +95,44 @@ def test_macvlan_with_vlan_and_disabled_ipam() -> None:
     assert conf["plugins"] == [{"type": "macvlan", "master": "ens192.30", "mode": "bridge"}]
 
 
+def test_a_bond_is_the_parent_of_the_vlan_interface() -> None:
+    """Spiderpool's controller puts the macvlan/ipvlan plugin on the bond when there is one."""
+    smc = {
+        **SMC,
+        "spec": {
+            "cniType": "ipvlan",
+            "ipvlan": {
+                "master": ["eth0", "eth1"],
+                "bond": {"name": "bond0", "mode": 1},
+                "vlanID": 7,
+            },
+        },
+    }
+    conf = json.loads(render.render([smc])[-1].body["spec"]["config"])
+    assert [(p["type"], p["master"]) for p in conf["plugins"]] == [("ipvlan", "bond0.7")]
+
+
+def test_chained_plugins_follow_the_main_plugin_in_order() -> None:
+    """chainCNIJsonData is not dropped: each entry becomes a plugin after the main one."""
+    smc = {
+        **SMC,
+        "spec": {
+            "cniType": "ovs",
+            "ovs": {"bridge": "br1"},
+            "chainCNIJsonData": [
+                '{"type": "tuning", "sysctl": {"net.ipv4.conf.all.arp_notify": "1"}}',
+                '{"type": "bandwidth", "ingressRate": 1000000, "ingressBurst": 10000}',
+            ],
+        },
+    }
+    conf = json.loads(render.render([smc])[-1].body["spec"]["config"])
+    assert conf["plugins"] == [
+        {"type": "underlay-ovs", "bridge": "br1", "ipam": {"type": "underlay-ipam"}},
+        {"type": "tuning", "sysctl": {"net.ipv4.conf.all.arp_notify": "1"}},
+        {"type": "bandwidth", "ingressRate": 1000000, "ingressBurst": 10000},
+    ]
+
+
 def test_unsupported_cni_type_names_it() -> None:
     smc = {**SMC, "spec": {"cniType": "sriov", "sriov": {}}}
     with pytest.raises(ValueError, match="'sriov'"):

@@ -707,6 +707,32 @@ CASES: list[tuple[str, str, dict[str, str], list[str], dict[str, bool]]] = [
         {},
     ),
     (
+        "bond-not-created",
+        "bond-not-created",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: ipvlan
+              ipvlan:
+                master: [eth0, eth1]
+                bond:
+                  name: bond0
+                  mode: 1
+            """)
+        },
+        [
+            "m.yaml:11:7: warning: SpiderMultusConfig kube-system/c1 spec.ipvlan.bond: underlay does not "
+            'create bond "bond0" as Spiderpool\'s ifacer plugin does: the NetworkAttachmentDefinition '
+            "uses it as the ipvlan master, so it must already exist on every node (create the bond on "
+            "the nodes with netplan or NetworkManager, or keep one master and drop bond)"
+        ],
+        {},
+    ),
+    (
         "trunk-entry-invalid",
         "trunk-entry-invalid",
         {
@@ -1563,6 +1589,13 @@ CASES: list[tuple[str, str, dict[str, str], list[str], dict[str, bool]]] = [
                 "created (for vlanID 4094 the parent name may have at most 10 characters: give the NIC a "
                 "shorter name on the nodes with a systemd .link file, or create the VLAN interface on the "
                 "nodes and name it as master, without vlanID)"
+            ),
+            (
+                "m.yaml:22:7: warning: SpiderMultusConfig default/c2 spec.macvlan.bond: underlay does "
+                'not create bond "bond-uplink0" as Spiderpool\'s ifacer plugin does: the '
+                "NetworkAttachmentDefinition uses it as the macvlan master, so it must already exist on "
+                "every node (create the bond on the nodes with netplan or NetworkManager, or keep one "
+                "master and drop bond)"
             ),
             (
                 "m.yaml:22:13: error: SpiderMultusConfig default/c2 spec.macvlan.bond.name: the VLAN "
