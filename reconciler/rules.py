@@ -164,6 +164,12 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
     ),
     ("bond-required", _E, "semantic", "two or more master interfaces without bond"),
     (
+        "coordinator-not-rendered",
+        _W,
+        "semantic",
+        "coordinator settings: underlay renders no coordinator plugin",
+    ),
+    (
         "bond-not-created",
         _W,
         "semantic",

@@ -179,6 +179,20 @@ def check_smc(doc: Document, ctx: Context) -> list[Problem]:
                 hint=_EXAMPLE[cni_type],
             )
         )
+    coordinator = spec.get("coordinator")
+    if isinstance(coordinator, dict) and coordinator:
+        out.append(
+            doc.problem(
+                ("spec", "coordinator"),
+                rule="coordinator-not-rendered",
+                severity=WARNING,
+                message="underlay renders no coordinator plugin, so these settings have no "
+                "effect (Spiderpool's coordinator would tune the pod's routes and MAC and check "
+                "the gateway and IP conflicts)",
+                hint="remove coordinator, or chain the plugins you need with chainCNIJsonData",
+                at_key=True,
+            )
+        )
     custom = spec.get("customCNI")
     if "customCNI" in spec and cni_type != "custom":
         out.append(

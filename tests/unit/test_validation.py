@@ -707,6 +707,31 @@ CASES: list[tuple[str, str, dict[str, str], list[str], dict[str, bool]]] = [
         {},
     ),
     (
+        "coordinator-not-rendered",
+        "coordinator-not-rendered",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: macvlan
+              macvlan:
+                master: [eth0]
+              coordinator:
+                mode: underlay
+            """)
+        },
+        [
+            "m.yaml:10:3: warning: SpiderMultusConfig kube-system/c1 spec.coordinator: underlay "
+            "renders no coordinator plugin, so these settings have no effect (Spiderpool's "
+            "coordinator would tune the pod's routes and MAC and check the gateway and IP "
+            "conflicts) (remove coordinator, or chain the plugins you need with chainCNIJsonData)",
+        ],
+        {},
+    ),
+    (
         "bond-not-created",
         "bond-not-created",
         {
