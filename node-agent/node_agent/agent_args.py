@@ -28,15 +28,48 @@ DESCRIPTION = (
     "and underlay-ipam CNI plugins over a unix socket."
 )
 
+DEFAULT_HTTP_ADDRESS = ":9441"
+"""Where ``/healthz``, ``/readyz`` and ``/metrics`` are served by default (the DaemonSet's
+probes; hostNetwork, so the port is the node's)."""
+
+DEFAULT_STUCK_AFTER = 600.0
+"""Seconds a bridge pass may run (the bridge loop gives no heartbeat) before ``/healthz`` fails."""
+
 EPILOG = """\
 exit codes: 0 stopped cleanly (SIGTERM/SIGINT) or --noop done; 1 --noop: this node's Node
-object does not exist; 2 usage error, or the API server or OVSDB cannot be reached at start
+object does not exist, or the --from repository has errors; 2 usage error, or the API server,
+OVSDB or the --http-address cannot be reached/bound at start
+
+examples:
+  underlay agent --noop --node-name n1              # plan against the cluster's OvsBridges
+  underlay agent --noop --from examples/quickstart --node-labels kubernetes.io/hostname=n1
 """
+
+
+def node_labels(text: str) -> dict[str, str]:
+    """Parse ``--node-labels``: ``k=v[,k=v...]`` -> {k: v}; "" -> {} (a node without labels).
+
+    Raises argparse.ArgumentTypeError naming the bad item (no ``=``, empty key, a key twice).
+    Keys and values are taken as written (the nodeSelector compares them verbatim).
+    """
+    labels: dict[str, str] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE (e.g. zone=a,rack=r1)")
+        if key in labels:
+            raise argparse.ArgumentTypeError(f"label {key!r} given twice")
+        labels[key] = value.strip()
+    return labels
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``underlay agent`` (node name, kubeconfig, OVSDB, CNI socket and plugins,
-    resync and GC intervals, rollout Leases, --noop)."""
+    resync and GC intervals, rollout Leases, health endpoint, --noop and its --from and
+    --node-labels)."""
     p.add_argument(
         "--node-name",
         default=os.environ.get("NODE_NAME") or socket.gethostname(),
@@ -95,8 +128,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--noop",
         action="store_true",
-        help="print what would change on this node and the files it would write, change "
-        "nothing, exit",
+        help="print what would change on this node (bridge plan, files it would write, bridges "
+        "it would remove), change nothing, exit; OvsBridges come from the cluster, or from "
+        "--from without one",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="PATH",
+        type=Path,
+        help="with --noop: take the OvsBridges from this repository directory or file (loaded "
+        "and validated as the reconciler does; refused when it has errors) instead of the "
+        "cluster; no kubeconfig needed; bridges to remove are known from this node's replay "
+        "records only",
+    )
+    p.add_argument(
+        "--node-labels",
+        metavar="K=V[,K=V]",
+        type=node_labels,
+        help="with --noop: this node's labels for the nodeSelectors, instead of its Node "
+        "object's (default: read from the cluster when one is configured, else none)",
     )
     p.add_argument(
         "--no-probe",
@@ -112,6 +163,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=300.0,
         help="seconds between garbage collections of leaked IP allocations (a pass also runs "
         "at start; 0 turns it off) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--http-address",
+        default=DEFAULT_HTTP_ADDRESS,
+        metavar="[HOST]:PORT",
+        help="where /healthz (bridge loop and CNI server alive), /readyz (first bridge pass "
+        "done, CNI server serving) and /metrics are served; empty to disable "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--stuck-after",
+        type=float,
+        default=DEFAULT_STUCK_AFTER,
+        metavar="SECONDS",
+        help="/healthz fails when a bridge pass has been running this long (default: %(default)s)",
     )
     p.add_argument(
         "--cni-api-timeout",

@@ -31,15 +31,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import logging
 import random
 import signal
+import socket
+import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import urllib3
@@ -80,6 +84,8 @@ API_ERRORS: tuple[type[BaseException], ...] = (client.ApiException, urllib3.exce
 with backoff; every other error belongs to one bridge and is reported on its enactment."""
 
 MAX_BACKOFF = 30.0
+HEARTBEAT_SECONDS = 5.0
+"""Longest wait of the idle bridge loop between two heartbeats (see BridgeAgent.liveness)."""
 LABEL_VALUE_MAX = 63
 """Longest label value (Kubernetes "Labels and Selectors"); OvsBridge names label enactments."""
 
@@ -261,6 +267,18 @@ class BridgeAgent:
         self._node_uid: str | None = None
         self._pending = False
         self.last_results: dict[str, str] = {}
+        self.heartbeat: float | None = None
+        """Monotonic s of the bridge loop's last turn (:meth:`run`; at least every
+        :data:`HEARTBEAT_SECONDS` while idle, not during a pass); None before it starts."""
+        self.loop_ended = False
+        self.pass_started: float | None = None
+        """Monotonic s the full pass in progress started; None between passes."""
+        self.synced = threading.Event()
+        """Set once a full pass finished (this node's OvsBridges were all gone over)."""
+        self.last_pass_end: float | None = None
+        """Unix time the last full pass finished."""
+        self.last_pass_error: str | None = None
+        """Why the last full pass did not finish (one line), None after one that did."""
 
     # --- reading the cluster ------------------------------------------------------------------
 
@@ -299,7 +317,18 @@ class BridgeAgent:
         cannot be read or written (nothing is removed then).
         """
         with self._lock:
-            return self._sync(trigger)
+            self.pass_started = time.monotonic()
+            try:
+                out = self._sync(trigger)
+            except Exception as exc:
+                self.last_pass_error = _api_error_text(exc)
+                raise
+            finally:
+                self.pass_started = None
+            self.last_pass_error = None
+            self.last_pass_end = time.time()
+            self.synced.set()
+            return out
 
     def _sync(self, trigger: str) -> dict[str, str]:
         labels = self.node_labels()
@@ -965,13 +994,41 @@ class BridgeAgent:
             self._api_due.set()
             self.wake.set()
 
+    # --- liveness ---------------------------------------------------------------------------
+
+    def liveness(self, stuck_after: float) -> str | None:
+        """None while the bridge loop (:meth:`run`) turns; else a one-line reason: it has not
+        started, it ended, or it gave no heartbeat for ``stuck_after`` s (a pass stuck that
+        long, named with how long it has run). Thread-safe (reads only)."""
+        now = time.monotonic()
+        beat, started = self.heartbeat, self.pass_started
+        if self.loop_ended:
+            return f"the bridge loop of node {self.node.name} has ended"
+        if beat is None:
+            return f"the bridge loop of node {self.node.name} has not started"
+        if now - beat <= stuck_after:
+            return None
+        if started is not None:
+            return (
+                f"a bridge pass on node {self.node.name} has been running for "
+                f"{now - started:.0f}s (limit {stuck_after:g}s)"
+            )
+        return (
+            f"the bridge loop of node {self.node.name} gave no heartbeat for {now - beat:.0f}s "
+            f"(limit {stuck_after:g}s)"
+        )
+
     # --- loop ---------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Loop until :meth:`stop`: a full pass at start, on OvsBridge or Node label changes,
         every ``resync`` s (every ``rollout_retry`` s while Pending); in its own thread, a local
         repair pass as soon as a watcher reports drift (replay records at start). API errors
-        never end the loop: passes are retried with exponential backoff (1 s doubling to 30 s)."""
+        never end the loop: passes are retried with exponential backoff (1 s doubling to 30 s).
+        Each turn of the loop (at least every :data:`HEARTBEAT_SECONDS`) sets :attr:`heartbeat`
+        (see :meth:`liveness`)."""
+        self.heartbeat = time.monotonic()
+        self.loop_ended = False
         r = vocab.OVS_BRIDGE
         custom = client.CustomObjectsApi(self.api)
         threads = [
@@ -1016,6 +1073,7 @@ class BridgeAgent:
         backoff = 1.0
         next_full = time.monotonic()
         while not self.stopping.is_set():
+            self.heartbeat = time.monotonic()
             self.wake.clear()
             if self._api_due.is_set() or time.monotonic() >= next_full:
                 self._api_due.clear()
@@ -1037,7 +1095,8 @@ class BridgeAgent:
                     )
                     next_full = time.monotonic() + backoff
                     backoff = min(backoff * 2, MAX_BACKOFF)
-            self.wake.wait(max(0.0, next_full - time.monotonic()))
+            self.wake.wait(min(HEARTBEAT_SECONDS, max(0.0, next_full - time.monotonic())))
+        self.loop_ended = True
         repairer.join(timeout=60)  # a repair in progress finishes before OVSDB is closed
 
     def stop(self) -> None:
@@ -1068,26 +1127,177 @@ def _same_status(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return strip(old) == strip(new)
 
 
+# --- health endpoints -----------------------------------------------------------------------
+
+CNI_CHECK_TIMEOUT = 2.0
+"""Seconds the CNI server has to answer the health check's VERSION call."""
+
+
+def cni_check(socket_path: str, timeout: float = CNI_CHECK_TIMEOUT) -> str | None:
+    """Call the CNI server on ``socket_path`` as a shim does (protocol version 1 of
+    :mod:`node_agent.cni.shim`) with ``CNI_COMMAND=VERSION`` and wait up to ``timeout`` s for
+    its answer. None when it answered exit status 0; else a one-line reason naming the socket
+    (missing, refused, no answer in time, a malformed answer). Never raises. A bare connect
+    would not do: the kernel accepts unix connections into the backlog whether or not the
+    server's accept loop still runs. Source: CNI spec 1.0.0, "VERSION"."""
+    env, stdin = b"CNI_COMMAND=VERSION\0", b'{"cniVersion":"1.0.0"}'
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    data = b""
+    try:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(b"CNI1 %d %d\n" % (len(env), len(stdin)) + env + stdin)
+        sock.shutdown(socket.SHUT_WR)
+        while len(data) < 65536:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        return f"CNI server on {socket_path} did not answer a VERSION call within {timeout:g}s"
+    except OSError as exc:
+        return f"CNI server on {socket_path} cannot be reached: {exc.strerror or exc}"
+    finally:
+        sock.close()
+    head = data.partition(b"\n")[0].split()
+    if len(head) != 3 or head[0] != b"0":
+        return f"CNI server on {socket_path} answered a VERSION call with {data[:60]!r}"
+    return None
+
+
+class AgentHealth:
+    """What ``/healthz``, ``/readyz`` and ``/metrics`` of ``underlay agent`` answer (served by
+    :class:`reconciler.httpserver.HttpServer`: 200 ``ok``, else 503 with the reason).
+
+    ``cni_socket``: the CNI server's unix socket; ``agent``: the :class:`BridgeAgent` whose
+    loop runs (None with ``--no-bridges``: the CNI server alone counts); ``stuck_after``: s a
+    bridge pass may run before the agent is not alive. Probes return None when healthy, else
+    one line. Source: Kubernetes "Configure Liveness, Readiness and Startup Probes".
+    """
+
+    def __init__(
+        self,
+        cni_socket: str,
+        agent: BridgeAgent | None,
+        *,
+        stuck_after: float = agent_args.DEFAULT_STUCK_AFTER,
+        cni_timeout: float = CNI_CHECK_TIMEOUT,
+    ) -> None:
+        self.cni_socket, self.agent = cni_socket, agent
+        self.stuck_after, self.cni_timeout = stuck_after, cni_timeout
+
+    def healthz(self) -> str | None:
+        """Liveness: the bridge loop turns (:meth:`BridgeAgent.liveness`) and the CNI server
+        answers a call (:func:`cni_check`)."""
+        loop = self.agent.liveness(self.stuck_after) if self.agent is not None else None
+        why = [w for w in (loop, cni_check(self.cni_socket, self.cni_timeout)) if w]
+        return "; ".join(why) or None
+
+    def readyz(self) -> str | None:
+        """Readiness: the first full pass over this node's OvsBridges finished and the CNI
+        server answers a call."""
+        why = []
+        a = self.agent
+        if a is not None and not a.synced.is_set():
+            text = f"the first bridge pass on node {a.node.name} has not finished"
+            why.append(text + (f": {a.last_pass_error}" if a.last_pass_error else ""))
+        cni = cni_check(self.cni_socket, self.cni_timeout)
+        if cni:
+            why.append(cni)
+        return "; ".join(why) or None
+
+    def metrics(self) -> str:
+        """Prometheus text (format 0.0.4): ``underlay_agent_ready`` (1/0, as /readyz),
+        ``underlay_agent_last_pass_timestamp_seconds`` (Unix time the last full pass ended)
+        and ``underlay_agent_ovsbridges{outcome}`` (OvsBridges by outcome of that pass)."""
+        from reconciler.metrics import Gauge, Registry
+
+        reg = Registry()
+        ready = Gauge("underlay_agent_ready", "1 when /readyz answers ok, else 0.")
+        ready.set(0 if self.readyz() else 1)
+        reg.add(ready)
+        a = self.agent
+        if a is not None:
+            last = Gauge(
+                "underlay_agent_last_pass_timestamp_seconds",
+                "Unix time the last full bridge pass over this node's OvsBridges ended.",
+            )
+            if a.last_pass_end is not None:
+                last.set(a.last_pass_end)
+            outcomes = Gauge(
+                "underlay_agent_ovsbridges",
+                "OvsBridge objects by outcome of the last full pass on this node.",
+                ["outcome"],
+            )
+            results = list(a.last_results.values())
+            for outcome in sorted(set(results)):
+                outcomes.set(results.count(outcome), outcome=outcome)
+            reg.add(last)
+            reg.add(outcomes)
+        return reg.render()
+
+
 # --- no-op mode -----------------------------------------------------------------------------
 
 
-def noop(api: client.ApiClient, node: bridges.NodeContext) -> int:
+def load_bridges(path: Path) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
+    """OvsBridge objects of a repository directory or file, loaded and validated as the
+    reconciler does (:func:`reconciler.validation.validate_repo`, every document, rules across
+    files included). Returns (OvsBridge objects in file order, error lines, warning lines,
+    number of documents of other kinds). Error and warning lines are ``file:line:col: ...``
+    with ``file`` under ``path`` (or ``path`` itself when it is a file). Raises
+    FileNotFoundError naming ``path`` when it does not exist."""
+    from reconciler.validation import validate_repo
+
+    if not path.exists():
+        raise FileNotFoundError(f"--from {path}: no such file or directory")
+    root, paths = (path, None) if path.is_dir() else (path.parent, [path])
+    docs, problems = validate_repo(root, paths)
+    shown = [dataclasses.replace(p, file=(root / p.file).as_posix()) for p in problems]
+    errors = [p.format() for p in shown if p.severity == "error"]
+    warnings = [p.format() for p in shown if p.severity != "error"]
+    objs = [copy.deepcopy(d.obj) for d in docs if d.resource == vocab.OVS_BRIDGE]
+    return objs, errors, warnings, len(docs) - len(objs)
+
+
+def noop(
+    api: client.ApiClient | None,
+    node: bridges.NodeContext,
+    *,
+    objects: list[dict[str, Any]] | None = None,
+    labels: Mapping[str, str] | None = None,
+    source: str = "the cluster",
+) -> int:
     """Print what the agent would change on this node and the files it would write; change
-    nothing (reads the API, OVSDB, links and files only). Returns 0, or 1 when the node's
-    Node object does not exist."""
-    core = client.CoreV1Api(api)
-    try:
-        md = core.read_node(node.name).metadata
-        labels = dict((md.labels if md else None) or {})
-    except client.ApiException as exc:
-        if exc.status != 404:
-            raise
-        print(f"Node {node.name} not found in the cluster: nothing would be changed")
-        return 1
-    objs = kube.Objects(api, vocab.OVS_BRIDGE).list()["items"]
-    mine = kube.Objects(api, vocab.OVS_BRIDGE_ENACTMENT).list(
-        label_selector=f"{vocab.LABEL_ENACTMENT_NODE}={node.name}"
-    )["items"]
+    nothing (reads the API, OVSDB, links and files only).
+
+    ``objects``: the OvsBridges to plan (None: listed from the cluster through ``api``);
+    ``labels``: this node's labels for their nodeSelectors (None: its Node object's, read
+    through ``api``); ``source`` names where the OvsBridges come from in the output. Bridges
+    this node carries and should no longer have are known from its OvsBridgeEnactments (only
+    when ``objects`` come from the cluster) and from its replay records. Returns 0, or 1 when
+    the node's Node object is read and does not exist."""
+    if labels is None:
+        assert api is not None, "the Node's labels are read from the cluster"
+        try:
+            md = client.CoreV1Api(api).read_node(node.name).metadata
+            labels = dict((md.labels if md else None) or {})
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            print(f"Node {node.name} not found in the cluster: nothing would be changed")
+            return 1
+    mine: list[dict[str, Any]] = []
+    if objects is None:
+        assert api is not None, "OvsBridges are listed from the cluster"
+        objs = kube.Objects(api, vocab.OVS_BRIDGE).list()["items"]
+        mine = kube.Objects(api, vocab.OVS_BRIDGE_ENACTMENT).list(
+            label_selector=f"{vocab.LABEL_ENACTMENT_NODE}={node.name}"
+        )["items"]
+    else:
+        objs = objects
     any_change = False
     selected: set[str] = set()
     for obj in objs:
@@ -1130,9 +1340,76 @@ def noop(api: client.ApiClient, node: bridges.NodeContext) -> int:
             for c in res.changes:
                 print(f"  [remove] {c}")
     if not objs and not leaving:
-        print("no OvsBridge objects in the cluster")
+        print(f"no OvsBridge objects in {source}")
     print("no changes" if not any_change else "(noop: nothing was changed)")
     return 0
+
+
+def run_noop(args: argparse.Namespace) -> int:
+    """``underlay agent --noop``: OvsBridges from the cluster, or from ``--from`` (validated;
+    exit 1 on errors, printed to stderr, without touching OVSDB or the cluster); node labels
+    from ``--node-labels``, else the Node object when a cluster is configured (with ``--from``
+    an unreachable API server counts as none), else empty, said so. Prints where each came
+    from, then :func:`noop`. Returns its exit code."""
+    objects: list[dict[str, Any]] | None = None
+    source = "the cluster"
+    if args.source is not None:
+        objects, errors, warnings, others = load_bridges(args.source)
+        for line in errors + warnings:
+            print(line, file=sys.stderr)
+        if errors:
+            print(
+                f"underlay agent --noop: --from {args.source}: {len(errors)} error(s): "
+                "nothing planned",
+                file=sys.stderr,
+            )
+            return 1
+        source = str(args.source)
+        print(
+            f"OvsBridges: {len(objects)} from {source} (validated; "
+            f"{others} document(s) of other kinds ignored)"
+        )
+    labels: dict[str, str] | None = args.node_labels
+    api = None
+    if labels is not None:
+        shown = ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
+        print(f"node {args.node_name} labels: {shown} (--node-labels)")
+    elif args.source is None or kube.has_cluster_config(args.kubeconfig):
+        api = kube.api_client(args.kubeconfig, args.context)
+        if args.source is not None:
+            configure_client(api, (3.0, 10.0), retries=0)
+            try:
+                md = client.CoreV1Api(api).read_node(args.node_name).metadata
+                labels = dict((md.labels if md else None) or {})
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+                print(f"Node {args.node_name} not found in the cluster: nothing would be changed")
+                return 1
+            except urllib3.exceptions.HTTPError as exc:
+                why = kube.transport_error(exc, api) or str(exc)
+                print(f"node {args.node_name} labels: none: {why}; treated as empty")
+                labels = {}
+            else:
+                shown = ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
+                print(f"node {args.node_name} labels: {shown} (Node {args.node_name})")
+    else:
+        labels = {}
+        print(
+            f"node {args.node_name} labels: none (no cluster configured and no --node-labels): "
+            "treated as empty, so only OvsBridges without a nodeSelector select it"
+        )
+    if args.source is not None:
+        print(
+            "bridges to remove: known from this node's replay records only "
+            "(OvsBridgeEnactments are not read with --from)"
+        )
+    ovs_api = ovsdb.connect(args.ovsdb)
+    try:
+        node = bridges.NodeContext(name=args.node_name, ovsdb=ovs_api, root=args.root)
+        return noop(api, node, objects=objects, labels=labels, source=source)
+    finally:
+        ovsdb.disconnect(ovs_api)
 
 
 # --- entry point ----------------------------------------------------------------------------
@@ -1144,16 +1421,23 @@ def run(args: argparse.Namespace) -> int:
     OVSDB connection is closed; exit code 0."""
     for noisy in ("pyroute2", "watchfiles", "ovsdbapp", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    if args.noop:
+        return run_noop(args)
+    if args.source is not None or args.node_labels is not None:
+        raise ValueError("--from and --node-labels go with --noop only")
+    from reconciler.httpserver import HttpServer
+
+    health = AgentHealth(args.socket, None, stuck_after=args.stuck_after)
+    http = (
+        HttpServer(args.http_address, health.metrics, health.healthz, health.readyz)
+        if args.http_address
+        else None
+    )  # the address is checked here, before anything starts
     api = kube.api_client(args.kubeconfig, args.context)
     ovs_api = ovsdb.connect(args.ovsdb)
     node = bridges.NodeContext(
         name=args.node_name, ovsdb=ovs_api, root=args.root, api_server=api_server_address(api)
     )
-    if args.noop:
-        try:
-            return noop(api, node)
-        finally:
-            ovsdb.disconnect(ovs_api)
     from node_agent.cni.install import install_shims
     from node_agent.cni.server import CniAgent, CniServer, ipam_api_client
     from node_agent.ipam_gc import GcLoop
@@ -1180,6 +1464,8 @@ def run(args: argparse.Namespace) -> int:
         rollout_retry=args.rollout_retry,
     )
 
+    health.agent = None if args.no_bridges else agent
+
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("agent on %s: %s received, stopping", args.node_name, signal.Signals(signum).name)
         agent.stop()
@@ -1187,11 +1473,21 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        if http is not None:
+            try:
+                http.start()
+            except OSError as exc:
+                raise RuntimeError(
+                    f"--http-address {args.http_address}: cannot serve /healthz and /readyz: "
+                    f"{exc.strerror or exc}"
+                ) from exc
         if args.no_bridges:
             agent.stopping.wait()
         else:
             agent.run()
     finally:
+        if http is not None:
+            http.stop()
         if gc is not None:
             gc.stop()
         agent.stop()
