@@ -1171,28 +1171,39 @@ class AgentHealth:
     """What ``/healthz``, ``/readyz`` and ``/metrics`` of ``underlay agent`` answer (served by
     :class:`reconciler.httpserver.HttpServer`: 200 ``ok``, else 503 with the reason).
 
-    ``cni_socket``: the CNI server's unix socket; ``agent``: the :class:`BridgeAgent` whose
-    loop runs (None with ``--no-bridges``: the CNI server alone counts); ``stuck_after``: s a
-    bridge pass may run before the agent is not alive. Probes return None when healthy, else
-    one line. Source: Kubernetes "Configure Liveness, Readiness and Startup Probes".
+    ``cni_socket``: the CNI server's unix socket; ``node_name``: this node; ``agent``: the
+    :class:`BridgeAgent` whose loop runs, set once it exists (:func:`run` serves the
+    endpoints before); ``bridges``: False with ``--no-bridges`` (no bridge loop: the CNI
+    server alone counts); ``stuck_after``: s a bridge pass may run before the agent is not
+    alive. Probes return None when healthy, else one line naming what failed. Source:
+    Kubernetes "Configure Liveness, Readiness and Startup Probes".
     """
 
     def __init__(
         self,
         cni_socket: str,
-        agent: BridgeAgent | None,
+        node_name: str,
+        agent: BridgeAgent | None = None,
         *,
+        bridges: bool = True,
         stuck_after: float = agent_args.DEFAULT_STUCK_AFTER,
         cni_timeout: float = CNI_CHECK_TIMEOUT,
     ) -> None:
-        self.cni_socket, self.agent = cni_socket, agent
+        self.cni_socket, self.node_name, self.agent = cni_socket, node_name, agent
+        self.bridges = bridges
         self.stuck_after, self.cni_timeout = stuck_after, cni_timeout
+
+    def _loop(self) -> str | None:
+        if not self.bridges:
+            return None
+        if self.agent is None:
+            return f"the bridge loop of node {self.node_name} has not started"
+        return self.agent.liveness(self.stuck_after)
 
     def healthz(self) -> str | None:
         """Liveness: the bridge loop turns (:meth:`BridgeAgent.liveness`) and the CNI server
         answers a call (:func:`cni_check`)."""
-        loop = self.agent.liveness(self.stuck_after) if self.agent is not None else None
-        why = [w for w in (loop, cni_check(self.cni_socket, self.cni_timeout)) if w]
+        why = [w for w in (self._loop(), cni_check(self.cni_socket, self.cni_timeout)) if w]
         return "; ".join(why) or None
 
     def readyz(self) -> str | None:
@@ -1200,9 +1211,10 @@ class AgentHealth:
         server answers a call."""
         why = []
         a = self.agent
-        if a is not None and not a.synced.is_set():
-            text = f"the first bridge pass on node {a.node.name} has not finished"
-            why.append(text + (f": {a.last_pass_error}" if a.last_pass_error else ""))
+        if self.bridges and (a is None or not a.synced.is_set()):
+            text = f"the first bridge pass on node {self.node_name} has not finished"
+            err = a.last_pass_error if a is not None else None
+            why.append(text + (f": {err}" if err else ""))
         cni = cni_check(self.cni_socket, self.cni_timeout)
         if cni:
             why.append(cni)
@@ -1418,7 +1430,11 @@ def run_noop(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``underlay agent``; returns an exit code. SIGTERM (and SIGINT) end it
     cleanly: the pass in progress finishes, watchers stop, the CNI socket is removed, the
-    OVSDB connection is closed; exit code 0."""
+    OVSDB connection is closed; exit code 0. ``--noop``: :func:`run_noop`.
+
+    ``/healthz``, ``/readyz`` and ``/metrics`` (:class:`AgentHealth`) are served on
+    ``--http-address`` from the start (before OVSDB is connected; an address already taken is
+    an error before anything else starts); with ``--no-bridges`` only the CNI server counts."""
     for noisy in ("pyroute2", "watchfiles", "ovsdbapp", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     if args.noop:
@@ -1427,13 +1443,32 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--from and --node-labels go with --noop only")
     from reconciler.httpserver import HttpServer
 
-    health = AgentHealth(args.socket, None, stuck_after=args.stuck_after)
+    health = AgentHealth(
+        args.socket, args.node_name, bridges=not args.no_bridges, stuck_after=args.stuck_after
+    )
     http = (
         HttpServer(args.http_address, health.metrics, health.healthz, health.readyz)
         if args.http_address
         else None
     )  # the address is checked here, before anything starts
     api = kube.api_client(args.kubeconfig, args.context)
+    if http is not None:
+        try:
+            http.start()  # first: a port already taken leaves the node as it was
+        except OSError as exc:
+            raise RuntimeError(
+                f"--http-address {args.http_address}: cannot serve /healthz and /readyz: "
+                f"{exc.strerror or exc}"
+            ) from exc
+    try:
+        return _serve(args, api, health)
+    finally:
+        if http is not None:
+            http.stop()
+
+
+def _serve(args: argparse.Namespace, api: client.ApiClient, health: AgentHealth) -> int:
+    """The agent proper (see :func:`run`): OVSDB, CNI plugins and server, GC, bridge loop."""
     ovs_api = ovsdb.connect(args.ovsdb)
     node = bridges.NodeContext(
         name=args.node_name, ovsdb=ovs_api, root=args.root, api_server=api_server_address(api)
@@ -1464,7 +1499,7 @@ def run(args: argparse.Namespace) -> int:
         rollout_retry=args.rollout_retry,
     )
 
-    health.agent = None if args.no_bridges else agent
+    health.agent = agent
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("agent on %s: %s received, stopping", args.node_name, signal.Signals(signum).name)
@@ -1473,21 +1508,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        if http is not None:
-            try:
-                http.start()
-            except OSError as exc:
-                raise RuntimeError(
-                    f"--http-address {args.http_address}: cannot serve /healthz and /readyz: "
-                    f"{exc.strerror or exc}"
-                ) from exc
         if args.no_bridges:
             agent.stopping.wait()
         else:
             agent.run()
     finally:
-        if http is not None:
-            http.stop()
         if gc is not None:
             gc.stop()
         agent.stop()

@@ -129,7 +129,7 @@ def test_node_labels_decide_which_bridges_select_the_node(rig: Rig, tmp_path: Pa
     repo = tmp_path / "repo"
     shutil.copytree(QUICKSTART, repo)
     f = repo / "ovsbridge.yaml"
-    f.write_text(f.read_text() + "  nodeSelector:\n    underlay.dev/br1: \"true\"\n")
+    f.write_text(f.read_text() + '  nodeSelector:\n    underlay.dev/br1: "true"\n')
     before, db_before = node_state(n1), ovsdb_dump(n1)
 
     labelled = noop(n1, "--from", str(repo), "--node-labels", "zone=a,underlay.dev/br1=true")
@@ -227,7 +227,7 @@ def test_with_a_cluster_the_labels_come_from_the_node(world: World, tmp_path: Pa
     repo = tmp_path / "repo"
     shutil.copytree(QUICKSTART, repo)
     f = repo / "ovsbridge.yaml"
-    f.write_text(f.read_text() + "  nodeSelector:\n    underlay.dev/br1: \"true\"\n")
+    f.write_text(f.read_text() + '  nodeSelector:\n    underlay.dev/br1: "true"\n')
     before = node_state(n1)
     w.cluster.emu.reset_requests()
 

@@ -162,6 +162,15 @@ def test_agent_daemonset() -> None:
     assert required <= set(host.values())
     args = cli.build_parser().parse_args(_expand(c["args"], c["env"]))
     assert args.command == "agent"
+    # probes on the agent's --http-address (hostNetwork: the node's port, named in ports)
+    port = int(args.http_address.rsplit(":", 1)[1])
+    (p,) = c["ports"]
+    assert p["name"] == "http" and p["containerPort"] == port == p.get("hostPort", port)
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    live = c["livenessProbe"]
+    # a liveness check (CNI call up to 2 s) fits its timeout; a restart needs a minute of failures
+    assert live["timeoutSeconds"] >= 3 and live["periodSeconds"] * live["failureThreshold"] >= 60
 
     def mounted(path: str) -> bool:
         return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts.values())
