@@ -217,7 +217,10 @@ class Document:
     ``vocab.Resource``; ``namespace``: None for cluster-scoped kinds, else
     ``metadata.namespace`` or ``"default"`` (see module docstring); ``name``: ``metadata.name``
     when it is a string, else None. ``marks``/``key_marks`` map JSON paths to 1-based
-    ``(line, column)`` of the value node and of the mapping key naming it.
+    ``(line, column)`` of the value node and of the mapping key naming it; ``raw`` maps the
+    path of each scalar YAML resolved to something other than a string (a number, boolean or
+    null) to its text as written, e.g. ``5.10`` for the float 5.1 (hints quote what the user
+    wrote, not what YAML made of it).
     """
 
     path: str
@@ -229,6 +232,7 @@ class Document:
     marks: dict[JSONPath, Mark] = field(repr=False, default_factory=dict)
     key_marks: dict[JSONPath, Mark] = field(repr=False, default_factory=dict)
     namespace_defaulted: bool = False
+    raw: dict[JSONPath, str] = field(repr=False, default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -358,6 +362,7 @@ class _Builder:
         self.problems: list[Problem] = []
         self.marks: dict[JSONPath, Mark] = {}
         self.key_marks: dict[JSONPath, Mark] = {}
+        self.raw: dict[JSONPath, str] = {}
         self._seen: set[int] = set()
         self._active: set[int] = set()
 
@@ -377,6 +382,7 @@ class _Builder:
         """Plain data of one document; its marks are in ``marks``/``key_marks`` afterwards."""
         self.marks = {}
         self.key_marks = {}
+        self.raw = {}
         self._seen = set()
         self._active = set()
         self._in_alias = 0
@@ -461,6 +467,7 @@ class _Builder:
         tag = node.tag
         if tag in (_STR, _TIMESTAMP):
             return node.value
+        self.raw[path] = node.value
         if tag == _NULL:
             return None
         if tag == _BOOL:
@@ -653,6 +660,7 @@ def _classify(
     marks: dict[JSONPath, Mark],
     key_marks: dict[JSONPath, Mark],
     ignore_unknown_kinds: bool,
+    raw: dict[JSONPath, str] | None = None,
 ) -> tuple[Document | None, list[Problem]]:
     """Turn one built document into a Document of a user kind, or problems."""
     start = marks.get((), (1, 1))
@@ -731,6 +739,7 @@ def _classify(
         marks=marks,
         key_marks=key_marks,
         namespace_defaulted=defaulted,
+        raw=raw if raw is not None else {},
     )
     return doc, []
 
@@ -830,7 +839,13 @@ def load_text(
                 continue
             obj = builder.document(node)
             doc, problems = _classify(
-                file, index, obj, builder.marks, builder.key_marks, ignore_unknown_kinds
+                file,
+                index,
+                obj,
+                builder.marks,
+                builder.key_marks,
+                ignore_unknown_kinds,
+                builder.raw,
             )
             result.problems.extend(problems)
             if doc is not None:

@@ -15,6 +15,9 @@ Safety rules decided here, shown in the plan as ``blocked`` with the reason:
 - a SpiderIPPool that still has allocations is never pruned, nor shrunk below them; one whose
   ``status.allocatedIPs`` cannot be read may have allocations, so it is neither pruned nor shrunk;
 - ``spec.subnet`` and ``spec.ipVersion`` of a SpiderIPPool are immutable (Spiderpool);
+- a SpiderIPPool is not created or grown over the addresses of a pool that stays in the cluster
+  as it is (not in Git, or kept because its prune or update is blocked): two pools would hand
+  out the same address;
 - a SpiderMultusConfig naming a pool that is blocked is not written either (nor its NAD), so the
   cluster never holds a Multus config that allocates from a pool that is not what Git says.
 
@@ -460,7 +463,7 @@ def pool_update_block(desired: Mapping[str, Any], live: Mapping[str, Any]) -> st
     """
     dspec, lspec = desired.get("spec") or {}, live.get("spec") or {}
     for f in ("subnet", "ipVersion"):
-        if f in lspec and f in dspec and str(lspec[f]) != str(dspec[f]):
+        if f in lspec and f in dspec and not _same_value(lspec[f], dspec[f]):
             return f"spec.{f} is immutable ({lspec[f]} -> {dspec[f]}); delete and recreate the pool"
     records, problem = pool_records(live)
     try:
@@ -483,6 +486,14 @@ def pool_update_block(desired: Mapping[str, Any], live: Mapping[str, Any]) -> st
                 "address is removed from it; repair or clear status.allocatedIPs first"
             )
     return ""
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as the API server stores them: numbers by value (4 and 4.0), the rest as text."""
+    num = (int, float)
+    if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool | str):
+        return not isinstance(b, bool) and a == b
+    return str(a) == str(b)
 
 
 def pool_prune_block(live: Mapping[str, Any]) -> str:
@@ -608,7 +619,6 @@ def make_plan(
             if d.resource is vocab.SPIDER_IPPOOL and (why := pool_update_block(body, live)):
                 a.op, a.blocked_op, a.reason = Op.BLOCKED, Op.UPDATE, why
         actions.append(a)
-    _block_dependents(actions)
     not_in_inventory: list[Key] = []
     if prune:
         order = {
@@ -640,12 +650,81 @@ def make_plan(
             elif res is vocab.SPIDER_IPPOOL and (why := pool_prune_block(live)):
                 a.op, a.blocked_op, a.reason = Op.BLOCKED, Op.PRUNE, why
             actions.append(a)
+    _block_overlaps(actions, observed, wanted)
+    _block_dependents(actions)
     if memo is not None:
         memo.clear()
         memo.update(new_memo)
     return Plan(
         actions, against_empty=against_empty, not_in_inventory=not_in_inventory, instance=instance
     )
+
+
+def _pool_addresses(pool: Mapping[str, Any]) -> netaddr.IPSet:
+    """What a live SpiderIPPool covers: its allocatable addresses and every recorded one.
+    Raises ValueError, TypeError or AddrFormatError for addresses that cannot be read."""
+    covered = ippool.allocatable(pool.get("spec") or {})
+    records, _problem = pool_records(pool)
+    return covered | netaddr.IPSet(records)
+
+
+def _block_overlaps(
+    actions: list[Action], observed: Mapping[Key, dict[str, Any]], wanted: set[Key]
+) -> None:
+    """Block a SpiderIPPool create or update whose addresses overlap a pool that stays in the
+    cluster as it is after this pass: one not in Git (not ours, not in the inventory, or
+    pruning disabled), one whose prune is blocked (it still has allocations), or one whose
+    update is blocked (it keeps its live addresses). The validator already refuses overlaps
+    between pools in Git; without this, renaming a pool that has allocations (the old one is
+    kept, the new one created over the same range) would let both hand out one address.
+    Spiderpool's admission webhook refuses such a pool; underlay has none, so the plan does."""
+    pruned = {a.key for a in actions if a.op is Op.PRUNE}
+    staying: dict[str, tuple[Mapping[str, Any], str]] = {}
+    for a in actions:
+        if a.resource is vocab.SPIDER_IPPOOL and a.op is Op.BLOCKED and a.live is not None:
+            staying[a.name] = (a.live, f"its {a.blocked_op.value if a.blocked_op else ''} is "
+                               f"blocked: {a.reason}")  # fmt: skip
+    for key, live in observed.items():
+        if key[0] == vocab.SPIDER_IPPOOL.kind and key not in wanted and key not in pruned:
+            staying.setdefault(key[2], (live, "it is in the cluster but not in Git, and is "
+                               "not pruned by this reconciler"))  # fmt: skip
+    if not staying:
+        return
+    covered: dict[str, netaddr.IPSet] = {}
+    for name, (pool, _why) in staying.items():
+        try:
+            covered[name] = _pool_addresses(pool)
+        except (ValueError, TypeError, netaddr.AddrFormatError):
+            continue  # addresses nobody can read: no IPAM hands them out either
+    union = netaddr.IPSet()
+    for ips in covered.values():
+        union |= ips
+    for a in actions:
+        if a.resource is not vocab.SPIDER_IPPOOL or a.desired is None:
+            continue
+        if a.op not in (Op.CREATE, Op.UPDATE):
+            continue
+        try:
+            mine = ippool.allocatable(a.desired.body.get("spec") or {})
+        except (ValueError, TypeError, netaddr.AddrFormatError):
+            continue  # the validator refuses these
+        if not (mine & union):
+            continue
+        for other, ips in sorted(covered.items()):
+            common = mine & ips
+            if other == a.name or not common:
+                continue
+            first = next(iter(common.iter_ipranges()))
+            more = common.size - first.size
+            shown = str(first) + (f" and {more} more" if more else "")
+            a.blocked_op, a.op = a.op, Op.BLOCKED
+            a.reason = (
+                f"its addresses overlap SpiderIPPool {other} ({shown}), which stays in the "
+                f"cluster because {staying[other][1]}; both pools would hand out the same "
+                f"addresses. Release or remove SpiderIPPool {other} first, or give this pool "
+                "other addresses"
+            )
+            break
 
 
 def _block_dependents(actions: list[Action]) -> None:
@@ -656,7 +735,7 @@ def _block_dependents(actions: list[Action]) -> None:
     pools = {
         a.name: a.reason
         for a in actions
-        if a.resource is vocab.SPIDER_IPPOOL and a.op is Op.BLOCKED
+        if a.resource is vocab.SPIDER_IPPOOL and a.op is Op.BLOCKED and a.desired is not None
     }
     blocked_smc: dict[Key, str] = {}
     for a in actions:

@@ -23,6 +23,8 @@ import difflib
 import functools
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -86,7 +88,14 @@ def validator_for(res: Resource) -> jsonschema.protocols.Validator:
     schema = load_schema(res)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     cls.check_schema(schema)
-    return cls(schema)
+    # JSON Schema counts 4.0 as an integer; Go (Spiderpool's structs, our CNI configs) does not,
+    # and a NAD rendered with "vlan": 100.0 fails every pod ADD: a YAML float is never an integer
+    checker = cls.TYPE_CHECKER.redefine("integer", _is_int)
+    return jsonschema.validators.extend(cls, type_checker=checker)(schema)
+
+
+def _is_int(_checker: Any, value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- JSON Schema errors -> problems ---------------------------------------------------------
@@ -157,21 +166,40 @@ def _describe(value: Any) -> str:
     return "a mapping"
 
 
-def _type_hint(expected: list[str], value: Any) -> str:
+def _type_hint(expected: list[str], value: Any, raw: str | None = None) -> str:
+    """What to write instead of ``value`` for a JSON Schema ``type`` error; ``raw`` is the
+    scalar's text as written in the YAML when YAML resolved it to a non-string (``5.10``,
+    ``010``, ``1:30``), so a hint to quote it keeps what the user meant."""
     if isinstance(value, str) and ("integer" in expected or "number" in expected):
-        try:
-            float(value)
-            return f"remove the quotes: {value}"
-        except ValueError:
-            pass
+        if _INT_TEXT.fullmatch(value.strip()) or (
+            "number" in expected and _NUMBER_TEXT.fullmatch(value.strip())
+        ):
+            return f"remove the quotes: {value.strip()}"
+        if "integer" in expected and _NUMBER_TEXT.fullmatch(value.strip()):
+            try:
+                as_float = float(value)
+            except ValueError:
+                as_float = math.nan
+            if as_float.is_integer():
+                return f"write {int(as_float)}"
     if isinstance(value, str) and "boolean" in expected and value.lower() in ("true", "false"):
         return f"remove the quotes: {value.lower()}"
     if "string" in expected and isinstance(value, (int, float, bool)):
-        text = str(value).lower() if isinstance(value, bool) else str(value)
+        text = (
+            raw
+            if raw is not None
+            else (str(value).lower() if isinstance(value, bool) else str(value))
+        )
         return f'quote it: "{text}"'
+    if "integer" in expected and isinstance(value, float) and value.is_integer():
+        return f"write {int(value)}"
     if "array" in expected and not isinstance(value, (list, dict)) and value is not None:
         return f"write a list: [{value}]"
     return f"write {' or '.join(_TYPE_NAMES.get(t, t) for t in expected)}"
+
+
+_INT_TEXT = re.compile(r"[-+]?[0-9]+")
+_NUMBER_TEXT = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
 
 def _closest(value: str, options: list[str]) -> str | None:
@@ -243,7 +271,7 @@ def _error_problems(doc: Document, err: ValidationError) -> list[Problem]:
                 path,
                 rule="wrong-type",
                 message=f"must be {names}, got {_describe(value)}",
-                hint=_type_hint(expected, value),
+                hint=_type_hint(expected, value, doc.raw.get(path)),
             )
         ]
     if kw == "enum":

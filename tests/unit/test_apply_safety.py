@@ -330,3 +330,89 @@ def test_plan_shows_unset_fields_and_collisions(world: World) -> None:
     p = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert "! blocked   SpiderIPPool pool-z" in p.stdout
     assert "Nothing would be applied: 1 object(s)" in p.stdout, p.stdout
+
+
+def test_a_pool_is_not_created_over_a_kept_pool_with_allocations(world: World) -> None:
+    """Renaming a pool in Git while it has allocations: the old pool is kept (its prune is
+    blocked) and the new one, over the same range, is held back with it, so no address can be
+    handed out by both; once the old pool is released, the rename goes through."""
+    world.commit({"bridge.yaml": BRIDGE, "pool-a.yaml": pool("pool-a", 1)})
+    rec = world.reconciler()
+    assert rec.run_once().converged
+    set_records(world, "pool-a", web("10.1.0.10"))
+    world.commit(
+        {"pool-a.yaml": None, "pool-b.yaml": pool("pool-b", 1, ips="15-30"),
+         "smc.yaml": smc("net-b", "pool-b")},
+        "rename pool-a to pool-b",
+    )  # fmt: skip
+    rep = rec.run_once()
+    assert rep.plan is not None and not rep.converged
+    blocked = {a.ref(): (a.blocked_op, a.reason) for a in rep.plan.blocked}
+    assert blocked["SpiderIPPool pool-a"][1].startswith("still has 1 allocated IP(s)")
+    op, why = blocked["SpiderIPPool pool-b"]
+    assert op is not None and op.value == "create"
+    assert why.startswith(
+        "its addresses overlap SpiderIPPool pool-a (10.1.0.15-10.1.0.20), which stays in the "
+        "cluster because its prune is blocked: still has 1 allocated IP(s)"
+    ), why
+    assert (
+        "uses SpiderIPPool pool-b, which is blocked"
+        in (blocked["SpiderMultusConfig kube-system/net-b"][1])
+    )
+    assert rep.outcome is None and world.get(vocab.SPIDER_IPPOOL, "pool-b") is None
+    assert "its addresses overlap SpiderIPPool pool-a" in format_plan(rep.plan)
+    set_records(world, "pool-a", None)  # the pod left
+    rep = rec.run_once()
+    assert rep.converged and sorted(applied(rep)) == [
+        "create NetworkAttachmentDefinition kube-system/net-b",
+        "create SpiderIPPool pool-b",
+        "create SpiderMultusConfig kube-system/net-b",
+        "prune SpiderIPPool pool-a",
+    ]
+
+
+def test_swapping_ranges_holds_back_the_pool_that_would_cover_a_kept_range(world: World) -> None:
+    """pool-a holds 10.1.0.10 and Git swaps the ranges of pool-a and pool-b: pool-a's shrink
+    is blocked (it keeps 10-19) and pool-b's move onto 10-19 is held back too."""
+    world.commit(
+        {"bridge.yaml": BRIDGE, "pool-a.yaml": pool("pool-a", 1, ips="10-19"),
+         "pool-b.yaml": pool("pool-b", 1, ips="20-29")}
+    )  # fmt: skip
+    rec = world.reconciler()
+    assert rec.run_once().converged
+    set_records(world, "pool-a", web("10.1.0.10"))
+    world.commit(
+        {"pool-a.yaml": pool("pool-a", 1, ips="20-29"), "pool-b.yaml": pool("pool-b", 1, ips="10-19")},
+        "swap",
+    )  # fmt: skip
+    rep = rec.run_once()
+    assert rep.plan is not None
+    blocked = {a.ref(): a.reason for a in rep.plan.blocked}
+    assert blocked["SpiderIPPool pool-a"].startswith("would remove allocated IPs")
+    assert blocked["SpiderIPPool pool-b"].startswith(
+        "its addresses overlap SpiderIPPool pool-a (10.1.0.10-10.1.0.19), which stays in the "
+        "cluster because its update is blocked"
+    )
+    assert rep.outcome is None  # nothing written
+    live = world.get(vocab.SPIDER_IPPOOL, "pool-b")
+    assert live is not None and live["spec"]["ips"] == ["10.1.0.20-10.1.0.29"]
+
+
+def test_a_pool_is_not_created_over_a_pool_made_by_hand(world: World) -> None:
+    """A pool that is not in Git (made by hand, not ours) keeps its addresses: a pool in Git
+    over them is held back; the rest of the revision applies."""
+    objs = kube.Objects(world.api, vocab.SPIDER_IPPOOL)
+    objs.create(
+        {"apiVersion": "spiderpool.spidernet.io/v2beta1", "kind": "SpiderIPPool",
+         "metadata": {"name": "by-hand"},
+         "spec": {"subnet": "10.1.0.0/16", "ips": ["10.1.0.18-10.1.0.25"]}}
+    )  # fmt: skip
+    world.commit({"bridge.yaml": BRIDGE, "pool-a.yaml": pool("pool-a", 1)})
+    rep = world.reconciler().run_once()
+    assert rep.plan is not None
+    blocked = {a.ref(): a.reason for a in rep.plan.blocked}
+    assert blocked["SpiderIPPool pool-a"].startswith(
+        "its addresses overlap SpiderIPPool by-hand (10.1.0.18-10.1.0.20), which stays in the "
+        "cluster because it is in the cluster but not in Git"
+    )
+    assert applied(rep) == ["create OvsBridge br1"]

@@ -99,10 +99,12 @@ def inv(*names: str, uid: str = "u1") -> Inventory:
 def test_prune_only_touches_objects_with_our_instance_label() -> None:
     d = desired(POOL)
     ours = live_of(render.render([{**POOL, "metadata": {"name": "old"}}], "underlay")[0].body)
+    # pools that stay must not overlap ours (test_apply_safety: no pool over a kept one)
+    elsewhere = {**POOL["spec"], "ips": ["172.18.40.1-172.18.40.9"]}
     other_instance = live_of(
-        render.render([{**POOL, "metadata": {"name": "blue"}}], "blue")[0].body
+        render.render([{**POOL, "metadata": {"name": "blue"}, "spec": elsewhere}], "blue")[0].body
     )
-    unlabelled = live_of({**POOL, "metadata": {"name": "hand-made"}})
+    unlabelled = live_of({**POOL, "metadata": {"name": "hand-made"}, "spec": elsewhere})
     observed = {
         ("SpiderIPPool", None, "old"): ours,
         ("SpiderIPPool", None, "blue"): other_instance,
@@ -114,7 +116,12 @@ def test_prune_only_touches_objects_with_our_instance_label() -> None:
 
 def test_labelled_object_outside_the_inventory_is_never_pruned() -> None:
     """Someone copied our labels onto their pool: labels alone are not ownership."""
-    copied = live_of(render.render([{**POOL, "metadata": {"name": "copied"}}], "underlay")[0].body)
+    elsewhere = {**POOL["spec"], "ips": ["172.18.40.1-172.18.40.9"]}  # not over ours
+    copied = live_of(
+        render.render([{**POOL, "metadata": {"name": "copied"}, "spec": elsewhere}], "underlay")[
+            0
+        ].body
+    )
     observed = {("SpiderIPPool", None, "copied"): copied}
     d = desired(POOL)
     for inventory in (None, inv("ippool-test")):

@@ -2079,3 +2079,59 @@ def test_render_refuses_what_validation_refuses_naming_the_object(tmp_path: Path
         ValueError, match=r"^cannot render SpiderIPPool \(no name\): missing field 'name'"
     ):
         render.render([{**bad, "kind": "SpiderIPPool", "metadata": {}, "spec": {}}])
+
+
+def test_whole_floats_are_not_integers_and_hints_quote_what_was_written(tmp_path: Path) -> None:
+    """A YAML float is never an integer (Go and our CNI plugins refuse "vlan": 100.0, so every
+    pod ADD would fail), and "quote it" repeats the text as written, not what YAML made of it
+    (5.10 is the float 5.1, 010 the octal 8, 1:30 the sexagesimal 90)."""
+    got = run(
+        tmp_path,
+        {
+            "a.yaml": POOL
+            + y("""
+            metadata:
+              name: p
+            spec:
+              ipVersion: 4.0
+              subnet: 10.3.0.0/24
+              ips: [10.3.0.10-10.3.0.20]
+            ---
+            """)
+            + BR
+            + y("""
+            metadata:
+              name: br1
+            spec:
+              uplinks: [eth0]
+              nodeSelector: {kernel: 5.10, rack: 010, zone: 1:30}
+            ---
+            """)
+            + SMC
+            + y("""
+            metadata:
+              name: s
+              namespace: kube-system
+            spec:
+              cniType: ovs
+              ovs:
+                bridge: br1
+                vlan: 1e2
+                trunk: [{id: 10.0}]
+            """)
+        },
+    )
+    assert got == [
+        "a.yaml:6:14: error: SpiderIPPool p spec.ipVersion: must be an integer, got number 4.0 "
+        "(write 4)",
+        "a.yaml:16:26: error: OvsBridge br1 spec.nodeSelector.kernel: must be a string, got number "
+        '5.1 (quote it: "5.10")',
+        "a.yaml:16:38: error: OvsBridge br1 spec.nodeSelector.rack: must be a string, got integer "
+        '8 (quote it: "010")',
+        "a.yaml:16:49: error: OvsBridge br1 spec.nodeSelector.zone: must be a string, got integer "
+        '90 (quote it: "1:30")',
+        "a.yaml:27:11: error: SpiderMultusConfig kube-system/s spec.ovs.vlan: must be an integer, "
+        'got string "1e2" (write 100)',
+        "a.yaml:28:18: error: SpiderMultusConfig kube-system/s spec.ovs.trunk[0].id: must be an "
+        "integer, got number 10.0 (write 10)",
+    ]
