@@ -71,7 +71,10 @@ def ownership_labels(instance: str) -> dict[str, str]:
 
 
 def _labelled(obj: Mapping[str, Any], instance: str) -> dict[str, Any]:
-    body = copy.deepcopy(dict(obj))
+    """A copy of ``obj`` with the ownership labels and without ``status`` (the status of a
+    custom resource is written through its subresource by its controller, never applied
+    from Git; a ``status`` in a Git document is ignored)."""
+    body = {k: copy.deepcopy(v) for k, v in obj.items() if k != "status"}
     md = body.setdefault("metadata", {})
     md["labels"] = {**(md.get("labels") or {}), **ownership_labels(instance)}
     return body

@@ -170,6 +170,12 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
         "coordinator settings: underlay renders no coordinator plugin",
     ),
     (
+        "vlan-interface-not-created",
+        _W,
+        "semantic",
+        "a macvlan/ipvlan vlanID: underlay uses <parent>.<vlanID> as master but does not create it",
+    ),
+    (
         "bond-not-created",
         _W,
         "semantic",

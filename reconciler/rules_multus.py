@@ -61,11 +61,26 @@ def _parse_float(text: str) -> float:
 
 def strict_json(text: str) -> Any:
     """``json.loads`` as RFC 8259 reads it: no NaN/Infinity, finite numbers, integers within
-    2^53-1 (so no 4300-digit conversion error). Raises ValueError (json.JSONDecodeError for
-    syntax) or RecursionError for absurd nesting."""
+    2^53-1 (so no 4300-digit conversion error), no duplicate member names (RFC 8259 says they
+    SHOULD be unique; Go keeps the last, Python too, so "vlan": 10, "vlan": 20 would silently be
+    20). Raises ValueError (json.JSONDecodeError for syntax) or RecursionError for absurd
+    nesting."""
     return json.loads(
-        text, parse_int=_parse_int, parse_constant=_parse_constant, parse_float=_parse_float
+        text,
+        parse_int=_parse_int,
+        parse_constant=_parse_constant,
+        parse_float=_parse_float,
+        object_pairs_hook=_unique_members,
     )
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f'duplicate member "{key}"')
+        out[key] = value
+    return out
 
 
 def _json_object_problem(text: str) -> str | None:
@@ -290,6 +305,29 @@ def _check_section(
                     f"{section} master, so it must already exist on every node",
                     hint="create the bond on the nodes with netplan or NetworkManager, or keep one "
                     "master and drop bond",
+                )
+            )
+        vlan = body.get("vlanID")
+        masters = body.get("master")
+        parent = bond_name or (masters[0] if isinstance(masters, list) and masters else None)
+        if (
+            isinstance(vlan, int)
+            and not isinstance(vlan, bool)
+            and vlan > 0
+            and isinstance(parent, str)
+            and parent
+            and len(f"{parent}.{vlan}") <= 15  # else vlan-interface-name-too-long says it
+        ):
+            out.append(
+                doc.problem(
+                    (*base, "vlanID"),
+                    rule="vlan-interface-not-created",
+                    severity=WARNING,
+                    message=f'underlay does not create the VLAN interface "{parent}.{vlan}" '
+                    "(Spiderpool's ifacer plugin does); the NetworkAttachmentDefinition uses it as "
+                    f"the {section} master, so it must exist on every node or every pod ADD fails",
+                    hint=f"create {parent}.{vlan} on the nodes as a netplan or NetworkManager VLAN, "
+                    "or use cniType ovs with vlan: an OVS access port",
                 )
             )
     if section == "ovs":

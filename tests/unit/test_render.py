@@ -152,3 +152,22 @@ def test_ip_version_is_inferred_from_the_subnet_like_spiderpools_webhook() -> No
     assert v4.body["spec"]["ipVersion"] == 4
     assert v6.body["spec"]["ipVersion"] == 6
     assert "ipVersion" not in POOL["spec"]
+
+
+def test_a_status_in_git_is_not_part_of_the_desired_object() -> None:
+    """status is the controller's (written through the subresource): plan -o yaml must not
+    show it among the fields that would be written."""
+    pool = {**POOL, "status": {"allocatedIPCount": 0, "allocatedIPs": "{}"}}
+    (d,) = render.render([pool])
+    assert "status" not in d.body and d.body["spec"] == {**POOL["spec"], "ipVersion": 4}
+    assert pool["status"] == {"allocatedIPCount": 0, "allocatedIPs": "{}"}  # input untouched
+
+
+def test_duplicate_json_members_are_refused_not_silently_last_wins() -> None:
+    smc = {
+        **SMC,
+        "spec": {"cniType": "ovs", "ovs": {"bridge": "br1"},
+                 "chainCNIJsonData": ['{"type": "tuning", "mtu": 1500, "mtu": 9000}']},
+    }  # fmt: skip
+    with pytest.raises(ValueError, match='chainCNIJsonData\\[0\\].*duplicate member "mtu"'):
+        render.render([smc])

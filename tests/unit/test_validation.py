@@ -732,6 +732,31 @@ CASES: list[tuple[str, str, dict[str, str], list[str], dict[str, bool]]] = [
         {},
     ),
     (
+        "vlan-interface-not-created",
+        "vlan-interface-not-created",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: macvlan
+              macvlan:
+                master: [eth1]
+                vlanID: 100
+            """)
+        },
+        [
+            "m.yaml:10:13: warning: SpiderMultusConfig kube-system/c1 spec.macvlan.vlanID: underlay "
+            'does not create the VLAN interface "eth1.100" (Spiderpool\'s ifacer plugin does); the '
+            "NetworkAttachmentDefinition uses it as the macvlan master, so it must exist on every "
+            "node or every pod ADD fails (create eth1.100 on the nodes as a netplan or "
+            "NetworkManager VLAN, or use cniType ovs with vlan: an OVS access port)"
+        ],
+        {},
+    ),
+    (
         "bond-not-created",
         "bond-not-created",
         {
@@ -1629,6 +1654,13 @@ CASES: list[tuple[str, str, dict[str, str], list[str], dict[str, bool]]] = [
                 "created (for vlanID 100 the parent name may have at most 11 characters: give the NIC a "
                 "shorter name on the nodes with a systemd .link file, or create the VLAN interface on the "
                 "nodes and name it as master, without vlanID)"
+            ),
+            (
+                "m.yaml:35:13: warning: SpiderMultusConfig default/fits spec.macvlan.vlanID: underlay "
+                'does not create the VLAN interface "enp0s31f6a.4094" (Spiderpool\'s ifacer plugin '
+                "does); the NetworkAttachmentDefinition uses it as the macvlan master, so it must "
+                "exist on every node or every pod ADD fails (create enp0s31f6a.4094 on the nodes as a "
+                "netplan or NetworkManager VLAN, or use cniType ovs with vlan: an OVS access port)"
             ),
         ],
         {},
