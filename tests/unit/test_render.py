@@ -169,5 +169,5 @@ def test_duplicate_json_members_are_refused_not_silently_last_wins() -> None:
         "spec": {"cniType": "ovs", "ovs": {"bridge": "br1"},
                  "chainCNIJsonData": ['{"type": "tuning", "mtu": 1500, "mtu": 9000}']},
     }  # fmt: skip
-    with pytest.raises(ValueError, match='chainCNIJsonData\\[0\\].*duplicate member "mtu"'):
+    with pytest.raises(ValueError, match=r'chainCNIJsonData\[0\].*duplicate member "mtu"'):
         render.render([smc])
