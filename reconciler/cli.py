@@ -40,7 +40,8 @@ docs: README.md; the quick start: underlay plan examples/quickstart
 PLAN_EPILOG = """\
 exit codes:
   0  planned (with --exit-code: and nothing to change)
-  1  findings: invalid YAML, an unverified revision; with --exit-code: changes to apply
+  1  findings: invalid YAML, an unverified revision; with --exit-code: changes to apply,
+     or blocked or drifted objects (the cluster does not match Git)
   2  usage error, unreachable cluster or repository, internal error
 
 docs: README.md; the quick start: underlay plan examples/quickstart
@@ -293,7 +294,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument(
             "--exit-code",
             action="store_true",
-            help="exit 1 when there are changes, 0 when none (like git diff --exit-code)",
+            help="exit 1 when the cluster does not match Git (changes to apply, blocked or drifted "
+            "objects), 0 when it does (like git diff --exit-code)",
         )
         p.set_defaults(func=cmd_plan)
     else:
@@ -635,7 +637,7 @@ def _plan_once(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump_all(objs, sort_keys=False), end="")
     sys.stdout.flush()
-    if args.exit_code and res.plan.has_changes:
+    if args.exit_code and (res.plan.has_changes or res.plan.blocked or res.plan.count(Op.DRIFTED)):
         return EXIT_FINDINGS
     return EXIT_OK
 

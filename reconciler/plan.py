@@ -843,7 +843,13 @@ def format_plan(plan: Plan, *, verbose: bool = False) -> str:
             f"exist in the cluster without this instance's labels ({refs}{more}); adopt or "
             "rename them first (see above)."
         )
-    lines.append(("No changes. " if not plan.has_changes else "") + "Plan: " + plan.summary() + ".")
+    if plan.has_changes:
+        head = ""
+    elif plan.blocked or plan.count(Op.DRIFTED):
+        head = "Nothing to apply, but the cluster does not match Git (see blocked/drifted). "
+    else:
+        head = "No changes. "
+    lines.append(head + "Plan: " + plan.summary() + ".")
     return "\n".join(lines)
 
 

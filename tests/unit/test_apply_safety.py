@@ -361,6 +361,17 @@ def test_a_pool_is_not_created_over_a_kept_pool_with_allocations(world: World) -
     )
     assert rep.outcome is None and world.get(vocab.SPIDER_IPPOOL, "pool-b") is None
     assert "its addresses overlap SpiderIPPool pool-a" in format_plan(rep.plan)
+    # plan --exit-code: nothing to apply, but the cluster does not match Git: exit 1
+    import subprocess
+    import sys
+
+    underlay = str(Path(sys.executable).parent / "underlay")
+    args = [underlay, "plan", "--repo", str(world.origin_dir), "--kubeconfig", world.kubeconfig,
+            "-n", NS, "--cache-dir", str(world.tmp / "plan-cache"), "--exit-code"]  # fmt: skip
+    p = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "Nothing to apply, but the cluster does not match Git" in p.stdout, p.stdout
+    assert "No changes" not in p.stdout
     set_records(world, "pool-a", None)  # the pod left
     rep = rec.run_once()
     assert rep.converged and sorted(applied(rep)) == [
