@@ -848,7 +848,18 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
     crds = crdgen.generate_all()
     if args.out_dir:
-        for path in crdgen.write_all(args.out_dir, crds):
+        try:
+            written = crdgen.write_all(args.out_dir, crds)
+        except OSError as exc:
+            what = exc.strerror or str(exc)
+            where = exc.filename or args.out_dir
+            print(
+                f"underlay crds: cannot write the CRDs into {args.out_dir}: {where}: {what} "
+                "(--out-dir must be a directory you can write, or one that can be created)",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
+        for path in written:
             print(path)
     else:
         print(yaml.safe_dump_all(crds, sort_keys=False), end="")

@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "paths",
         nargs="*",
         metavar="PATH",
-        help="files or directories to check (default: the whole root)",
+        help="files or directories to check (default: all of --root, i.e. the current directory)",
     )
     p.add_argument(
         "--strict",

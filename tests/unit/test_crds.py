@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from reconciler import crdgen, vocab
@@ -61,3 +62,17 @@ def test_scope_status_and_names_follow_the_vocabulary() -> None:
     pool = by_name["spiderippools.spiderpool.spidernet.io"]
     cols = [c["name"] for c in pool["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert cols[:5] == ["VERSION", "SUBNET", "ALLOCATED-IP-COUNT", "TOTAL-IP-COUNT", "DEFAULT"]
+
+
+def test_crds_out_dir_that_cannot_be_written_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reconciler.cli import main
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    assert main(["crds", "--out-dir", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the CRDs into {blocker}: {blocker}: File exists" in err
+    assert main(["crds", "--out-dir", str(tmp_path / "new")]) == 0
+    assert len(list((tmp_path / "new").glob("*.yaml"))) == len(crdgen.generate_all())
