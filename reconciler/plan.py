@@ -797,8 +797,16 @@ def describe(d: Desired) -> str:
         sec = spec.get(t) or {}
         return f"cniType {t}" + (f", bridge {sec['bridge']}" if sec.get("bridge") else "")
     if k == "OvsBridge":
+        uplinks = [str(u) for u in spec.get("uplinks") or []]
+        bridge = spec.get("bridge") or d.name
+        move = spec.get("moveAddresses", True) is not False
+        sel = spec.get("nodeSelector") or {}
+        nodes = ",".join(f"{k}={v}" for k, v in sel.items()) if isinstance(sel, dict) else ""
         return (
-            f"bridge {spec.get('bridge') or d.name}, uplinks {','.join(spec.get('uplinks') or [])}"
+            f"bridge {bridge}, uplinks {','.join(uplinks)}"
+            + (f"; moves {'/'.join(uplinks)}'s addresses and routes to {bridge}" if move else "")
+            + f"; persistence {spec.get('persistence') or 'auto'}"
+            + f"; nodes {nodes or 'all'}"
         )
     if k == "NetworkAttachmentDefinition":
         return f"from {d.rendered_from}: {spec.get('config')}"

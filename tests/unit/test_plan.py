@@ -393,3 +393,20 @@ def test_multus_config_naming_a_blocked_pool_is_blocked_with_its_nad() -> None:
         plan.actions[1].reason
     )
     assert not plan.collisions and not plan.has_changes
+
+
+def test_bridge_line_says_it_moves_the_uplinks_addresses_and_where_it_persists() -> None:
+    bridge = {
+        "apiVersion": "underlay.dev/v1alpha1",
+        "kind": "OvsBridge",
+        "metadata": {"name": "br1"},
+        "spec": {"uplinks": ["eth0"], "nodeSelector": {"rack": "r1"}},
+    }
+    kept = {**bridge, "metadata": {"name": "br2"},
+            "spec": {"uplinks": ["eth1"], "moveAddresses": False, "persistence": "none"}}  # fmt: skip
+    text = format_plan(make_plan(desired(bridge, kept), {}, against_empty=True))
+    assert (
+        "OvsBridge br1  (bridge br1, uplinks eth0; moves eth0's addresses and routes to br1; "
+        "persistence auto; nodes rack=r1)" in text
+    ), text
+    assert "OvsBridge br2  (bridge br2, uplinks eth1; persistence none; nodes all)" in text, text
