@@ -866,12 +866,24 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    """The parser of subcommand ``name`` in ``parser`` (None when there is none)."""
+    for action in parser._actions:  # argparse keeps subparsers only there
+        if isinstance(action, argparse._SubParsersAction):
+            found = action.choices.get(name)
+            return found if isinstance(found, argparse.ArgumentParser) else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``underlay``; returns the exit code (see module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     only = next((a for a in argv if a in COMMANDS), "")  # the subcommand: build only that one
     parser = build_parser(only)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # say it with the subcommand's usage, not the top-level one
+        sub = _subparser(parser, getattr(args, "command", None) or only)
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.log_format == "json":
         from reconciler import logs
 

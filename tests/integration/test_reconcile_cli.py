@@ -109,6 +109,13 @@ def test_help_of_each_command() -> None:
         assert f"    {name} " in top
 
 
+def test_a_mistyped_option_shows_the_subcommands_usage() -> None:
+    p = run("validate", "--formt", "json", "examples/quickstart")
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith("usage: underlay validate ")
+    assert "underlay validate: error: unrecognized arguments: --formt" in p.stderr
+
+
 def test_building_the_parser_loads_no_heavy_module() -> None:
     """``underlay --help`` and the parser of any command import neither the agent, nor the
     Kubernetes client, pyroute2, ovsdbapp, gitpython or jsonschema (checked in a fresh
