@@ -5,6 +5,7 @@ Interface (every backend, see :class:`Backend`)::
     backend.render(desired, node_state) -> {path: (content, mode)}   # pure, nothing written
     backend.write(root, files) -> [changed paths]                    # atomic, only what differs
     backend.remove(root, desired) -> [removed paths]
+    backend.inspect(root, desired, uplink_macs) -> Findings          # reads only: refusals, notes
     detect(root) -> "netplan" | "networkmanager" | "none"            # what ``auto`` means here
 
 ``path`` is absolute on the node ("/etc/netplan/60-underlay-br1.yaml"); every file is written
@@ -28,6 +29,7 @@ import abc
 import contextlib
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -46,6 +48,21 @@ Files = dict[str, tuple[str, int]]
 
 class PersistenceError(RuntimeError):
     """A persistence file could not be written or removed; names the path."""
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What a backend found in the node's other network configuration (:meth:`Backend.inspect`).
+
+    ``refusals``: sentences, each a reason the change must not be made (the backend's files
+    would not keep the bridge across a reboot, e.g. another netplan file keeps the uplink's
+    addresses); the bridge engine reports them like any invalid input and changes nothing.
+    ``notes``: sentences worth logging that do not block (e.g. competing NetworkManager
+    profiles that the agent's profiles outrank).
+    """
+
+    refusals: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def owned_paths(self, root: Path | str, desired: DesiredBridge) -> list[str]:
         """Node paths this backend may have written for ``desired`` (existing or not)."""
+
+    def inspect(
+        self, root: Path | str, desired: DesiredBridge, uplink_macs: Mapping[str, str]
+    ) -> Findings:
+        """Read the node's other configuration under ``root`` for what would defeat this
+        backend's files after a reboot. ``uplink_macs``: uplink name -> MAC (lowercase) as the
+        node has it now. Reads only; the default finds nothing."""
+        return Findings()
 
     def write(self, root: Path | str, files: Files) -> list[str]:
         """Write ``files`` (from :meth:`render`) under ``root``; return the paths that changed.

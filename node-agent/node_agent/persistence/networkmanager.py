@@ -16,23 +16,53 @@ and ``<bridge>/<profile>``, so rendering is deterministic. Plus
 ``[keyfile] unmanaged-devices+=interface-name:veth*`` so NM leaves pod veths alone (kept while
 any underlay keyfile remains). Every file mode 0600. Validated with
 ``nmcli --offline connection modify`` in the tests.
+
+Every profile carries ``autoconnect-priority=100`` (setting ``connection.autoconnect-priority``,
+range -999..999, default 0; nm-settings-nmcli(5): "If the connection is set to autoconnect,
+connections with higher priority will be preferred ... In case of equal priority, the profile
+used most recently is chosen"). A node usually has a profile of its own for the uplink (e.g.
+"Wired connection 1" with ``interface-name=eth0``); without the priority NM would activate the
+one used most recently after a reboot, i.e. that one, and the uplink would never join the
+bridge. :meth:`NetworkManagerBackend.inspect` lists those competing profiles (notes) and
+refuses when one has a priority of 100 or more (NM could still pick it).
 """
 
 from __future__ import annotations
 
+import configparser
 import socket
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from node_agent.links import Route
 from node_agent.ovs import DATAPATH_NETDEV, bond_port_name
-from node_agent.persistence import FILE_MODE, Backend, Files, NodeNetConfig, node_path, remove_file
+from node_agent.persistence import (
+    FILE_MODE,
+    Backend,
+    Files,
+    Findings,
+    NodeNetConfig,
+    node_path,
+    remove_file,
+)
 
 if TYPE_CHECKING:
     from node_agent.bridges import DesiredBridge
 
 KEYFILE_DIR = "/etc/NetworkManager/system-connections"
+KEYFILE_DIRS = (
+    "/etc/NetworkManager/system-connections",
+    "/run/NetworkManager/system-connections",
+    "/usr/lib/NetworkManager/system-connections",
+)
+"""Where NetworkManager's keyfile plugin reads profiles (NetworkManager.conf(5), keyfile)."""
+AUTOCONNECT_PRIORITY = 100
+"""``connection.autoconnect-priority`` of every profile the agent writes (NM default: 0)."""
+_ETHERNET_TYPES = ("ethernet", "802-3-ethernet")
+_IGNORED_SUFFIXES = ("~", ".bak", ".orig", ".rej", ".swp", ".tmp")
 CONF_D_FILE = "/etc/NetworkManager/conf.d/90-underlay-unmanaged-veth.conf"
 CONF_D_CONTENT = (
     "# Written by the underlay node agent: NetworkManager must not manage pod veths.\n"
@@ -81,6 +111,7 @@ def _connection(
         ("type", ctype),
         ("interface-name", ifname),
         ("autoconnect", "true"),
+        ("autoconnect-priority", str(AUTOCONNECT_PRIORITY)),
     ]
     if master is not None and slave_type is not None:
         items += [("master", master), ("slave-type", slave_type)]
@@ -119,6 +150,91 @@ def _ip_sections(
                 value += ("," if r.gateway else ",,") + str(r.metric)
             items.append((f"route{n}", value))
         out.append((key, items))
+    return out
+
+
+@dataclass(frozen=True)
+class CompetingProfile:
+    """A NetworkManager profile not written by the agent that would autoconnect on an uplink.
+
+    ``path``: node path of its keyfile; ``id``: connection.id; ``uplink``; ``binds_by``:
+    ``interface-name``, ``mac-address`` or ``any device`` (neither set); ``priority``:
+    its connection.autoconnect-priority (default 0).
+    """
+
+    path: str
+    id: str
+    uplink: str
+    binds_by: str
+    priority: int
+
+    def __str__(self) -> str:
+        return f"profile {self.id!r} ({self.path}, {self.binds_by}, autoconnect-priority {self.priority})"
+
+
+def _read_keyfile(path: Path) -> configparser.ConfigParser | None:
+    cp = configparser.ConfigParser(
+        interpolation=None, strict=False, delimiters=("=",), comment_prefixes=("#",)
+    )
+    cp.optionxform = str  # type: ignore[assignment,method-assign]  # GKeyFile keys are case-sensitive
+    try:
+        cp.read_string(path.read_text())
+    except (OSError, UnicodeDecodeError, configparser.Error):
+        return None
+    return cp
+
+
+def competing_profiles(
+    root: Path | str, desired: DesiredBridge, uplink_macs: Mapping[str, str]
+) -> list[CompetingProfile]:
+    """Ethernet profiles under :data:`KEYFILE_DIRS` (below ``root``; not the agent's own) that
+    autoconnect (``autoconnect`` not false) and bind to an uplink: ``interface-name`` is the
+    uplink, ``[ethernet] mac-address`` is its MAC (``uplink_macs``, case-insensitive), or
+    neither is set (any ethernet device). Unreadable keyfiles are skipped (NM skips them too)."""
+    out: list[CompetingProfile] = []
+    ours = f"{FILE_PREFIX}{desired.name}-"
+    for directory in KEYFILE_DIRS:
+        kdir = node_path(root, directory)
+        if not kdir.is_dir():
+            continue
+        for p in sorted(kdir.iterdir()):
+            if (
+                not p.is_file()
+                or p.name.startswith((".", ours))
+                or p.name.endswith(_IGNORED_SUFFIXES)
+            ):
+                continue
+            cp = _read_keyfile(p)
+            if cp is None or not cp.has_section("connection"):
+                continue
+            conn = cp["connection"]
+            if conn.get("type") not in _ETHERNET_TYPES:
+                continue
+            if conn.get("autoconnect", "true").strip().lower() in ("false", "0", "no"):
+                continue
+            ifname = conn.get("interface-name", "").strip()
+            mac = cp.get("ethernet", "mac-address", fallback="").strip().lower()
+            try:
+                priority = int(conn.get("autoconnect-priority", "0"))
+            except ValueError:
+                priority = 0
+            for uplink in desired.uplinks:
+                if ifname:
+                    binds = "interface-name" if ifname == uplink else None
+                elif mac:
+                    binds = "mac-address" if mac == uplink_macs.get(uplink, "").lower() else None
+                else:
+                    binds = "any device"
+                if binds:
+                    out.append(
+                        CompetingProfile(
+                            f"{directory}/{p.name}",
+                            conn.get("id", p.name),
+                            uplink,
+                            binds,
+                            priority,
+                        )
+                    )
     return out
 
 
@@ -234,3 +350,29 @@ class NetworkManagerBackend(Backend):
 
     def remove(self, root: Path | str, desired: DesiredBridge) -> list[str]:
         return [p for p in self.owned_paths(root, desired) if remove_file(root, p)]
+
+    def inspect(
+        self, root: Path | str, desired: DesiredBridge, uplink_macs: Mapping[str, str]
+    ) -> Findings:
+        """Competing profiles (:func:`competing_profiles`): a note for each one the agent's
+        profiles outrank (priority below :data:`AUTOCONNECT_PRIORITY`), a refusal for each
+        one with an equal or higher priority (NM could activate it instead after a reboot).
+        Reads only."""
+        notes: list[str] = []
+        refusals: list[str] = []
+        for c in competing_profiles(root, desired, uplink_macs):
+            if c.priority < AUTOCONNECT_PRIORITY:
+                notes.append(
+                    f"NetworkManager {c} also autoconnects on uplink {c.uplink}; the agent's "
+                    f"profiles have autoconnect-priority {AUTOCONNECT_PRIORITY}, so NM "
+                    f"activates them after a reboot"
+                )
+            else:
+                refusals.append(
+                    f"NetworkManager {c} autoconnects on uplink {c.uplink} with a priority not "
+                    f"below the agent's {AUTOCONNECT_PRIORITY}: after a reboot NM could activate "
+                    f"it and {c.uplink} would not join {desired.name}; lower its "
+                    f"autoconnect-priority or set autoconnect=false in {c.path}, or use "
+                    f"persistence: none"
+                )
+        return Findings(tuple(refusals), tuple(notes))
