@@ -695,7 +695,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return EXIT_FINDINGS
     if rep.reason in ("OwnershipConflict", "VerificationFailed"):
         tail = "; adopt or rename them (see above)" if rep.reason == "OwnershipConflict" else ""
-        print(f"underlay apply: {rep.error}{tail}. Nothing applied.", file=sys.stderr)
+        msg = str(rep.error)
+        if "nothing applied" not in msg.lower():
+            tail += ". Nothing applied"
+        print(f"underlay apply: {msg}{tail}.", file=sys.stderr)
         return EXIT_FINDINGS
     if rep.error is not None and rep.reason not in _FINDINGS:
         print(f"underlay apply: error: {rep.error}", file=sys.stderr)
