@@ -41,7 +41,7 @@ object does not exist, or the --from repository has errors; 2 usage error, or th
 OVSDB or the --http-address cannot be reached/bound at start
 
 examples:
-  underlay agent --noop --node-name n1              # plan against the cluster's OvsBridges
+  underlay agent --noop --node-name n1     # the OvsBridges and Node labels of the cluster
   underlay agent --noop --from examples/quickstart --node-labels kubernetes.io/hostname=n1
 """
 
