@@ -146,6 +146,16 @@ def run(args: argparse.Namespace, out: Any = None, err: Any = None) -> int:
         return EXIT_ERROR
     out.write(text)
     out.flush()
+    if not loaded.files:  # CI pointed at the wrong directory must not pass unnoticed
+        where = " ".join(str(p) for p in args.paths) if args.paths else str(root)
+        level = "error" if args.strict else "warning"
+        print(
+            f"underlay validate: {level}: no .yaml/.yml files under {where}"
+            + ("" if args.strict else " (an error under --strict)"),
+            file=err,
+        )
+        if args.strict:
+            return EXIT_FINDINGS
     return EXIT_FINDINGS if has_errors(problems) else EXIT_OK
 
 

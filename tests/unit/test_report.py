@@ -130,6 +130,19 @@ def test_warnings_pass_unless_strict(tmp_path: Path) -> None:
     ]
 
 
+def test_a_directory_without_yaml_is_said_and_fails_under_strict(tmp_path: Path) -> None:
+    """CI pointed at the wrong directory must not pass unnoticed."""
+    (tmp_path / "README.md").write_text("no YAML here\n")
+    r = validate(tmp_path, ".")
+    assert (r.returncode, r.stdout) == (0, "ok: 0 documents in 0 files\n")
+    assert r.stderr == (
+        "underlay validate: warning: no .yaml/.yml files under . (an error under --strict)\n"
+    )
+    r = validate(tmp_path, "--strict", ".")
+    assert r.returncode == 1
+    assert r.stderr == "underlay validate: error: no .yaml/.yml files under .\n"
+
+
 def test_unknown_kinds_flag(tmp_path: Path) -> None:
     (tmp_path / "app.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n")
     assert validate(tmp_path).returncode == 1
