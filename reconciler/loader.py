@@ -872,7 +872,7 @@ def load_text(
                 line=line,
                 column=col,
                 message=f"YAML syntax error: {what}{(',' + context) if context else ''}",
-                hint=_syntax_hint(what, text, mark),
+                hint=_syntax_hint(what, text, mark, exc.context_mark),
                 rule="yaml-syntax",
             )
         )
@@ -895,10 +895,29 @@ def load_text(
     return result
 
 
-def _syntax_hint(problem: str, text: str, mark: Any) -> str:
+def _syntax_hint(problem: str, text: str, mark: Any, context_mark: Any = None) -> str:
     """What to write instead, for the YAML syntax errors people make most."""
     lines = text.splitlines()
     line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+    if "could not find expected ':'" in problem and context_mark is not None:
+        return (
+            f'line {context_mark.line + 1} has no ": " after its key: write a space after '
+            'the colon ("gateway: 172.18.0.1"), or quote the value if it is not a key'
+        )
+    if "mapping values are not allowed" in problem and mark is not None:
+        indent = len(line) - len(line.lstrip(" "))
+        for n in range(mark.line - 1, -1, -1):
+            above = lines[n]
+            if not above.strip() or above.lstrip().startswith("#"):
+                continue
+            up = len(above) - len(above.lstrip(" "))
+            if indent > up and ": " in above.strip() and not above.rstrip().endswith(":"):
+                return (
+                    f"this key is indented {indent} spaces, deeper than the key on line {n + 1} "
+                    f"({up} spaces), so YAML reads it as part of that value: indent it "
+                    f"{up} spaces like its neighbour, or quote the value if it contains ': '"
+                )
+            break
     if "\t" in line[: (mark.column + 1) if mark is not None else 0] or (
         "cannot start any token" in problem and line[mark.column : mark.column + 1] == "\t"
     ):

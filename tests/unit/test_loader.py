@@ -206,6 +206,25 @@ def test_yaml_syntax_error_has_file_line_column() -> None:
     assert res.documents == []
 
 
+def test_a_key_indented_too_deep_or_without_a_space_gets_a_hint_that_says_so() -> None:
+    head = "apiVersion: spiderpool.spidernet.io/v2beta1\nkind: SpiderIPPool\nmetadata:\n  name: p\n"
+    deep = load_text(head + "spec:\n  subnet: 10.3.0.0/24\n   gateway: 10.3.0.1\n", "a.yaml")
+    assert lines(deep.problems) == [
+        "a.yaml:7:11: error: YAML syntax error: mapping values are not allowed in this context "
+        "(this key is indented 3 spaces, deeper than the key on line 6 (2 spaces), so YAML reads "
+        "it as part of that value: indent it 2 spaces like its neighbour, or quote the value if "
+        "it contains ': ')"
+    ]
+    glued = load_text(
+        head + "spec:\n  subnet: 10.4.0.0/24\n  gateway:10.4.0.1\n  ips: []\n", "b.yaml"
+    )
+    assert lines(glued.problems) == [
+        "b.yaml:8:3: error: YAML syntax error: could not find expected ':', while scanning a "
+        'simple key at line 7, column 3 (line 7 has no ": " after its key: write a space after '
+        'the colon ("gateway: 172.18.0.1"), or quote the value if it is not a key)'
+    ]
+
+
 def test_syntax_error_keeps_earlier_documents() -> None:
     res = load_text(POOL + "---\nkind: [\n", "bad.yaml")
     assert [d.name for d in res.documents] == ["ippool-test"]
