@@ -331,9 +331,17 @@ def validate(desired: DesiredBridge, node: NodeContext) -> list[str]:
     Checks: bridge name at most 15 characters (Linux interface name), no other network
     interface on the node already has the bridge's name, each uplink exists on the node, no
     uplink is already a port of another OVS bridge, an uplink is not named like the bridge,
-    the requested datapath is usable.
+    the requested datapath is usable, and the persistence backend's refusals
+    (:meth:`persistence.Backend.inspect`: e.g. another netplan file keeps the uplink's
+    addresses, which the bridge would carry after a reboot too).
     """
+    return _validate(desired, node)[0]
+
+
+def _validate(desired: DesiredBridge, node: NodeContext) -> tuple[list[str], tuple[str, ...]]:
+    """:func:`validate`'s reasons and the persistence backend's notes."""
     reasons = []
+    macs: dict[str, str] = {}
     if len(desired.name) > IFNAMSIZ_MAX:
         reasons.append(
             f"bridge name {desired.name!r} is {len(desired.name)} characters; Linux interface "
@@ -343,8 +351,11 @@ def validate(desired: DesiredBridge, node: NodeContext) -> list[str]:
         reasons.append(f"uplink {desired.name} has the bridge's own name")
     with links.open_iproute(node.netns) as ipr:
         for u in desired.uplinks:
-            if links.read_link(ipr, u) is None:
+            st = links.read_link(ipr, u)
+            if st is None:
                 reasons.append(f"uplink {u} does not exist on node {node.name}")
+            else:
+                macs[u] = st.mac
         kind = links.link_kind(ipr, desired.name)
     # A link with the bridge's name that OVS did not make (OVS internal ports are "openvswitch"
     # with the kernel datapath, "tun" with netdev) is another device: taking its name would put
@@ -369,7 +380,11 @@ def validate(desired: DesiredBridge, node: NodeContext) -> list[str]:
         ovs.resolve_datapath(node.ovsdb, desired.datapath_type)
     except ovs.OvsError as exc:
         reasons.append(str(exc))
-    return reasons
+    findings = persistence.get_backend(desired.persistence, node.root).inspect(
+        node.root, desired, macs
+    )
+    reasons += findings.refusals
+    return reasons, findings.notes
 
 
 # --- plan -----------------------------------------------------------------------------------
@@ -388,7 +403,9 @@ class Plan:
     """What :func:`enact` would do. ``invalid``: reasons it would refuse (then nothing else is
     filled); ``changes``; ``files``: node path -> (content, mode) it would write (only files
     whose content differs); ``datapath``: resolved datapath; ``backend``: persistence backend;
-    ``stale``: files of ours that exist but are no longer rendered (e.g. the backend changed)."""
+    ``stale``: files of ours that exist but are no longer rendered (e.g. the backend changed);
+    ``notes``: sentences from the persistence backend that do not block (e.g. competing
+    NetworkManager profiles the agent's outrank); they are not changes."""
 
     bridge: str
     changes: tuple[Change, ...] = ()
@@ -397,6 +414,7 @@ class Plan:
     datapath: str = ""
     backend: str = ""
     stale: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -467,7 +485,7 @@ def _link_changes(desired: DesiredBridge, obs: Observed, cfg: NodeNetConfig) -> 
 
 
 def _plan(desired: DesiredBridge, node: NodeContext) -> tuple[Plan, Observed, NodeNetConfig]:
-    reasons = validate(desired, node)
+    reasons, notes = _validate(desired, node)
     if reasons:
         return Plan(desired.name, invalid=tuple(reasons)), Observed(None, {}, {}), NodeNetConfig()
     datapath = ovs.resolve_datapath(node.ovsdb, desired.datapath_type)
@@ -494,7 +512,11 @@ def _plan(desired: DesiredBridge, node: NodeContext) -> tuple[Plan, Observed, No
             to_write[path] = (content, mode)
     stale = tuple(p for p, cur in current.items() if cur is not None and p not in files)
     changes += [Change("file", f"remove stale {p}") for p in stale]
-    return Plan(desired.name, tuple(changes), to_write, (), datapath, backend, stale), obs, cfg
+    return (
+        Plan(desired.name, tuple(changes), to_write, (), datapath, backend, stale, notes),
+        obs,
+        cfg,
+    )
 
 
 def plan(desired: DesiredBridge, node: NodeContext) -> Plan:
@@ -510,10 +532,12 @@ def format_plan(p: Plan) -> str:
     """Human-readable text of a plan: one line per change, then each file's content."""
     if p.invalid:
         return f"bridge {p.bridge}: invalid\n" + "".join(f"  - {r}\n" for r in p.invalid)
+    notes = "".join(f"  note: {n}\n" for n in p.notes)
     if not p.changes:
-        return f"bridge {p.bridge}: no change\n"
+        return f"bridge {p.bridge}: no change\n{notes}"
     lines = [f"bridge {p.bridge} (datapath {p.datapath}, persistence {p.backend}):"]
     lines += [f"  [{c.area}] {c.text}" for c in p.changes]
+    lines += [f"  note: {n}" for n in p.notes]
     for path, (content, mode) in p.files.items():
         lines.append(f"--- {path} (mode {mode:04o})")
         lines += content.rstrip("\n").splitlines()
@@ -683,7 +707,7 @@ def enact(desired: DesiredBridge, node: NodeContext, *, run_probes: bool = True)
     return EnactResult(
         desired.name,
         STATUS_CHANGED,
-        tuple(done) + tuple(f"wrote {w}" for w in written),
+        tuple(done) + tuple(f"wrote {w}" for w in written) + tuple(f"note: {n}" for n in p.notes),
         tuple(written),
         None,
         result_probe,
