@@ -15,13 +15,16 @@ from the records. Idempotency: a pod UID's records that no other interface of th
 (per its SpiderEndpoint), in any candidate pool, are reused, so a retried ADD never takes a
 second IP. Each SpiderEndpoint entry also names the CNI container (sandbox) that holds the
 interface (``containerID``), and a DEL releases only what its container holds: the late DEL
-of a pod's dead sandbox never frees the address its new sandbox uses.
+of a pod's dead sandbox never frees the address its new sandbox uses. No pool hands out an
+address that another SpiderIPPool covers (:class:`PoolIndex`): overlapping pools never give one
+address twice.
 Sources: reference/spiderpool.md (Spiderpool 1.2.x, v2beta1); Kubernetes API conventions,
 "Concurrency Control and Consistency"; Kubernetes label selectors (matchLabels/matchExpressions).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import random
@@ -108,10 +111,14 @@ def ip_value(text: str, what: str = "status.allocatedIPs key") -> int:
 
 
 def lowest_free(
-    spec: dict[str, Any], taken: Iterable[str], reserved: Iterable[str] = ()
+    spec: dict[str, Any],
+    taken: Iterable[str],
+    reserved: Iterable[str] = (),
+    covered: netaddr.IPSet | None = None,
 ) -> str | None:
-    """Lowest IP of ``ips - excludeIPs`` not in ``taken``, not the pool's gateway and not one of
-    ``reserved`` (the gateways of other pools); None when full.
+    """Lowest IP of ``ips - excludeIPs`` not in ``taken``, not the pool's gateway, not one of
+    ``reserved`` (the gateways of other pools) and not in ``covered`` (addresses other
+    SpiderIPPools cover, see :meth:`PoolIndex.overlap`); None when full.
 
     Raises BadRecordKey when a ``taken`` key is not a canonical IP, PoolSyntaxError (a
     ValueError) for a malformed ``ips``/``excludeIPs`` entry.
@@ -123,7 +130,10 @@ def lowest_free(
     for gw in reserved:
         addr = netaddr.IPAddress(gw)
         busy.add((addr.version, int(addr)))
-    for cidr in ippool.allocatable(spec).iter_cidrs():
+    allowed = ippool.allocatable(spec)
+    if covered:
+        allowed = allowed - covered
+    for cidr in allowed.iter_cidrs():
         for value in range(cidr.first, cidr.last + 1):
             if (cidr.version, value) not in busy:
                 return str(netaddr.IPAddress(value, cidr.version))
@@ -419,13 +429,23 @@ class Allocation:
 
 
 class _Exhausted(Exception):
-    def __init__(self, pool: str, total: int, used: int, why: str = "") -> None:
+    def __init__(
+        self, pool: str, total: int, used: int, why: str = "", overlap: str = "", covered: int = 0
+    ) -> None:
         super().__init__(pool)
         self.pool, self.total, self.used, self.why = pool, total, used, why
+        self.overlap, self.covered = overlap, covered
 
     def describe(self) -> str:
         if self.why:
             return f"SpiderIPPool {self.pool} {self.why}"
+        if self.overlap:
+            return (
+                f"SpiderIPPool {self.pool}: {self.overlap}; an address that another "
+                f"SpiderIPPool covers is never handed out (remove the overlap), and the other "
+                f"{max(0, self.total - self.covered)} of its {self.total} IPs are taken "
+                f"({self.used} allocation records)"
+            )
         return f"SpiderIPPool {self.pool} has all {self.total} IPs allocated ({self.used} records)"
 
 
@@ -485,6 +505,196 @@ def _entry_ips(entry: dict[str, Any]) -> set[str]:
     return {entry[k].split("/")[0] for k in ("ipv4", "ipv6") if entry.get(k)}
 
 
+def _ranges_text(addresses: netaddr.IPSet) -> str:
+    """``a-b, c`` for an IPSet (ranges as Spiderpool writes ``spec.ips``)."""
+    parts = []
+    for r in addresses.iter_ipranges():
+        parts.append(str(r[0]) if r.size == 1 else f"{r[0]}-{r[-1]}")
+    return ", ".join(parts)
+
+
+class _IndexedPool:
+    """One SpiderIPPool as a LIST saw it: identity and the addresses it covers.
+
+    ``covers`` = ``ips - excludeIPs`` plus the ``status.allocatedIPs`` keys outside that set
+    (records left behind by a spec change). Built from ``previous`` (the same pool, same UID,
+    in the index before) where possible: the spec's set is reused when ``ips``/``excludeIPs``
+    are unchanged and only record keys not seen before are parsed, so re-listing a pool whose
+    status changed with each ADD costs a set difference, not a parse of every record.
+    """
+
+    __slots__ = (
+        "bounds", "covers", "family", "generation", "name", "outliers", "record_keys",
+        "resource_version", "spec_key", "spec_ranges", "spec_set", "spec_starts", "uid",
+    )  # fmt: skip
+
+    def __init__(self, pool: dict[str, Any], previous: _IndexedPool | None) -> None:
+        md = pool.get("metadata") or {}
+        spec = pool.get("spec") or {}
+        self.name = str(md.get("name", ""))
+        self.family = pool_family(spec)
+        self.uid = str(md.get("uid", ""))
+        gen = md.get("generation")
+        self.generation: int | None = gen if isinstance(gen, int) else None
+        self.resource_version = str(md.get("resourceVersion", ""))
+        self.spec_key = _spec_key(spec)
+        if previous is not None and previous.uid != self.uid:
+            previous = None
+        if previous is not None and previous.spec_key == self.spec_key:
+            self.spec_set: netaddr.IPSet = previous.spec_set
+            self.spec_ranges: list[tuple[int, int, int]] = previous.spec_ranges
+        else:
+            previous = None  # outliers are relative to the spec's set
+            try:
+                self.spec_set = ippool.allocatable(spec)
+            except (ValueError, TypeError) as exc:  # such a pool cannot allocate either
+                log.warning("SpiderIPPool %s: spec.ips unreadable (%s)", self.name, exc)
+                self.spec_set = netaddr.IPSet()
+            self.spec_ranges = sorted(
+                (r.version, r.first, r.last) for r in self.spec_set.iter_ipranges()
+            )
+        # (version, first) of each range, for bisect: IPSet membership costs ~40 us an address
+        self.spec_starts = [(v, first) for v, first, _ in self.spec_ranges]
+        try:
+            keys = frozenset(ippool.allocated_ips(pool.get("status")))
+        except ValueError as exc:
+            log.warning("SpiderIPPool %s: status.allocatedIPs unreadable (%s)", self.name, exc)
+            keys = frozenset()
+        self.record_keys = keys
+        if previous is not None:
+            outliers = {k: v for k, v in previous.outliers.items() if k in keys}
+            new = keys - previous.record_keys
+        else:
+            outliers, new = {}, keys
+        for key in new:
+            try:
+                addr = netaddr.IPAddress(key)
+            except (netaddr.AddrFormatError, ValueError, TypeError):
+                continue  # not an address: covers nothing (the pool's own writes refuse it)
+            if not self._in_spec(addr):
+                outliers[key] = addr
+        self.outliers: dict[str, netaddr.IPAddress] = outliers
+        if outliers:
+            self.covers = self.spec_set | netaddr.IPSet(outliers.values())
+        else:
+            self.covers = self.spec_set
+        cidrs = list(self.covers.iter_cidrs())
+        self.bounds: tuple[int, int] | None = (cidrs[0].first, cidrs[-1].last) if cidrs else None
+
+    def _in_spec(self, addr: netaddr.IPAddress) -> bool:
+        value = int(addr)
+        i = bisect.bisect_right(self.spec_starts, (addr.version, value)) - 1
+        return i >= 0 and self.spec_ranges[i][0] == addr.version and self.spec_ranges[i][2] >= value
+
+
+def _spec_key(spec: dict[str, Any]) -> tuple[Any, ...]:
+    """What ``ips - excludeIPs`` depends on, hashable (a malformed value hashes by its repr)."""
+
+    def part(value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        return repr(value)
+
+    return (part(spec.get("ips")), part(spec.get("excludeIPs")))
+
+
+class PoolIndex:
+    """Every SpiderIPPool as one LIST saw it: each pool's gateway and the addresses it covers.
+
+    Built by :meth:`Ipam.list_pools`; read by every ADD. ``gateways``: every pool's
+    ``spec.gateway`` (never a pod address in any pool). :meth:`overlap` gives the addresses of a
+    pool that other SpiderIPPools of its family cover (their ``ips - excludeIPs`` or their
+    ``status.allocatedIPs`` keys), computed once per index and pool spec. :meth:`knows` says
+    whether a pool copy is what the LIST saw (or older): when it is not, the index is stale for
+    that pool's decisions and must be re-listed. ``stamp``: ``time.monotonic()`` of the LIST.
+    Source: reference/spiderpool.md ("pools sharing a subnet may not overlap in IPs", enforced
+    there by Spiderpool's admission webhook; we have none, so the IPAM enforces it).
+    """
+
+    def __init__(
+        self, items: list[dict[str, Any]], previous: PoolIndex | None, stamp: float
+    ) -> None:
+        self.stamp = stamp
+        self.gateways = frozenset(
+            str(p["spec"]["gateway"])
+            for p in items
+            if (p.get("spec") or {}).get("gateway") and _is_ip(str(p["spec"]["gateway"]))
+        )
+        before = previous.pools if previous is not None else {}
+        self.pools: dict[str, _IndexedPool] = {}
+        for p in items:
+            name = str((p.get("metadata") or {}).get("name", ""))
+            old = before.get(name)
+            rv = str((p.get("metadata") or {}).get("resourceVersion", ""))
+            if old is not None and rv and old.resource_version == rv:
+                self.pools[name] = old  # unchanged since the last LIST
+            else:
+                self.pools[name] = _IndexedPool(p, old)
+        self._overlaps: dict[tuple[Any, ...], tuple[netaddr.IPSet, dict[str, netaddr.IPSet]]] = {}
+
+    def knows(self, pool: dict[str, Any]) -> bool:
+        """True when the LIST saw ``pool`` as this copy shows it, or later.
+
+        False when the index has no pool of that name, has one with another UID (deleted and
+        recreated), or ``pool`` has a higher ``metadata.generation`` (its spec changed after
+        the LIST); without generations, when the spec's ``ips``/``excludeIPs`` differ.
+        A copy older than the index (a stale cache, lower generation) is known: a status
+        write from it is refused with 409 anyway.
+        """
+        md = pool.get("metadata") or {}
+        seen = self.pools.get(str(md.get("name", "")))
+        if seen is None or seen.uid != str(md.get("uid", "")):
+            return False
+        gen = md.get("generation")
+        if isinstance(gen, int) and seen.generation is not None:
+            return gen <= seen.generation
+        return seen.spec_key == _spec_key(pool.get("spec") or {})
+
+    def overlap(
+        self, name: str, spec: dict[str, Any]
+    ) -> tuple[netaddr.IPSet, dict[str, netaddr.IPSet]]:
+        """The addresses of pool ``name`` (with ``spec``) that other pools of its family cover.
+
+        Returns ``(union, {other pool name: its part})``; both empty in the usual case.
+        Memoized per ``(name, ips, excludeIPs)`` for the life of the index, so an ADD pays a
+        dict lookup. Raises PoolSyntaxError (a ValueError) for a malformed ``spec``.
+        """
+        key = (name, *_spec_key(spec))
+        hit = self._overlaps.get(key)
+        if hit is not None:
+            return hit
+        family = pool_family(spec)
+        allowed = ippool.allocatable(spec)
+        cidrs = list(allowed.iter_cidrs())
+        parts: dict[str, netaddr.IPSet] = {}
+        if cidrs:
+            lo, hi = cidrs[0].first, cidrs[-1].last
+            for other, seen in self.pools.items():
+                if other == name or seen.family != family or seen.bounds is None:
+                    continue
+                if seen.bounds[1] < lo or seen.bounds[0] > hi:
+                    continue
+                common = seen.covers & allowed
+                if common:
+                    parts[other] = common
+        union = netaddr.IPSet()
+        for common in parts.values():
+            union |= common
+        out = (union, parts)
+        self._overlaps[key] = out
+        return out
+
+    @staticmethod
+    def describe(parts: dict[str, netaddr.IPSet]) -> str:
+        """``10.1.0.10-10.1.0.20 are also in SpiderIPPool pool-a; ...`` for an error message,
+        from the ``{other pool name: addresses}`` that :meth:`overlap` returns."""
+        return "; ".join(
+            f"{_ranges_text(common)} {'is' if common.size == 1 else 'are'} also in "
+            f"SpiderIPPool {other}"
+            for other, common in sorted(parts.items())
+        )
+
+
 class Ipam:
     """The IPAM engine of one node agent (thread-safe).
 
@@ -501,8 +711,18 @@ class Ipam:
     times with jittered exponential backoff (``backoff`` seconds, capped at ``backoff_cap``).
 
     Every API request carries a timeout of ``request_timeout`` seconds: a request the server
-    does not answer fails the call with CniError 11. ``gateway_ttl``: how long the list of
-    every pool's gateway (never handed out, see :meth:`_gateways`) is reused.
+    does not answer fails the call with CniError 11. ``gateway_ttl``: how long the index of
+    every pool (:class:`PoolIndex`, one LIST: gateways and covered addresses, see
+    :meth:`_pool_index`) is reused.
+
+    Overlapping pools: a pool never hands out an address that another SpiderIPPool of its
+    family covers (in that pool's ``ips - excludeIPs`` or its ``status.allocatedIPs``), so
+    two pools with overlapping ``spec.ips`` (made by hand, by another reconciler, or a pool
+    renamed in Git whose old copy is kept while it has allocations) never give one address
+    twice; the overlap is handed out by neither (Spiderpool refuses such pools in its
+    webhook). A pod's own record in the overlap is still returned to its retried ADD. A pool
+    left with no free address for that reason fails with CniError 101 naming the other pools
+    and the ranges.
 
     Freshness: a pool copy is trusted for a decision only when it was just read, or when a
     status write made from it succeeded (the API server refuses a write from a stale copy with
@@ -553,8 +773,10 @@ class Ipam:
         self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ipam")
         self._pool_cache: dict[str, dict[str, Any]] = {}
         self._ttl_cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
-        self._gw_lock = threading.Lock()
-        self._gw_index: tuple[float, frozenset[str], frozenset[str]] | None = None
+        self._index_lock = threading.Lock()
+        self._index: PoolIndex | None = None
+        self.index_refreshes = 0
+        """LISTs of every SpiderIPPool made (for benchmarks and tests)."""
         self.conflicts = 0
         """Status writes that got 409 Conflict (for benchmarks and tests)."""
 
@@ -645,32 +867,45 @@ class Ipam:
             raise CniError(
                 TRY_AGAIN_LATER, f"listing SpiderIPPools: {exc.status} {exc.reason}"
             ) from exc
-        self._note_gateways(items)
+        self.index_refreshes += 1
+        self._index = PoolIndex(items, self._index, time.monotonic())
         return items
 
-    def _note_gateways(self, items: list[dict[str, Any]]) -> None:
-        gws = frozenset(
-            str(p["spec"]["gateway"])
-            for p in items
-            if (p.get("spec") or {}).get("gateway") and _is_ip(str(p["spec"]["gateway"]))
-        )
-        names = frozenset(p["metadata"]["name"] for p in items)
-        self._gw_index = (time.monotonic(), gws, names)
+    def _pool_index(self, pool: dict[str, Any]) -> PoolIndex:
+        """The index of every pool (gateways, covered addresses) to decide an ADD from ``pool``.
 
-    def _gateways(self, pool: str) -> frozenset[str]:
-        """The gateways of every SpiderIPPool: never handed out by any pool.
+        One LIST, reused for ``gateway_ttl`` seconds, and re-listed at once when ``pool`` is not
+        in it (a new pool), has another UID (recreated) or a newer ``metadata.generation``
+        (its spec changed since the LIST: it may have grown into another pool's range).
+        ``pool`` is the copy the ADD decides from, read anyway for the compare-and-swap, so
+        this costs no request in the steady state.
 
-        Two pools on one subnet may give their pods different gateways; an address that is
-        the gateway of one must not become a pod address of the other. Read with one LIST,
-        reused for ``gateway_ttl`` seconds unless ``pool`` is not in it (a new pool).
+        Why this is enough for "an IP is never handed out twice" across pools with
+        overlapping ``spec.ips``: a status write succeeds only from the pool's current copy
+        (409 otherwise), so every committed allocation from pool P used an index listed
+        after P's current spec was written. For P and Q to both hand out X, P's index must
+        not show Q covering X, and Q's index must not show P covering X (spec or record).
+        Q's index was listed after Q's spec was written, and P's after P's; P covers X from
+        its spec write until its allocation of X is released, so Q's index must predate P's
+        spec write, and likewise P's index must predate Q's: both cannot hold. A newly
+        created overlapping pool therefore always sees the older ones, and a pool *updated*
+        to grow into another's range re-lists on its first ADD. What is left: an API server
+        that sets no ``metadata.generation`` and a copy whose spec equals the indexed one
+        (then only ``gateway_ttl`` bounds the staleness), and addresses written into
+        another pool's ``status.allocatedIPs`` outside its ``spec.ips`` by hand after the LIST
+        (seen within ``gateway_ttl``).
         """
-        with self._gw_lock:
-            idx = self._gw_index
-            if idx is None or time.monotonic() - idx[0] >= self.gateway_ttl or pool not in idx[2]:
+        with self._index_lock:
+            idx = self._index
+            if (
+                idx is None
+                or time.monotonic() - idx.stamp >= self.gateway_ttl
+                or not idx.knows(pool)
+            ):
                 self.list_pools()
-                idx = self._gw_index
+                idx = self._index
             assert idx is not None
-            return idx[1]
+            return idx
 
     def _sleep(self, attempt: int) -> None:
         time.sleep(random.uniform(0, min(self.backoff_cap, self.backoff * (2**attempt))))
@@ -1089,12 +1324,22 @@ class Ipam:
                     f"holds {len(records)} allocation records, the most a pool may hold "
                     f"({self.max_records}, as Spiderpool)",
                 )  # fmt: skip
+            index = self._pool_index(pool)
             try:
-                ip = lowest_free(spec, records, self._gateways(name))
+                covered, parts = index.overlap(name, spec)
+                ip = lowest_free(spec, records, index.gateways, covered)
                 total = ippool.allocatable(spec).size
             except ValueError as exc:
                 raise CniError(INVALID_CONFIG, f"SpiderIPPool {name}: {exc}") from exc
             if ip is None:
+                if parts:
+                    raise _Exhausted(
+                        name,
+                        total,
+                        len(records),
+                        overlap=PoolIndex.describe(parts),
+                        covered=covered.size,
+                    )
                 raise _Exhausted(name, total, len(records))
             records[ip] = {"pod": req.pod_ref, "podUid": uid}
             return True, (ip, pool)
