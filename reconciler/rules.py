@@ -164,6 +164,12 @@ _TABLE: tuple[tuple[str, str, str, str], ...] = (
     ),
     ("bond-required", _E, "semantic", "two or more master interfaces without bond"),
     (
+        "own-plugin-invalid",
+        _E,
+        "semantic",
+        "an underlay-ovs plugin in customCNI/chainCNIJsonData that the plugin would refuse",
+    ),
+    (
         "coordinator-not-rendered",
         _W,
         "semantic",

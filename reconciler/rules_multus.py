@@ -231,7 +231,8 @@ def check_smc(doc: Document, ctx: Context) -> list[Problem]:
                 )
             )
         else:
-            why = cni_config_problem(strict_json(custom))
+            conf = strict_json(custom)
+            why = cni_config_problem(conf)
             if why:
                 out.append(
                     doc.problem(
@@ -242,6 +243,9 @@ def check_smc(doc: Document, ctx: Context) -> list[Problem]:
                         'a single plugin {"cniVersion": "1.0.0", "type": "bridge"}',
                     )
                 )
+            else:
+                for plugin in conf.get("plugins", [conf]):
+                    out += _check_own_plugin(doc, ctx, ("spec", "customCNI"), plugin)
     chain = spec.get("chainCNIJsonData")
     if isinstance(chain, list):
         for i, item in enumerate(chain):
@@ -257,7 +261,8 @@ def check_smc(doc: Document, ctx: Context) -> list[Problem]:
                         )
                     )
                     continue
-                why = plugin_problem(strict_json(item))
+                plugin = strict_json(item)
+                why = plugin_problem(plugin)
                 if why:
                     out.append(
                         doc.problem(
@@ -268,6 +273,8 @@ def check_smc(doc: Document, ctx: Context) -> list[Problem]:
                             hint='write one plugin object with its type, e.g. {"type": "tuning"}',
                         )
                     )
+                else:
+                    out += _check_own_plugin(doc, ctx, ("spec", "chainCNIJsonData", i), plugin)
     for section in SECTIONS:
         body = spec.get(section)
         if isinstance(body, dict):
@@ -437,6 +444,51 @@ def _check_trunk(doc: Document, trunk: Any) -> list[Problem]:
                     hint=f"write minID: {hi}, maxID: {lo}",
                 )
             )
+    return out
+
+
+def _check_own_plugin(
+    doc: Document, ctx: Context, path: tuple[str | int, ...], plugin: Any
+) -> list[Problem]:
+    """Our own plugins written by hand in customCNI or chainCNIJsonData get the checks the
+    ``ovs`` section gets: the config as ``underlay-ovs`` reads it at ADD (its own parser, so
+    a value it refuses is refused here first), the bridge an OvsBridge makes, the pools of its
+    ``underlay-ipam``. Other plugin types are not ours to judge."""
+    if not isinstance(plugin, dict) or plugin.get("type") != vocab.CNI_OVS_TYPE:
+        return []
+    from node_agent.cni.errors import CniError
+    from node_agent.cni.ovs_plugin import parse_conf
+
+    out: list[Problem] = []
+    try:
+        parse_conf(plugin)
+    except CniError as exc:
+        return [
+            doc.problem(
+                path,
+                rule="own-plugin-invalid",
+                message=f"the {vocab.CNI_OVS_TYPE} plugin would refuse every pod ADD: {exc.msg}",
+                hint="fix that field, or use cniType ovs and let underlay render the plugin",
+            )
+        ]
+    bridge = plugin["bridge"]
+    if bridge not in ctx.bridges:
+        out.append(
+            doc.problem(
+                path,
+                rule="bridge-not-found",
+                severity=WARNING,
+                message=f'no OvsBridge in {ctx.scope} makes bridge "{bridge}"',
+                hint=f"add an OvsBridge for it; {ctx.outside_note('the bridge', 'made')}",
+            )
+        )
+    ipam = plugin.get("ipam")
+    if isinstance(ipam, dict) and ipam.get("type") == vocab.CNI_IPAM_TYPE:
+        for key, family in (("default_ipv4_ippool", 4), ("default_ipv6_ippool", 6)):
+            names = ipam.get(key)
+            for name in names if isinstance(names, list) else []:
+                if isinstance(name, str):
+                    out += _check_pool_ref(doc, ctx, path, name, family)
     return out
 
 

@@ -707,6 +707,35 @@ CASES: list[tuple[str, str, dict[str, str], list[str], dict[str, bool]]] = [
         {},
     ),
     (
+        "own-plugin-invalid",
+        "own-plugin-invalid",
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: c1
+              namespace: kube-system
+            spec:
+              cniType: custom
+              customCNI: '{"cniVersion": "1.0.0", "plugins": [{"type": "underlay-ovs", "bridge": "br1", "vlan": "10"}]}'
+              chainCNIJsonData:
+              - '{"type": "underlay-ovs", "bridge": "nosuchbr", "ipam": {"type": "underlay-ipam", "default_ipv4_ippool": ["nopool"]}}'
+            """)
+        },
+        [
+            "m.yaml:8:14: error: SpiderMultusConfig kube-system/c1 spec.customCNI: the underlay-ovs "
+            "plugin would refuse every pod ADD: vlan must be an integer in 0..4094, got '10' (fix "
+            "that field, or use cniType ovs and let underlay render the plugin)",
+            "m.yaml:10:5: warning: SpiderMultusConfig kube-system/c1 spec.chainCNIJsonData[0]: no "
+            'OvsBridge in the repository makes bridge "nosuchbr" (add an OvsBridge for it; fine if '
+            "the bridge is made outside Git)",
+            "m.yaml:10:5: warning: SpiderMultusConfig kube-system/c1 spec.chainCNIJsonData[0]: no "
+            'SpiderIPPool "nopool" in the repository (check the name; fine if the pool is managed '
+            "outside Git)",
+        ],
+        {},
+    ),
+    (
         "coordinator-not-rendered",
         "coordinator-not-rendered",
         {
