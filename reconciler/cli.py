@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -557,8 +558,15 @@ def _namespace(args: argparse.Namespace) -> str:
     return str(args.namespace or kube.default_namespace(args.kubeconfig, args.context))
 
 
-def _print_problems(problems: Sequence[Any]) -> None:
+def _print_problems(problems: Sequence[Any], root: Any = None) -> None:
+    """Print problems to stderr; with a local ``root`` (not a checkout of --repo), file names
+    are shown as from the current directory, as ``underlay validate`` shows them."""
+    import dataclasses
+
+    base = os.path.relpath(root) if root is not None else "."
     for p in problems:
+        if base != "." and p.file:
+            p = dataclasses.replace(p, file=os.path.join(base, p.file))
         print(p.format(), file=sys.stderr)
 
 
@@ -615,7 +623,7 @@ def _plan_once(args: argparse.Namespace) -> int:
         prune=not args.no_prune, apply=False, ignore_unknown_kinds=args.ignore_unknown_kinds,
         inventory=inventory, allow_empty=args.allow_empty, self_heal=not args.no_self_heal,
     )  # fmt: skip
-    _print_problems(res.problems)
+    _print_problems(res.problems, root if args.repo is None else None)
     if res.errors or res.plan is None:
         print(f"{len(res.errors)} error(s): nothing planned.", file=sys.stderr)
         return EXIT_FINDINGS
