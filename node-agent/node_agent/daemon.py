@@ -1274,6 +1274,20 @@ def load_bridges(path: Path) -> tuple[list[dict[str, Any]], list[str], list[str]
     return objs, errors, warnings, len(docs) - len(objs)
 
 
+def node_labels(api: client.ApiClient, name: str) -> dict[str, str] | None:
+    """The labels of Node ``name`` (``{}`` when it has none); None, after saying so on stdout,
+    when the Node does not exist. Raises ApiException for other API errors and urllib3's
+    HTTPError when the API server cannot be reached."""
+    try:
+        md = client.CoreV1Api(api).read_node(name).metadata
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+        print(f"Node {name} not found in the cluster: nothing would be changed")
+        return None
+    return dict((md.labels if md else None) or {})
+
+
 def noop(
     api: client.ApiClient | None,
     node: bridges.NodeContext,
@@ -1293,13 +1307,8 @@ def noop(
     the node's Node object is read and does not exist."""
     if labels is None:
         assert api is not None, "the Node's labels are read from the cluster"
-        try:
-            md = client.CoreV1Api(api).read_node(node.name).metadata
-            labels = dict((md.labels if md else None) or {})
-        except client.ApiException as exc:
-            if exc.status != 404:
-                raise
-            print(f"Node {node.name} not found in the cluster: nothing would be changed")
+        labels = node_labels(api, node.name)
+        if labels is None:
             return 1
     mine: list[dict[str, Any]] = []
     if objects is None:
@@ -1391,13 +1400,9 @@ def run_noop(args: argparse.Namespace) -> int:
         if args.source is not None:
             configure_client(api, (3.0, 10.0), retries=0)
             try:
-                md = client.CoreV1Api(api).read_node(args.node_name).metadata
-                labels = dict((md.labels if md else None) or {})
-            except client.ApiException as exc:
-                if exc.status != 404:
-                    raise
-                print(f"Node {args.node_name} not found in the cluster: nothing would be changed")
-                return 1
+                labels = node_labels(api, args.node_name)
+                if labels is None:
+                    return 1
             except urllib3.exceptions.HTTPError as exc:
                 why = kube.transport_error(exc, api) or str(exc)
                 print(f"node {args.node_name} labels: none: {why}; treated as empty")

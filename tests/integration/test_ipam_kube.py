@@ -152,6 +152,32 @@ def req(name: str, uid: str, ifname: str = "eth0", ns: str = "default", **conf: 
 
 
 # --- engine against the emulator -------------------------------------------------------------
+
+
+def run_ipam_shim(
+    bins: Path, conf: dict[str, Any], command: str, cid: str, pod: str, uid: str
+) -> tuple[int, bytes]:
+    """Execute the installed ``underlay-ipam`` shim in ``bins`` as a runtime does (env +
+    stdin) for pod ``default/<pod>``; returns (exit code, stdout)."""
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": cid,
+        "CNI_NETNS": "/run/netns/none",
+        "CNI_IFNAME": "net1",
+        "CNI_PATH": "/x",
+        "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID={uid}",
+    }
+    p = subprocess.run(
+        [str(bins / "underlay-ipam")],
+        input=json.dumps(conf).encode(),
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    return p.returncode, p.stdout
+
+
 def test_allocate_records_and_release_exactly_like_spiderpool(cluster: Cluster) -> None:
     cluster.node("n1")
     cluster.pool("ippool-test")
@@ -366,23 +392,7 @@ def test_two_agent_processes_allocate_200_distinct_ips(cluster: Cluster, tmp_pat
 
     def call(i: int, command: str) -> None:
         name, uid = pods[i]
-        env = {
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": f"cid{i}",
-            "CNI_NETNS": "/run/netns/none",
-            "CNI_IFNAME": "net1",
-            "CNI_PATH": "/x",
-            "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_UID={uid}",
-        }
-        p = subprocess.run(
-            [str(agents[i % 2][1] / "underlay-ipam")],
-            input=json.dumps(conf).encode(),
-            env=env,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        results[name] = (p.returncode, p.stdout)
+        results[name] = run_ipam_shim(agents[i % 2][1], conf, command, f"cid{i}", name, uid)
 
     try:
         for command in ("ADD", "DEL"):

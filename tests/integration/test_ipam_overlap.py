@@ -28,7 +28,7 @@ from node_agent.ipam import Ipam
 from reconciler.ippool import allocated_ips
 from reconciler.kube import api_client
 from tests.cniruntime import PYTHON
-from tests.integration.test_ipam_kube import Cluster, cluster, req
+from tests.integration.test_ipam_kube import Cluster, cluster, req, run_ipam_shim
 
 __all__ = ["cluster"]  # the fixture, shared with test_ipam_kube
 LIST_POOLS = r"/spiderippools$"
@@ -152,23 +152,7 @@ def test_two_agent_processes_through_the_shim(cluster: Cluster, tmp_path: Path) 
             "type": "macvlan",
             "ipam": {"type": "underlay-ipam", "default_ipv4_ippool": ["one" if i < 30 else "two"]},
         }
-        env = {
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": f"cid{i}",
-            "CNI_NETNS": "/run/netns/none",
-            "CNI_IFNAME": "net1",
-            "CNI_PATH": "/x",
-            "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_UID={uid}",
-        }
-        p = subprocess.run(
-            [str(agents[i % 2][1] / "underlay-ipam")],
-            input=json.dumps(conf).encode(),
-            env=env,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        results[name] = (p.returncode, p.stdout)
+        results[name] = run_ipam_shim(agents[i % 2][1], conf, command, f"cid{i}", name, uid)
 
     try:
         for proc, _ in agents:
