@@ -299,3 +299,46 @@ def test_retried_add_replaces_leftovers(one_node: Any, tmp_path: Path) -> None:
     assert second and second != first
     assert [n for n in node.vsctl("list-ports", "br1").split() if n.startswith("veth")] == [second]
     assert pod.link_exists("eth0")
+
+
+def _host_veths(node: Any) -> list[str]:
+    out = node.run("ip", "-o", "link").stdout
+    return sorted(ln.split(": ")[1].split("@")[0] for ln in out.splitlines() if ": veth" in ln)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("gone", ["port", "bridge"])
+def test_del_without_its_port_still_removes_the_interfaces(
+    one_node: Any, tmp_path: Path, gone: str
+) -> None:
+    """ovs-cni semantics: DEL removes CNI_IFNAME in CNI_NETNS whether or not the OVS port is
+    found (deleted by hand, or with its bridge); the host veth goes with it, the IP is
+    released, DEL exits 0 (also a second time), and a retried ADD in the same netns works
+    (no EEXIST) once the bridge is there."""
+    rig, node, _agent, rt = one_node
+    pod = rig.add_pod("p1")
+    hl = tmp_path / "hl"
+    conf = conflist(
+        {"type": "underlay-ovs", "bridge": "br1",
+         "ipam": host_local("172.18.30.131", "172.18.30.140", hl)}
+    )  # fmt: skip
+    rt.add(conf, pod, "c1")
+    port = ovs_port_of(node, "c1")
+    assert port and _host_veths(node) == [port] and pod.link_exists("eth0")
+    if gone == "port":
+        node.vsctl("del-port", "br1", port)
+    else:
+        node.vsctl("del-br", "br1")
+
+    notes = rt.delete(conf, pod, "c1")
+
+    assert all("incomplete" not in n for n in notes), notes
+    wait_for(lambda: not pod.link_exists("eth0"), 5, "pod eth0 deleted")
+    wait_for(lambda: _host_veths(node) == [], 5, "host veth deleted")
+    assert list(hl.glob("*/172.*")) == []
+    assert rt.delete(conf, pod, "c1") is not None  # again: nothing left, still exit 0
+    if gone == "bridge":
+        make_bridge(node)
+    again = rt.add(conf, pod, "c1")  # a retried ADD in the same netns
+    assert again["interfaces"][1]["name"] == "eth0" and pod.addresses("eth0")
+    assert _host_veths(node) == [ovs_port_of(node, "c1")]

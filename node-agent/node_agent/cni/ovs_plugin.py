@@ -6,7 +6,8 @@ Config (CNI network config; names as ovs-cni)::
      "maxID": 40}], "mtu": 1500, "ofport_request": 0, "interface_type": "", "mac": "...",
      "ipam": {"type": "underlay-ipam" | any IPAM plugin in CNI_PATH, ...}}
 
-ADD: the bridge must exist; IPAM runs concurrently with the veth creation (random host
+ADD: the bridge must exist and not be one the node agent is still creating or removing (code
+11, try again later, naming the bridge and why; :attr:`CniAgent.bridge_gate`); IPAM runs concurrently with the veth creation (random host
 name, the peer created directly inside the pod namespace) and the OVSDB transaction that adds
 Interface + Port (external_ids, see :mod:`node_agent.cni.ports`) to the bridge; the pod
 interface then gets its MAC (``mac``/CNI_ARGS ``MAC``/runtimeConfig ``mac``, else ``0a:58:`` +
@@ -18,8 +19,10 @@ Any failure undoes what was done (port, veth, IP allocation). ``vlan`` > 0
 without ``trunk`` makes an access port; ``trunk`` a trunk port; ``vlan`` 0 or absent and no
 trunk: untagged (all VLANs).
 DEL: finds the port by ``contId`` + ``contIface`` and deletes it, IPAM DEL concurrently; the
-host veth (and with it the pod end) is deleted right after the answer (a later ADD of the same
-netns/ifname waits for that); tolerates a missing netns/port and repeats.
+host veth (and with it the pod end) is deleted right after the answer, and CNI_IFNAME in
+CNI_NETNS too whether or not the port was found (its port deleted by hand, its bridge deleted;
+ovs-cni does the same), so a later ADD of the same netns/ifname (which waits for that) does
+not find it there; tolerates a missing netns/port and repeats.
 CHECK: port, veth, pod interface and the prevResult addresses must be present.
 Ports of dead pods (an OVS ``error`` on the Interface, or the host veth gone) are purged in
 the background after an ADD/DEL, at most once per ``purge_interval``.
@@ -58,6 +61,7 @@ from .podnet import (
     configure_pod_interface,
     create_veth,
     delete_link,
+    delete_pod_interface,
     host_link_names,
     link_exists,
     mac_from_ipv4,
@@ -354,6 +358,14 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             f"OVS bridge {conf.bridge} does not exist on node {agent.node_name} "
             f"(OVSDB {agent.ovsdb_remote or 'of the agent'})",
         )
+    # after the existence check: a bridge being created exists only once its creation began
+    unready = agent.bridge_gate(conf.bridge) if agent.bridge_gate is not None else None
+    if unready:
+        raise CniError(
+            TRY_AGAIN_LATER,
+            f"OVS bridge {conf.bridge} on node {agent.node_name} is not ready for pods: "
+            f"{unready}; try again later",
+        )
 
     ipam_future = agent.executor.submit(_ipam_add, agent, req, conf)
     attach_future: Future[ports.PodPort] | None = None
@@ -435,6 +447,16 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
     }
 
 
+def _delete_links(agent: CniAgent, hosts: list[str], req: CniRequest) -> None:
+    """DEL's link cleanup: the host veths ``hosts``, then the pod's interface ``req.ifname``
+    in ``req.netns`` (a missing namespace or interface is fine)."""
+    for host in hosts:
+        delete_link(host, agent.host_netns)
+    if req.netns and delete_pod_interface(req.netns, req.ifname):
+        log.info("DEL %s: deleted %s in %s (its OVS port was gone)", req.describe(), req.ifname,
+                 req.netns)  # fmt: skip
+
+
 def _why(exc: BaseException) -> str:
     if isinstance(exc, CniError):
         return exc.msg
@@ -453,11 +475,17 @@ def cmd_del(agent: CniAgent, req: CniRequest) -> None:
         conf = None
         problems.append(f"config: {exc.msg}")
     ipam_future = agent.executor.submit(_ipam_del, agent, req, conf) if conf else None
+    found: list[ports.PodPort] = []
     try:
         found = ports.find_pod_ports(agent.ovs, contId=req.container_id, contIface=req.ifname)
-        _remove(agent, found, defer=True)
+        ports.detach_ports(agent.ovs, [p.name for p in found])
     except Exception as exc:
         problems.append(f"OVS port: {_why(exc)}")
+    # the links go whether or not the port was found (deleted by hand, bridge deleted, OVSDB
+    # unreachable): the host veths of the ports, then CNI_IFNAME in CNI_NETNS (ovs-cni), so a
+    # retried ADD in the same netns does not find it there; after the answer
+    hosts = [p.name for p in found]
+    agent.defer((req.netns, req.ifname), partial(_delete_links, agent, hosts, req))
     if ipam_future is not None:
         try:
             ipam_future.result()

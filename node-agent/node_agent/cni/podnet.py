@@ -165,6 +165,36 @@ def delete_link(name: str, host_netns: str | None = None) -> bool:
     return run_in_netns(host_netns, work)
 
 
+def delete_pod_interface(netns_path: str, ifname: str) -> bool:
+    """Delete interface ``ifname`` inside the pod namespace ``netns_path`` (a veth takes its
+    host peer with it); False when the namespace or the interface is already gone, or the
+    path is not a network namespace (nothing to delete there). Raises LinkError when netlink
+    refuses. Source: ovs-cni CmdDel (deletes CNI_IFNAME in CNI_NETNS whether or not the
+    port was found); CNI spec 1.0.0, DEL ("missing netns" is not an error)."""
+
+    def work() -> bool:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return False
+            try:
+                ipr.link("del", index=found[0])
+            except NetlinkError as exc:
+                if exc.code in (errno.ENODEV, errno.ENOENT):
+                    return False
+                raise LinkError(f"cannot delete {ifname} in {netns_path}: {exc}") from exc
+            return True
+
+    try:
+        return run_in_netns(netns_path, work)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT):  # setns: not a network namespace
+            return False
+        raise
+
+
 def host_link_names(host_netns: str | None = None) -> set[str]:
     """Names of all links in ``host_netns`` (None: the caller's namespace), one netlink dump."""
 

@@ -90,6 +90,11 @@ class CniAgent:
         self.api_timeout = api_timeout
         """Seconds between opportunistic purges of dead pod ports (0: after every call)."""
         self.last_purge = 0.0
+        self.bridge_gate: Callable[[str], str | None] | None = None
+        """Asked before an ADD attaches a pod to an OVS bridge: None when it may, else why not
+        (the bridge agent of the same process sets it to
+        :meth:`node_agent.daemon.BridgeAgent.bridge_unready`: a bridge it is still creating
+        or removing); the ADD then fails with code 11. None (standalone server): no check."""
         self._ipam: Any = None
         self._lock = threading.Lock()
         self._busy: dict[tuple[str, str], list[Any]] = {}
