@@ -35,6 +35,7 @@ import dataclasses
 import datetime
 import logging
 import random
+import re
 import signal
 import socket
 import sys
@@ -49,7 +50,7 @@ from typing import Any
 import urllib3
 from kubernetes import client, watch
 
-from node_agent import agent_args, bridges, ovsdb, rollout
+from node_agent import agent_args, bridges, ovs, ovsdb, rollout
 from reconciler import kube, vocab
 
 log = logging.getLogger("underlay.agent")
@@ -263,6 +264,9 @@ class BridgeAgent:
         """OvsBridge name -> lastRepair record not yet written to the enactment."""
         self._blocked: set[str] = set()
         """OvsBridge names whose removal waits for pod ports to go (OVSDB changes retry it)."""
+        self._unready_lock = threading.Lock()
+        self._unready: dict[str, str] = {}
+        """OVS bridge name -> why pods must not be attached to it now (see bridge_unready)."""
         self._labels: dict[str, str] | None = None
         self._node_uid: str | None = None
         self._pending = False
@@ -299,6 +303,27 @@ class BridgeAgent:
         self._labels = labels
         self._node_uid = node.metadata.uid if node.metadata else None
         return labels
+
+    def bridge_unready(self, bridge: str) -> str | None:
+        """Why a pod must not be attached to OVS bridge ``bridge`` now, or None when it may.
+
+        Not None while this agent creates ``bridge`` for the first time (until its probes
+        passed: a failed probe rolls the new bridge back), while it removes ``bridge`` from the
+        node (OvsBridge deleted, no longer selecting the node, or its spec.bridge renamed), and
+        after a first-time bridge failed and was kept only for the pod ports plugged meanwhile
+        (until it is enacted or removed). The CNI server of the same process asks this before
+        an ADD (:attr:`node_agent.cni.server.CniAgent.bridge_gate`), which then fails with CNI
+        code 11 (try again later). Thread-safe. Source: CNI spec 1.0.0, "Error" (code 11).
+        """
+        with self._unready_lock:
+            return self._unready.get(bridge)
+
+    def _set_unready(self, bridge: str, why: str | None) -> None:
+        with self._unready_lock:
+            if why is None:
+                self._unready.pop(bridge, None)
+            else:
+                self._unready[bridge] = why
 
     def _enactment_name(self, bridge_object: str) -> str:
         return f"{self.node.name}.{bridge_object}"
@@ -413,16 +438,19 @@ class BridgeAgent:
             return bridges.STATUS_INVALID, True
         if desired is None:
             return "not-selected", False
+        prev = self._renamed_from(oname, desired)
+        if prev is not None:
+            # spec.bridge changed: the old bridge goes (normal removal), then the new one is
+            # made, both in one rollout slot. Checked before the old one is touched: reasons
+            # the new bridge is invalid other than the old bridge itself.
+            own = re.compile(rf"\b{re.escape(prev.name)}\b")
+            reasons = [r for r in bridges.plan(desired, self.node).invalid if not own.search(r)]
+            if reasons:
+                return self._invalid(obj, desired, enactment, reasons, trigger, prev), True
+            return self._rollout(obj, desired, enactment, trigger, replacing=prev), True
         p = bridges.plan(desired, self.node)
         if p.invalid:
-            reason = "; ".join(p.invalid)
-            if condition_status(enactment, COND_FAILING).get("message") != reason:
-                log.error("OvsBridge %s: invalid on %s: %s", oname, self.node.name, reason)
-            self._failed.pop(oname, None)
-            self._repair_enacted(oname, trigger)  # keep what this node had, if anything
-            self._report(obj, enactment, COND_FAILING, REASON_INVALID, reason)
-            self._capacity(desired.name, False)
-            return bridges.STATUS_INVALID, True
+            return self._invalid(obj, desired, enactment, list(p.invalid), trigger), True
         if p.empty:
             self._ready(obj, desired, enactment)
             return bridges.STATUS_UNCHANGED, True
@@ -437,6 +465,51 @@ class BridgeAgent:
             return ("repaired" if status == "repaired" else bridges.STATUS_FAILED), True
         return self._rollout(obj, desired, enactment, trigger), True
 
+    def _invalid(
+        self,
+        obj: Mapping[str, Any],
+        desired: bridges.DesiredBridge,
+        enactment: dict[str, Any] | None,
+        reasons: list[str],
+        trigger: str,
+        prev: bridges.DesiredBridge | None = None,
+    ) -> str:
+        """Report ``desired`` Invalid on this node; the node keeps what it had enacted."""
+        oname = obj["metadata"]["name"]
+        reason = "; ".join(reasons)
+        if condition_status(enactment, COND_FAILING).get("message") != reason:
+            log.error("OvsBridge %s: invalid on %s: %s", oname, self.node.name, reason)
+        self._failed.pop(oname, None)
+        self._repair_enacted(oname, trigger)  # keep what this node had, if anything
+        self._report(obj, enactment, COND_FAILING, REASON_INVALID, reason)
+        self._withdraw(desired, prev)
+        return bridges.STATUS_INVALID
+
+    def _withdraw(
+        self, desired: bridges.DesiredBridge, prev: bridges.DesiredBridge | None = None
+    ) -> None:
+        """Withdraw the Node capacity of ``desired``'s bridge (and of ``prev``'s, the bridge
+        it replaces after a spec.bridge rename)."""
+        self._capacity(desired.name, False)
+        if prev is not None and prev.name != desired.name:
+            self._capacity(prev.name, False)
+
+    def _renamed_from(
+        self, oname: str, desired: bridges.DesiredBridge
+    ) -> bridges.DesiredBridge | None:
+        """The bridge this node enacted for OvsBridge ``oname`` when it is not ``desired``'s
+        (spec.bridge changed), else None. An old bridge of which nothing is left on the node
+        (removed before a restart) is forgotten here and its capacity withdrawn."""
+        with self._node_lock:
+            prev = self._enacted.get(oname)
+            if prev is None or prev.name == desired.name:
+                return None
+            if bridges.plan_remove(prev, self.node).status != bridges.STATUS_ABSENT:
+                return prev
+            self._enacted.pop(oname, None)
+        self._capacity(prev.name, False)
+        return None
+
     def _ready(
         self,
         obj: Mapping[str, Any],
@@ -448,6 +521,7 @@ class BridgeAgent:
         with self._node_lock:
             self._enacted[oname] = desired
         self._failed.pop(oname, None)
+        self._set_unready(desired.name, None)
         fields: dict[str, Any] = {
             "enactedGeneration": obj["metadata"].get("generation"),
             "enactedState": _trim(obj),
@@ -471,9 +545,20 @@ class BridgeAgent:
         desired: bridges.DesiredBridge,
         enactment: dict[str, Any] | None,
         trigger: str,
+        *,
+        replacing: bridges.DesiredBridge | None = None,
     ) -> str:
         """A change to a state this node has not enacted: only within a rollout slot, and not
-        while another node is Failing at this generation (see :mod:`node_agent.rollout`)."""
+        while another node is Failing at this generation (see :mod:`node_agent.rollout`).
+
+        ``replacing``: the bridge this node enacted for the OvsBridge before its spec.bridge
+        changed. It is taken off first, through the normal removal (:meth:`_take_off`: Pending
+        RemovalBlocked while pod ports remain on it, before any slot is taken), then the new
+        bridge is made in the same slot. Removal first: the new bridge may use the same uplink
+        (which cannot be a port of two bridges, nor be in two persistence files), and the node
+        is then as it was before the old bridge, with its addresses on the old uplink. When the
+        new bridge fails (probe, invalid, error) the old one is put back as this node had
+        enacted it (it passed its probes then), like the rollback of any other change."""
         oname = obj["metadata"]["name"]
         gen = obj["metadata"].get("generation")
         failing_here = condition_status(enactment, COND_FAILING)
@@ -494,8 +579,13 @@ class BridgeAgent:
                 failing_here.get("message")
                 or f"the change to generation {gen} failed here; waiting for the OvsBridge to change",
             )
-            self._capacity(desired.name, False)
+            self._withdraw(desired, replacing)
             return bridges.STATUS_FAILED
+        if replacing is not None:
+            why = bridges.removal_blocked(replacing, self.node)
+            if why is not None:
+                res = bridges.RemoveResult(replacing.name, bridges.STATUS_BLOCKED, why)
+                return self._replace_stopped(obj, desired, replacing, enactment, res, trigger)
         peers = self._peers(oname)
         failing = rollout.failing_peers(peers, self.node.name, gen)
         if failing:
@@ -521,7 +611,7 @@ class BridgeAgent:
                 log.info("OvsBridge %s: %s", oname, msg)
             self._repair_enacted(oname, trigger)
             self._report(obj, enactment, COND_PENDING, REASON_WAITING, msg)
-            self._capacity(desired.name, False)
+            self._withdraw(desired, replacing)
             return "pending"
         try:
             failing = rollout.failing_peers(self._peers(oname), self.node.name, gen)
@@ -530,20 +620,50 @@ class BridgeAgent:
             log.info(
                 "OvsBridge %s: changing %s (rollout slot %s)", oname, self.node.name, slot.name
             )
-            enactment = self._report(
-                obj, enactment, COND_PROGRESSING, REASON_ENACTING, "changing the node"
-            )
-            with self._node_lock:
-                result = bridges.enact(desired, self.node, run_probes=self.run_probes)
-                if result.status in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
-                    self._enacted[oname] = desired  # before a repair could undo it
+            what = "changing the node"
+            if replacing is not None:
+                what = f"replacing bridge {replacing.name} with {desired.name}"
+            enactment = self._report(obj, enactment, COND_PROGRESSING, REASON_ENACTING, what)
+            removed: list[str] = []
+            if replacing is not None:
+                res = self._take_off(oname, replacing, trigger)
+                if res.status not in (bridges.STATUS_REMOVED, bridges.STATUS_ABSENT):
+                    return self._replace_stopped(obj, desired, replacing, enactment, res, trigger)
+                removed = [f"bridge {replacing.name}: {c}" for c in res.changes]
+                for line in removed:
+                    log.info("OvsBridge %s: %s", oname, line)
+            result, kept, put_back = self._enact(oname, desired, replacing)
             self._log_result(oname, result)
             if result.status in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
-                self._ready(obj, desired, enactment, {"lastChanges": list(result.changes) or None})
+                self._blocked.discard(oname)
+                changes = removed + list(result.changes)
+                self._ready(obj, desired, enactment, {"lastChanges": changes or None})
+                if replacing is not None:
+                    self._capacity(replacing.name, False)
                 return result.status
+            reason_text = result.reason or result.status
+            rollback = list(result.rollback)
+            if kept:
+                reason_text += (
+                    f"; bridge {desired.name} is kept without its uplink "
+                    f"({', '.join(desired.uplinks)}) for the pod ports plugged meanwhile: {kept}"
+                )
+                rollback.append(f"kept OVS bridge {desired.name} for its pod ports: {kept}")
+            if put_back:
+                reason_text += f"; {put_back}"
+                rollback = removed + rollback + [put_back]
             if result.status == bridges.STATUS_INVALID:
-                self._report(obj, enactment, COND_FAILING, REASON_INVALID, result.reason or "")
-                self._capacity(desired.name, False)
+                if replacing is not None:
+                    self._failed[oname] = gen  # not removed and put back again every pass
+                self._report(
+                    obj,
+                    enactment,
+                    COND_FAILING,
+                    REASON_INVALID,
+                    reason_text,
+                    {"lastRollback": rollback or None} if replacing is not None else None,
+                )
+                self._withdraw(desired, replacing)
                 return result.status
             self._failed[oname] = gen
             reason = (
@@ -556,13 +676,13 @@ class BridgeAgent:
                 enactment,
                 COND_FAILING,
                 reason,
-                result.reason or result.status,
+                reason_text,
                 {
-                    "lastRollback": list(result.rollback) or None,
+                    "lastRollback": rollback or None,
                     "failedProbe": result.probe.failed if result.probe else None,
                 },
             )
-            self._capacity(desired.name, False)
+            self._withdraw(desired, replacing)
             return result.status
         finally:
             self.slots.release(slot)
@@ -583,6 +703,138 @@ class BridgeAgent:
         self._report(obj, enactment, COND_ABORTED, REASON_ABORTED, msg)
         self._capacity(desired.name, False)
         return "aborted"
+
+    def _enact(
+        self,
+        oname: str,
+        desired: bridges.DesiredBridge,
+        replacing: bridges.DesiredBridge | None,
+    ) -> tuple[bridges.EnactResult, str | None, str | None]:
+        """:func:`bridges.enact` under the node lock; returns (result, kept, put_back).
+
+        A bridge that does not exist yet is not ready for pods until the enactment passed its
+        probes (:meth:`bridge_unready`). When such a first-time bridge failed and pod ports
+        were plugged meanwhile, OVS keeps it for them (:func:`ovs.restore_bridge`): ``kept``
+        names those ports and the bridge stays unready. When it failed and ``replacing`` was
+        taken off for it, ``replacing`` is put back (``put_back`` says how that went)."""
+        kept = put_back = None
+        with self._node_lock:
+            first = ovs.read_bridge(self.node.ovsdb, desired.name) is None
+            if first:
+                self._set_unready(
+                    desired.name,
+                    f"OvsBridge {oname} is creating bridge {desired.name} on node "
+                    f"{self.node.name} and has not finished (its probes decide whether it stays)",
+                )
+            try:
+                result = bridges.enact(desired, self.node, run_probes=self.run_probes)
+                if result.status in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
+                    self._enacted[oname] = desired  # before a repair could undo it
+                    return result, None, None
+                if first:
+                    ports = ovs.pod_ports(self.node.ovsdb, desired.name)
+                    if ports:
+                        kept = ", ".join(
+                            f"{p.name} (pod {p.external_ids.get(ovs.POD_UID_KEY, '?')}, "
+                            f"{p.external_ids.get(ovs.POD_IFACE_KEY, '?')})"
+                            for p in ports
+                        )
+                if replacing is not None:
+                    put_back = self._put_back(oname, replacing)
+            finally:
+                if first:
+                    self._set_unready(
+                        desired.name,
+                        f"the first enactment of bridge {desired.name} by OvsBridge {oname} "
+                        f"failed on node {self.node.name}; it is kept only for the pod ports "
+                        f"plugged meanwhile: {kept}"
+                        if kept
+                        else None,
+                    )
+        return result, kept, put_back
+
+    def _put_back(self, oname: str, old: bridges.DesiredBridge) -> str:
+        """Enact ``old`` again (no probes: it passed them when it was enacted) after the bridge
+        that was to replace it failed; it stays what drift repair keeps. Returns a sentence."""
+        self._enacted[oname] = old
+        back = bridges.enact(old, self.node, run_probes=False)
+        if back.status in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
+            log.info("OvsBridge %s: put bridge %s back on %s", oname, old.name, self.node.name)
+            return f"bridge {old.name} put back as this node had it"
+        log.error("OvsBridge %s: putting bridge %s back failed: %s", oname, old.name, back.reason)
+        return f"putting bridge {old.name} back failed: {back.reason}"
+
+    def _take_off(
+        self, oname: str, old: bridges.DesiredBridge, trigger: str
+    ) -> bridges.RemoveResult:
+        """:func:`bridges.remove` of ``old`` under the node lock, with ``old`` unready for pods
+        meanwhile. Returns its result; an error is status ``failed`` with the reason, pod
+        ports found at the last moment (:class:`ovs.PodPortsRemain`) status ``blocked`` (what
+        the removal had already undone is repaired at once). A bridge removed or absent is
+        forgotten in the same breath, so no repair builds it again."""
+        self._set_unready(
+            old.name,
+            f"bridge {old.name} is being removed from node {self.node.name} "
+            f"(OvsBridge {oname} no longer asks for it here)",
+        )
+        try:
+            with self._node_lock:
+                try:
+                    res = bridges.remove(old, self.node)
+                except ovs.PodPortsRemain as exc:
+                    res = bridges.RemoveResult(
+                        old.name,
+                        bridges.STATUS_BLOCKED,
+                        f"bridge {old.name} still has pod ports: {', '.join(exc.ports)}",
+                    )
+                    self._repair_enacted(oname, f"removal of {old.name} refused: pod ports")
+                except Exception as exc:
+                    log.error(
+                        "OvsBridge %s: removal of %s from %s failed: %s",
+                        oname,
+                        old.name,
+                        self.node.name,
+                        exc,
+                    )
+                    res = bridges.RemoveResult(
+                        old.name, bridges.STATUS_FAILED, f"{type(exc).__name__}: {exc}"
+                    )
+                gone = res.status in (bridges.STATUS_REMOVED, bridges.STATUS_ABSENT)
+                if gone and self._enacted.get(oname) == old:
+                    self._enacted.pop(oname)
+        finally:
+            self._set_unready(old.name, None)
+        return res
+
+    def _replace_stopped(
+        self,
+        obj: Mapping[str, Any],
+        desired: bridges.DesiredBridge,
+        old: bridges.DesiredBridge,
+        enactment: dict[str, Any] | None,
+        res: bridges.RemoveResult,
+        trigger: str,
+    ) -> str:
+        """The old bridge of a spec.bridge rename could not be taken off (``res`` blocked or
+        failed): Pending RemovalBlocked (retried when OVSDB changes) or Failing RemovalFailed;
+        the old bridge stays as enacted, the new one is not made."""
+        oname = obj["metadata"]["name"]
+        self._repair_enacted(oname, trigger)
+        msg = (
+            f"spec.bridge changed from {old.name} to {desired.name}: bridge {old.name} must be "
+            f"removed from node {self.node.name} first"
+        )
+        if res.status == bridges.STATUS_BLOCKED:
+            self._blocked.add(oname)
+            msg += f", and its removal is blocked: {res.reason}"
+            if condition_status(enactment, COND_PENDING).get("message") != msg:
+                log.warning("OvsBridge %s: %s", oname, msg)
+            self._report(obj, enactment, COND_PENDING, REASON_REMOVAL_BLOCKED, msg)
+        else:
+            msg += f", and its removal failed: {res.reason}"
+            self._report(obj, enactment, COND_FAILING, REASON_REMOVAL_FAILED, msg)
+        self._withdraw(desired, old)
+        return res.status
 
     def _peers(self, oname: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.enactments.list(
@@ -774,10 +1026,12 @@ class BridgeAgent:
     def _remove(self, oname: str, enactment: dict[str, Any]) -> str:
         """Take a bridge this node no longer should have off the node; returns the outcome.
 
-        Acts on what this node enacted (``status.enactedState``); an enactment without it
-        (the node was never changed) is just deleted. Blocked while pod ports remain: the
-        enactment then says Pending/RemovalBlocked with the reason and is retried when OVSDB
-        changes or at the next pass.
+        Acts on what this node enacted (``status.enactedState``), or on a first-time bridge
+        that failed and was kept for pod ports (its ``desiredState``, when that OVS bridge
+        exists, was made by the agent and no other OvsBridge here has it); an enactment with
+        neither (the node was never changed) is just deleted. Blocked while pod ports remain:
+        the enactment then says Pending/RemovalBlocked with the reason and is retried when
+        OVSDB changes or at the next pass.
         """
         status = enactment.get("status") or {}
         state = status.get("enactedState")
@@ -788,21 +1042,17 @@ class BridgeAgent:
             except bridges.InvalidBridge:
                 desired = None
         if desired is None:
+            desired = self._kept_for_pods(status)
+        if desired is None:
             if status.get("bridge"):
                 self._capacity(status["bridge"], False)
             self._delete_enactment(enactment)
             log.info("OvsBridge %s: forgot enactment %s", oname, enactment["metadata"]["name"])
             return "forgotten"
         obj = state or status.get("desiredState") or {"metadata": {"name": oname}}
-        try:
-            with self._node_lock:
-                res = bridges.remove(desired, self.node)
-                if res.status in (bridges.STATUS_REMOVED, bridges.STATUS_ABSENT):
-                    # forgotten in the same breath: a repair must not build it again
-                    self._enacted.pop(oname, None)
-        except Exception as exc:
-            log.error("OvsBridge %s: removal from %s failed: %s", oname, self.node.name, exc)
-            self._report(obj, enactment, COND_FAILING, REASON_REMOVAL_FAILED, str(exc))
+        res = self._take_off(oname, desired, "removal")
+        if res.status == bridges.STATUS_FAILED:
+            self._report(obj, enactment, COND_FAILING, REASON_REMOVAL_FAILED, res.reason or "")
             self._capacity(desired.name, False)
             return bridges.STATUS_FAILED
         if res.status == bridges.STATUS_BLOCKED:
@@ -825,6 +1075,22 @@ class BridgeAgent:
         self._delete_enactment(enactment)
         log.info("OvsBridge %s: removed from %s", oname, self.node.name)
         return res.status
+
+    def _kept_for_pods(self, status: Mapping[str, Any]) -> bridges.DesiredBridge | None:
+        """The DesiredBridge of an enactment that never enacted (``desiredState``) when its
+        OVS bridge exists, was made by the agent and no other OvsBridge here has it: a
+        first-time bridge that failed and was kept for pod ports (:meth:`_enact`)."""
+        want = status.get("desiredState")
+        if not want or not status.get("bridge"):
+            return None
+        try:
+            d = bridges.DesiredBridge.from_object(want, self.node.name)
+        except bridges.InvalidBridge:
+            return None
+        if d.name != status["bridge"] or any(e.name == d.name for e in self._enacted.values()):
+            return None
+        state = ovs.read_bridge(self.node.ovsdb, d.name)
+        return d if state is not None and state.owned else None
 
     def _delete_enactment(self, enactment: Mapping[str, Any]) -> None:
         try:
@@ -1489,12 +1755,6 @@ def _serve(args: argparse.Namespace, api: client.ApiClient, health: AgentHealth)
     # their own OVSDB connection, which monitors only the columns the plugins read.
     cni_api = ipam_api_client(args.kubeconfig, args.context)
     cni = CniAgent(args.node_name, ovsdb=args.ovsdb, kube=cni_api, api_timeout=args.cni_api_timeout)
-    server = CniServer(args.socket, cni)
-    server.start()
-    gc = GcLoop(cni_api, interval=args.gc_interval) if args.gc_interval > 0 else None
-    if gc is not None:
-        gc.start()
-    log.info("serving CNI on %s for node %s", args.socket, args.node_name)
     agent = BridgeAgent(
         kube.api_client(args.kubeconfig, args.context),
         node,
@@ -1503,6 +1763,14 @@ def _serve(args: argparse.Namespace, api: client.ApiClient, health: AgentHealth)
         lease_namespace=args.lease_namespace,
         rollout_retry=args.rollout_retry,
     )
+    # before the first CNI call: no pod is attached to a bridge this agent is still making
+    cni.bridge_gate = agent.bridge_unready
+    server = CniServer(args.socket, cni)
+    server.start()
+    gc = GcLoop(cni_api, interval=args.gc_interval) if args.gc_interval > 0 else None
+    if gc is not None:
+        gc.start()
+    log.info("serving CNI on %s for node %s", args.socket, args.node_name)
 
     health.agent = agent
 

@@ -9,7 +9,8 @@ What this module does to the node's Open_vSwitch database (OVSDB, RFC 7047; sche
   Bridge row (``datapath_type``, ``external_ids``, ``other_config:hwaddr``), its internal
   port/interface, the uplink port (a bond port for two or more uplinks) and ``mtu_request``,
 - puts a bridge back exactly as a snapshot had it (:func:`restore_bridge`), for rollback,
-- lists pod ports (:func:`pod_ports`), deletes a port or a bridge.
+- lists pod ports (:func:`pod_ports`), deletes a port or a bridge (never a bridge with pod ports:
+  :class:`PodPortsRemain`; a first-time bridge rolled back keeps its pod ports).
 
 Ownership: rows we create carry ``external_ids`` :data:`OWNER_KEY` = :data:`OWNER_AGENT` and
 :data:`BRIDGE_KEY` = ``<bridge>``; uplink ports also carry :data:`ROLE_KEY` = :data:`ROLE_UPLINK`.
@@ -561,12 +562,25 @@ class _RestoreBridgeCommand(ovs_command.BaseCommand):
         tables, snap = self.api.tables, self.snapshot
         br = _find(tables, "Bridge", self.name)
         if snap is None:
-            if br is not None:
+            if br is None:
+                return
+            # a port added meanwhile (a concurrent transaction) makes OVSDB answer "try
+            # again"; ovsdbapp then runs this again and sees it
+            br.verify("ports")
+            pods = [p for p in br.ports if POD_NETNS_KEY in p.external_ids]
+            if pods:
+                # pods attached meanwhile: the bridge stays for them, without anything else
+                # of ours (the uplink goes back to the node); the internal port stays
+                self.result = sorted(p.name for p in pods)
                 for p in list(br.ports):
-                    _delete_port(br, p)
-                ovs = next(iter(tables["Open_vSwitch"].rows.values()))
-                ovs.delvalue("bridges", br)
-                br.delete()
+                    if p.name != self.name and POD_NETNS_KEY not in p.external_ids:
+                        _delete_port(br, p)
+                return
+            for p in list(br.ports):
+                _delete_port(br, p)
+            ovs = next(iter(tables["Open_vSwitch"].rows.values()))
+            ovs.delvalue("bridges", br)
+            br.delete()
             return
         live: dict[str, Any] = {}
         if br is None:
@@ -616,8 +630,13 @@ def ensure_bridge(api: Any, spec: BridgeSpec) -> list[str]:
 def restore_bridge(api: Any, name: str, snapshot: BridgeState | None) -> bool:
     """Return bridge ``name`` to ``snapshot`` (from :func:`read_bridge`) in one transaction.
 
-    ``snapshot`` None deletes the bridge with all its ports. Pod ports added after the snapshot
-    are kept. Returns True when something was changed. Raises OvsError on failure.
+    ``snapshot`` None (the bridge did not exist) deletes the bridge with all its ports, unless
+    pod ports (ovs-cni external_ids) were added meanwhile: then the bridge stays with its pod
+    ports and internal port only (the uplink port is deleted; :func:`pod_ports` names them),
+    as removal is refused while pod ports remain. The check and the deletion are one
+    transaction that verifies ``Bridge.ports``, so a port added concurrently is seen. Pod
+    ports added after a snapshot are always kept. Returns True when something was changed.
+    Raises OvsError on failure.
     """
     current = read_bridge(api, name)
     if _same_bridge(current, snapshot):
@@ -666,12 +685,57 @@ def delete_port(api: Any, bridge: str, port: str) -> bool:
     return True
 
 
+class PodPortsRemain(OvsError):
+    """A bridge was not deleted because pod ports are on it; ``ports`` names them."""
+
+    def __init__(self, bridge: str, ports: list[str]) -> None:
+        super().__init__(
+            f"OVS bridge {bridge} was not deleted: pod ports remain on it: {', '.join(ports)}"
+        )
+        self.bridge = bridge
+        self.ports = ports
+
+
+class _DeleteBridgeCommand(ovs_command.BaseCommand):
+    """Delete bridge ``name`` with its ports, unless a pod port is on it (then raise
+    :class:`PodPortsRemain`, which aborts the transaction). ``Bridge.ports`` is verified, so
+    a pod port added by a concurrent transaction makes OVSDB answer "try again" and this runs
+    again and sees it."""
+
+    def __init__(self, api: Any, name: str) -> None:
+        super().__init__(api)
+        self.name = name
+
+    def run_idl(self, txn: Any) -> None:
+        tables = self.api.tables
+        br = _find(tables, "Bridge", self.name)
+        self.result = br is not None
+        if br is None:
+            return
+        br.verify("ports")
+        pods = sorted(p.name for p in br.ports if POD_NETNS_KEY in p.external_ids)
+        if pods:
+            raise PodPortsRemain(self.name, pods)
+        for p in list(br.ports):
+            _delete_port(br, p)
+        ovs = next(iter(tables["Open_vSwitch"].rows.values()))
+        ovs.delvalue("bridges", br)
+        br.delete()
+
+
 def delete_bridge(api: Any, name: str) -> bool:
-    """Delete bridge ``name`` with all its ports; False when it did not exist."""
+    """Delete bridge ``name`` with all its ports in one transaction; False when it did not
+    exist. Raises :class:`PodPortsRemain` (nothing deleted) when a pod port is on it, even one
+    added a moment before (the transaction verifies ``Bridge.ports``); OvsError when the
+    transaction fails."""
     if read_bridge(api, name) is None:
         return False
+    cmd = _DeleteBridgeCommand(api, name)
     try:
-        api.del_br(name, if_exists=True).execute(check_error=True)
+        with api.transaction(check_error=True) as txn:
+            txn.add(cmd)
+    except PodPortsRemain:
+        raise
     except Exception as exc:
         raise OvsError(f"OVSDB: deleting bridge {name} failed: {exc}") from exc
-    return True
+    return bool(cmd.result)
