@@ -23,13 +23,34 @@ uplink -> bridge, probe; only a successful probe commits the persistence files.
 Reboot replay: the agent records what it enacted (the DesiredBridge) and the IP configuration it
 moved in ``/var/lib/underlay/bridges/<bridge>.json`` (under the node root, 0600). When neither
 the uplink nor the bridge has addresses (database wiped, addresses flushed), :func:`enact` puts
-the recorded addresses and routes on the bridge; :func:`recorded_bridges` gives the daemon the
-bridges to replay before it can reach the API server.
+the recorded addresses and routes on the carrier (the bridge, or the first uplink with
+moveAddresses false); :func:`recorded_bridges` gives the daemon the bridges to replay before it
+can reach the API server.
+
+Interrupted changes: before the first change of an enactment that will be probed, :func:`enact`
+writes a journal, ``/var/lib/underlay/bridges/<bridge>.journal`` (0600, atomic), holding the
+exact pre-change state (OVS rows, links, files) and the phase (``changing``, ``probing``,
+``probed``). It is removed only after the probe passed and the persistence files (replay record
+last) are committed, or after a rollback. An agent that finds a journal in phase ``changing`` or
+``probing`` (it was killed, or the node lost power, before the probe passed) rolls the node back
+to the recorded state before anything else (:func:`enact`, :func:`remove`,
+:func:`recover_interrupted`) and reports it as a rolled-back enactment; ``probed`` means the
+probe passed and only the commit may be unfinished, so the journal is dropped and the enactment
+goes on. Independently, persistence files are only committed for a live state that was probed
+in this run or is already described by the replay record (written only after a passed probe).
+
+moveAddresses false: a bridge that carries the node's addresses because the agent moved them
+there (the replay record lists them) gives them back to the first uplink exactly as removal does
+(:func:`links.restore`: addresses, routes; ``other_config:hwaddr`` cleared), with probe and
+rollback; the agent then keeps them for the uplink (persistence files and record). MTU: the
+uplinks' MTUs before the agent first changed them stay in the record while spec.mtu is set; when
+it is unset the agent clears ``mtu_request`` and sets the uplinks and the bridge interface back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import threading
 import time
@@ -45,6 +66,14 @@ from node_agent.persistence import NodeNetConfig
 IFNAMSIZ_MAX = 15
 """Longest Linux interface name (IFNAMSIZ 16 including the NUL)."""
 RECORD_DIR = "/var/lib/underlay/bridges"
+JOURNAL_SUFFIX = ".journal"
+"""File name suffix of an enactment journal in :data:`RECORD_DIR` (not ``.json``: a journal is
+never a replay record)."""
+PHASE_CHANGING = "changing"
+PHASE_PROBING = "probing"
+PHASE_PROBED = "probed"
+"""Journal phases: the node is being changed; the change is made and being probed; the probe
+passed and the persistence files are being committed."""
 OVS_LINK_KINDS = ("openvswitch", "tun")
 """rtnetlink kinds of OVS internal interfaces: kernel datapath, userspace (netdev) datapath."""
 DEFAULT_BOND_MODE = "active-backup"
@@ -206,14 +235,17 @@ def render_record(
     desired: DesiredBridge, cfg: NodeNetConfig, uplink_mtus: Mapping[str, int] | None = None
 ) -> str:
     """The replay record (JSON) of ``desired`` carrying ``cfg``: ``object``, ``bridge``,
-    ``uplinks``, ``desired`` (every DesiredBridge field), ``mac``, ``addresses``, ``routes``,
-    and ``uplink_mtus`` (the uplinks' MTUs before the agent first changed them, bytes; what
-    removal sets back)."""
+    ``uplinks``, ``desired`` (every DesiredBridge field), ``carrier`` (the link that carries
+    ``addresses`` and ``routes``: the bridge, or the first uplink with moveAddresses false),
+    ``mac`` (the MAC the bridge took from the uplink, or null), ``addresses``, ``routes``, and
+    ``uplink_mtus`` (the uplinks' MTUs before the agent first changed them, bytes; kept while
+    spec.mtu is set; what unsetting it and removal set back)."""
     doc: dict[str, Any] = {
         "object": desired.object_name,
         "bridge": desired.name,
         "uplinks": list(desired.uplinks),
         "desired": _desired_json(desired),
+        "carrier": desired.name if desired.move_addresses else desired.uplinks[0],
         "mac": cfg.mac,
         "addresses": [_addr_json(a) for a in cfg.addresses],
         "routes": [_route_json(r) for r in cfg.routes],
@@ -299,11 +331,18 @@ def observe(desired: DesiredBridge, node: NodeContext, extra_paths: Iterable[str
 
 
 def carried_config(desired: DesiredBridge, obs: Observed, root: Path) -> NodeNetConfig:
-    """The IP configuration the bridge must carry: what the bridge already has plus what is
+    """The IP configuration the agent keeps for the node.
+
+    moveAddresses true: what the bridge must carry: what the bridge already has plus what is
     still on the uplinks; when both are empty, the replay record; MAC of the first uplink.
-    Empty when moveAddresses is false."""
+
+    moveAddresses false: empty, unless the replay record lists addresses (the agent had moved
+    the node's addresses onto the bridge, moveAddresses was true before): then what the first
+    uplink must carry: what it has plus what is still on the bridge (it goes back); when both
+    are empty, the replay record; no MAC (the bridge keeps none of the uplink's).
+    """
     if not desired.move_addresses:
-        return NodeNetConfig()
+        return _kept_on_uplink(desired, obs, root)
     first = obs.links.get(desired.uplinks[0])
     br = obs.links.get(desired.name)
     addrs: list[Address] = list(br.addresses) if br else []
@@ -320,6 +359,23 @@ def carried_config(desired: DesiredBridge, obs: Observed, root: Path) -> NodeNet
             addrs, routes = list(rec.addresses), list(rec.routes)
             mac = mac or rec.mac
     return NodeNetConfig(mac=mac, addresses=tuple(sorted(addrs)), routes=tuple(routes))
+
+
+def _kept_on_uplink(desired: DesiredBridge, obs: Observed, root: Path) -> NodeNetConfig:
+    """:func:`carried_config` for moveAddresses false."""
+    rec = read_record(root, desired.name)
+    if rec is None or not rec.addresses:
+        return NodeNetConfig()
+    first = obs.links.get(desired.uplinks[0])
+    br = obs.links.get(desired.name)
+    addrs: list[Address] = list(first.addresses) if first else []
+    routes: list[Route] = list(first.routes) if first else []
+    if br is not None:
+        addrs += [a for a in br.addresses if a not in addrs]
+        routes += [r for r in br.routes if r not in routes]
+    if not addrs:
+        addrs, routes = list(rec.addresses), list(rec.routes)
+    return NodeNetConfig(mac=None, addresses=tuple(sorted(addrs)), routes=tuple(routes))
 
 
 # --- validation -----------------------------------------------------------------------------
@@ -392,7 +448,8 @@ def _validate(desired: DesiredBridge, node: NodeContext) -> tuple[list[str], tup
 
 @dataclass(frozen=True)
 class Change:
-    """One change: ``area`` ("ovs", "link", "file") and ``text`` (a sentence for logs)."""
+    """One change: ``area`` ("ovs", "link", "file", "journal": roll back an interrupted
+    enactment) and ``text`` (a sentence for logs)."""
 
     area: str
     text: str
@@ -458,7 +515,7 @@ def _link_changes(desired: DesiredBridge, obs: Observed, cfg: NodeNetConfig) -> 
     if br is None or not br.up:
         out.append(Change("link", f"set {desired.name} up"))
     if not desired.move_addresses:
-        return out
+        return out + _give_back_changes(desired, obs, cfg)
     if cfg.mac and (br is None or br.mac != cfg.mac):
         out.append(Change("link", f"set MAC of {desired.name} to {cfg.mac}"))
     have_addrs = br.addresses if br else ()
@@ -484,7 +541,150 @@ def _link_changes(desired: DesiredBridge, obs: Observed, cfg: NodeNetConfig) -> 
     return out
 
 
+def _give_back_changes(desired: DesiredBridge, obs: Observed, cfg: NodeNetConfig) -> list[Change]:
+    """moveAddresses false: what goes back from the bridge to the first uplink (what
+    :func:`links.restore` moves), and recorded configuration the uplink lacks (replay)."""
+    if not cfg.addresses and not cfg.routes:
+        return []
+    uplink = desired.uplinks[0]
+    br = obs.links.get(desired.name)
+    first = obs.links.get(uplink)
+    out = []
+    if br is not None:
+        out += [Change("link", f"move address {a.cidr} from {desired.name} back to {uplink}")
+                for a in br.addresses]  # fmt: skip
+        out += [
+            Change("link", f"move route {links.describe_route(r, desired.name)} back to {uplink}")
+            for r in br.routes
+        ]
+    have_addrs = set(first.addresses if first else ()) | set(br.addresses if br else ())
+    have_routes = set(first.routes if first else ()) | set(br.routes if br else ())
+    out += [Change("link", f"add recorded address {a.cidr} to {uplink}")
+            for a in cfg.addresses if a not in have_addrs]  # fmt: skip
+    out += [
+        Change("link", f"add recorded route {links.describe_route(r, uplink)}")
+        for r in cfg.routes
+        if r not in have_routes
+    ]
+    return out
+
+
+@dataclass(frozen=True)
+class _OvsExtra:
+    """OVS changes :func:`ovs.ensure_bridge` does not make (it never clears a column):
+    ``hwaddr``: clear ``other_config:hwaddr`` (the uplink's MAC the bridge took while
+    moveAddresses was true); ``mtu_ifaces``: interfaces whose ``mtu_request`` (set by the agent
+    while spec.mtu was set) is cleared; ``texts``: one sentence per change."""
+
+    hwaddr: bool = False
+    mtu_ifaces: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
+
+
+def _ovs_extra(desired: DesiredBridge, obs: Observed, root: Path) -> _OvsExtra:
+    state = obs.bridge
+    if state is None or not state.owned:
+        return _OvsExtra()
+    texts = []
+    hwaddr = False
+    hw = (state.other_config.get("hwaddr") or "").lower()
+    if not desired.move_addresses and hw:
+        rec = read_record(root, desired.name)
+        first = obs.links.get(desired.uplinks[0])
+        taken = {m.lower() for m in (rec.mac if rec else None, first.mac if first else None) if m}
+        if hw in taken:
+            hwaddr = True
+            texts.append(
+                f"clear other_config:hwaddr={hw} of bridge {desired.name} (moveAddresses false: "
+                f"the MAC stays with {desired.uplinks[0]})"
+            )
+    ifaces: list[str] = []
+    if desired.mtu is None and read_uplink_mtus(root, desired.name):
+        for port in state.ports:
+            if port.external_ids.get(ovs.BRIDGE_KEY) != desired.name or port.external_ids.get(
+                ovs.ROLE_KEY
+            ) not in (ovs.ROLE_UPLINK, ovs.ROLE_INTERNAL):
+                continue
+            for iface in port.interfaces:
+                if iface.mtu_request is not None:
+                    ifaces.append(iface.name)
+                    texts.append(f"clear mtu_request {iface.mtu_request} of {iface.name}")
+    return _OvsExtra(hwaddr, tuple(ifaces), tuple(texts))
+
+
+def _apply_ovs_extra(desired: DesiredBridge, node: NodeContext, extra: _OvsExtra) -> list[str]:
+    """Make the changes of ``extra`` in one OVSDB transaction (ovsdbapp db_remove/db_clear)."""
+    if not extra.texts:
+        return []
+    api = node.ovsdb
+    try:
+        with api.transaction(check_error=True) as txn:
+            if extra.hwaddr:
+                txn.add(api.db_remove("Bridge", desired.name, "other_config", "hwaddr"))
+            for name in extra.mtu_ifaces:
+                txn.add(api.db_clear("Interface", name, "mtu_request"))
+    except Exception as exc:
+        raise ovs.OvsError(f"OVSDB transaction for bridge {desired.name} failed: {exc}") from exc
+    return list(extra.texts)
+
+
+def _mtu_targets(desired: DesiredBridge, root: Path) -> dict[str, int]:
+    """spec.mtu unset while the replay record keeps the uplinks' MTUs from before the agent
+    changed them: link name -> MTU to set back (each recorded uplink; the bridge's internal
+    interface gets the smallest, what OVS gives an internal interface without mtu_request)."""
+    if desired.mtu is not None:
+        return {}
+    mtus = read_uplink_mtus(root, desired.name)
+    if not mtus:
+        return {}
+    return {desired.name: min(mtus.values()), **mtus}
+
+
+def _mtu_changes(desired: DesiredBridge, obs: Observed, root: Path) -> list[Change]:
+    out = []
+    for name, mtu in sorted(_mtu_targets(desired, root).items()):
+        st = obs.links.get(name)
+        if st is not None and st.mtu != mtu:
+            out.append(Change("link", f"set MTU of {name} back to {mtu}"))
+    return out
+
+
+def _restore_mtus(desired: DesiredBridge, node: NodeContext) -> list[str]:
+    done = []
+    targets = _mtu_targets(desired, node.root)
+    if not targets:
+        return []
+    with links.open_iproute(node.netns) as ipr:
+        for name in (*sorted(n for n in targets if n != desired.name), desired.name):
+            st = links.read_link(ipr, name)
+            if st is not None and links.set_mtu(ipr, st, targets[name]):
+                done.append(f"set MTU of {name} back to {targets[name]}")
+    return done
+
+
+def _journal_change(desired: DesiredBridge, root: Path) -> str | None:
+    """The plan's sentence for an interrupted enactment's journal (None: nothing to undo)."""
+    try:
+        j = read_journal(root, desired.name)
+    except ValueError:
+        return None
+    if j is None or j.phase == PHASE_PROBED:
+        return None
+    return (
+        f"roll back the change to bridge {j.desired.name} interrupted "
+        f"{'during the probe' if j.phase == PHASE_PROBING else 'while changing the node'} "
+        f"(journal {journal_path(desired.name)} of {j.started})"
+    )
+
+
 def _plan(desired: DesiredBridge, node: NodeContext) -> tuple[Plan, Observed, NodeNetConfig]:
+    interrupted = _journal_change(desired, node.root)
+    if interrupted is not None:  # enact rolls back first, whatever the OvsBridge asks now
+        return (
+            Plan(desired.name, (Change("journal", interrupted),)),
+            Observed(None, {}, {}),
+            NodeNetConfig(),
+        )
     reasons, notes = _validate(desired, node)
     if reasons:
         return Plan(desired.name, invalid=tuple(reasons)), Observed(None, {}, {}), NodeNetConfig()
@@ -500,7 +700,9 @@ def _plan(desired: DesiredBridge, node: NodeContext) -> tuple[Plan, Observed, No
             current[path] = persistence.read_file(node.root, path)
     obs = Observed(obs.bridge, obs.links, current)
     changes = [Change("ovs", t) for t in ovs.diff_bridge(obs.bridge, _spec(desired, datapath, cfg))]
+    changes += [Change("ovs", t) for t in _ovs_extra(desired, obs, node.root).texts]
     changes += _link_changes(desired, obs, cfg)
+    changes += _mtu_changes(desired, obs, node.root)
     to_write = {}
     record = record_path(desired.name)
     for path, (content, mode) in files.items():
@@ -535,7 +737,11 @@ def format_plan(p: Plan) -> str:
     notes = "".join(f"  note: {n}\n" for n in p.notes)
     if not p.changes:
         return f"bridge {p.bridge}: no change\n{notes}"
-    lines = [f"bridge {p.bridge} (datapath {p.datapath}, persistence {p.backend}):"]
+    lines = [
+        f"bridge {p.bridge} (datapath {p.datapath}, persistence {p.backend}):"
+        if p.datapath
+        else f"bridge {p.bridge}:"  # an interrupted enactment to roll back first
+    ]
     lines += [f"  [{c.area}] {c.text}" for c in p.changes]
     lines += [f"  note: {n}" for n in p.notes]
     for path, (content, mode) in p.files.items():
@@ -607,6 +813,188 @@ def _rollback(desired: DesiredBridge, node: NodeContext, snap: _Snapshot) -> lis
     return done
 
 
+# --- journal of an enactment in progress ---------------------------------------------------
+
+
+def journal_path(bridge: str) -> str:
+    """Node path of the enactment journal of ``bridge`` (next to its replay record)."""
+    return f"{RECORD_DIR}/{bridge}{JOURNAL_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class Journal:
+    """An enactment in progress, as :func:`enact` wrote it before its first change.
+
+    ``desired``: what was being enacted; ``phase``: :data:`PHASE_CHANGING`,
+    :data:`PHASE_PROBING` or :data:`PHASE_PROBED`; ``started``: UTC time (RFC 3339) of the
+    first write; ``snapshot``: the node before the change (OVS bridge rows, links, files).
+    """
+
+    desired: DesiredBridge
+    phase: str
+    started: str
+    snapshot: _Snapshot
+
+
+def _bridge_json(b: ovs.BridgeState | None) -> dict[str, Any] | None:
+    return None if b is None else dataclasses.asdict(b)
+
+
+def _bridge_from_json(d: Mapping[str, Any] | None) -> ovs.BridgeState | None:
+    if d is None:
+        return None
+    return ovs.BridgeState(
+        name=d["name"],
+        datapath_type=d["datapath_type"],
+        external_ids=dict(d["external_ids"]),
+        other_config=dict(d["other_config"]),
+        ports=tuple(
+            ovs.PortState(
+                name=p["name"],
+                interfaces=tuple(_iface_from_json(i) for i in p["interfaces"]),
+                bond_mode=p["bond_mode"],
+                external_ids=dict(p["external_ids"]),
+                tag=p["tag"],
+                trunks=tuple(p["trunks"]),
+            )
+            for p in d["ports"]
+        ),
+    )
+
+
+def _iface_from_json(i: Mapping[str, Any]) -> ovs.InterfaceState:
+    return ovs.InterfaceState(
+        **{**i, "external_ids": dict(i["external_ids"]), "options": dict(i["options"])}
+    )
+
+
+def _link_from_json(d: Mapping[str, Any] | None) -> LinkState | None:
+    if d is None:
+        return None
+    return LinkState(
+        name=d["name"],
+        index=int(d["index"]),
+        mac=d["mac"],
+        mtu=int(d["mtu"]),
+        up=bool(d["up"]),
+        addresses=tuple(Address(**a) for a in d["addresses"]),
+        routes=tuple(Route(**r) for r in d["routes"]),
+    )
+
+
+def render_journal(j: Journal) -> str:
+    """The journal file (JSON): ``bridge``, ``phase``, ``started``, ``desired`` (every
+    DesiredBridge field) and ``snapshot`` (``bridge``: OVS rows or null, ``links``: name ->
+    link state or null, ``files``: node path -> [content, mode] or null)."""
+    snap = j.snapshot
+    doc = {
+        "bridge": j.desired.name,
+        "phase": j.phase,
+        "started": j.started,
+        "desired": _desired_json(j.desired),
+        "snapshot": {
+            "bridge": _bridge_json(snap.bridge),
+            "links": {
+                n: (None if st is None else dataclasses.asdict(st)) for n, st in snap.links.items()
+            },
+            "files": {p: (None if f is None else list(f)) for p, f in snap.files.items()},
+        },
+    }
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def read_journal(root: Path | str, bridge: str) -> Journal | None:
+    """The enactment journal of ``bridge`` under ``root``, or None when there is none.
+
+    Raises ValueError naming the file when it cannot be parsed (it is written atomically, so
+    only a hand-edited or foreign file gets there)."""
+    found = persistence.read_file(root, journal_path(bridge))
+    if found is None:
+        return None
+    try:
+        doc = json.loads(found[0])
+        d = dict(doc["desired"])
+        d["uplinks"] = tuple(d["uplinks"])
+        s = doc["snapshot"]
+        snap = _Snapshot(
+            _bridge_from_json(s["bridge"]),
+            {n: _link_from_json(st) for n, st in s["links"].items()},
+            {p: (None if f is None else (str(f[0]), int(f[1]))) for p, f in s["files"].items()},
+        )
+        phase = doc["phase"]
+        if phase not in (PHASE_CHANGING, PHASE_PROBING, PHASE_PROBED):
+            raise ValueError(f"unknown phase {phase!r}")
+        return Journal(DesiredBridge(**d), phase, str(doc["started"]), snap)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"unreadable enactment journal {journal_path(bridge)}: {exc}") from exc
+
+
+def _write_journal(root: Path, j: Journal, phase: str) -> Journal:
+    j = dataclasses.replace(j, phase=phase)
+    persistence.write_atomic(root, journal_path(j.desired.name), render_journal(j))
+    return j
+
+
+def _recover(bridge: str, node: NodeContext) -> EnactResult | None:
+    """Roll back the enactment of ``bridge`` an earlier run left in its journal.
+
+    None when there is nothing to roll back: no journal, an unreadable one (removed; the
+    enactment then re-probes before committing, see :func:`enact`), or phase ``probed`` (the
+    probe passed; the journal is removed and the caller finishes the commit). Otherwise the
+    node is put back to the journal's snapshot and the journal removed: status
+    ``rolled-back``, or ``failed`` (the journal is kept, so the rollback is tried again) when
+    rolling back raised."""
+    start = time.monotonic()
+    try:
+        j = read_journal(node.root, bridge)
+    except ValueError:
+        persistence.remove_file(node.root, journal_path(bridge))
+        return None
+    if j is None:
+        return None
+    if j.phase == PHASE_PROBED:
+        persistence.remove_file(node.root, journal_path(bridge))
+        return None
+    what = "during the probe" if j.phase == PHASE_PROBING else "while changing the node"
+    where = f"journal {journal_path(bridge)} of {j.started}"
+    try:
+        undone = _rollback(j.desired, node, j.snapshot)
+    except Exception as exc:
+        return EnactResult(
+            bridge,
+            STATUS_FAILED,
+            reason=f"an earlier run of the agent was interrupted {what}; rolling back failed: "
+            f"{type(exc).__name__}: {exc} ({where}, kept: tried again next time)",
+            duration=time.monotonic() - start,
+        )
+    persistence.remove_file(node.root, journal_path(bridge))
+    return EnactResult(
+        bridge,
+        STATUS_ROLLED_BACK,
+        ("rolled back the interrupted change",),
+        (),
+        f"an earlier run of the agent was interrupted {what}; rolled back to the state before "
+        f"the change ({where})",
+        None,
+        tuple(undone),
+        time.monotonic() - start,
+    )
+
+
+def recover_interrupted(node: NodeContext) -> list[EnactResult]:
+    """Roll back every enactment an earlier run left unfinished (journals under ``node.root``,
+    sorted by bridge name); one :class:`EnactResult` per journal that was rolled back or whose
+    rollback failed. For the daemon to call at start, before the reboot replay: it also covers
+    bridges whose OvsBridge was renamed or deleted while the agent was down."""
+    directory = persistence.node_path(node.root, RECORD_DIR)
+    out = []
+    for path in sorted(directory.glob(f"*{JOURNAL_SUFFIX}")) if directory.is_dir() else []:
+        result = _recover(path.name[: -len(JOURNAL_SUFFIX)], node)
+        if result is not None:
+            out.append(result)
+    return out
+
+
 def _probe_targets(
     desired: DesiredBridge, node: NodeContext, cfg: NodeNetConfig, obs: Observed
 ) -> probe.ProbeTargets:
@@ -633,6 +1021,9 @@ def _apply_links(desired: DesiredBridge, node: NodeContext, cfg: NodeNetConfig) 
         if not desired.move_addresses:
             if links.set_up(ipr, br):
                 done.append(f"set {desired.name} up")
+            if cfg.addresses or cfg.routes:  # the agent keeps them: back to the uplink
+                done += links.restore(ipr, desired.name, desired.uplinks[0])
+                done += links.add_config(ipr, desired.uplinks[0], cfg.addresses, cfg.routes)
             return done
         done += links.takeover(ipr, desired.uplinks[0], desired.name, node.link_timeout)
         for u in desired.uplinks[1:]:
@@ -644,14 +1035,26 @@ def _apply_links(desired: DesiredBridge, node: NodeContext, cfg: NodeNetConfig) 
 def enact(desired: DesiredBridge, node: NodeContext, *, run_probes: bool = True) -> EnactResult:
     """Make ``node`` match ``desired``; see the module docstring for the order of steps.
 
+    First, an enactment of this bridge that an earlier run left unfinished (its journal, see
+    the module docstring) is rolled back: status ``rolled-back`` with the reason "an earlier
+    run of the agent was interrupted during the probe; rolled back ...", nothing else done
+    (``failed`` when that rollback raised).
+
     Idempotent: when :func:`plan` is empty, returns status ``unchanged`` and writes nothing.
     Invalid input (:func:`validate`) returns ``invalid`` with the reasons, nothing changed.
-    When a probe fails (``run_probes``; gateway ICMP, then API server TCP, within
-    desired.probe_timeout s) or any step raises, everything is rolled back to the snapshot
-    taken before the first change and the status is ``rolled-back`` (probe) or ``failed``.
-    Persistence files are written only after the probes pass.
+    Probes (``run_probes``; gateway ICMP, then API server TCP, within desired.probe_timeout s)
+    run when OVS or links change, and also when only files would be written but the replay
+    record does not describe this state yet (it was never probed: e.g. a change whose run was
+    killed); then a journal of the prior state is written before the first change and removed
+    after the commit. When a probe fails or any step raises, everything is rolled back to the
+    snapshot taken before the first change and the status is ``rolled-back`` (probe) or
+    ``failed``. Persistence files are written only after the probes pass, the replay record
+    last.
     """
     start = time.monotonic()
+    recovered = _recover(desired.name, node)
+    if recovered is not None:
+        return recovered
     p, obs, cfg = _plan(desired, node)
     if p.invalid:
         return EnactResult(
@@ -663,16 +1066,26 @@ def enact(desired: DesiredBridge, node: NodeContext, *, run_probes: bool = True)
     if not p.changes:
         return EnactResult(desired.name, STATUS_UNCHANGED, duration=time.monotonic() - start)
     snap = _Snapshot(obs.bridge, obs.links, obs.files)
+    record = record_path(desired.name)
+    probing = run_probes and (any(c.area != "file" for c in p.changes) or record in p.files)
+    journal = Journal(desired, PHASE_CHANGING, _utc_now(), snap) if probing else None
     done: list[str] = []
     written: list[str] = []
     result_probe: probe.ProbeResult | None = None
     try:
+        if journal is not None:
+            journal = _write_journal(node.root, journal, PHASE_CHANGING)
         done += ovs.ensure_bridge(node.ovsdb, _spec(desired, p.datapath, cfg))
+        now = dataclasses.replace(obs, bridge=ovs.read_bridge(node.ovsdb, desired.name))
+        done += _apply_ovs_extra(desired, node, _ovs_extra(desired, now, node.root))
         done += _apply_links(desired, node, cfg)
-        if run_probes and done:
+        done += _restore_mtus(desired, node)
+        if journal is not None:
+            journal = _write_journal(node.root, journal, PHASE_PROBING)
             result_probe = probe.run_probes(_probe_targets(desired, node, cfg, obs), node.netns)
             if not result_probe.ok:
                 undone = _rollback(desired, node, snap)
+                persistence.remove_file(node.root, journal_path(desired.name))
                 return EnactResult(
                     desired.name,
                     STATUS_ROLLED_BACK,
@@ -683,15 +1096,21 @@ def enact(desired: DesiredBridge, node: NodeContext, *, run_probes: bool = True)
                     tuple(undone),
                     time.monotonic() - start,
                 )
-        for path, (content, mode) in p.files.items():
+            journal = _write_journal(node.root, journal, PHASE_PROBED)
+        # the replay record last: once it is there, this state counts as probed
+        for path, (content, mode) in sorted(p.files.items(), key=lambda kv: kv[0] == record):
             if persistence.write_atomic(node.root, path, content, mode):
                 written.append(path)
         for path in p.stale:
             if persistence.remove_file(node.root, path):
                 written.append(path)
+        if journal is not None:
+            persistence.remove_file(node.root, journal_path(desired.name))
     except Exception as exc:  # roll back whatever happened, report the cause
         try:
             undone = _rollback(desired, node, snap)
+            if journal is not None:
+                persistence.remove_file(node.root, journal_path(desired.name))
         except Exception as exc2:
             undone = [f"rollback failed too: {exc2}"]
         return EnactResult(
@@ -714,6 +1133,10 @@ def enact(desired: DesiredBridge, node: NodeContext, *, run_probes: bool = True)
         (),
         time.monotonic() - start,
     )
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- remove ---------------------------------------------------------------------------------
@@ -758,13 +1181,14 @@ def plan_remove(desired: DesiredBridge, node: NodeContext) -> RemoveResult:
     """What :func:`remove` would do (no-op mode; reads only): status ``blocked`` with the
     reason, ``absent`` when nothing is left, else ``removed`` with the changes it would make
     and the files it would delete."""
+    interrupted = _journal_change(desired, node.root)
     reason = removal_blocked(desired, node)
     if reason is not None:
         return RemoveResult(desired.name, STATUS_BLOCKED, reason)
-    changes: list[str] = []
+    changes: list[str] = [interrupted] if interrupted else []
     with links.open_iproute(node.netns) as ipr:
         br = links.read_link(ipr, desired.name)
-        if desired.move_addresses and br is not None:
+        if br is not None:
             changes += [f"move address {a.cidr} from {desired.name} back to {desired.uplinks[0]}"
                         for a in br.addresses]  # fmt: skip
             changes += [
@@ -785,19 +1209,24 @@ def plan_remove(desired: DesiredBridge, node: NodeContext) -> RemoveResult:
 
 
 def remove(desired: DesiredBridge, node: NodeContext) -> RemoveResult:
-    """Take ``desired``'s bridge off ``node``: refuses (``blocked``, with the pod ports named)
-    while pod ports remain, or when the bridge was not created by the agent
-    (:func:`removal_blocked`); otherwise moves addresses and routes back to the first uplink,
-    deletes the bridge (one transaction), sets the uplinks' MTUs back to what the replay record
-    says they were, and removes the persistence files of every backend and the replay record.
+    """Take ``desired``'s bridge off ``node``: first rolls back an enactment of it an earlier
+    run left unfinished (journal; raises the rollback's error, the journal is kept); refuses
+    (``blocked``, with the pod ports named) while pod ports remain, or when the bridge was not
+    created by the agent (:func:`removal_blocked`); otherwise moves addresses and routes the
+    bridge carries back to the first uplink (whatever moveAddresses says now), deletes the
+    bridge (one transaction), sets the uplinks' MTUs back to what the replay record says they
+    were, and removes the persistence files of every backend and the replay record.
     Idempotent: a node without the bridge or files gives ``absent``."""
+    recovered = _recover(desired.name, node)
+    if recovered is not None and recovered.status == STATUS_FAILED:
+        raise links.LinkError(recovered.reason or "rolling back an interrupted change failed")
+    changes: list[str] = list(recovered.rollback) if recovered else []
     reason = removal_blocked(desired, node)
     if reason is not None:
-        return RemoveResult(desired.name, STATUS_BLOCKED, reason)
-    changes: list[str] = []
+        return RemoveResult(desired.name, STATUS_BLOCKED, reason, tuple(changes))
     mtus = read_uplink_mtus(node.root, desired.name)
     with links.open_iproute(node.netns) as ipr:
-        if desired.move_addresses and links.read_link(ipr, desired.uplinks[0]) is not None:
+        if links.read_link(ipr, desired.uplinks[0]) is not None:
             changes += links.restore(ipr, desired.name, desired.uplinks[0])
     if ovs.delete_bridge(node.ovsdb, desired.name):
         changes.append(f"deleted OVS bridge {desired.name}")
@@ -820,7 +1249,8 @@ class Drift:
     """One difference between the live node and the desired state.
 
     ``kind``: bridge-missing | uplink-port-missing | ovs-config | link | file-missing |
-    file-edited | invalid; ``detail``: a sentence.
+    file-edited | interrupted (an enactment journal to roll back) | invalid; ``detail``: a
+    sentence.
     """
 
     kind: str
@@ -849,6 +1279,8 @@ def classify(p: Plan) -> list[Drift]:
                 kind = "ovs-config"
         elif c.area == "file":
             kind = "file-missing" if c.text.startswith("create ") else "file-edited"
+        elif c.area == "journal":
+            kind = "interrupted"
         else:
             kind = "link"
         out.append(Drift(kind, c.text))

@@ -3,7 +3,10 @@
 The file follows shared/reference/persistence.md exactly: ``renderer: networkd`` (with the
 NetworkManager renderer netplan would emit a Linux-bridge slave), the uplink(s) under
 ``ethernets`` with DHCP off, the bridge under ``bridges`` with ``interfaces``, ``addresses``,
-``routes`` (``to: default, via: ...``), ``macaddress``, ``mtu`` and ``openvswitch: {}``. Two
+``routes`` (``to: default, via: ...``), ``macaddress``, ``mtu`` and ``openvswitch: {}``. With
+moveAddresses false the addresses and routes the agent keeps (``node_state``: only when the
+bridge had carried the node's addresses before, see bridges.carried_config) go under the first
+uplink in ``ethernets`` instead; netplan accepts addresses on an OVS bridge member. Two
 or more uplinks become an OVS bond under ``bonds`` (``parameters.mode`` = bondMode). File mode
 0600, as netplan requires. Validated by ``netplan generate --root-dir`` in the tests.
 
@@ -246,6 +249,18 @@ def _member_of(root: Path | str, uplinks: tuple[str, ...], exclude: str) -> list
     return out
 
 
+def _ip_config(node_state: NodeNetConfig) -> dict[str, Any]:
+    """``addresses`` (IPv4 first) and ``routes`` of one definition (absent when empty)."""
+    out: dict[str, Any] = {}
+    v4 = [a.cidr for a in node_state.addresses if a.family == socket.AF_INET]
+    v6 = [a.cidr for a in node_state.addresses if a.family == socket.AF_INET6]
+    if v4 or v6:
+        out["addresses"] = _Flow(v4 + v6)
+    if node_state.routes:
+        out["routes"] = _Flow(_FlowDict(_route(r)) for r in node_state.routes)
+    return out
+
+
 class NetplanBackend(Backend):
     """Writes ``/etc/netplan/60-underlay-<bridge>.yaml``."""
 
@@ -259,6 +274,9 @@ class NetplanBackend(Backend):
             if desired.mtu is not None:
                 eth["mtu"] = desired.mtu
             ethernets[uplink] = eth
+        kept = _ip_config(node_state) if not desired.move_addresses else {}
+        if kept:  # what the agent keeps for the first uplink (block style: it is long)
+            ethernets[desired.uplinks[0]] = {**ethernets[desired.uplinks[0]], **kept}
         bridge: dict[str, Any] = {}
         if len(desired.uplinks) == 1:
             bridge["interfaces"] = _Flow(desired.uplinks)
@@ -269,12 +287,7 @@ class NetplanBackend(Backend):
         if desired.mtu is not None:
             bridge["mtu"] = desired.mtu
         if desired.move_addresses:
-            v4 = [a.cidr for a in node_state.addresses if a.family == socket.AF_INET]
-            v6 = [a.cidr for a in node_state.addresses if a.family == socket.AF_INET6]
-            if v4 or v6:
-                bridge["addresses"] = _Flow(v4 + v6)
-            if node_state.routes:
-                bridge["routes"] = _Flow(_FlowDict(_route(r)) for r in node_state.routes)
+            bridge.update(_ip_config(node_state))
         bridge["openvswitch"] = _FlowDict()
         network: dict[str, Any] = {"version": 2, "renderer": "networkd", "ethernets": ethernets}
         if len(desired.uplinks) > 1:
