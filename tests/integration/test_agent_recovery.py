@@ -60,6 +60,16 @@ def ready_as(w: World, bridge: str, oname: str = "net") -> dict[str, Any]:
     )
 
 
+def capacity_is(w: World, resources: set[str]) -> None:
+    """Wait until Node n1's underlay.dev/ capacity is exactly ``resources`` (it is published
+    right after the enactment is written)."""
+    wait_for(
+        lambda: {k for k in w.cluster.capacity("n1") if k.startswith("underlay.dev/")} == resources,
+        5,
+        f"capacity {sorted(resources)}",
+    )
+
+
 def unplug_pod(w: World, n: Node, bridge: str, port: str, pod: str) -> None:
     """The pod of :func:`plug_pod` goes away (port, namespace, host veth)."""
     n.vsctl("del-port", bridge, port)
@@ -83,7 +93,7 @@ def test_renamed_bridge_replaces_the_old_one_through_removal(world: World) -> No
     w.cluster.apply_bridge(ovs_bridge("net", bridge="br1", uplinks=["eth1"]))
     w.agent("n1")
     ready_as(w, "br1")
-    assert "underlay.dev/br1" in w.cluster.capacity("n1")
+    capacity_is(w, {"underlay.dev/br1"})
 
     port = plug_pod(w.rig, n1, "p1", "172.19.30.1", contNetns="/run/netns/x", contIface="eth0",
                     contPodUid="uid-1", owner="underlay-ovs")  # fmt: skip
@@ -91,7 +101,7 @@ def test_renamed_bridge_replaces_the_old_one_through_removal(world: World) -> No
     _, reason, message = w.cluster.wait_condition("n1", "Pending", "net")
     assert reason == "RemovalBlocked", message
     assert "from br1 to br9" in message and port in message and "uid-1" in message, message
-    wait_for(lambda: "underlay.dev/br1" not in w.cluster.capacity("n1"), 5, "br1 withdrawn")
+    capacity_is(w, set())
     assert bridges_of(n1) == ["br1"] and ports_of(n1, "br1") == sorted(["eth1", port])
     assert n1.addresses("br1") == [f"{DATA_IPS['n1']}/16"] and n1.addresses("eth1") == []
     assert w.rig.pods["p1"].ping(DATA_GATEWAY, count=1)
@@ -104,8 +114,7 @@ def test_renamed_bridge_replaces_the_old_one_through_removal(world: World) -> No
     files = set(files_under(n1.root))
     assert files == {"etc/netplan/50-cloud-init.yaml", "etc/netplan/60-underlay-br9.yaml",
                      "var/lib/underlay/bridges/br9.json"}, files  # fmt: skip
-    cap = w.cluster.capacity("n1")
-    assert "underlay.dev/br9" in cap and "underlay.dev/br1" not in cap
+    capacity_is(w, {"underlay.dev/br9"})
     assert any(c.startswith("bridge br1: deleted OVS bridge br1") for c in st["lastChanges"])
     assert st["enactedState"]["spec"]["bridge"] == "br9"
 
@@ -118,13 +127,12 @@ def test_renamed_bridge_replaces_the_old_one_through_removal(world: World) -> No
     assert set(files_under(n1.root)) == {"etc/netplan/50-cloud-init.yaml",
                                          "etc/netplan/60-underlay-br7.yaml",
                                          "var/lib/underlay/bridges/br7.json"}  # fmt: skip
-    cap = w.cluster.capacity("n1")
-    assert "underlay.dev/br7" in cap and "underlay.dev/br9" not in cap
+    capacity_is(w, {"underlay.dev/br7"})
 
     w.cluster.delete_bridge("net")
     wait_for(lambda: w.cluster.enactment("n1", "net") is None, 10, "enactment deleted")
     assert_same_state(node_state(n1), before)
-    assert not any(k.startswith("underlay.dev/") for k in w.cluster.capacity("n1"))
+    capacity_is(w, set())
 
 
 def test_failed_rename_puts_the_old_bridge_back(world: World) -> None:
