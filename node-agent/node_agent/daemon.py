@@ -50,7 +50,7 @@ from typing import Any
 import urllib3
 from kubernetes import client, watch
 
-from node_agent import agent_args, bridges, ovs, ovsdb, rollout
+from node_agent import agent_args, bridges, ovs, ovsdb, persistence, rollout
 from reconciler import kube, vocab
 
 log = logging.getLogger("underlay.agent")
@@ -257,6 +257,10 @@ class BridgeAgent:
         self._watchers: list[Any] = []
         self._watched: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         self._enacted: dict[str, bridges.DesiredBridge] = {}
+        # enactments an earlier run left unfinished, rolled back at start: bridge name ->
+        # (what was being enacted, the rollback's result), reported instead of enacting the
+        # same desired state again (it never passed its probe)
+        self._recovered: dict[str, tuple[bridges.DesiredBridge, bridges.EnactResult]] = {}
         """OvsBridge name -> what this node last enacted successfully (repairs go back to it)."""
         self._failed: dict[str, int | None] = {}
         """OvsBridge name -> generation whose change failed here (not retried until it changes)."""
@@ -727,7 +731,11 @@ class BridgeAgent:
                     f"{self.node.name} and has not finished (its probes decide whether it stays)",
                 )
             try:
-                result = bridges.enact(desired, self.node, run_probes=self.run_probes)
+                recovered = self._recovered.pop(desired.name, None)
+                if recovered is not None and recovered[0] == desired:
+                    result = recovered[1]  # rolled back at start: not tried again unprobed
+                else:
+                    result = bridges.enact(desired, self.node, run_probes=self.run_probes)
                 if result.status in (bridges.STATUS_CHANGED, bridges.STATUS_UNCHANGED):
                     self._enacted[oname] = desired  # before a repair could undo it
                     return result, None, None
@@ -1286,6 +1294,26 @@ class BridgeAgent:
 
     # --- loop ---------------------------------------------------------------------------------
 
+    def _recover_interrupted(self) -> None:
+        """Roll back every enactment an earlier run left unfinished (see
+        :func:`bridges.recover_interrupted`), log it, and keep each result to report on the
+        OvsBridge's enactment when the same desired state comes up (it is not enacted again:
+        it was interrupted before its probe passed). Caller holds ``_node_lock``."""
+        journals: dict[str, bridges.DesiredBridge] = {}
+        directory = persistence.node_path(self.node.root, bridges.RECORD_DIR)
+        for path in directory.glob(f"*{bridges.JOURNAL_SUFFIX}") if directory.is_dir() else []:
+            name = path.name[: -len(bridges.JOURNAL_SUFFIX)]
+            with contextlib.suppress(ValueError):
+                j = bridges.read_journal(self.node.root, name)
+                if j is not None:
+                    journals[name] = j.desired
+        for res in bridges.recover_interrupted(self.node):
+            log.warning("bridge %s on %s: %s", res.bridge, self.node.name, res.reason)
+            for line in res.rollback:
+                log.info("bridge %s rollback: %s", res.bridge, line)
+            if res.bridge in journals and res.status == bridges.STATUS_ROLLED_BACK:
+                self._recovered[res.bridge] = (journals[res.bridge], res)
+
     def run(self) -> None:
         """Loop until :meth:`stop`: a full pass at start, on OvsBridge or Node label changes,
         every ``resync`` s (every ``rollout_retry`` s while Pending); in its own thread, a local
@@ -1327,6 +1355,10 @@ class BridgeAgent:
         threads.append(repairer)
         for t in threads:
             t.start()
+        # an enactment an earlier run left unfinished (killed during its probe) is rolled back
+        # first, to the state before it, so nothing unprobed stays on the node
+        with self._node_lock:
+            self._recover_interrupted()
         # reboot replay: what this node enacted is on disk; put it back before anything needs
         # the API server (after a reboot the route to it may be one of the things missing)
         with self._node_lock:
