@@ -306,6 +306,23 @@ def test_static_uplink_in_another_netplan_file_is_refused(tmp_path: Path) -> Non
     assert "Address=172.18.10.11/16" in eth0 and "Bridge=br1" in eth0
 
 
+def test_an_uplink_in_the_agents_own_file_of_another_bridge_is_not_to_be_edited(
+    tmp_path: Path,
+) -> None:
+    """Two OvsBridges claim eth0: the refusal points at the OvsBridge, never at editing the
+    agent's own file."""
+    backend = get_backend("netplan")
+    backend.write(tmp_path, backend.render(desired(), STATE))  # br1 over eth0, as enacted
+    other = DesiredBridge.from_object(
+        {"metadata": {"name": "br9"}, "spec": {"uplinks": ["eth0"]}}, "n1"
+    )
+    assert refusals(tmp_path, other) == (
+        "uplink eth0 is carried by the agent's bridge br1 (/etc/netplan/60-underlay-br1.yaml, "
+        "written by the agent: do not edit it); remove eth0 from the OvsBridge that makes "
+        "bridge br1, or delete that OvsBridge",
+    )
+
+
 def test_dhcp4_uplink_in_an_earlier_file_is_fine_and_netplan_agrees(tmp_path: Path) -> None:
     put(tmp_path, "/etc/netplan/50-cloud-init.yaml", CLOUD_INIT_DHCP)
     assert refusals(tmp_path) == ()

@@ -27,6 +27,7 @@ the node is cut off. The agent refuses such a change (moveAddresses true) and na
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -225,12 +226,16 @@ def uplink_definitions(
     return found, errors
 
 
+_OWN_FILE = re.compile(re.escape(NETPLAN_DIR) + r"/60-underlay-(.+)\.yaml")
+"""Node paths of the agent's own netplan files (:func:`netplan_path`); group 1: the bridge."""
+
+
 def _member_of(root: Path | str, uplinks: tuple[str, ...], exclude: str) -> list[str]:
     """Sentences for bonds/bridges of other files that list an uplink in ``interfaces``."""
     out = []
     for path in netplan_files(root):
-        if path.rsplit("/", 1)[1] == exclude.rsplit("/", 1)[1]:
-            continue
+        if path.rsplit("/", 1)[1] == exclude.rsplit("/", 1)[1] or _OWN_FILE.fullmatch(path):
+            continue  # ours, or the agent's own file of another bridge (reported by inspect)
         try:
             net = load_netplan(root, path)
         except ValueError:
@@ -349,6 +354,14 @@ class NetplanBackend(Backend):
         ]
         bond = bond_port_name(desired.name) if len(desired.uplinks) > 1 else None
         for d in defs:
+            other = _OWN_FILE.fullmatch(d.path)
+            if other is not None:  # the agent's own file of another bridge: never to be edited
+                refusals.append(
+                    f"uplink {d.uplink} is carried by the agent's bridge {other.group(1)} "
+                    f"({d.path}, written by the agent: do not edit it); remove {d.uplink} from "
+                    f"the OvsBridge that makes bridge {other.group(1)}, or delete that OvsBridge"
+                )
+                continue
             if d.how == "id" and d.section != "ethernets":
                 refusals.append(
                     f"netplan file {d.path} defines uplink {d.uplink} under {d.section} "
