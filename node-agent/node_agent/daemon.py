@@ -1058,7 +1058,34 @@ class BridgeAgent:
             log.info("OvsBridge %s: forgot enactment %s", oname, enactment["metadata"]["name"])
             return "forgotten"
         obj = state or status.get("desiredState") or {"metadata": {"name": oname}}
-        res = self._take_off(oname, desired, "removal")
+        slot = None
+        if bridges.removal_blocked(desired, self.node) is None:
+            # taking a bridge off changes the node like creating it: at most maxUnavailable
+            # nodes at once (the last value this node enacted; 1 when it had none)
+            spec_mu = (obj.get("spec") or {}).get("maxUnavailable")
+            try:
+                count = rollout.max_unavailable(
+                    spec_mu, self._selected_nodes(desired) if isinstance(spec_mu, str) else 0
+                )
+            except ValueError:
+                count = 1
+            slot, holders = self.slots.acquire(oname, count)
+            if slot is None:
+                self._pending = True
+                msg = (
+                    f"bridge {desired.name} is to be removed: waiting for a rollout slot of "
+                    f"OvsBridge {oname} (maxUnavailable {count}; changing now: "
+                    f"{', '.join(sorted(holders))})"
+                )
+                if condition_status(enactment, COND_PENDING).get("message") != msg:
+                    log.info("OvsBridge %s: %s", oname, msg)
+                self._report(obj, enactment, COND_PENDING, REASON_WAITING, msg, None)
+                return "pending"
+        try:
+            res = self._take_off(oname, desired, "removal")
+        finally:
+            if slot is not None:
+                self.slots.release(slot)
         if res.status == bridges.STATUS_FAILED:
             self._report(obj, enactment, COND_FAILING, REASON_REMOVAL_FAILED, res.reason or "")
             self._capacity(desired.name, False)

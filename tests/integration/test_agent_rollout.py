@@ -272,3 +272,45 @@ def test_holder_renews_its_slot_while_it_works(apiserver: Emulator) -> None:
     sb, _ = b.acquire("br1", 1)
     assert sb is not None
     b.release(sb)
+
+
+def test_removal_takes_a_rollout_slot_too(world: World) -> None:
+    """An OvsBridge that leaves Git is taken off the nodes within the same slots as a change:
+    while someone holds the only slot, every node keeps its bridge, Pending with the reason;
+    once the slot is free the nodes remove it (their own slots, released afterwards)."""
+    w = world
+    nodes = {n: w.node(n, persistence="none", data=True) for n in ("n1", "n2")}
+    before = {n: node_state(node) for n, node in nodes.items()}
+    w.cluster.apply_bridge(ovs_bridge("br2", uplinks=["eth1"], probeTimeoutSeconds=3))
+    for n in nodes:
+        w.agent(n)
+    for n in nodes:
+        w.cluster.wait_condition(n, "Ready", "br2", timeout=30)
+    wait_for(lambda: leases(w) == [], 5, "slots released after the rollout")
+    w.cluster.coord.create_namespaced_lease(
+        "kube-system",
+        {
+            "metadata": {"name": "underlay-rollout.br2.0"},
+            "spec": {
+                "holderIdentity": "maintenance",
+                "leaseDurationSeconds": 60,
+                "renewTime": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            },
+        },
+    )
+    w.cluster.delete_bridge("br2")
+    for n, node in nodes.items():
+        _, reason, message = w.cluster.wait_condition(n, "Pending", "br2", timeout=15)
+        assert reason == "WaitingForSlot"
+        assert message.startswith("bridge br2 is to be removed: waiting for a rollout slot"), (
+            message
+        )
+        assert "changing now: maintenance" in message, message
+        assert node.vsctl("list-ports", "br2").split() == ["eth1"]  # still there, still working
+        assert node.ping(DATA_GATEWAY, count=1)
+    w.cluster.coord.delete_namespaced_lease("underlay-rollout.br2.0", "kube-system")
+    for n, node in nodes.items():
+        wait_for(lambda n=n: w.cluster.enactment(n, "br2") is None, 30, f"br2 removed from {n}")
+        assert not node.link_exists("br2")
+        assert_same_state(node_state(node), before[n])
+    wait_for(lambda: leases(w) == [], 5, "slots released after the removal")
