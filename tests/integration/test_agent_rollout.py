@@ -98,6 +98,18 @@ def leases(w: World) -> list[Any]:
     return list(w.cluster.coord.list_namespaced_lease("kube-system").items)
 
 
+def hold_slot(w: World, bridge: str) -> None:
+    """A maintenance job holds the only rollout slot of OvsBridge ``bridge`` for 60 s."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    w.cluster.coord.create_namespaced_lease(
+        "kube-system",
+        {
+            "metadata": {"name": rollout.lease_name(bridge, 0)},
+            "spec": {"holderIdentity": "maintenance", "leaseDurationSeconds": 60, "renewTime": now},
+        },
+    )
+
+
 def test_rollout_one_node_at_a_time_stops_at_a_failing_node_until_the_bridge_changes(
     world: World,
 ) -> None:
@@ -128,19 +140,7 @@ def test_rollout_one_node_at_a_time_stops_at_a_failing_node_until_the_bridge_cha
 
         # the operator fixes n2's cable; a maintenance job holds the slot for a while
         w.rig.plug("n2", "eth1")
-        w.cluster.coord.create_namespaced_lease(
-            "kube-system",
-            {
-                "metadata": {"name": "underlay-rollout.br2.0"},
-                "spec": {
-                    "holderIdentity": "maintenance",
-                    "leaseDurationSeconds": 60,
-                    "renewTime": datetime.datetime.now(datetime.UTC).strftime(
-                        "%Y-%m-%dT%H:%M:%S.%fZ"
-                    ),
-                },
-            },
-        )
+        hold_slot(w, "br2")
         # generation 2 resumes the stopped rollout (n2 included), but only within the slot
         obj = w.cluster.apply_bridge(ovs_bridge("br2", uplinks=["eth1"], probeTimeoutSeconds=3))
         assert obj["metadata"]["generation"] == 2
@@ -287,17 +287,7 @@ def test_removal_takes_a_rollout_slot_too(world: World) -> None:
     for n in nodes:
         w.cluster.wait_condition(n, "Ready", "br2", timeout=30)
     wait_for(lambda: leases(w) == [], 5, "slots released after the rollout")
-    w.cluster.coord.create_namespaced_lease(
-        "kube-system",
-        {
-            "metadata": {"name": "underlay-rollout.br2.0"},
-            "spec": {
-                "holderIdentity": "maintenance",
-                "leaseDurationSeconds": 60,
-                "renewTime": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            },
-        },
-    )
+    hold_slot(w, "br2")
     w.cluster.delete_bridge("br2")
     for n, node in nodes.items():
         _, reason, message = w.cluster.wait_condition(n, "Pending", "br2", timeout=15)
