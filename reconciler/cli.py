@@ -14,6 +14,7 @@ runs is built in full); each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -886,6 +887,25 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return None
 
 
+def _stdout_gone() -> bool:
+    """True when stdout is a pipe whose reader has left (poll(2) reports POLLERR on its write
+    end); stdout is then pointed at /dev/null so Python's flush at exit does not complain
+    again. A broken pipe elsewhere (the API server's socket) is not this."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(ev & select.POLLERR for _, ev in poller.poll(0))  # a pipe without reader
+    except (OSError, ValueError):
+        return False
+    if gone:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``underlay``; returns the exit code (see module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -917,6 +937,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from reconciler import kube
         from reconciler.source import SignatureError, SourceError, redact
 
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            return EXIT_OK  # the reader left (plan | head): not an error of ours
         if isinstance(exc, SignatureError):
             print(f"underlay {args.command}: {redact(str(exc))}", file=sys.stderr)
             return EXIT_FINDINGS
