@@ -8,6 +8,7 @@ transactions. Source: ovsdbapp ``backend.ovs_idl`` (OVSDB RFC 7047 over a unix s
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from ovsdbapp.backend.ovs_idl import connection
 from ovsdbapp.schema.open_vswitch import impl_idl
@@ -26,6 +27,9 @@ def connect(remote: str = DEFAULT_REMOTE, timeout: float = 10.0) -> impl_idl.Ovs
     or inside ``api.transaction(check_error=True)``. ``timeout`` (seconds) bounds the initial
     schema fetch and each later transaction. Raises OvsdbUnavailable naming ``remote``.
     """
+    quiet = logging.getLogger("ovsdbapp.backend.ovs_idl.idlutils")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its "Unable to open stream" line: we say it, once
     try:
         idl = connection.OvsdbIdl.from_server(remote, "Open_vSwitch")
         conn = connection.Connection(idl=idl, timeout=timeout)
@@ -35,7 +39,12 @@ def connect(remote: str = DEFAULT_REMOTE, timeout: float = 10.0) -> impl_idl.Ovs
         cls = type("NodeOvsdbIdl", (impl_idl.OvsdbIdl,), {"_ovsdb_connection": None})
         api = cls(conn)
     except Exception as exc:
-        raise OvsdbUnavailable(f"cannot reach OVSDB at {remote}: {exc}") from exc
+        raise OvsdbUnavailable(
+            f"cannot reach OVSDB at {remote}: {exc} (is Open vSwitch running on this node, "
+            "e.g. systemctl start openvswitch-switch? else point --ovsdb at its socket)"
+        ) from exc
+    finally:
+        quiet.setLevel(level)
     return api
 
 
