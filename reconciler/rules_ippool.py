@@ -20,6 +20,7 @@ leading zeros; a canonical CIDR is what Go's ``net.IPNet.String()`` prints (RFC 
 from __future__ import annotations
 
 import bisect
+import difflib
 import heapq
 from typing import Any
 
@@ -579,13 +580,16 @@ def _check_multus_names(doc: Document, ctx: Context, names: Any) -> list[Problem
                 )
             )
         elif key not in ctx.nads:
+            known = sorted(f"{ns}/{name}" for ns, name in ctx.nads)
+            close = difflib.get_close_matches(f"{key[0]}/{key[1]}", known, n=1, cutoff=0.8)
             out.append(
                 doc.problem(
                     path,
                     rule="multus-config-not-found",
                     severity=WARNING,
                     message=f"no SpiderMultusConfig in {ctx.scope} renders {key[0]}/{key[1]}",
-                    hint=f"check the name; {ctx.outside_note('that Multus config')}",
+                    hint=(f"did you mean {close[0]}? " if close else "check the name; ")
+                    + ctx.outside_note("that Multus config"),
                 )
             )
     return out

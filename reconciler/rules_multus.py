@@ -497,13 +497,15 @@ def _check_pool_ref(
 ) -> list[Problem]:
     found = ctx.pools.get(name)
     if not found:
+        close = difflib.get_close_matches(name, sorted(ctx.pools), n=1, cutoff=0.8)
         return [
             doc.problem(
                 path,
                 rule="ippool-not-found",
                 severity=WARNING,
                 message=f'no SpiderIPPool "{name}" in {ctx.scope}',
-                hint=f"check the name; {ctx.outside_note('the pool')}",
+                hint=(f"did you mean {close[0]}? " if close else "check the name; ")
+                + ctx.outside_note("the pool"),
             )
         ]
     pool = found[0]

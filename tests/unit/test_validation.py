@@ -984,7 +984,7 @@ CASES: list[tuple[str, str, dict[str, str], list[str], dict[str, bool]]] = [
             "SpiderIPPool p1 only serves multusName kube-system/c2, so pods attached through "
             "kube-system/c1 never get it (add kube-system/c1 to the pool's multusName)",
             "p.yaml:7:16: warning: SpiderIPPool p1 spec.multusName[0]: no SpiderMultusConfig in the "
-            "repository renders kube-system/c2 (check the name; fine if that Multus config is "
+            "repository renders kube-system/c2 (did you mean kube-system/c1? fine if that Multus config is "
             "managed outside Git)",
         ],
         {},
