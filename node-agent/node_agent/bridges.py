@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -65,6 +66,8 @@ from node_agent.persistence import NodeNetConfig
 
 IFNAMSIZ_MAX = 15
 """Longest Linux interface name (IFNAMSIZ 16 including the NUL)."""
+log = logging.getLogger(__name__)
+
 RECORD_DIR = "/var/lib/underlay/bridges"
 JOURNAL_SUFFIX = ".journal"
 """File name suffix of an enactment journal in :data:`RECORD_DIR` (not ``.json``: a journal is
@@ -925,7 +928,8 @@ def read_journal(root: Path | str, bridge: str) -> Journal | None:
         if phase not in (PHASE_CHANGING, PHASE_PROBING, PHASE_PROBED):
             raise ValueError(f"unknown phase {phase!r}")
         return Journal(DesiredBridge(**d), phase, str(doc["started"]), snap)
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+        # any shape it cannot be: a journal that cannot be read must never stop the agent
         raise ValueError(f"unreadable enactment journal {journal_path(bridge)}: {exc}") from exc
 
 
@@ -947,7 +951,8 @@ def _recover(bridge: str, node: NodeContext) -> EnactResult | None:
     start = time.monotonic()
     try:
         j = read_journal(node.root, bridge)
-    except ValueError:
+    except ValueError as exc:
+        log.warning("%s; removed (the next enactment re-probes before committing)", exc)
         persistence.remove_file(node.root, journal_path(bridge))
         return None
     if j is None:

@@ -290,3 +290,23 @@ def test_mtu_unset_sets_the_uplink_and_bridge_back(world: World) -> None:
     assert mtu(n1, "eth0") == 1500
     assert n1.addresses("eth0") == [f"{IPS['n1']}/16"]
     assert a.stop() == 0
+
+
+def test_an_unreadable_journal_never_stops_the_agent(world: World) -> None:
+    """A journal of the wrong shape (hand-edited, or from another version) is reported and
+    removed; the agent starts and enacts its bridges (found by the hostile tester)."""
+    w = world
+    n1 = w.node("n1")
+    d = n1.root / "var/lib/underlay/bridges"
+    d.mkdir(parents=True, exist_ok=True)
+    bad = {
+        "bridge": "old", "phase": "changing", "started": "x", "desired": {"uplinks": []},
+        "snapshot": {"bridge": None, "links": [], "files": {}},
+    }  # fmt: skip
+    (d / "old.journal").write_text(json.dumps(bad))
+    w.cluster.apply_bridge(ovs_bridge())
+    a = w.agent("n1")
+    w.cluster.wait_condition("n1", "Ready", timeout=30)
+    assert "unreadable enactment journal /var/lib/underlay/bridges/old.journal" in a.text()
+    assert not (d / "old.journal").exists()
+    assert a.stop() == 0
