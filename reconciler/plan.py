@@ -31,6 +31,7 @@ remove a field another manager owns, so apply removes it with a merge patch.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 from collections.abc import Iterable, Mapping
@@ -661,9 +662,12 @@ def make_plan(
 
 
 def _pool_addresses(pool: Mapping[str, Any]) -> netaddr.IPSet:
-    """What a live SpiderIPPool covers: its allocatable addresses and every recorded one.
-    Raises ValueError, TypeError or AddrFormatError for addresses that cannot be read."""
-    covered = ippool.allocatable(pool.get("spec") or {})
+    """What a live SpiderIPPool covers: its allocatable addresses (none when they cannot be
+    read: no IPAM hands those out) and every recorded one (read whatever the spec says)."""
+    try:
+        covered = ippool.allocatable(pool.get("spec") or {})
+    except (ValueError, TypeError, netaddr.AddrFormatError):
+        covered = netaddr.IPSet()
     records, _problem = pool_records(pool)
     return covered | netaddr.IPSet(records)
 
@@ -678,53 +682,104 @@ def _block_overlaps(
     between pools in Git; without this, renaming a pool that has allocations (the old one is
     kept, the new one created over the same range) would let both hand out one address.
     Spiderpool's admission webhook refuses such a pool; underlay has none, so the plan does."""
+    writes = [
+        a
+        for a in actions
+        if a.resource is vocab.SPIDER_IPPOOL
+        and a.desired is not None
+        and a.op in (Op.CREATE, Op.UPDATE)
+    ]
+    if not writes:  # a pass that writes no pool has nothing to check (and stays cheap)
+        return
     pruned = {a.key for a in actions if a.op is Op.PRUNE}
     staying: dict[str, tuple[Mapping[str, Any], str]] = {}
     for a in actions:
         if a.resource is vocab.SPIDER_IPPOOL and a.op is Op.BLOCKED and a.live is not None:
-            staying[a.name] = (a.live, f"its {a.blocked_op.value if a.blocked_op else ''} is "
-                               f"blocked: {a.reason}")  # fmt: skip
+            staying[a.name] = (a.live, _kept_because(a))
     for key, live in observed.items():
         if key[0] == vocab.SPIDER_IPPOOL.kind and key not in wanted and key not in pruned:
             staying.setdefault(key[2], (live, "it is in the cluster but not in Git, and is "
                                "not pruned by this reconciler"))  # fmt: skip
     if not staying:
         return
-    covered: dict[str, netaddr.IPSet] = {}
-    for name, (pool, _why) in staying.items():
+    covered: dict[str, netaddr.IPSet] = {
+        name: _pool_addresses(pool) for name, (pool, _) in staying.items()
+    }
+    union = _Intervals(covered.values())
+    mine: dict[str, netaddr.IPSet] = {}
+    for a in writes:
         try:
-            covered[name] = _pool_addresses(pool)
-        except (ValueError, TypeError, netaddr.AddrFormatError):
-            continue  # addresses nobody can read: no IPAM hands them out either
-    union = netaddr.IPSet()
-    for ips in covered.values():
-        union |= ips
-    for a in actions:
-        if a.resource is not vocab.SPIDER_IPPOOL or a.desired is None:
-            continue
-        if a.op not in (Op.CREATE, Op.UPDATE):
-            continue
-        try:
-            mine = ippool.allocatable(a.desired.body.get("spec") or {})
+            mine[a.name] = ippool.allocatable(a.desired.body.get("spec") or {})  # type: ignore[union-attr]
         except (ValueError, TypeError, netaddr.AddrFormatError):
             continue  # the validator refuses these
-        if not (mine & union):
-            continue
-        for other, ips in sorted(covered.items()):
-            common = mine & ips
-            if other == a.name or not common:
+    blocked_one = True
+    while blocked_one:  # an update blocked here keeps its live addresses: check again
+        blocked_one = False
+        for a in writes:
+            ips = mine.get(a.name)
+            if a.op not in (Op.CREATE, Op.UPDATE) or ips is None or not union.overlaps(ips):
                 continue
-            first = next(iter(common.iter_ipranges()))
-            more = common.size - first.size
-            shown = str(first) + (f" and {more} more" if more else "")
-            a.blocked_op, a.op = a.op, Op.BLOCKED
-            a.reason = (
-                f"its addresses overlap SpiderIPPool {other} ({shown}), which stays in the "
-                f"cluster because {staying[other][1]}; both pools would hand out the same "
-                f"addresses. Release or remove SpiderIPPool {other} first, or give this pool "
-                "other addresses"
-            )
-            break
+            for other, theirs in sorted(covered.items()):
+                if other == a.name or not _Intervals([theirs]).overlaps(ips):
+                    continue
+                common = ips & theirs
+                first = next(iter(common.iter_ipranges()))
+                more = common.size - first.size
+                shown = (str(first[0]) if first.size == 1 else str(first)) + (
+                    f" and {more} more" if more else ""
+                )
+                a.blocked_op, a.op = a.op, Op.BLOCKED
+                a.reason = (
+                    f"its addresses overlap SpiderIPPool {other} ({shown}), which stays in the "
+                    f"cluster because {staying[other][1]}; both pools would hand out the same "
+                    f"addresses. Release or remove SpiderIPPool {other} first, or give this "
+                    "pool other addresses"
+                )
+                if a.live is not None:  # an update held back: its live addresses stay
+                    staying[a.name] = (a.live, _kept_because(a))
+                    covered[a.name] = _pool_addresses(a.live)
+                    union = _Intervals(covered.values())
+                    blocked_one = True
+                break
+
+
+class _Intervals:
+    """Address ranges as sorted, merged integer intervals per IP version, for overlap checks
+    in O(log n) per range (an IPSet intersection walks every range of both sets)."""
+
+    def __init__(self, sets: Iterable[netaddr.IPSet]) -> None:
+        by: dict[int, list[tuple[int, int]]] = {}
+        for ips in sets:
+            for r in ips.iter_ipranges():
+                by.setdefault(r.version, []).append((r.first, r.last))
+        self._by: dict[int, tuple[list[int], list[int]]] = {}
+        for version, spans in by.items():
+            spans.sort()
+            starts: list[int] = []
+            ends: list[int] = []
+            for first, last in spans:
+                if ends and first <= ends[-1] + 1:
+                    ends[-1] = max(ends[-1], last)
+                else:
+                    starts.append(first)
+                    ends.append(last)
+            self._by[version] = (starts, ends)
+
+    def overlaps(self, ips: netaddr.IPSet) -> bool:
+        """True when any address of ``ips`` is in these intervals."""
+        for r in ips.iter_ipranges():
+            found = self._by.get(r.version)
+            if found is None:
+                continue
+            starts, ends = found
+            i = bisect.bisect_right(starts, r.last) - 1
+            if i >= 0 and ends[i] >= r.first:
+                return True
+        return False
+
+
+def _kept_because(a: Action) -> str:
+    return f"its {a.blocked_op.value if a.blocked_op else ''} is blocked: {a.reason}"
 
 
 def _block_dependents(actions: list[Action]) -> None:

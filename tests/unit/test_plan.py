@@ -410,3 +410,47 @@ def test_bridge_line_says_it_moves_the_uplinks_addresses_and_where_it_persists()
         "persistence auto; nodes rack=r1)" in text
     ), text
     assert "OvsBridge br2  (bridge br2, uplinks eth1; persistence none; nodes all)" in text, text
+
+
+def _pool(name: str, ips: list[str], **spec: Any) -> dict[str, Any]:
+    p = copy.deepcopy(POOL)
+    p["metadata"]["name"] = name
+    p["spec"]["ips"] = ips
+    p["spec"].update(spec)
+    return p
+
+
+def test_an_update_held_back_for_overlap_keeps_its_live_addresses_for_the_next_check() -> None:
+    """Pool a (ours, .131-.140) would move onto .150, which pool x (not in Git) holds: a is
+    held back and keeps .131-.140, so pool c cannot be created over .136-.140 either."""
+    a_live = live_of(render.render([_pool("a", ["172.18.30.131-172.18.30.140"])])[0].body)
+    x_live = live_of(_pool("x", ["172.18.30.150-172.18.30.160"]), uid="ux")
+    d = desired(
+        _pool("a", ["172.18.30.131-172.18.30.135", "172.18.30.150"]),
+        _pool("c", ["172.18.30.136-172.18.30.140"]),
+    )
+    plan = make_plan(d, {("SpiderIPPool", None, "a"): a_live, ("SpiderIPPool", None, "x"): x_live})
+    ops = {a.name: (a.op, a.reason) for a in plan.actions}
+    assert ops["a"][0] is Op.BLOCKED and "overlap SpiderIPPool x (172.18.30.150)" in ops["a"][1]
+    assert ops["c"][0] is Op.BLOCKED
+    assert ops["c"][1].startswith(
+        "its addresses overlap SpiderIPPool a (172.18.30.136-172.18.30.140), which stays in the "
+        "cluster because its update is blocked: its addresses overlap SpiderIPPool x"
+    ), ops["c"][1]
+
+
+def test_a_staying_pool_with_unreadable_ips_still_keeps_its_recorded_addresses() -> None:
+    records = json.dumps({"172.18.30.133": {"pod": "default/a", "podUid": "x"}})
+    x_live = live_of(_pool("x", ["garbage"]), uid="ux", allocatedIPs=records, allocatedIPCount=1)
+    plan = make_plan(
+        desired(_pool("c", ["172.18.30.131-172.18.30.140"])), {("SpiderIPPool", None, "x"): x_live}
+    )
+    (c,) = [a for a in plan.actions if a.name == "c"]
+    assert c.op is Op.BLOCKED and "overlap SpiderIPPool x (172.18.30.133)" in (c.reason or "")
+
+
+def test_a_staying_pool_whose_addresses_are_all_excluded_blocks_nothing() -> None:
+    excluded = ["172.18.30.131-172.18.30.140"]
+    x_live = live_of(_pool("x", excluded, excludeIPs=excluded), uid="ux")
+    plan = make_plan(desired(_pool("c", excluded)), {("SpiderIPPool", None, "x"): x_live})
+    assert [a.op for a in plan.actions if a.name == "c"] == [Op.CREATE]
