@@ -65,13 +65,22 @@ def strict_json(text: str) -> Any:
     SHOULD be unique; Go keeps the last, Python too, so "vlan": 10, "vlan": 20 would silently be
     20). Raises ValueError (json.JSONDecodeError for syntax) or RecursionError for absurd
     nesting."""
-    return json.loads(
+    value = json.loads(
         text,
         parse_int=_parse_int,
         parse_constant=_parse_constant,
         parse_float=_parse_float,
         object_pairs_hook=_unique_members,
     )
+    if "\\u" in text:  # only a \\u escape can make a lone surrogate
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"a \\u escape makes a lone UTF-16 surrogate ({exc.object[exc.start]!a}), "
+                "which is not a Unicode character"
+            ) from None
+    return value
 
 
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -486,9 +495,24 @@ def _check_own_plugin(
     if isinstance(ipam, dict) and ipam.get("type") == vocab.CNI_IPAM_TYPE:
         for key, family in (("default_ipv4_ippool", 4), ("default_ipv6_ippool", 6)):
             names = ipam.get(key)
-            for name in names if isinstance(names, list) else []:
-                if isinstance(name, str):
-                    out += _check_pool_ref(doc, ctx, path, name, family)
+            if names is None:
+                continue
+            if isinstance(names, str):  # the IPAM takes one name as a list of one
+                names = [names]
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                out.append(
+                    doc.problem(
+                        path,
+                        rule="own-plugin-invalid",
+                        message=f"the {vocab.CNI_IPAM_TYPE} plugin would refuse every pod ADD "
+                        f"without pool annotations: ipam.{key} must be a pool name or a list "
+                        f"of pool names, got {json.dumps(names)[:60]}",
+                        hint=f'write "{key}": ["pool-name"]',
+                    )
+                )
+                continue
+            for name in names:
+                out += _check_pool_ref(doc, ctx, path, name, family)
     return out
 
 

@@ -2196,3 +2196,45 @@ def test_whole_floats_are_not_integers_and_hints_quote_what_was_written(tmp_path
         "a.yaml:28:18: error: SpiderMultusConfig kube-system/s spec.ovs.trunk[0].id: must be an "
         "integer, got number 10.0 (write 10)",
     ]
+
+
+def test_hand_written_ipam_pool_names_and_lone_surrogates(tmp_path: Path) -> None:
+    """One pool name as a string is checked like a list of one (the IPAM takes both); other
+    shapes would fail every ADD; a \\u escape that makes a lone surrogate is refused, never an
+    internal error (found by the hostile tester)."""
+    got = run(
+        tmp_path,
+        {
+            "m.yaml": SMC
+            + y("""
+            metadata:
+              name: t
+              namespace: kube-system
+            spec:
+              cniType: custom
+              customCNI: '{"type": "underlay-ovs", "bridge": "br1", "ipam": {"type": "underlay-ipam", "default_ipv4_ippool": "nosuchpool", "default_ipv6_ippool": [5]}}'
+            ---
+            """)
+            + SMC
+            + y("""
+            metadata:
+              name: s
+              namespace: kube-system
+            spec:
+              cniType: custom
+              customCNI: '{"type": "underlay-ovs", "bridge": "\\ud800"}'
+            """)
+        },
+    )
+    assert [g.split(": ", 1)[1] for g in got] == [
+        "warning: SpiderMultusConfig kube-system/t spec.customCNI: no OvsBridge in the repository "
+        'makes bridge "br1" (add an OvsBridge for it; fine if the bridge is made outside Git)',
+        'warning: SpiderMultusConfig kube-system/t spec.customCNI: no SpiderIPPool "nosuchpool" '
+        "in the repository (check the name; fine if the pool is managed outside Git)",
+        "error: SpiderMultusConfig kube-system/t spec.customCNI: the underlay-ipam plugin would "
+        "refuse every pod ADD without pool annotations: ipam.default_ipv6_ippool must be a pool "
+        'name or a list of pool names, got [5] (write "default_ipv6_ippool": ["pool-name"])',
+        "error: SpiderMultusConfig kube-system/s spec.customCNI: customCNI is not usable JSON: a "
+        "\\u escape makes a lone UTF-16 surrogate ('\\ud800'), which is not a Unicode character "
+        '(write a CNI config object, e.g. {"cniVersion": "1.0.0", "type": "bridge"})',
+    ]
