@@ -525,7 +525,9 @@ def test_reboot_replay_brings_bridge_uplink_and_addresses_back(world: World) -> 
     n1.run("ip", "addr", "flush", "dev", "eth0")
     (n1.rundir / "conf.db").unlink()
     n1.start_ovs()
-    wait_for(lambda: _bridge_back(n1), 10, "br1 back again")
+    # a freshly started ovs-vswitchd on a loaded machine can take over 10 s to create br1's
+    # tap: the agent's first repair then times out, rolls back and the next one succeeds
+    wait_for(lambda: _bridge_back(n1), 30, "br1 back again")
     ready_with_br1(w, "n1", IPS["n1"])
     rec = wait_for(
         lambda: (
