@@ -132,6 +132,15 @@ class ObjectCache:
         if k is None:
             return
         with self._lock:
+            new = _rv(obj)
+            try:
+                seen = int(k.rv) if k.rv is not None else None
+            except (TypeError, ValueError):
+                seen = None
+            if k.key(obj) not in k.objs and new is not None and seen is not None and new <= seen:
+                # the watch is already past this version and the object is not here: it was
+                # deleted since (its DELETED came before our write's answer was recorded)
+                return
             self._put(k, obj)
 
     def forget(self, key: Key, last: dict[str, Any] | None) -> None:

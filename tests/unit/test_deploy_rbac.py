@@ -192,7 +192,10 @@ def test_reconciler_rbac_covers_every_request_and_nothing_more(tmp_path: Path) -
             {"spec": {"gateway": "10.1.0.254"}},
         )  # fmt: skip
         w.custom.delete_cluster_custom_object("underlay.dev", "v1alpha1", "ovsbridges", "br1")
-        wait_for(lambda: w.get(vocab.OVS_BRIDGE, "br1"), 30, "drift reverted")
+        try:
+            wait_for(lambda: w.get(vocab.OVS_BRIDGE, "br1"), 60, "drift reverted")
+        except AssertionError:  # seen once in a loaded CI run: keep what the reconciler said
+            raise AssertionError(f"drift not reverted; log:\n{p.log.read_text()[-6000:]}") from None
         w.commit({
             "pool-a.yaml": pool("pool-a", 1, ips="10-30"), "pool-b.yaml": None,
             "smc.yaml": None, "bridge.yaml": None,
