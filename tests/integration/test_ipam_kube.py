@@ -154,6 +154,26 @@ def req(name: str, uid: str, ifname: str = "eth0", ns: str = "default", **conf: 
 # --- engine against the emulator -------------------------------------------------------------
 
 
+def start_cni_agents(
+    cluster: Cluster, tmp_path: Path, count: int = 2
+) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """``count`` CNI server processes (nodes n0, n1, ...) with their shims installed, each
+    ready to serve: [(process, bin dir)]. The caller terminates them."""
+    agents = []
+    for k in range(count):
+        sock = str(tmp_path / f"a{k}.sock")
+        bin_dir = tmp_path / f"bin{k}"
+        install_shims(bin_dir, sock, python=PYTHON)
+        with open(tmp_path / f"a{k}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "node_agent.cni.server", "--socket", sock, "--kubeconfig", cluster.kubeconfig, "--node-name", f"n{k}"],
+                stdout=subprocess.PIPE, stderr=log, cwd=str(Path(__file__).parents[2]),
+            )  # fmt: skip
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        agents.append((proc, bin_dir))
+    return agents
+
+
 def run_ipam_shim(
     bins: Path, conf: dict[str, Any], command: str, cid: str, pod: str, uid: str
 ) -> tuple[int, bytes]:
@@ -370,18 +390,7 @@ def test_conflicting_writers_never_duplicate(cluster: Cluster) -> None:
 def test_two_agent_processes_allocate_200_distinct_ips(cluster: Cluster, tmp_path: Path) -> None:
     cluster.pool("big", ips="172.18.32.0-172.18.32.255")
     pods = [(f"c{i}", cluster.pod(f"c{i}")) for i in range(200)]
-    agents = []
-    for k in range(2):
-        sock = str(tmp_path / f"a{k}.sock")
-        bin_dir = tmp_path / f"bin{k}"
-        install_shims(bin_dir, sock, python=PYTHON)
-        with open(tmp_path / f"a{k}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "node_agent.cni.server", "--socket", sock, "--kubeconfig", cluster.kubeconfig, "--node-name", f"n{k}"],
-                stdout=subprocess.PIPE, stderr=log, cwd=str(Path(__file__).parents[2]),
-            )  # fmt: skip
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        agents.append((proc, bin_dir))
+    agents = start_cni_agents(cluster, tmp_path)
     conf = {
         "cniVersion": "1.0.0",
         "name": "macvlan-conf",

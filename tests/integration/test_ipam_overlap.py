@@ -13,8 +13,6 @@ emulator in tests/kube.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,11 @@ from typing import Any
 import netaddr
 import pytest
 from node_agent.cni.errors import CniError
-from node_agent.cni.install import install_shims
 from node_agent.ipam import Ipam
 
 from reconciler.ippool import allocated_ips
 from reconciler.kube import api_client
-from tests.cniruntime import PYTHON
-from tests.integration.test_ipam_kube import Cluster, cluster, req, run_ipam_shim
+from tests.integration.test_ipam_kube import Cluster, cluster, req, run_ipam_shim, start_cni_agents
 
 __all__ = ["cluster"]  # the fixture, shared with test_ipam_kube
 LIST_POOLS = r"/spiderippools$"
@@ -131,17 +127,7 @@ def test_two_agent_processes_through_the_shim(cluster: Cluster, tmp_path: Path) 
     cluster.pool("one", ips="172.18.32.0-172.18.32.39")
     cluster.pool("two", ips="172.18.32.20-172.18.32.79")
     pods = [(f"c{i}", cluster.pod(f"c{i}")) for i in range(60)]
-    agents = []
-    for k in range(2):
-        sock = str(tmp_path / f"a{k}.sock")
-        bin_dir = tmp_path / f"bin{k}"
-        install_shims(bin_dir, sock, python=PYTHON)
-        with open(tmp_path / f"a{k}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "node_agent.cni.server", "--socket", sock, "--kubeconfig", cluster.kubeconfig, "--node-name", f"n{k}"],
-                stdout=subprocess.PIPE, stderr=log, cwd=str(Path(__file__).parents[2]),
-            )  # fmt: skip
-        agents.append((proc, bin_dir))
+    agents = start_cni_agents(cluster, tmp_path)
     results: dict[str, tuple[int, bytes]] = {}
 
     def call(i: int, command: str) -> None:
@@ -155,8 +141,6 @@ def test_two_agent_processes_through_the_shim(cluster: Cluster, tmp_path: Path) 
         results[name] = run_ipam_shim(agents[i % 2][1], conf, command, f"cid{i}", name, uid)
 
     try:
-        for proc, _ in agents:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
         for command in ("ADD", "DEL"):
             results.clear()
             threads = [threading.Thread(target=call, args=(i, command)) for i in range(60)]
