@@ -184,6 +184,7 @@ class ControlPlane:
         self.started_in = 0.0
         self.admin_token = os.urandom(16).hex()
         self._pki: Pki | None = None
+        self._proxy_pair: Pair | None = None
 
     # ---- paths -----------------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class ControlPlane:
             self._start_etcd()
             self._start_apiserver()
             self._start_controller_manager()
-            self._install()
+            self.install()
         except BaseException:
             self.stop()
             raise
@@ -320,7 +321,9 @@ class ControlPlane:
                 raise p.fail("made no default ServiceAccount within 60 s")
             time.sleep(0.2)
 
-    def _install(self) -> None:
+    def install(self) -> None:
+        """Apply ``deploy/namespace.yaml``, every CRD in ``deploy/crds`` and ``deploy/rbac.yaml``
+        with server-side apply, and wait until every CRD is Established."""
         files = [DEPLOY / "namespace.yaml", *sorted((DEPLOY / "crds").glob("*.yaml")), DEPLOY / "rbac.yaml"]
         args: list[str] = []
         for f in files:
@@ -443,3 +446,21 @@ class ControlPlane:
         """The server's ``/version`` document."""
         out = self.kubectl("get", "--raw", "/version").stdout
         return json.loads(out)  # type: ignore[no-any-return]
+
+    # ---- in front of the server ------------------------------------------------------------
+
+    def proxy(self) -> Any:
+        """A new :class:`tests.controlplane.proxy.FaultProxy` in front of this server, not yet
+        listening (its certificate covers loopback and the rig's API address)."""
+        from tests.controlplane.proxy import FaultProxy
+
+        if self._proxy_pair is None:
+            self._proxy_pair = self.pki.serving("fault-proxy", ["127.0.0.1", APISERVER_IP])
+        return FaultProxy(self.url, self.ca_file, self._proxy_pair)
+
+    def relay(self, host: str, port: int, netns: str | None = None) -> Any:
+        """A :class:`tests.controlplane.netns.Relay` carrying this server to ``host:port`` (in
+        network namespace ``netns``), byte for byte."""
+        from tests.controlplane.netns import Relay
+
+        return Relay(("127.0.0.1", self.port), host, port, netns)

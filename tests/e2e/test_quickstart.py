@@ -1,7 +1,7 @@
 """The quick start, end to end: one Git commit to two pods pinging across two nodes over OVS.
 
-Everything is real except the Kubernetes API server (the emulator in tests/kube): a Git
-repository, ``underlay apply`` as a process, two rig nodes each running ``underlay agent``
+Everything is real: the Kubernetes control plane (kube-apiserver, kube-controller-manager and
+etcd from tests/controlplane, with deploy/'s RBAC), a Git repository, ``underlay apply`` as a process, two rig nodes each running ``underlay agent``
 inside its network namespace against its own ovsdb-server/ovs-vswitchd, the CNI plugins
 executed from the NetworkAttachmentDefinition exactly as a runtime executes them, netplan
 output checked by ``netplan generate``, and ICMP between pod namespaces.
@@ -10,6 +10,7 @@ output checked by ``netplan generate``, and ICMP between pod namespaces.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,13 +25,15 @@ from kubernetes.utils import parse_quantity
 
 from reconciler import vocab
 from tests.cniruntime import CniFailure, Runtime
-from tests.kube.emulator import Emulator
+from tests.controlplane.cluster import Kube
 from tests.rig import APISERVER_IP, GATEWAY, Node, Rig, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 UNDERLAY = str(Path(sys.executable).parent / "underlay")
 PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 NODES = {"n1": "172.18.10.11", "n2": "172.18.10.12"}
+AGENT_ENV = {**os.environ, "POD_NAMESPACE": "underlay-system"}
+"""The DaemonSet's environment (deploy/agent.yaml: POD_NAMESPACE from the downward API)."""
 
 
 def underlay(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -40,31 +43,20 @@ def underlay(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
 
 
 class Cluster:
-    """The emulated API server, reachable from the host (127.0.0.1) and from the rig (172.18.0.2)."""
+    """The real control plane as the quick start sees it: ``underlay apply`` runs as the
+    reconciler's ServiceAccount from the host (through the test's fault proxy), the agents as
+    the agent's ServiceAccount from the rig nodes, through the same proxy listening on the rig's
+    API address 172.18.0.2:6443 in the switch namespace, as nodes reach an API server."""
 
-    def __init__(self, rig: Rig, workdir: Path) -> None:
-        self.emu = Emulator()
-        self.emu.start()
-        url = self.emu.listen_in_netns(rig.switch.path, APISERVER_IP, 6443)
-        self.kubeconfig = str(self.emu.write_kubeconfig(workdir / "kubeconfig"))
-        self.node_kubeconfig = str(self.emu.write_kubeconfig(workdir / "kubeconfig-nodes", url))
-        self.emu.install_crds(sorted((ROOT / "deploy" / "crds").glob("*.yaml")))
-        self.api = self.emu.api_client()
-        self.core = client.CoreV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
-        for ns in ("kube-system", "default"):
-            try:
-                self.core.create_namespace(
-                    client.V1Namespace(metadata=client.V1ObjectMeta(name=ns))
-                )
-            except client.ApiException as exc:
-                assert exc.status == 409
+    def __init__(self, kube: Kube, rig: Rig, workdir: Path) -> None:
+        self.kube = kube
+        url = kube.listen_in_netns(rig.switch.path, APISERVER_IP, 6443)
+        self.kubeconfig = str(kube.reconciler_kubeconfig(workdir / "reconciler.kubeconfig"))
+        self.node_kubeconfig = str(kube.agent_kubeconfig(workdir / "agent.kubeconfig", url))
+        self.core = kube.core
+        self.custom = kube.custom
         for name in NODES:
-            self.core.create_node(
-                client.V1Node(
-                    metadata=client.V1ObjectMeta(name=name, labels={"kubernetes.io/hostname": name})
-                )
-            )
+            kube.create_node(name)
 
     def pool(self, name: str = "ippool-test") -> dict[str, Any]:
         r = vocab.SPIDER_IPPOOL
@@ -101,9 +93,6 @@ class Cluster:
         )
         return str(self.core.create_namespaced_pod("default", pod).metadata.uid)
 
-    def stop(self) -> None:
-        self.emu.stop()
-
 
 class AgentProcess:
     """``underlay agent`` running inside a rig node, as the DaemonSet runs it on a real node."""
@@ -118,7 +107,7 @@ class AgentProcess:
                 UNDERLAY, "-v", "agent", "--node-name", name, "--kubeconfig", kubeconfig,
                 "--ovsdb", node.ovsdb, "--socket", self.socket, "--root", str(node.root),
                 "--cni-bin-dir", str(self.bin_dir), "--cni-python", PYTHON, "--resync", "5", "--gc-interval", "1",
-                stdout=logf, stderr=subprocess.STDOUT,
+                stdout=logf, stderr=subprocess.STDOUT, env=AGENT_ENV,
             )  # fmt: skip
         wait_for(
             lambda: Path(self.socket).exists() or self.proc.poll() is not None, 30, "agent socket"
@@ -145,10 +134,10 @@ def commit_all(repo: git.Repo, message: str) -> str:
 
 
 @pytest.fixture
-def world(rig: Rig, tmp_path: Path) -> Iterator[tuple[Rig, Cluster, git.Repo, Path]]:
+def world(kube: Kube, rig: Rig, tmp_path: Path) -> Iterator[tuple[Rig, Cluster, git.Repo, Path]]:
     nodes = {name: rig.add_node(name, ip) for name, ip in NODES.items()}
     assert all(n.ping(GATEWAY) for n in nodes.values())
-    cluster = Cluster(rig, tmp_path)
+    cluster = Cluster(kube, rig, tmp_path)
     work = tmp_path / "network"
     shutil.copytree(ROOT / "examples" / "quickstart", work)
     repo = git.Repo.init(work, initial_branch="main")
@@ -156,10 +145,7 @@ def world(rig: Rig, tmp_path: Path) -> Iterator[tuple[Rig, Cluster, git.Repo, Pa
         cw.set_value("user", "name", "Operator")
         cw.set_value("user", "email", "ops@example.com")
     commit_all(repo, "quick start: br1 over eth0, ippool-test, ovs-conf")
-    try:
-        yield rig, cluster, repo, work
-    finally:
-        cluster.stop()
+    yield rig, cluster, repo, work
 
 
 def test_quickstart_from_git_commit_to_pods_pinging(
@@ -179,11 +165,11 @@ def test_quickstart_from_git_commit_to_pods_pinging(
         "created NetworkAttachmentDefinition kube-system/ovs-conf",
     ):
         assert line in first.stdout, first.stdout
-    cluster.emu.reset_requests()
+    cluster.kube.reset_requests()
     second = underlay("apply", *source, "--kubeconfig", cluster.kubeconfig)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "No changes" in second.stdout, second.stdout
-    assert cluster.emu.requests(writes=True) == [], "a no-op pass must not write"
+    assert cluster.kube.requests(writes=True) == [], "a no-op pass must not write"
 
     nad = cluster.get(vocab.NETWORK_ATTACHMENT_DEFINITION, "ovs-conf", "kube-system")
     assert nad is not None
@@ -213,7 +199,7 @@ def test_quickstart_from_git_commit_to_pods_pinging(
                 }
                 return conds.get("Ready", {}).get("status") == "True"
 
-            wait_for(ready, 60, f"enactment {name}.br1 Ready ({agent.log})")
+            wait_for(ready, 60, f"enactment {name}.br1 Ready:\n{agent.log.read_text()[-3000:]}")
             assert node.vsctl("get", "Bridge", "br1", "datapath_type").strip('"') == "netdev"
             assert set(node.vsctl("list-ports", "br1").split()) == {"eth0"}
             assert node.addresses("br1") == [f"{NODES[name]}/16"]
@@ -260,6 +246,25 @@ def test_quickstart_from_git_commit_to_pods_pinging(
             "172.18.30.131": {"pod": "default/test-app-1", "podUid": pods["n1"][1]},
             "172.18.30.132": {"pod": "default/test-app-2", "podUid": pods["n2"][1]},
         }
+
+        # what an operator sees with kubectl: the seed's columns and values
+        sp = cluster.kube.kubectl("get", "sp", "ippool-test").stdout.split("\n")
+        assert sp[0].split() == [
+            "NAME", "VERSION", "SUBNET", "ALLOCATED-IP-COUNT", "TOTAL-IP-COUNT", "DEFAULT"
+        ], sp  # fmt: skip
+        assert sp[1].split() == ["ippool-test", "4", "172.18.0.0/16", "2", "10", "false"], sp
+        se = cluster.kube.kubectl("get", "spiderendpoints", "-n", "default").stdout.split("\n")
+        assert se[0].split() == ["NAME", "INTERFACE", "IPV4POOL", "IPV4", "IPV6POOL", "IPV6", "NODE"]
+        assert sorted(line.split() for line in se[1:] if line) == [
+            ["test-app-1", "eth0", "ippool-test", "172.18.30.131/16", "n1"],
+            ["test-app-2", "eth0", "ippool-test", "172.18.30.132/16", "n2"],
+        ], se
+        en = cluster.kube.kubectl("get", "ovsbridgeenactments").stdout.split("\n")
+        assert en[0].split() == ["NAME", "NODE", "BRIDGE", "READY", "REASON"], en
+        assert sorted(line.split() for line in en[1:] if line) == [
+            ["n1.br1", "n1", "br1", "True", "Enacted"],
+            ["n2.br1", "n2", "br1", "True", "Enacted"],
+        ], en
 
         # 5. pod 1 pings pod 2 across the two nodes; both ping the gateway
         pod1, pod2 = pods["n1"][2], pods["n2"][2]
