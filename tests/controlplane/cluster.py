@@ -79,7 +79,9 @@ class Baseline:
         for kind in RESET_KINDS:
             for obj in _list(api, kind):
                 self.uids.add(obj["metadata"]["uid"])
-        self.namespaces = {ns["metadata"]["name"] for ns in _list(api, Kind("", "v1", "namespaces", False))}
+        self.namespaces = {
+            ns["metadata"]["name"] for ns in _list(api, Kind("", "v1", "namespaces", False))
+        }
         self.crds = _versions(api, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
         self.rbac = {
             p: _versions(api, f"/apis/rbac.authorization.k8s.io/v1/{p}")
@@ -87,7 +89,9 @@ class Baseline:
         }
 
 
-def _request(api: Any, method: str, path: str, body: Any = None, ctype: str = "application/json") -> Any:
+def _request(
+    api: Any, method: str, path: str, body: Any = None, ctype: str = "application/json"
+) -> Any:
     """One admin request by path, JSON in and out; ApiException for a non-2xx answer."""
     headers = {"Accept": "application/json", "Content-Type": ctype}
     params = api.param_serialize(
@@ -112,7 +116,12 @@ def _list(api: Any, kind: Kind) -> list[dict[str, Any]]:
 
 def _versions(api: Any, path: str) -> dict[str, str]:
     items = _request(api, "GET", path).get("items") or []
-    return {o["metadata"].get("namespace", "") + "/" + o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in items}
+    return {
+        o["metadata"].get("namespace", "") + "/" + o["metadata"]["name"]: o["metadata"][
+            "resourceVersion"
+        ]
+        for o in items
+    }
 
 
 class Kube:
@@ -156,7 +165,9 @@ class Kube:
 
     def admin_kubeconfig(self, path: Path | None = None, server: str | None = None) -> Path:
         """The admin (static token) through the proxy, or ``server``."""
-        return self.cp.token_kubeconfig(path or self.workdir / "admin.kubeconfig", server or self.url)
+        return self.cp.token_kubeconfig(
+            path or self.workdir / "admin.kubeconfig", server or self.url
+        )
 
     def api_client(self, kubeconfig: Path | str | None = None) -> Any:
         """An ApiClient from ``kubeconfig`` (default: admin, straight to the server)."""
@@ -182,7 +193,9 @@ class Kube:
     def faults(self) -> list[Any]:
         return self.proxy.faults()
 
-    def requests(self, method: str | None = None, path: str | None = None, *, writes: bool = False) -> list[RequestRecord]:
+    def requests(
+        self, method: str | None = None, path: str | None = None, *, writes: bool = False
+    ) -> list[RequestRecord]:
         return self.proxy.requests(method, path, writes=writes)
 
     def reset_requests(self) -> None:
@@ -194,7 +207,9 @@ class Kube:
     def close_watches(self, plural: str | None = None) -> int:
         return self.proxy.close_watches(plural)
 
-    def wait_for_watches(self, count: int = 1, plural: str | None = None, timeout: float = 10.0) -> bool:
+    def wait_for_watches(
+        self, count: int = 1, plural: str | None = None, timeout: float = 10.0
+    ) -> bool:
         return self.proxy.wait_for_watches(count, plural, timeout)
 
     # ---- objects tests need -------------------------------------------------------------------
@@ -247,7 +262,12 @@ class Kube:
             if not objs:
                 continue
             namespaces = {o["metadata"].get("namespace") for o in objs}
-            body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0, "propagationPolicy": "Background"}
+            body = {
+                "kind": "DeleteOptions",
+                "apiVersion": "v1",
+                "gracePeriodSeconds": 0,
+                "propagationPolicy": "Background",
+            }
             if kind.collection:
                 for ns in namespaces:
                     with contextlib.suppress(client.ApiException):
@@ -256,7 +276,12 @@ class Kube:
                 for o in objs:
                     md = o["metadata"]
                     with contextlib.suppress(client.ApiException):
-                        _request(api, "DELETE", f"{kind.path(md.get('namespace'))}/{md['name']}", body=body)
+                        _request(
+                            api,
+                            "DELETE",
+                            f"{kind.path(md.get('namespace'))}/{md['name']}",
+                            body=body,
+                        )
             # objects holding finalizers (ours never do; a test's might) are released
             for o in objs:
                 if o["metadata"].get("finalizers"):
@@ -286,7 +311,11 @@ class Kube:
         crds = _versions(self.api, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
         for key in set(crds) - set(base.crds):
             with contextlib.suppress(client.ApiException):
-                _request(self.api, "DELETE", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{key.lstrip('/')}")
+                _request(
+                    self.api,
+                    "DELETE",
+                    f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{key.lstrip('/')}",
+                )
         rbac_now = {
             p: _versions(self.api, f"/apis/rbac.authorization.k8s.io/v1/{p}") for p in base.rbac
         }
@@ -295,7 +324,9 @@ class Kube:
         )
         if changed:
             self.cp.install()
-            base.crds = _versions(self.api, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+            base.crds = _versions(
+                self.api, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+            )
             base.rbac = {
                 p: _versions(self.api, f"/apis/rbac.authorization.k8s.io/v1/{p}") for p in base.rbac
             }

@@ -20,7 +20,9 @@ from typing import Any
 CLONE_NEWNET = 0x40000000
 
 
-def listen_socket(host: str, port: int = 0, netns: str | None = None, backlog: int = 512) -> socket.socket:
+def listen_socket(
+    host: str, port: int = 0, netns: str | None = None, backlog: int = 512
+) -> socket.socket:
     """A listening TCP socket on ``host:port``, created inside the network namespace at path
     ``netns`` (``/run/netns/<name>``) when given. OSError names the namespace or address."""
 
@@ -48,7 +50,9 @@ def listen_socket(host: str, port: int = 0, netns: str | None = None, backlog: i
             target = os.open(netns, os.O_RDONLY)
         except OSError as e:
             os.close(own)
-            result["error"] = OSError(e.errno, f"cannot open network namespace {netns}: {e.strerror}")
+            result["error"] = OSError(
+                e.errno, f"cannot open network namespace {netns}: {e.strerror}"
+            )
             return
         try:
             if libc.setns(target, CLONE_NEWNET) != 0:
@@ -81,7 +85,9 @@ class Relay:
     connection.
     """
 
-    def __init__(self, target: tuple[str, int], host: str, port: int, netns: str | None = None) -> None:
+    def __init__(
+        self, target: tuple[str, int], host: str, port: int, netns: str | None = None
+    ) -> None:
         self.target = target
         self.sock = listen_socket(host, port, netns)
         h, p = self.sock.getsockname()[:2]

@@ -255,10 +255,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._cut()
                 return
             if fault.status:
-                msg = fault.message or f"injected fault: {fault.status} {STATUS_REASON.get(fault.status, '')}"
-                headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+                msg = (
+                    fault.message
+                    or f"injected fault: {fault.status} {STATUS_REASON.get(fault.status, '')}"
+                )
+                headers = (
+                    {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+                )
                 log(fault.status, f"status {fault.status}")
-                self._send_json(fault.status, status_body(fault.status, msg, fault.retry_after), headers)
+                self._send_json(
+                    fault.status, status_body(fault.status, msg, fault.retry_after), headers
+                )
                 return
             if fault.gone:
                 log(200, "gone")
@@ -302,10 +309,17 @@ class _Handler(BaseHTTPRequestHandler):
         if fresh:
             return http.client.HTTPSConnection(host, port, context=proxy.client_ctx, timeout=None)
         if self._upstream is None:
-            self._upstream = http.client.HTTPSConnection(host, port, context=proxy.client_ctx, timeout=120)
+            self._upstream = http.client.HTTPSConnection(
+                host, port, context=proxy.client_ctx, timeout=120
+            )
         return self._upstream
 
-    def _relay(self, resp: http.client.HTTPResponse, upstream: http.client.HTTPSConnection, watch_path: str | None) -> None:
+    def _relay(
+        self,
+        resp: http.client.HTTPResponse,
+        upstream: http.client.HTTPSConnection,
+        watch_path: str | None,
+    ) -> None:
         proxy = self.server.proxy
         self.send_response(resp.status, resp.reason)
         length = resp.getheader("Content-Length")
@@ -343,9 +357,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             if watch is not None:
-                with proxy.lock:
-                    with contextlib.suppress(ValueError):
-                        proxy.watches.remove(watch)
+                with proxy.lock, contextlib.suppress(ValueError):
+                    proxy.watches.remove(watch)
                 upstream.close()
             elif resp.will_close:
                 self._upstream = None
@@ -391,7 +404,10 @@ class FaultProxy:
     def _serve(self, sock: socket.socket, host: str, port: int, netns: str | None) -> None:
         srv = _Server(sock, self)
         threading.Thread(
-            target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="fault-proxy"
+            target=srv.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+            name="fault-proxy",
         ).start()
         self._servers.append((srv, host, port, netns))
 
@@ -515,7 +531,9 @@ class FaultProxy:
             w.close()
         return len(hit)
 
-    def wait_for_watches(self, count: int = 1, plural: str | None = None, timeout: float = 10.0) -> bool:
+    def wait_for_watches(
+        self, count: int = 1, plural: str | None = None, timeout: float = 10.0
+    ) -> bool:
         """Wait until at least ``count`` watches (on ``plural``) are open; False on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -528,10 +546,7 @@ class FaultProxy:
 def _plural_of(path: str) -> str:
     """The resource plural of an API path (``/apis/g/v/namespaces/ns/pools`` -> ``pools``)."""
     parts = [p for p in path.split("/") if p and p != "watch"]
-    if parts and parts[0] == "api":
-        rest = parts[2:]
-    else:
-        rest = parts[3:]
+    rest = parts[2:] if parts and parts[0] == "api" else parts[3:]
     if len(rest) >= 2 and rest[0] == "namespaces":
         rest = rest[2:]
     return rest[0] if rest else (parts[-1] if parts else "")

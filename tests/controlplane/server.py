@@ -108,7 +108,9 @@ def kubeconfig_dict(
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
+        "clusters": [
+            {"name": name, "cluster": {"server": server, "certificate-authority": str(ca_file)}}
+        ],
         "users": [{"name": name, "user": user}],
         "contexts": [
             {"name": name, "context": {"cluster": name, "user": name, "namespace": namespace}}
@@ -246,7 +248,9 @@ class ControlPlane:
         serving = pki.serving("apiserver", ["127.0.0.1", APISERVER_IP, "10.96.0.1"])
         self.admin_cert = pki.client("admin", "underlay-test-admin-cert", ("system:masters",))
         tokens = self.workdir / "tokens.csv"
-        tokens.write_text(f'{self.admin_token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},"system:masters"\n')
+        tokens.write_text(
+            f'{self.admin_token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},"system:masters"\n'
+        )
         tokens.chmod(0o600)
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
@@ -324,7 +328,11 @@ class ControlPlane:
     def install(self) -> None:
         """Apply ``deploy/namespace.yaml``, every CRD in ``deploy/crds`` and ``deploy/rbac.yaml``
         with server-side apply, and wait until every CRD is Established."""
-        files = [DEPLOY / "namespace.yaml", *sorted((DEPLOY / "crds").glob("*.yaml")), DEPLOY / "rbac.yaml"]
+        files = [
+            DEPLOY / "namespace.yaml",
+            *sorted((DEPLOY / "crds").glob("*.yaml")),
+            DEPLOY / "rbac.yaml",
+        ]
         args: list[str] = []
         for f in files:
             args += ["-f", str(f)]

@@ -254,7 +254,15 @@ def test_quickstart_from_git_commit_to_pods_pinging(
         ], sp  # fmt: skip
         assert sp[1].split() == ["ippool-test", "4", "172.18.0.0/16", "2", "10", "false"], sp
         se = cluster.kube.kubectl("get", "spiderendpoints", "-n", "default").stdout.split("\n")
-        assert se[0].split() == ["NAME", "INTERFACE", "IPV4POOL", "IPV4", "IPV6POOL", "IPV6", "NODE"]
+        assert se[0].split() == [
+            "NAME",
+            "INTERFACE",
+            "IPV4POOL",
+            "IPV4",
+            "IPV6POOL",
+            "IPV6",
+            "NODE",
+        ]
         assert sorted(line.split() for line in se[1:] if line) == [
             ["test-app-1", "eth0", "ippool-test", "172.18.30.131/16", "n1"],
             ["test-app-2", "eth0", "ippool-test", "172.18.30.132/16", "n2"],
