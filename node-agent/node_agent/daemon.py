@@ -883,7 +883,8 @@ class BridgeAgent:
             "changes": list(result.changes),
             "seconds": round(result.duration, 3),
         }
-        self._repairs[oname] = record
+        with self._trig_lock:
+            self._repairs[oname] = record
         log.info(
             "OvsBridge %s: repaired drift on %s in %.2fs (trigger: %s): %s",
             oname,
@@ -969,12 +970,13 @@ class BridgeAgent:
                 status.pop(k, None)
             else:
                 status[k] = v
-        if oname in self._repairs:
-            status["lastRepair"] = self._repairs[oname]
+        repair = self._repairs.get(oname)
+        if repair is not None:
+            status["lastRepair"] = repair
         if gen is None:
             status.pop("observedGeneration")
         if current is not None and _same_status(old_status, status):
-            self._repairs.pop(oname, None)
+            self._repair_reported(oname, repair)
             return current
         if current is None:
             body: dict[str, Any] = {
@@ -1008,13 +1010,21 @@ class BridgeAgent:
             body["status"] = status
             try:
                 written = self.enactments.replace_status(body)
-                self._repairs.pop(oname, None)
+                self._repair_reported(oname, repair)
                 return written
             except client.ApiException as exc:
                 if exc.status != 409:
                     raise
                 current = self.enactments.get(name)
         raise RuntimeError(f"OvsBridgeEnactment {name}: status kept conflicting (409)")
+
+    def _repair_reported(self, oname: str, record: dict[str, Any] | None) -> None:
+        """Forget lastRepair ``record`` of ``oname`` now that the enactment holds it, unless the
+        repair thread recorded a newer repair while the status was being written (that one
+        goes into the next report; forgetting it lost it)."""
+        with self._trig_lock:
+            if record is not None and self._repairs.get(oname) is record:
+                del self._repairs[oname]
 
     def _log_result(self, oname: str, result: bridges.EnactResult) -> None:
         if result.status == bridges.STATUS_UNCHANGED:

@@ -630,6 +630,33 @@ def test_drift_repair_does_not_wait_for_a_hung_api_server(world: World) -> None:
     w.cluster.kube.clear_faults()
 
 
+def test_a_repair_made_while_a_status_is_written_is_still_reported(world: World) -> None:
+    """Drift repaired by the repair thread while the full pass waits for the API server's
+    answer to an enactment status write: the repair is recorded in the next write
+    (``status.lastRepair``), not forgotten with the one in flight (seen on the real control
+    plane, whose slower writes left the window open: OVS restarted during a pass)."""
+    w = world
+    n1 = w.node("n1")
+    w.cluster.apply_bridge(ovs_bridge())
+    w.agent("n1", resync=60)
+    w.cluster.wait_condition("n1", "Ready")
+    assert "lastRepair" not in w.cluster.enactment("n1")["status"]  # type: ignore[index]
+    # generation 2 (a longer probe) changes nothing on the node but the status: Progressing,
+    # then Ready; the first of those writes is held 3 s by the proxy
+    w.cluster.kube.inject_fault(r"/ovsbridgeenactments/n1\.br1/status$", method="PUT", hang=3)
+    w.cluster.apply_bridge(ovs_bridge(probeTimeoutSeconds=3))
+    wait_for(lambda: w.cluster.kube.faults() == [], 10, "a status write held")
+    n1.vsctl("del-port", "br1", "eth0")
+    wait_for(lambda: _uplink_port_back(n1), 3, "uplink port repaired during the write")
+    rec = wait_for(
+        lambda: (w.cluster.enactment("n1") or {}).get("status", {}).get("lastRepair"), 15
+    )
+    assert any(d.startswith("uplink-port-missing") for d in rec["drift"]), rec
+    e = w.cluster.enactment("n1")
+    assert e is not None and e["status"]["enactedGeneration"] == 2
+    assert w.cluster.condition("n1")[0] == "Ready"
+
+
 # --- removal -----------------------------------------------------------------------------------
 
 
