@@ -58,6 +58,16 @@ def ovs_bridge(name: str = "br1", **spec: Any) -> dict[str, Any]:
     }
 
 
+def slot_leases(kube: Kube) -> list[Any]:
+    """The rollout slot Leases, in the agents' namespace (underlay-system, where the
+    DaemonSet's POD_NAMESPACE puts them; other Leases there are not ours)."""
+    return [
+        lease
+        for lease in kube.coord.list_namespaced_lease(AGENT_NAMESPACE).items
+        if lease.metadata.name.startswith(rollout.LEASE_PREFIX + ".")
+    ]
+
+
 class Cluster:
     """The real control plane (the ``kube`` fixture) as the agents see it: each agent runs as
     the agent's ServiceAccount (exactly deploy/rbac.yaml) through this test's fault proxy,
@@ -139,13 +149,8 @@ class Cluster:
         return [f"{r.method} {r.path}" for r in self.kube.requests(writes=True)]
 
     def slot_leases(self) -> list[Any]:
-        """The rollout slot Leases (in the agents' namespace, underlay-system, where the
-        DaemonSet's POD_NAMESPACE puts them; other Leases there are not ours)."""
-        return [
-            lease
-            for lease in self.coord.list_namespaced_lease(AGENT_NAMESPACE).items
-            if lease.metadata.name.startswith(rollout.LEASE_PREFIX + ".")
-        ]
+        """The rollout slot Leases (:func:`slot_leases`)."""
+        return slot_leases(self.kube)
 
 
 class AgentProcess:
