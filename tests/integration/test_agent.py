@@ -334,7 +334,7 @@ def test_restarted_agent_changes_nothing_and_writes_nothing(world: World) -> Non
         {"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": node_uid}
     ]
     assert {c["type"] for c in st["conditions"]} == {
-        "Ready", "Progressing", "Failing", "Pending", "Aborted",
+        "Ready", "Progressing", "Failing", "Pending", "Aborted", "Degraded",
     }  # fmt: skip
     assert any("move address 172.18.10.11/16" in c or "add address" in c for c in st["lastChanges"])
     assert a.stop() == 0
@@ -349,6 +349,90 @@ def test_restarted_agent_changes_nothing_and_writes_nothing(world: World) -> Non
     assert_same_state(node_state(n1), before)
     assert w.cluster.enactment("n1") == e
     assert "repaired" not in b.text() and "enacted on" not in b.text()
+    assert b.stop() == 0
+
+
+# --- the netdev datapath ----------------------------------------------------------------------
+
+
+def agent_events(w: World, enactment: str) -> list[dict[str, Any]]:
+    """The Events about OvsBridgeEnactment ``enactment`` (the agent records them in default)."""
+    out = w.cluster.kube.kubectl(
+        "get", "events", "-n", "default", "-o", "json",
+        "--field-selector", f"involvedObject.kind=OvsBridgeEnactment,involvedObject.name={enactment}",
+    ).stdout  # fmt: skip
+    return list(json.loads(out)["items"])
+
+
+def test_netdev_fallback_is_a_degraded_condition_and_a_warning_event(world: World) -> None:
+    """No openvswitch kernel module here, so datapathType auto falls back to netdev: the
+    enactment stays Ready (Enacted) and also says Degraded/NetdevDatapath, what it means and
+    what to do; one Warning Event about the enactment says the same (``kubectl describe``
+    shows it). A restarted agent records no second Event; spec.datapathType netdev turns the
+    condition False (NetdevRequested), without an Event."""
+    w = world
+    n1 = w.node("n1")
+    w.cluster.apply_bridge(ovs_bridge())
+    a = w.agent("n1")
+    w.cluster.wait_condition("n1", "Ready")
+    assert n1.vsctl("get", "Bridge", "br1", "datapath_type").strip('"') == "netdev"
+    e = w.cluster.enactment("n1")
+    assert e is not None
+    conds = {c["type"]: c for c in e["status"]["conditions"]}
+    assert conds["Ready"]["status"] == "True" and conds["Ready"]["reason"] == "Enacted"
+    deg = conds["Degraded"]
+    assert (deg["status"], deg["reason"], deg["observedGeneration"]) == (
+        "True", "NetdevDatapath", 1,
+    )  # fmt: skip
+    for words in (
+        "OVS bridge br1 runs on the userspace (netdev) datapath",
+        "the kernel openvswitch module is not loaded on this node",
+        "throughput is lower",
+        "pings sent from this node get duplicate replies",
+        "set spec.datapathType: netdev",
+    ):
+        assert words in deg["message"], deg["message"]
+    # what the message says: a ping from the node gets every reply twice
+    ping = n1.run("ping", "-c", "3", "-i", "0.2", "-W", "1", GATEWAY, check=False).stdout
+    assert "(DUP!)" in ping, ping
+    # the columns an operator sees stay those of Ready
+    row = w.cluster.kube.kubectl("get", "ovsbridgeenactment", "n1.br1", "--no-headers").stdout
+    assert row.split() == ["n1.br1", "n1", "br1", "True", "Enacted"], row
+
+    events = wait_for(lambda: agent_events(w, "n1.br1"), 10, "the Warning Event")
+    (ev,) = events
+    assert (ev["type"], ev["reason"], ev["message"]) == (
+        "Warning",
+        "NetdevDatapath",
+        deg["message"],
+    )
+    assert ev["involvedObject"]["uid"] == e["metadata"]["uid"]
+    assert ev["involvedObject"]["apiVersion"] == vocab.UNDERLAY_API_VERSION
+    assert ev["source"] == {"component": "underlay-agent", "host": "n1"}
+    described = w.cluster.kube.kubectl("describe", "ovsbridgeenactment", "n1.br1").stdout
+    assert "Warning  NetdevDatapath" in described, described
+
+    assert a.stop() == 0
+    w.cluster.kube.reset_requests()
+    b = w.agent("n1")
+    b.wait_log("pass on n1: br1=unchanged")
+    time.sleep(1.5)
+    assert w.cluster.writes() == [], b.text()
+    assert len(agent_events(w, "n1.br1")) == 1
+
+    w.cluster.apply_bridge(ovs_bridge(datapathType="netdev"))
+    wait_for(
+        lambda: next(
+            c for c in w.cluster.enactment("n1")["status"]["conditions"]  # type: ignore[index]
+            if c["type"] == "Degraded"
+        )["reason"] == "NetdevRequested",
+        20,
+        "Degraded False, NetdevRequested",
+    )  # fmt: skip
+    deg = {c["type"]: c for c in w.cluster.enactment("n1")["status"]["conditions"]}["Degraded"]  # type: ignore[index]
+    assert deg["status"] == "False" and deg["observedGeneration"] == 2, deg
+    assert w.cluster.condition("n1")[:2] == ("Ready", "Enacted")
+    assert len(agent_events(w, "n1.br1")) == 1
     assert b.stop() == 0
 
 
