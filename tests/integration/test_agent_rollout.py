@@ -23,6 +23,7 @@ from tests.controlplane.cluster import Kube
 from tests.integration.test_agent import (
     AGENT_NAMESPACE,
     DATA_IPS,
+    ROLLOUT_CONDITIONS,
     World,
     assert_same_state,
     node_state,
@@ -64,7 +65,12 @@ class Timeline:
                 self._rv = obj["metadata"]["resourceVersion"]
                 st = obj.get("status") or {}
                 active = next(
-                    (c["type"] for c in st.get("conditions") or [] if c["status"] == "True"), None
+                    (
+                        c["type"]
+                        for c in st.get("conditions") or []
+                        if c["status"] == "True" and c["type"] in ROLLOUT_CONDITIONS
+                    ),
+                    None,
                 )
                 self.events.append((st.get("node", "?"), active, st.get("observedGeneration")))
                 if self._stop.is_set():
