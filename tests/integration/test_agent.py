@@ -143,6 +143,17 @@ class Cluster:
         st = self.core.read_node(node).status
         return dict((st.capacity if st else None) or {})
 
+    def published(self, node: str, bridge: str = "br1", timeout: float = 5.0) -> Any:
+        """Wait until Node ``node`` publishes ``underlay.dev/<bridge>`` (the agent patches it
+        a request after it wrote the Ready status); returns the quantity."""
+        return parse_quantity(
+            wait_for(
+                lambda: self.capacity(node).get(f"underlay.dev/{bridge}"),
+                timeout,
+                f"{node} publishing underlay.dev/{bridge}",
+            )
+        )
+
     def writes(self) -> list[str]:
         """Write requests the agents sent (through the proxy) since the last reset, as
         "VERB path"."""
@@ -324,7 +335,7 @@ def test_restarted_agent_changes_nothing_and_writes_nothing(world: World) -> Non
     a = w.agent("n1")
     w.cluster.wait_condition("n1", "Ready")
     ready_with_br1(w, "n1", IPS["n1"])
-    assert parse_quantity(w.cluster.capacity("n1")["underlay.dev/br1"]) == 1000
+    assert w.cluster.published("n1") == 1000
     e = w.cluster.enactment("n1")
     assert e is not None
     st = e["status"]
@@ -928,7 +939,7 @@ def test_transient_api_errors_are_retried_never_fatal(world: World) -> None:
     assert proxy.faults() == [], proxy.faults()
     codes = [(r.method, r.path, r.code) for r in proxy.requests() if r.fault]
     assert ("POST", "/apis/coordination.k8s.io/v1/namespaces/underlay-system/leases", 429) in codes
-    assert parse_quantity(w.cluster.capacity("n1")["underlay.dev/br1"]) == 1000
+    assert w.cluster.published("n1") == 1000
     # the API goes away for a while after the node is Ready: nothing changes, nothing crashes
     before = node_state(w.rig.nodes["n1"])
     proxy.inject_fault("/api", status=503, count=1000)
