@@ -214,8 +214,10 @@ def slots(kube: Kube, identity: str, lease_seconds: int = 30) -> rollout.Slots:
 
 
 def test_at_most_n_holders_when_many_agents_race(kube: Kube) -> None:
-    """Six agents, two slots, five turns each: never more than two hold a slot at once, and
-    everybody gets its turns (create-or-CAS on the Lease is atomic on the API server)."""
+    """Six agents, two slots, five turns each: never more than two hold a slot at once, two do
+    at times, and everybody gets its turns (create-or-CAS on the Lease is atomic on the API
+    server). A holder keeps its slot until a second one is held (at most 0.5 s): each request
+    to the real server takes longer than the emulator's, so short turns rarely overlapped."""
     held: set[str] = set()
     most = 0
     lock = threading.Lock()
@@ -230,6 +232,12 @@ def test_at_most_n_holders_when_many_agents_race(kube: Kube) -> None:
             with lock:
                 held.add(me)
                 most = max(most, len(held))
+            until = time.monotonic() + 0.5
+            while time.monotonic() < until:
+                with lock:
+                    if len(held) >= 2:
+                        break
+                time.sleep(0.01)
             time.sleep(0.02)
             with lock:
                 held.discard(me)
