@@ -3,7 +3,8 @@
 The reconciler emits an Event when something changes (a revision applied, drift found, a
 revision refused, an action blocked, a pass failing), never for a pass that changed nothing.
 Messages pass through :func:`reconciler.source.redact` so credentials in URLs never reach the
-API server. A failure to record an Event is logged and otherwise ignored: Events are best effort,
+API server. The node agent records its Events about OvsBridgeEnactments with the same recorder
+(its own component, no redaction: it never handles Git URLs). A failure to record an Event is logged and otherwise ignored: Events are best effort,
 as in client-go's EventRecorder.
 Source: Kubernetes API reference, core/v1 Event (involvedObject, reason, message, type, source,
 firstTimestamp, lastTimestamp, count, reportingComponent, reportingInstance).
@@ -37,14 +38,30 @@ def _redact(text: str) -> str:
 class EventRecorder:
     """Creates core/v1 Events in ``namespace`` about one object.
 
-    ``identity`` is this replica's name (``reportingInstance`` and ``source.host``).
+    ``identity`` is this replica's name (``reportingInstance`` and ``source.host``);
+    ``component`` and ``controller`` are ``source.component`` and ``reportingComponent``;
+    ``redact``: pass messages through :func:`reconciler.source.redact`. For a cluster-scoped
+    object ``namespace`` must be ``default``: the API server refuses a core/v1 Event about an
+    object without a namespace anywhere else.
     ``emitted`` lists (type, reason, message) of every Event created, for logs and tests.
     """
 
-    def __init__(self, api: client.ApiClient, namespace: str, identity: str) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        identity: str,
+        *,
+        component: str = COMPONENT,
+        controller: str = REPORTING_CONTROLLER,
+        redact: bool = True,
+    ) -> None:
         self.api = api
         self.namespace = namespace
         self.identity = identity
+        self.component = component
+        self.controller = controller
+        self.redact = redact
         self.emitted: list[tuple[str, str, str]] = []
 
     def emit(self, obj: Mapping[str, Any] | None, etype: str, reason: str, message: str) -> None:
@@ -56,7 +73,8 @@ class EventRecorder:
         if obj is None:
             return
         md = obj.get("metadata") or {}
-        message = _redact(message)
+        if self.redact:
+            message = _redact(message)
         if len(message) > MAX_MESSAGE:
             message = message[: MAX_MESSAGE - 3] + "..."
         now = now_rfc3339()
@@ -78,11 +96,11 @@ class EventRecorder:
             "reason": reason,
             "message": message,
             "type": etype,
-            "source": {"component": COMPONENT, "host": self.identity},
+            "source": {"component": self.component, "host": self.identity},
             "firstTimestamp": now,
             "lastTimestamp": now,
             "count": 1,
-            "reportingComponent": REPORTING_CONTROLLER,
+            "reportingComponent": self.controller,
             "reportingInstance": self.identity,
         }
         from reconciler.kube import request

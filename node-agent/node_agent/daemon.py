@@ -12,9 +12,10 @@ One process per node (DaemonSet, hostNetwork, privileged). It
   ``/var/lib/underlay/bridges`` say this node carried (reboot replay) the same way;
 - records the per-node outcome in OvsBridgeEnactment ``<node>.<bridge>`` with the conditions
   Ready, Progressing, Failing, Pending and Aborted (as kubernetes-nmstate's
-  NodeNetworkConfigurationEnactment, with Ready for its Available) and publishes the Node
-  extended resource ``underlay.dev/<bridge>: 1000`` while the bridge is Ready (as ovs-cni's
-  marker does);
+  NodeNetworkConfigurationEnactment, with Ready for its Available), plus ``Degraded`` about the
+  datapath of the bridge the node carries (True, and a Warning Event, when ``datapathType:
+  auto`` fell back to ``netdev``), and publishes the Node extended resource
+  ``underlay.dev/<bridge>: 1000`` while the bridge is Ready (as ovs-cni's marker does);
 - takes bridges off the node when their OvsBridge is deleted or stops selecting it, once no
   pod ports remain;
 - serves the underlay-ovs / underlay-ipam CNI plugins on a unix socket.
@@ -52,6 +53,7 @@ from kubernetes import client, watch
 
 from node_agent import agent_args, bridges, ovs, ovsdb, persistence, rollout
 from reconciler import kube, vocab
+from reconciler.events import WARNING, EventRecorder
 
 log = logging.getLogger("underlay.agent")
 
@@ -76,6 +78,21 @@ REASON_WAITING = "WaitingForSlot"
 REASON_ABORTED = "RolloutAborted"
 REASON_REMOVAL_BLOCKED = "RemovalBlocked"
 REASON_REMOVAL_FAILED = "RemovalFailed"
+
+COND_DEGRADED = "Degraded"
+"""Not one of the five above (it may be True next to any of them, Ready included): whether the
+bridge this node carries runs as it should. Set when the bridge is enacted or repaired, kept
+as it was by every other status (the bridge on the node has not changed then)."""
+REASON_NETDEV_DATAPATH = "NetdevDatapath"
+"""Degraded True: ``datapathType: auto`` fell back to the userspace datapath."""
+REASON_KERNEL_DATAPATH = "KernelDatapath"
+REASON_NETDEV_REQUESTED = "NetdevRequested"
+"""Degraded False: the userspace datapath because spec.datapathType asks for it."""
+EVENT_NAMESPACE = "default"
+"""Where the agent's Events about enactments go: enactments are cluster-scoped, and the API
+server takes a core/v1 Event about an object without a namespace only in ``default``."""
+EVENT_COMPONENT = "underlay-agent"
+EVENT_CONTROLLER = "underlay.dev/agent"
 
 DEFAULT_LEASE_NAMESPACE = "kube-system"
 """Where slot Leases live when $POD_NAMESPACE is not set (exists in every cluster; the
@@ -243,6 +260,14 @@ class BridgeAgent:
         self.enactments = kube.Objects(api, vocab.OVS_BRIDGE_ENACTMENT)
         self.core = client.CoreV1Api(api)
         self.slots = rollout.Slots(api, lease_namespace, node.name, lease_seconds=lease_seconds)
+        self.events = EventRecorder(
+            api,
+            EVENT_NAMESPACE,
+            node.name,
+            component=EVENT_COMPONENT,
+            controller=EVENT_CONTROLLER,
+            redact=False,
+        )
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self._api_due = threading.Event()
@@ -540,8 +565,48 @@ class BridgeAgent:
             "node matches the OvsBridge",
             fields,
             bridge=desired.name,
+            degraded=self._datapath_condition(desired),
         )
         self._capacity(desired.name, True)
+
+    def _datapath_condition(self, desired: bridges.DesiredBridge) -> dict[str, str] | None:
+        """The Degraded condition (status, reason, message) for the OVS bridge of ``desired``
+        as it is on the node now, or None when OVS has no such bridge.
+
+        True, reason NetdevDatapath, when ``datapathType: auto`` fell back to the userspace
+        (netdev) datapath: ovs-vswitchd then forwards every packet itself, so throughput is
+        lower, and pings sent from the node get duplicate replies. False otherwise (reason
+        KernelDatapath, or NetdevRequested when spec.datapathType asks for netdev)."""
+        state = ovs.read_bridge(self.node.ovsdb, desired.name)
+        if state is None:
+            return None
+        name = desired.name
+        if state.datapath_type != ovs.DATAPATH_NETDEV:
+            dp = state.datapath_type or ovs.DATAPATH_SYSTEM
+            return {
+                "status": "False",
+                "reason": REASON_KERNEL_DATAPATH,
+                "message": f"OVS bridge {name} uses the {dp} datapath",
+            }
+        if desired.datapath_type == ovs.DATAPATH_NETDEV:
+            return {
+                "status": "False",
+                "reason": REASON_NETDEV_REQUESTED,
+                "message": f"OVS bridge {name} uses the userspace (netdev) datapath, as "
+                "spec.datapathType asks",
+            }
+        why = ovs.kernel_datapath_missing(self.node.ovsdb) or "the kernel datapath was not usable"
+        return {
+            "status": "True",
+            "reason": REASON_NETDEV_DATAPATH,
+            "message": (
+                f"OVS bridge {name} runs on the userspace (netdev) datapath, because {why}: "
+                "ovs-vswitchd forwards every packet in userspace, so throughput is lower and "
+                "pings sent from this node get duplicate replies (DUP!). Load the openvswitch "
+                "kernel module for the kernel datapath, or set spec.datapathType: netdev to "
+                "accept this one"
+            ),
+        }
 
     def _rollout(
         self,
@@ -883,7 +948,8 @@ class BridgeAgent:
             "changes": list(result.changes),
             "seconds": round(result.duration, 3),
         }
-        self._repairs[oname] = record
+        with self._trig_lock:
+            self._repairs[oname] = record
         log.info(
             "OvsBridge %s: repaired drift on %s in %.2fs (trigger: %s): %s",
             oname,
@@ -931,11 +997,14 @@ class BridgeAgent:
         fields: Mapping[str, Any] | None = None,
         *,
         bridge: str | None = None,
+        degraded: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
         """Create or update OvsBridgeEnactment <node>.<bridge>; writes only when the status
         changes (conditions keep their lastTransitionTime while their status stays). Fields of
-        the previous status are kept unless ``fields`` replaces them (None deletes).
-        Returns the enactment as last written or read."""
+        the previous status are kept unless ``fields`` replaces them (None deletes), and so is
+        the Degraded condition unless ``degraded`` (status, reason, message) sets it. A
+        Degraded condition that turns True is also recorded as a Warning Event about the
+        enactment. Returns the enactment as last written or read."""
         oname = obj["metadata"]["name"]
         gen = obj["metadata"].get("generation")
         name = self._enactment_name(oname)
@@ -944,6 +1013,13 @@ class BridgeAgent:
         old_status = (current or {}).get("status") or {}
         conds = conditions(active, reason, message, gen)
         old_conds = {c["type"]: c for c in old_status.get("conditions") or []}
+        old_degraded = old_conds.get(COND_DEGRADED)
+        if degraded is not None:
+            conds.append({"type": COND_DEGRADED, **degraded, "observedGeneration": gen})
+            if gen is None:
+                conds[-1].pop("observedGeneration")
+        elif old_degraded is not None:
+            conds.append(dict(old_degraded))
         now = _now()
         for c in conds:
             prev = old_conds.get(c["type"])
@@ -969,12 +1045,13 @@ class BridgeAgent:
                 status.pop(k, None)
             else:
                 status[k] = v
-        if oname in self._repairs:
-            status["lastRepair"] = self._repairs[oname]
+        repair = self._repairs.get(oname)
+        if repair is not None:
+            status["lastRepair"] = repair
         if gen is None:
             status.pop("observedGeneration")
         if current is not None and _same_status(old_status, status):
-            self._repairs.pop(oname, None)
+            self._repair_reported(oname, repair)
             return current
         if current is None:
             body: dict[str, Any] = {
@@ -1008,13 +1085,38 @@ class BridgeAgent:
             body["status"] = status
             try:
                 written = self.enactments.replace_status(body)
-                self._repairs.pop(oname, None)
+                self._repair_reported(oname, repair)
+                self._degraded_event(written, old_degraded, conds)
                 return written
             except client.ApiException as exc:
                 if exc.status != 409:
                     raise
                 current = self.enactments.get(name)
         raise RuntimeError(f"OvsBridgeEnactment {name}: status kept conflicting (409)")
+
+    def _degraded_event(
+        self,
+        enactment: Mapping[str, Any],
+        before: Mapping[str, Any] | None,
+        conds: list[dict[str, Any]],
+    ) -> None:
+        """A Warning Event about ``enactment`` when its Degraded condition just turned True
+        (``before``: the condition as it was); best effort, as every Event."""
+        now = next((c for c in conds if c["type"] == COND_DEGRADED), None)
+        if now is None or now["status"] != "True":
+            return
+        if before is not None and before.get("status") == "True":
+            return
+        log.warning("%s: %s", enactment["metadata"]["name"], now["message"])
+        self.events.emit(enactment, WARNING, now["reason"], now["message"])
+
+    def _repair_reported(self, oname: str, record: dict[str, Any] | None) -> None:
+        """Forget lastRepair ``record`` of ``oname`` now that the enactment holds it, unless the
+        repair thread recorded a newer repair while the status was being written (that one
+        goes into the next report; forgetting it lost it)."""
+        with self._trig_lock:
+            if record is not None and self._repairs.get(oname) is record:
+                del self._repairs[oname]
 
     def _log_result(self, oname: str, result: bridges.EnactResult) -> None:
         if result.status == bridges.STATUS_UNCHANGED:

@@ -205,6 +205,21 @@ def detect_datapath(api: Any) -> str:
     return DATAPATH_NETDEV
 
 
+def kernel_datapath_missing(api: Any) -> str | None:
+    """Why the kernel datapath is not usable here, which makes ``auto`` fall back to
+    ``netdev`` (a clause for a sentence), or None when it is usable (see
+    :func:`detect_datapath`)."""
+    types = datapath_types(api)
+    if DATAPATH_SYSTEM not in types:
+        return f"ovs-vswitchd offers no kernel datapath (OVSDB datapath_types: {list(types)})"
+    if not kernel_datapath_present():
+        return (
+            "the kernel openvswitch module is not loaded on this node (no "
+            f"{OVS_DATAPATH_GENL_FAMILY} generic netlink family)"
+        )
+    return None
+
+
 def resolve_datapath(api: Any, requested: str) -> str:
     """Map spec.datapathType (``auto``/``system``/``netdev``) to the datapath to use.
 

@@ -337,7 +337,12 @@ class ControlPlane:
         for f in files:
             args += ["-f", str(f)]
         # deploy/ is a kustomization with namespace underlay-system; the RBAC names it already.
-        self.kubectl("apply", "--server-side", "--field-manager=underlay-test-install", *args)
+        # --force-conflicts: Kube.reset re-installs after a test changed a CRD or a Role with
+        # another field manager (kubectl patch, edit), and deploy/ must win.
+        self.kubectl(
+            "apply", "--server-side", "--force-conflicts", "--field-manager=underlay-test-install",
+            *args,
+        )  # fmt: skip
         self.kubectl(
             "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all", timeout=90
         )

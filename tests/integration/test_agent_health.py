@@ -1,6 +1,6 @@
 """``/healthz``, ``/readyz`` and ``/metrics`` of ``underlay agent`` (the DaemonSet's probes).
 
-The agent runs as a process inside a rig node against the API emulator (as in
+The agent runs as a process inside a rig node against the real control plane (as in
 test_agent.py); the endpoints are fetched with curl from inside the node's namespace at the
 node's address and the default port 9441, as the kubelet probes a hostNetwork pod. The CNI
 server's socket is a real unix socket: removed, or replaced by one that never answers.
@@ -20,14 +20,15 @@ from node_agent.cni.server import CniAgent, CniServer
 from node_agent.daemon import AgentHealth, cni_check
 
 from reconciler.httpserver import HttpServer
+from tests.controlplane.cluster import Kube
 from tests.integration.test_agent import (
+    AGENT_NAMESPACE,
     IPS,
     UNDERLAY,
     World,
     ovs_bridge,
     world_fixture,  # noqa: F401 - the ``world`` fixture
 )
-from tests.kube.emulator import Emulator
 from tests.rig import Node, wait_for
 
 PORT = int(agent_args.DEFAULT_HTTP_ADDRESS.rsplit(":", 1)[1])
@@ -123,12 +124,12 @@ def test_healthz_fails_when_the_cni_socket_is_gone_or_does_not_answer(world: Wor
     assert a.proc.poll() is None
 
 
-def test_healthz_fails_when_the_cni_server_is_stopped(apiserver: Emulator, tmp_path: Path) -> None:
-    """The agent's CNI server itself (CniServer, as the agent runs it, in this process) and the
-    agent's health endpoint on loopback: ok while it serves; stopped, /healthz and /readyz fail
-    naming the socket; started again, ok."""
+def test_healthz_fails_when_the_cni_server_is_stopped(kube: Kube, tmp_path: Path) -> None:
+    """The agent's CNI server itself (CniServer, as the agent runs it, in this process, as the
+    agent's ServiceAccount) and the agent's health endpoint on loopback: ok while it serves;
+    stopped, /healthz and /readyz fail naming the socket; started again, ok."""
     sock = str(tmp_path / "agent.sock")
-    cni = CniAgent("n1", kube=apiserver.api_client())
+    cni = CniAgent("n1", kube=kube.api_client(kube.agent_kubeconfig()))
     server = CniServer(sock, cni)
     health = AgentHealth(sock, "n1", bridges=False)
     http = HttpServer("127.0.0.1:0", health.metrics, health.healthz, health.readyz)
@@ -171,7 +172,7 @@ def test_healthz_fails_while_a_pass_is_stuck(world: World) -> None:
     w.cluster.wait_condition("n1", "Ready")
     assert wait_status(n1, "/healthz", 200) == "ok\n"
 
-    w.cluster.emu.inject_fault("/ovsbridges$", method="GET", hang=9, count=1)
+    w.cluster.kube.inject_fault("/ovsbridges$", method="GET", hang=9, count=1)
     body = wait_status(n1, "/healthz", 503, timeout=15)
     assert body.startswith("a bridge pass on node n1 has been running for "), body
     assert body.endswith("s (limit 2s)\n"), body
@@ -189,6 +190,7 @@ def test_http_address_taken_or_off(world: World) -> None:
     taken = n1.listen_tcp("0.0.0.0", PORT)
     try:
         out = n1.run(
+            "env", f"POD_NAMESPACE={AGENT_NAMESPACE}",
             UNDERLAY, "agent", "--node-name", "n1", "--kubeconfig", w.cluster.node_kubeconfig,
             "--ovsdb", n1.ovsdb, "--socket", str(n1.rundir / "agent.sock"),
             "--root", str(n1.root), check=False, timeout=60,
@@ -214,6 +216,7 @@ def test_a_bad_http_address_is_an_error_before_anything_starts(world: World) -> 
     n1 = world.node("n1")
     for addr in ("9441", "host:port", ":70000"):
         out = n1.run(
+            "env", f"POD_NAMESPACE={AGENT_NAMESPACE}",
             UNDERLAY, "agent", "--node-name", "n1", "--kubeconfig", world.cluster.node_kubeconfig,
             "--ovsdb", n1.ovsdb, "--socket", str(n1.rundir / "agent.sock"),
             "--root", str(n1.root), "--http-address", addr, check=False, timeout=60,

@@ -5,7 +5,8 @@ ovsdb-server/ovs-vswitchd), with no kubeconfig at all (``KUBECONFIG`` unset, ``H
 ``.kube``), planning the examples/quickstart repository. Each test checks the printed plan and
 the netplan file it would write (validated with ``netplan generate``), and that OVSDB (every
 table), the namespace's links, addresses and routes and the node's files are the same after.
-The cluster cases use the API emulator and check that the agent wrote nothing to it.
+The cluster cases use the real control plane (the agent as its ServiceAccount, through the
+test's fault proxy on the rig's API address) and check that the agent wrote nothing to it.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def test_with_a_cluster_the_labels_come_from_the_node(world: World, tmp_path: Pa
     f = repo / "ovsbridge.yaml"
     f.write_text(f.read_text() + '  nodeSelector:\n    underlay.dev/br1: "true"\n')
     before = node_state(n1)
-    w.cluster.emu.reset_requests()
+    w.cluster.kube.reset_requests()
 
     out = noop(n1, "--from", str(repo), kubeconfig=w.cluster.node_kubeconfig)
 
@@ -237,7 +238,7 @@ def test_with_a_cluster_the_labels_come_from_the_node(world: World, tmp_path: Pa
     assert "underlay.dev/br1=true" in out.stdout and "(Node n1)" in out.stdout, out.stdout
     assert "[ovs] create OVS bridge br1" in out.stdout
     assert w.cluster.writes() == []
-    reads = [f"{r.method} {r.path}" for r in w.cluster.emu.requests()]
+    reads = [f"{r.method} {r.path}" for r in w.cluster.kube.requests()]
     assert reads == ["GET /api/v1/nodes/n1"], reads  # no OvsBridge or enactment read
     assert_same_state(node_state(n1), before)
 

@@ -1,4 +1,4 @@
-"""Rollout of an OvsBridge across three agents (real rig nodes, the API emulator): at most
+"""Rollout of an OvsBridge across three agents (real rig nodes, the real control plane): at most
 ``maxUnavailable`` nodes change at once, a Failing node aborts the rollout for the others
 until the OvsBridge changes; the coordination goes through the API only (slot Leases and the
 other nodes' enactments, see node_agent/rollout.py).
@@ -19,15 +19,18 @@ from kubernetes import client, watch
 from node_agent import rollout
 
 from reconciler import vocab
+from tests.controlplane.cluster import Kube
 from tests.integration.test_agent import (
+    AGENT_NAMESPACE,
     DATA_IPS,
+    ROLLOUT_CONDITIONS,
     World,
     assert_same_state,
     node_state,
     ovs_bridge,
+    slot_leases,
     world_fixture,  # noqa: F401 - the ``world`` fixture
 )
-from tests.kube.emulator import Emulator
 from tests.rig import DATA_GATEWAY, wait_for
 
 NODES = ("n1", "n2", "n3")
@@ -62,7 +65,12 @@ class Timeline:
                 self._rv = obj["metadata"]["resourceVersion"]
                 st = obj.get("status") or {}
                 active = next(
-                    (c["type"] for c in st.get("conditions") or [] if c["status"] == "True"), None
+                    (
+                        c["type"]
+                        for c in st.get("conditions") or []
+                        if c["status"] == "True" and c["type"] in ROLLOUT_CONDITIONS
+                    ),
+                    None,
                 )
                 self.events.append((st.get("node", "?"), active, st.get("observedGeneration")))
                 if self._stop.is_set():
@@ -95,14 +103,14 @@ class Timeline:
 
 
 def leases(w: World) -> list[Any]:
-    return list(w.cluster.coord.list_namespaced_lease("kube-system").items)
+    return w.cluster.slot_leases()
 
 
 def hold_slot(w: World, bridge: str) -> None:
     """A maintenance job holds the only rollout slot of OvsBridge ``bridge`` for 60 s."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     w.cluster.coord.create_namespaced_lease(
-        "kube-system",
+        AGENT_NAMESPACE,
         {
             "metadata": {"name": rollout.lease_name(bridge, 0)},
             "spec": {"holderIdentity": "maintenance", "leaseDurationSeconds": 60, "renewTime": now},
@@ -147,14 +155,15 @@ def test_rollout_one_node_at_a_time_stops_at_a_failing_node_until_the_bridge_cha
         for n in NODES:
             _, reason, message = w.cluster.wait_condition(n, "Pending", "br2", timeout=10)
             assert "changing now: maintenance" in message, message
-        w.cluster.coord.delete_namespaced_lease("underlay-rollout.br2.0", "kube-system")
+        w.cluster.coord.delete_namespaced_lease("underlay-rollout.br2.0", AGENT_NAMESPACE)
         for n in NODES:
             w.cluster.wait_condition(n, "Ready", "br2", timeout=30)
         for n, node in nodes.items():
             assert node.vsctl("list-ports", "br2").split() == ["eth1"]
             assert node.addresses("br2") == [f"{DATA_IPS[n]}/16"]
             assert node.ping(DATA_GATEWAY, count=1)
-            assert "underlay.dev/br2" in w.cluster.capacity(n)
+            # published right after the Ready status is written, a request later
+            wait_for(lambda n=n: "underlay.dev/br2" in w.cluster.capacity(n), 5, "published")
             e = w.cluster.enactment(n, "br2")
             assert e is not None and e["status"]["enactedGeneration"] == 2
             assert timeline.progressing(n, 2) == 1, timeline.events
@@ -197,13 +206,18 @@ def test_rollout_one_node_at_a_time_stops_at_a_failing_node_until_the_bridge_cha
 # --- slots against the API server alone ------------------------------------------------------
 
 
-def slots(emu: Emulator, identity: str, lease_seconds: int = 30) -> rollout.Slots:
-    return rollout.Slots(emu.api_client(), "kube-system", identity, lease_seconds=lease_seconds)
+def slots(kube: Kube, identity: str, lease_seconds: int = 30) -> rollout.Slots:
+    """An agent's rollout slots: the agent's ServiceAccount through the test's proxy, in the
+    agents' namespace (underlay-system, as the DaemonSet's POD_NAMESPACE says)."""
+    api = kube.api_client(kube.agent_kubeconfig(kube.workdir / f"agent-{identity}.kubeconfig"))
+    return rollout.Slots(api, AGENT_NAMESPACE, identity, lease_seconds=lease_seconds)
 
 
-def test_at_most_n_holders_when_many_agents_race(apiserver: Emulator) -> None:
-    """Six agents, two slots, five turns each: never more than two hold a slot at once, and
-    everybody gets its turns (create-or-CAS on the Lease is atomic on the API server)."""
+def test_at_most_n_holders_when_many_agents_race(kube: Kube) -> None:
+    """Six agents, two slots, five turns each: never more than two hold a slot at once, two do
+    at times, and everybody gets its turns (create-or-CAS on the Lease is atomic on the API
+    server). A holder keeps its slot until a second one is held (at most 0.5 s): each request
+    to the real server takes longer than the emulator's, so short turns rarely overlapped."""
     held: set[str] = set()
     most = 0
     lock = threading.Lock()
@@ -211,36 +225,38 @@ def test_at_most_n_holders_when_many_agents_race(apiserver: Emulator) -> None:
 
     def agent(me: str) -> None:
         nonlocal most
-        s = slots(apiserver, me)
+        s = agents[me]
         for _ in range(5):
             while (slot := s.acquire("br1", 2)[0]) is None:
                 time.sleep(0.01)
             with lock:
                 held.add(me)
                 most = max(most, len(held))
+            until = time.monotonic() + 0.5
+            while time.monotonic() < until:
+                with lock:
+                    if len(held) >= 2:
+                        break
+                time.sleep(0.01)
             time.sleep(0.02)
             with lock:
                 held.discard(me)
             s.release(slot)
             turns[me] = turns.get(me, 0) + 1
 
-    threads = [threading.Thread(target=agent, args=(f"n{i}",)) for i in range(6)]
+    agents = {f"n{i}": slots(kube, f"n{i}") for i in range(6)}
+    threads = [threading.Thread(target=agent, args=(me,)) for me in agents]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert turns == {f"n{i}": 5 for i in range(6)}
     assert most == 2
-    assert (
-        client.CoordinationV1Api(apiserver.api_client()).list_namespaced_lease("kube-system").items
-        == []
-    )
+    assert slot_leases(kube) == []
 
 
-def test_expired_slot_is_taken_over_and_the_late_holder_does_not_free_it(
-    apiserver: Emulator,
-) -> None:
-    a, b = slots(apiserver, "n1", 1), slots(apiserver, "n2", 1)
+def test_expired_slot_is_taken_over_and_the_late_holder_does_not_free_it(kube: Kube) -> None:
+    a, b = slots(kube, "n1", 1), slots(kube, "n2", 1)
     sa, _ = a.acquire("br1", 1)
     assert sa is not None
     sa._stop.set()  # n1 hangs: it stops renewing but never releases
@@ -248,24 +264,24 @@ def test_expired_slot_is_taken_over_and_the_late_holder_does_not_free_it(
     time.sleep(1.5)
     sb, _ = b.acquire("br1", 1)
     assert sb is not None
-    coord = client.CoordinationV1Api(apiserver.api_client())
-    lease = coord.read_namespaced_lease("underlay-rollout.br1.0", "kube-system")
+    coord = kube.coord
+    lease = coord.read_namespaced_lease("underlay-rollout.br1.0", AGENT_NAMESPACE)
     assert lease.spec.holder_identity == "n2" and lease.spec.lease_transitions == 1
     a.release(sa)  # precondition on its old resourceVersion: n2's slot stays
-    assert coord.read_namespaced_lease("underlay-rollout.br1.0", "kube-system").spec.holder_identity == "n2"  # fmt: skip
+    assert coord.read_namespaced_lease("underlay-rollout.br1.0", AGENT_NAMESPACE).spec.holder_identity == "n2"  # fmt: skip
     b.release(sb)
-    assert coord.list_namespaced_lease("kube-system").items == []
+    assert slot_leases(kube) == []
 
 
-def test_holder_renews_its_slot_while_it_works(apiserver: Emulator) -> None:
-    a, b = slots(apiserver, "n1", 2), slots(apiserver, "n2", 2)
+def test_holder_renews_its_slot_while_it_works(kube: Kube) -> None:
+    a, b = slots(kube, "n1", 2), slots(kube, "n2", 2)
     sa, _ = a.acquire("br1", 1)
     assert sa is not None
-    coord = client.CoordinationV1Api(apiserver.api_client())
-    first = coord.read_namespaced_lease("underlay-rollout.br1.0", "kube-system").spec.renew_time
+    coord = kube.coord
+    first = coord.read_namespaced_lease("underlay-rollout.br1.0", AGENT_NAMESPACE).spec.renew_time
     time.sleep(3)  # longer than leaseDurationSeconds: only renewal keeps it
     assert b.acquire("br1", 1) == (None, ["n1"])
-    later = coord.read_namespaced_lease("underlay-rollout.br1.0", "kube-system").spec.renew_time
+    later = coord.read_namespaced_lease("underlay-rollout.br1.0", AGENT_NAMESPACE).spec.renew_time
     assert later > first
     a.release(sa)
     assert not sa.lost
@@ -298,7 +314,7 @@ def test_removal_takes_a_rollout_slot_too(world: World) -> None:
         assert "changing now: maintenance" in message, message
         assert node.vsctl("list-ports", "br2").split() == ["eth1"]  # still there, still working
         assert node.ping(DATA_GATEWAY, count=1)
-    w.cluster.coord.delete_namespaced_lease("underlay-rollout.br2.0", "kube-system")
+    w.cluster.coord.delete_namespaced_lease("underlay-rollout.br2.0", AGENT_NAMESPACE)
     for n, node in nodes.items():
         wait_for(lambda n=n: w.cluster.enactment(n, "br2") is None, 30, f"br2 removed from {n}")
         assert not node.link_exists("br2")

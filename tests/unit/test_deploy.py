@@ -69,17 +69,32 @@ def test_kustomization_lists_every_file_and_one_namespace() -> None:
         if p.name != "kustomization.yaml"
     }
     assert listed == on_disk
-    ns = kust["namespace"]
+    # the namespace is set only where a manifest names none (a plain `namespace:` would move
+    # the agent's Events Role out of default)
+    assert "namespace" not in kust
+    (transformer,) = (yaml.safe_load(t) for t in kust["transformers"])
+    assert transformer["kind"] == "NamespaceTransformer" and transformer["unsetOnly"] is True
+    ns = transformer["metadata"]["namespace"]
     assert find("Namespace", ns)["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == (
         "privileged"
     ), "the agent is privileged: the namespace must admit it"
     for _f, d in manifests():
         if d["kind"] in ("Namespace", "CustomResourceDefinition", "ClusterRole"):
             continue
-        if d["kind"] == "ClusterRoleBinding":
+        if d["kind"] in ("ClusterRoleBinding", "RoleBinding"):
             assert all(s["namespace"] == ns for s in d["subjects"])
+        if d["kind"] == "ClusterRoleBinding":
+            continue
+        if (d["kind"], d["metadata"]["name"]) in (
+            ("Role", "underlay-agent-events"),
+            ("RoleBinding", "underlay-agent-events"),
+        ):
+            # Events about cluster-scoped enactments: the API server takes them in default only
+            assert d["metadata"]["namespace"] == "default"
             continue
         assert d["metadata"]["namespace"] == ns, f"{d['kind']} {d['metadata']['name']}"
+    events = find("Role", "underlay-agent-events")["rules"]
+    assert events == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
     images = {i["name"] for i in kust["images"]}
     for kind, name in (("Deployment", "underlay-reconciler"), ("DaemonSet", "underlay-agent")):
         (c,) = find(kind, name)["spec"]["template"]["spec"]["containers"]

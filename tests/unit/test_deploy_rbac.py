@@ -295,10 +295,15 @@ def test_agent_daemon_calls_are_granted() -> None:
         Attrs("watch", "", "nodes", "", None, None),
         Attrs("get", "", "nodes", "status", None, "n1"),
         Attrs("patch", "", "nodes", "status", None, "n1"),
+        Attrs("create", "", "events", "", "default", None),  # Warning NetdevDatapath
     ]
     missing = [str(a) for a in needed if not any(r.allows(a) for r in rules)]
     assert missing == []
     src = (ROOT / "node-agent/node_agent/daemon.py").read_text()
+    assert 'EVENT_NAMESPACE = "default"' in src
+    assert not any(
+        r.allows(Attrs("create", "", "events", "", "underlay-system", None)) for r in rules
+    ), "the agent's Events go to default only"
     for call in ("read_node(", "read_node_status(", "patch_node_status(", "list_node"):
         assert call in src, f"daemon.py no longer calls {call}: update this list and the RBAC"
     time.sleep(0)
