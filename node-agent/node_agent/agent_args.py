@@ -28,9 +28,10 @@ DESCRIPTION = (
     "and underlay-ipam CNI plugins over a unix socket."
 )
 
-DEFAULT_HTTP_ADDRESS = ":9441"
-"""Where ``/healthz``, ``/readyz`` and ``/metrics`` are served by default (the DaemonSet's
-probes; hostNetwork, so the port is the node's)."""
+DEFAULT_HTTP_ADDRESS = "127.0.0.1:9441"
+"""Where ``/healthz``, ``/readyz`` and ``/metrics`` are served by default: loopback only (the
+agent runs with hostNetwork, so any other address is reachable from the node's LAN; the
+DaemonSet's probes ask ``127.0.0.1``)."""
 
 DEFAULT_STUCK_AFTER = 600.0
 """Seconds a bridge pass may run (the bridge loop gives no heartbeat) before ``/healthz`` fails."""
@@ -169,8 +170,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_HTTP_ADDRESS,
         metavar="[HOST]:PORT",
         help="where /healthz (bridge loop and CNI server alive), /readyz (first bridge pass "
-        "done, CNI server serving) and /metrics are served; empty to disable "
-        "(default: %(default)s)",
+        "done, CNI server serving) and /metrics are served: loopback by default, where the "
+        "DaemonSet's probes ask; empty to disable (default: %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-address",
+        default="",
+        metavar="[HOST]:PORT",
+        help="also serve /metrics alone here, e.g. :9442 for a Prometheus that scrapes the "
+        "node's address (hostNetwork: every host on the node's LAN can reach it); empty: only "
+        "on --http-address (default: none)",
+    )
+    p.add_argument(
+        "--cni-managed-bridges-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="attach pods only to OVS bridges this agent made for an OvsBridge (a CNI config "
+        "naming another bridge on the node fails with code 112); --no-cni-managed-bridges-only "
+        "allows any OVS bridge (default: on)",
+    )
+    p.add_argument(
+        "--cni-state-dir",
+        type=Path,
+        default=None,
+        help="where CNI ADD records the veths it made, so DEL deletes exactly those (a tmpfs: "
+        "records last as long as the pods' namespaces) (default: the --socket path without "
+        "its extension + .attachments, /run/underlay/agent.attachments)",
     )
     p.add_argument(
         "--stuck-after",
