@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -47,11 +48,31 @@ examples:
 """
 
 
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def label_problem(key: str, value: str) -> str | None:
+    """Why ``key=value`` is not a Kubernetes label, or None: the key an optional DNS-1123
+    subdomain prefix and ``/`` and a name of at most 63 characters, the value at most 63
+    characters, both letters, digits, ``-``, ``_``, ``.`` starting and ending alphanumeric,
+    matched whole (k8s.io/apimachinery ``IsQualifiedName``, ``IsValidLabelValue``)."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(prefix)):
+        return f"label key {key!r}: prefix {prefix!r} is not a DNS-1123 subdomain"
+    if len(name) > 63 or not _LABEL_NAME.fullmatch(name):
+        return f"label key {key!r} is not a qualified name"
+    if value and (len(value) > 63 or not _LABEL_NAME.fullmatch(value)):
+        return f"label value {value!r} (of {key}) is not a label value"
+    return None
+
+
 def node_labels(text: str) -> dict[str, str]:
     """Parse ``--node-labels``: ``k=v[,k=v...]`` -> {k: v}; "" -> {} (a node without labels).
 
-    Raises argparse.ArgumentTypeError naming the bad item (no ``=``, empty key, a key twice).
-    Keys and values are taken as written (the nodeSelector compares them verbatim).
+    Raises argparse.ArgumentTypeError naming the bad item (no ``=``, empty key, a key twice,
+    a key or value that is not a Kubernetes label: :func:`label_problem`). Keys and values are
+    taken as written otherwise (the nodeSelector compares them verbatim).
     """
     labels: dict[str, str] = {}
     for item in (i.strip() for i in text.split(",")):
@@ -63,6 +84,9 @@ def node_labels(text: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE (e.g. zone=a,rack=r1)")
         if key in labels:
             raise argparse.ArgumentTypeError(f"label {key!r} given twice")
+        why = label_problem(key, value.strip())
+        if why:
+            raise argparse.ArgumentTypeError(why)
         labels[key] = value.strip()
     return labels
 
