@@ -103,6 +103,8 @@ class CniAgent:
     an ADD may attach pods only to bridges the node agent made for an OvsBridge (code 112
     otherwise). CNI_NETNS is refused when it is not a network namespace or is the agent's own,
     the initial one or ``host_netns`` (:class:`node_agent.cni.netns.NetnsGuard`).
+    ``lock_timeout``: seconds a call waits for another call of the same container and
+    interface before it fails with code 11.
     """
 
     def __init__(
@@ -118,8 +120,10 @@ class CniAgent:
         api_timeout: float = 10.0,
         state_dir: str | None = None,
         managed_bridges_only: bool = False,
+        lock_timeout: float = LOCK_TIMEOUT,
     ) -> None:
         self.node_name = node_name
+        self.lock_timeout = lock_timeout
         self.netns_guard = NetnsGuard((host_netns,) if host_netns else ())
         self.records = AttachmentStore(state_dir)
         self.managed_bridges_only = managed_bridges_only
@@ -334,7 +338,7 @@ class CniAgent:
         try:
             handlers = self.plugins[self.plugin_for(req)]
             self.check_netns(req)
-            with self._serialised((req.container_id, req.ifname)):
+            with self._serialised((req.container_id, req.ifname), self.lock_timeout):
                 result = handlers[req.command](self, req)
         except Exception as exc:
             err = (
@@ -497,7 +501,9 @@ class CniServer:
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.open_connections = 0
-        """Connections open now (read by tests and the flood benchmark)."""
+        """Connections open now."""
+        self.accepted = 0
+        """Connections accepted since start."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -588,6 +594,7 @@ class CniServer:
         assert task is not None
         self._tasks.add(task)
         self.open_connections += 1
+        self.accepted += 1
         try:
             answer = await self._exchange(reader, writer)
             if not writer.is_closing():
