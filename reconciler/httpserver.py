@@ -112,6 +112,28 @@ class _Exchange(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+async def _read_request(conn: socket.socket) -> bytes | None:
+    """Request line and headers, up to the empty line, read into a buffer that grows from 512
+    bytes up to :data:`MAX_HEADER`; None when the client closed first; ValueError when they do
+    not fit. Empty lines before the request line are skipped (RFC 9112 section 2.2)."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray(512)
+    have = 0
+    while True:
+        if have == len(buf):
+            if have >= MAX_HEADER:
+                raise ValueError("request header too long")
+            buf.extend(bytes(min(have, MAX_HEADER - have)))
+        with memoryview(buf) as view:
+            n = await loop.sock_recv_into(conn, view[have:])
+        if n == 0:
+            return None
+        have += n
+        data = bytes(buf[:have]).lstrip(b"\r\n")
+        if b"\r\n\r\n" in data or b"\n\n" in data:
+            return data
+
+
 async def _finish(tasks: set[asyncio.Task[None]]) -> None:
     """Cancel the connection tasks still running and wait for them (their connections close)."""
     pending = list(tasks)
@@ -167,7 +189,7 @@ class HttpServer:
         self._stopped: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._reading: dict[asyncio.StreamWriter, None] = {}
+        self._reading: dict[socket.socket, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -203,14 +225,28 @@ class HttpServer:
         return self.url
 
     async def _serve(self, ready: threading.Event) -> None:
+        assert self._sock is not None
         self._stopped = asyncio.Event()
         self._answering = asyncio.Semaphore(self.workers)
-        server = await asyncio.start_server(self._client, sock=self._sock, limit=MAX_HEADER)
+        accepting = asyncio.ensure_future(self._accept(self._sock))
         ready.set()
-        async with server:
-            await self._stopped.wait()
-            server.close()
+        await self._stopped.wait()
+        accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
         await _finish(self._tasks)
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError:  # EMFILE and the like: wait for connections to close
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._client(conn, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _make_room(self) -> bool:
         """Close the connection that has been sending its request longest (see the module);
@@ -218,75 +254,48 @@ class HttpServer:
         if not self._reading:
             return False
         oldest = next(iter(self._reading))
-        del self._reading[oldest]
-        oldest.write(_status(503, "Service Unavailable"))
-        oldest.close()
+        task = self._reading.pop(oldest)
+        with contextlib.suppress(OSError):
+            oldest.send(_status(503, "Service Unavailable"))
+        task.cancel()
         return True
 
-    async def _read(self, reader: asyncio.StreamReader) -> bytes | None:
-        """Request line and headers up to the empty line; None when the client went away."""
-        lines = []
-        size = 0
-        while True:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError:
-                return None
-            size += len(line)
-            if size > MAX_HEADER:
-                raise asyncio.LimitOverrunError("header too long", size)
-            lines.append(line)
-            if line in (b"\r\n", b"\n") and len(lines) > 1:
-                return b"".join(lines)
-            if len(lines) == 1 and line in (b"\r\n", b"\n"):
-                lines.clear()  # RFC 9112 2.2: ignore an empty line before the request line
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self._client_(reader, writer)
-        except asyncio.CancelledError:
-            pass  # stop(): the connection is closed; ending normally keeps asyncio quiet
-        finally:
-            self._tasks.discard(task)
-
-    async def _client_(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _client(self, conn: socket.socket, peer: Any) -> None:
+        loop = asyncio.get_running_loop()
         self.open_connections += 1
-        if self.open_connections > self.max_connections and not self._make_room():
-            self.open_connections -= 1  # every open one is being answered: come back later
-            with contextlib.suppress(OSError):
-                writer.write(_status(503, "Service Unavailable"))
-            writer.close()
-            return
-        self._reading[writer] = None
         try:
+            if self.open_connections > self.max_connections and not self._make_room():
+                # every open one is being answered: come back later
+                with contextlib.suppress(OSError):
+                    conn.send(_status(503, "Service Unavailable"))
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            self._reading[conn] = task
             try:
                 async with asyncio.timeout(self.read_timeout):
-                    raw = await self._read(reader)
+                    raw = await _read_request(conn)
             except TimeoutError:
                 raw, answer = None, _status(408, "Request Timeout")
-            except (asyncio.LimitOverrunError, ValueError):
+            except ValueError:
                 raw, answer = None, _status(431, "Request Header Fields Too Large")
             else:
                 answer = b""
             finally:
-                self._reading.pop(writer, None)
+                self._reading.pop(conn, None)
             if raw is not None:
-                peer = writer.get_extra_info("peername") or ("", 0)
                 async with self._answering:
-                    loop = asyncio.get_running_loop()
                     answer = await loop.run_in_executor(self._pool, self._respond, raw, peer)
-            if answer and not writer.is_closing():
-                writer.write(answer)
-                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            if answer:
+                await asyncio.wait_for(loop.sock_sendall(conn, answer), WRITE_TIMEOUT)
         except (OSError, TimeoutError):
             pass  # the client went away or stopped reading
+        except asyncio.CancelledError:
+            pass  # evicted (told 503) or stop(): ending normally keeps asyncio quiet
         finally:
-            self._reading.pop(writer, None)
+            self._reading.pop(conn, None)
             self.open_connections -= 1
-            writer.close()
+            conn.close()
 
     def _respond(self, raw: bytes, peer: Any) -> bytes:
         try:

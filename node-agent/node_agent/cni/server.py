@@ -80,8 +80,6 @@ WRITE_TIMEOUT = 10.0
 """Seconds the peer has to take the answer."""
 LOCK_TIMEOUT = 30.0
 """Seconds a call waits for another call of the same container and interface (then code 11)."""
-STREAM_LIMIT = 4096
-"""asyncio stream buffer limit per connection: at most twice this is read ahead of a request."""
 
 Handler = Callable[["CniAgent", CniRequest], "dict[str, Any] | None"]
 
@@ -341,37 +339,43 @@ class CniAgent:
             with self._serialised((req.container_id, req.ifname), self.lock_timeout):
                 result = handlers[req.command](self, req)
         except Exception as exc:
-            err = (
-                exc
-                if isinstance(exc, CniError)
-                else CniError(UNEXPECTED, f"{type(exc).__name__}: {exc}")
-            )
-            if not isinstance(exc, CniError):
-                log.exception("%s %s failed", req.plugin_type, req.describe())
-            ms = (time.monotonic() - start) * 1000
-            if req.command == "DEL" and not isinstance(exc, Refused):
-                log.warning(
-                    "%s %s incomplete (%.1f ms): %s", req.plugin_type, req.describe(), ms, err.msg
-                )
-                note = (
-                    f"{req.plugin_type}: DEL of container {req.container_id} interface "
-                    f"{req.ifname} incomplete (left for garbage collection): {err.msg}\n"
-                )
-                return 0, b"", note.encode(errors="backslashreplace")
-            log.info(
-                "%s %s -> error %d (%.1f ms): %s",
-                req.plugin_type,
-                req.describe(),
-                err.code,
-                ms,
-                err.msg,
-            )
-            return 1, err.to_json(req.version), b""
+            # in another frame: a local here holding exc would make a reference cycle
+            # (exc -> traceback -> this frame -> exc) that keeps the parsed config alive
+            return self._failure(req, exc, start)
         ms = (time.monotonic() - start) * 1000
         log.info("%s %s -> ok (%.1f ms)", req.plugin_type, req.describe(), ms)
         if req.command == "ADD":
             return 0, render_json(result or {}, req.version), b""
         return 0, b"", b""
+
+    def _failure(self, req: CniRequest, exc: Exception, start: float) -> tuple[int, bytes, bytes]:
+        """The answer to a call that raised ``exc`` (see :meth:`handle`)."""
+        err = (
+            exc
+            if isinstance(exc, CniError)
+            else CniError(UNEXPECTED, f"{type(exc).__name__}: {exc}")
+        )
+        if not isinstance(exc, CniError):
+            log.error("%s %s failed", req.plugin_type, req.describe(), exc_info=exc)
+        ms = (time.monotonic() - start) * 1000
+        if req.command == "DEL" and not isinstance(exc, Refused):
+            log.warning(
+                "%s %s incomplete (%.1f ms): %s", req.plugin_type, req.describe(), ms, err.msg
+            )
+            note = (
+                f"{req.plugin_type}: DEL of container {req.container_id} interface "
+                f"{req.ifname} incomplete (left for garbage collection): {err.msg}\n"
+            )
+            return 0, b"", note.encode(errors="backslashreplace")
+        log.info(
+            "%s %s -> error %d (%.1f ms): %s",
+            req.plugin_type,
+            req.describe(),
+            err.code,
+            ms,
+            err.msg,
+        )
+        return 1, err.to_json(req.version), b""
 
     def handle_raw(self, env: dict[str, str], stdin: bytes) -> tuple[int, bytes, bytes]:
         """Decode ``env`` + ``stdin`` and run the call. A request refused in decoding is a CNI
@@ -473,9 +477,11 @@ class CniServer:
     only uid served (SO_PEERCRED; the runtime runs as root), ``max_connections`` open at once,
     ``max_calls`` executing at once, ``buffer_budget`` bytes of requests held at once,
     ``read_timeout``/``write_timeout`` s per request and answer. Memory under a flood is thus
-    bounded by ``max_connections`` x 2 x :data:`STREAM_LIMIT` of read-ahead plus
-    ``buffer_budget`` of requests and what they parse into (at most about 12 bytes per byte:
-    :data:`node_agent.cni.request.MAX_COLLECTIONS`). Source: unix(7) (SO_PEERCRED).
+    bounded: a connection reads at most :data:`HEAD_MAX` bytes until it has room in
+    ``buffer_budget`` for its whole request, which it then reads into one buffer; requests
+    held at once take at most ``buffer_budget`` bytes plus what they parse into (at most
+    about 12 bytes per byte: :data:`node_agent.cni.request.MAX_COLLECTIONS`).
+    Source: unix(7) (SO_PEERCRED).
     """
 
     def __init__(
@@ -569,46 +575,55 @@ class CniServer:
 
     async def _serve(self, sock: socket.socket, ready: threading.Event) -> None:
         self._stopped = asyncio.Event()
-        self._reading: dict[asyncio.StreamWriter, None] = {}
+        self._reading: dict[socket.socket, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._calls = asyncio.Semaphore(self.max_calls)
         self._budget = _Budget(self.buffer_budget)
-        server = await asyncio.start_unix_server(
-            self._client, sock=sock, limit=STREAM_LIMIT, backlog=1024
-        )
+        sock.listen(1024)
+        accepting = asyncio.ensure_future(self._accept(sock))
         ready.set()
-        async with server:
-            await self._stopped.wait()
-            server.close()
-            # calls already running finish and answer (up to 5 s), then the rest is cut
-            deadline = time.monotonic() + 5.0
-            while self.open_connections and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+        await self._stopped.wait()
+        accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
+        sock.close()
+        # calls already running finish and answer (up to 5 s), then the rest is cut
+        deadline = time.monotonic() + 5.0
+        while self.open_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         pending = list(self._tasks)
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and the like: wait for connections to close
+                self._crowded.warn("CNI socket %s: accept failed: %s", self.socket_path, exc)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._client(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _client(self, conn: socket.socket) -> None:
         self.open_connections += 1
         self.accepted += 1
+        loop = asyncio.get_running_loop()
         try:
-            answer = await self._exchange(reader, writer)
-            if not writer.is_closing():
-                writer.write(answer)
-                await asyncio.wait_for(writer.drain(), self.write_timeout)
+            answer = await self._exchange(conn)
+            await asyncio.wait_for(loop.sock_sendall(conn, answer), self.write_timeout)
         except (OSError, TimeoutError):
             pass  # the shim was killed or stopped reading: nothing more to tell it
         except asyncio.CancelledError:
-            pass  # stop(): the connection is closed; ending normally keeps asyncio quiet
+            pass  # evicted (it was told why) or stop(): ending normally keeps asyncio quiet
         finally:
-            self._reading.pop(writer, None)
+            self._reading.pop(conn, None)
             self.open_connections -= 1
-            self._tasks.discard(task)
-            writer.close()
+            conn.close()
 
     def _make_room(self) -> bool:
         """At the connection limit, close the connection that has been reading its request
@@ -617,18 +632,19 @@ class CniServer:
         if not self._reading:
             return False
         oldest = next(iter(self._reading))
-        del self._reading[oldest]
-        oldest.write(
-            _refusal(
-                TRY_AGAIN_LATER,
-                f"closed: {self.max_connections} connections are open on the underlay agent's "
-                "CNI socket and this one had not sent its request; try again later",
+        task = self._reading.pop(oldest)
+        with contextlib.suppress(OSError):  # best effort: a refusal fits the socket buffer
+            oldest.send(
+                _refusal(
+                    TRY_AGAIN_LATER,
+                    f"closed: {self.max_connections} connections are open on the underlay "
+                    "agent's CNI socket and this one had not sent its request; try again later",
+                )
             )
-        )
-        oldest.close()
+        task.cancel()
         return True
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    async def _exchange(self, conn: socket.socket) -> bytes:
         if self.open_connections > self.max_connections and not self._make_room():
             self._crowded.warn(
                 "CNI socket %s: %d connections open, the limit is %d: refusing more",
@@ -642,7 +658,7 @@ class CniServer:
                 "try again later",
             )
         try:
-            pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))
+            pid, uid, _gid = peer_credentials(conn)
         except OSError as exc:
             return _refusal(PEER_REFUSED, f"cannot read the caller's credentials: {exc}")
         if uid != self.peer_uid:
@@ -659,39 +675,36 @@ class CniServer:
                 f"the underlay agent serves CNI calls from uid {self.peer_uid} only (the "
                 f"container runtime); this process runs as uid {uid}",
             )
+        task = asyncio.current_task()
+        assert task is not None
         taken = 0
-        self._reading[writer] = None
+        self._reading[conn] = task
         try:
             try:
                 async with asyncio.timeout(self.read_timeout):
-                    head = await reader.readuntil(b"\n")
+                    head, rest = await _read_head(conn)
                     nenv, nstdin = _parse_head(head)
                     await self._budget.take(nenv + nstdin)
                     taken = nenv + nstdin
-                    body = await reader.readexactly(taken)
+                    body = await _read_body(conn, rest, taken)
             except TimeoutError:
                 return _refusal(
                     DECODE_FAILURE, f"the request did not arrive within {self.read_timeout:g} s"
                 )
-            except asyncio.IncompleteReadError as exc:
-                what = f"{taken} bytes of request" if taken else "the request header"
-                return _refusal(
-                    DECODE_FAILURE, f"request cut short ({len(exc.partial)} bytes of {what})"
-                )
-            except asyncio.LimitOverrunError:
-                return _refusal(DECODE_FAILURE, "request header too long")
             except CniError as exc:
                 return _refusal(exc.code, exc.msg)
             finally:
-                self._reading.pop(writer, None)
+                self._reading.pop(conn, None)
             try:
-                env = decode_env_block(body[:nenv])
+                env = decode_env_block(bytes(body[:nenv]))
             except CniError as exc:
                 return _refusal(exc.code, exc.msg)
+            stdin = bytes(memoryview(body)[nenv:])
+            del body
             async with self._calls:
                 loop = asyncio.get_running_loop()
                 status, out, err = await loop.run_in_executor(
-                    self._pool, self.agent.handle_raw, env, body[nenv:]
+                    self._pool, self.agent.handle_raw, env, stdin
                 )
             return _answer(status, out, err)
         finally:
@@ -720,6 +733,48 @@ class CniServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+HEAD_MAX = 64
+"""Longest request header line (``CNI1 <envlen> <stdinlen>``, with its newline)."""
+
+
+async def _read_head(conn: socket.socket) -> tuple[bytes, bytes]:
+    """The header line and what came after it in the same reads (at most :data:`HEAD_MAX`
+    bytes are read before the newline); CniError 6 when the peer closes first or the line is
+    too long."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray(HEAD_MAX)
+    have = 0
+    while True:
+        n = await loop.sock_recv_into(conn, memoryview(buf)[have:])
+        if n == 0:
+            raise CniError(DECODE_FAILURE, f"request cut short ({have} bytes of the header)")
+        have += n
+        end = buf.find(b"\n", 0, have)
+        if end >= 0:
+            return bytes(buf[: end + 1]), bytes(buf[end + 1 : have])
+        if have == HEAD_MAX:
+            raise CniError(DECODE_FAILURE, "request header too long")
+
+
+async def _read_body(conn: socket.socket, rest: bytes, size: int) -> bytearray:
+    """``size`` bytes of request, starting with ``rest`` (read with the header), read into one
+    buffer of that size; CniError 6 when the peer closes first."""
+    loop = asyncio.get_running_loop()
+    if len(rest) > size:
+        raise CniError(DECODE_FAILURE, "request longer than its header says")
+    body = bytearray(size)
+    body[: len(rest)] = rest
+    have = len(rest)
+    view = memoryview(body)
+    while have < size:
+        n = await loop.sock_recv_into(conn, view[have:])
+        if n == 0:
+            raise CniError(DECODE_FAILURE, f"request cut short ({have} of {size} bytes)")
+        have += n
+    view.release()
+    return body
 
 
 def _parse_head(head: bytes) -> tuple[int, int]:
