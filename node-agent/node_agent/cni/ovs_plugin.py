@@ -54,6 +54,7 @@ from .errors import (
     BRIDGE_NOT_MANAGED,
     CHECK_FAILED,
     INVALID_CONFIG,
+    IO_FAILURE,
     LINK_FAILURE,
     OVS_FAILURE,
     TRY_AGAIN_LATER,
@@ -445,20 +446,25 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             )
         except (LinkError, OSError) as exc:
             raise CniError(LINK_FAILURE, str(exc)) from exc
-        agent.records.save(
-            Attachment(
-                container_id=req.container_id,
-                ifname=req.ifname,
-                netns=req.netns,
-                netns_id=req.netns_id,
-                host=host,
-                host_index=veth.ifindex,
-                host_mac=host_mac,
-                pod_index=veth.peer_index,
-                pod_mac=pod_mac,
-                bridge=conf.bridge,
-            )
+        record = Attachment(
+            container_id=req.container_id,
+            ifname=req.ifname,
+            netns=req.netns,
+            netns_id=req.netns_id,
+            host=host,
+            host_index=veth.ifindex,
+            host_mac=host_mac,
+            pod_index=veth.peer_index,
+            pod_mac=pod_mac,
+            bridge=conf.bridge,
         )
+        try:
+            agent.records.save(record)  # what DEL will delete, and only that
+        except OSError as exc:
+            raise CniError(
+                IO_FAILURE,
+                f"cannot record veth {host} in {agent.records.directory}: {exc.strerror or exc}",
+            ) from exc
         if recorded is not None:
             recorded.result()  # the SpiderEndpoint is written before we answer
         try:

@@ -103,12 +103,17 @@ class AttachmentStore:
             with self._lock:
                 self._mem[(rec.container_id, rec.ifname)] = rec
             return
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
         path = self._path(rec.container_id, rec.ifname)
         tmp = f"{path}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        data = json.dumps(dataclasses.asdict(rec)).encode()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            os.write(fd, json.dumps(dataclasses.asdict(rec)).encode())
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:  # first save, or the directory was removed meanwhile
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            fd = os.open(tmp, flags, 0o600)
+        try:
+            os.write(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, path)
