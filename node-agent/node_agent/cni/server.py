@@ -615,7 +615,8 @@ class CniServer:
         loop = asyncio.get_running_loop()
         try:
             answer = await self._exchange(conn)
-            await asyncio.wait_for(loop.sock_sendall(conn, answer), self.write_timeout)
+            if answer is not None:
+                await asyncio.wait_for(loop.sock_sendall(conn, answer), self.write_timeout)
         except (OSError, TimeoutError):
             pass  # the shim was killed or stopped reading: nothing more to tell it
         except asyncio.CancelledError:
@@ -644,7 +645,17 @@ class CniServer:
         task.cancel()
         return True
 
-    async def _exchange(self, conn: socket.socket) -> bytes:
+    def _call(self, conn: socket.socket, env: dict[str, str], stdin: bytes) -> None:
+        """In a worker thread: run the call and send its answer from there (the event loop
+        does not watch this socket any more), sparing the answer a trip through the loop."""
+        status, out, err = self.agent.handle_raw(env, stdin)
+        with contextlib.suppress(OSError):  # the shim was killed or stopped reading
+            conn.settimeout(self.write_timeout)
+            conn.sendall(_answer(status, out, err))
+
+    async def _exchange(self, conn: socket.socket) -> bytes | None:
+        """Read and run one request; returns the answer still to send (a refusal), or None
+        when the worker thread answered."""
         if self.open_connections > self.max_connections and not self._make_room():
             self._crowded.warn(
                 "CNI socket %s: %d connections open, the limit is %d: refusing more",
@@ -703,10 +714,8 @@ class CniServer:
             del body
             async with self._calls:
                 loop = asyncio.get_running_loop()
-                status, out, err = await loop.run_in_executor(
-                    self._pool, self.agent.handle_raw, env, stdin
-                )
-            return _answer(status, out, err)
+                await loop.run_in_executor(self._pool, self._call, conn, env, stdin)
+            return None
         finally:
             if taken:
                 await self._budget.give(taken)
