@@ -230,3 +230,26 @@ def test_managed_bridges_only_refuses_a_bridge_underlay_did_not_make(
         assert rt.add(conf, pod, "c1")["ips"] and pod.ping(GATEWAY)
     finally:
         agent.stop()
+
+
+def test_records_outlive_an_agent_restart(rig: Rig, tmp_path: Path) -> None:
+    """What ADD recorded is on disk (next to the socket): a DEL served by the next agent, with
+    the OVS port deleted by hand meanwhile, still removes exactly that veth."""
+    node = rig.add_node("n1", "172.18.10.11")
+    make_bridge(node)
+    conf = ovs_conf(tmp_path)
+    pod = rig.add_pod("p1")
+    agent = Agent(node, tmp_path)
+    try:
+        host = Runtime(node, agent.cni_path).add(conf, pod, "c1")["interfaces"][0]["name"]
+    finally:
+        agent.stop()
+    assert list(tmp_path.glob("*.attachments/*.json")), "no record on disk"
+    node.vsctl("del-port", "br1", host)
+    agent = Agent(node, tmp_path)
+    try:
+        Runtime(node, agent.cni_path).delete(conf, pod, "c1")
+        wait_for(lambda: not node.link_exists(host) and not pod.link_exists("eth0"), 5, "veth")
+        assert list(tmp_path.glob("*.attachments/*.json")) == []
+    finally:
+        agent.stop()
