@@ -222,3 +222,26 @@ def test_a_flood_of_probes_makes_one_cni_call_at_a_time(tmp_path: Path) -> None:
     finally:
         server.stop()
         cni.close()
+
+
+def test_idle_and_oversized_requests_are_answered_and_closed() -> None:
+    """A client that sends nothing gets 408 after the read timeout (it held a thread for
+    ever before); one whose header never ends within 8 KiB gets 431."""
+    import socket
+
+    from reconciler.httpserver import HttpServer
+
+    http = HttpServer("127.0.0.1:0", lambda: "", lambda: None, lambda: None, read_timeout=1.0)
+    port = int(http.start().rsplit(":", 1)[1])
+    try:
+        idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        t0 = time.monotonic()
+        assert idle.recv(100).startswith(b"HTTP/1.1 408 ")
+        assert 0.5 < time.monotonic() - t0 < 4
+        idle.close()
+        big = socket.create_connection(("127.0.0.1", port), timeout=5)
+        big.sendall(b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000)
+        assert big.recv(100).startswith(b"HTTP/1.1 431 ")
+        big.close()
+    finally:
+        http.stop()
