@@ -7,7 +7,8 @@ agents (``python -m node_agent.cni.server``), one from this checkout and one fro
 Debian's host-local as a runtime does (tests/cniruntime.py: ``ip netns exec`` into the node,
 CNI_* env, config on stdin), ADD then DEL in a fresh pod namespace (made and removed untimed),
 alternating between the two versions cycle by cycle so machine noise hits both alike. Prints
-median and p90 per version and the ratio. Needs root.
+median and p90 per version and the ratio, and the median time each agent logged for its ADD
+and DEL calls (the call inside the agent, without process starts). Needs root.
 
     .venv/bin/python bench/bench_cni_compare.py --baseline /tmp/base [--cycles 60]
 """
@@ -45,7 +46,7 @@ def start_agent(
     log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the agent
     proc = node.popen(
         sys.executable, "-m", "node_agent.cni.server", "--socket", sock, "--ovsdb", node.ovsdb,
-        "--node-name", "n1", stdout=subprocess.PIPE, stderr=log, env=env, cwd=str(code),
+        "--node-name", "n1", "-v", stdout=subprocess.PIPE, stderr=log, env=env, cwd=str(code),
     )  # fmt: skip
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready", name
     return proc, f"{bins}:/usr/lib/cni"
@@ -90,6 +91,13 @@ def main() -> None:
             med, p90 = statistics.median(ts), statistics.quantiles(ts, n=10)[-1]
             print(f"  {name:9} median {med * 1000:6.1f} ms  p90 {p90 * 1000:6.1f} ms  "
                   f"ratio {med / base:.3f}")  # fmt: skip
+        print("time inside the agent (its log), median ms:")
+        for name in cases:
+            text = (work / f"{name}.log").read_text()
+            for cmd in ("ADD", "DEL"):
+                ms = [float(line.rsplit("(", 1)[1].split(" ms")[0])
+                      for line in text.splitlines() if f"underlay-ovs {cmd} " in line and "-> ok (" in line]  # fmt: skip
+                print(f"  {name:9} {cmd} {statistics.median(ms[5:]):6.2f} ({len(ms)} calls)")
     finally:
         for proc in agents:
             proc.terminate()
