@@ -915,16 +915,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # say it with the subcommand's usage, not the top-level one
         sub = _subparser(parser, getattr(args, "command", None) or only)
         (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.log_format == "json":
-        from reconciler import logs
+    from reconciler import logs
 
+    if args.log_format == "json":
         logs.setup("json", verbose=args.verbose)
-    else:
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+    elif not logging.getLogger().handlers:  # as logging.basicConfig: keep a caller's handlers
+        logs.setup("text", verbose=args.verbose)  # control characters escaped
     try:
         rc: int = args.func(args)
         return rc

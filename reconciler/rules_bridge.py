@@ -26,14 +26,15 @@ from reconciler.loader import WARNING, Document, Problem
 from reconciler.rules_common import (
     Context,
     bridge_name,
+    check_dns1123,
     check_label_map,
     duplicates,
     ifname_problem,
     selectors_overlap,
 )
 
-IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-"""Linux interface names we accept: 1-15 characters of letters, digits, ``_ . -``."""
+IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+"""Linux interface names we accept: 1-15 characters of letters, digits, ``_ . -`` (fullmatch)."""
 
 NIC_LIKE = re.compile(r"^(eth|en|ib|wl|bond)")
 """Prefixes of the names Linux and udev give physical NICs and bonds (``bridge-name-like-nic``)."""
@@ -69,7 +70,7 @@ def check_bridge(doc: Document, ctx: Context) -> list[Problem]:
         return out
     bridge = bridge_name(doc)
     explicit = spec.get("bridge")
-    if "bridge" not in spec and doc.name is not None and not IFNAME.match(doc.name):
+    if "bridge" not in spec and doc.name is not None and not IFNAME.fullmatch(doc.name):
         out.append(
             doc.problem(
                 ("metadata", "name"),
@@ -101,6 +102,9 @@ def check_bridge(doc: Document, ctx: Context) -> list[Problem]:
                 continue
             node = o.get("nodeName")
             if isinstance(node, str):
+                out += check_dns1123(
+                    doc, ("spec", "nodeOverrides", i, "nodeName"), node, "node name"
+                )
                 if node in seen:
                     out.append(
                         doc.problem(

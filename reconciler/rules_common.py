@@ -16,10 +16,11 @@ from typing import Any
 from reconciler import vocab
 from reconciler.loader import WARNING, Document, Problem
 
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+# matched with fullmatch() only: re's "$" also matches before a final newline
+DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 
 
 @dataclass
@@ -129,7 +130,7 @@ def check_dns1123(
     limit = 63 if label else 253
     pattern = DNS1123_LABEL if label else DNS1123_SUBDOMAIN
     form = "DNS-1123 label" if label else "DNS-1123 subdomain"
-    if len(value) <= limit and pattern.match(value):
+    if len(value) <= limit and pattern.fullmatch(value):
         return []
     reason = (
         f"is {len(value)} characters, more than {limit}"
@@ -150,13 +151,13 @@ def check_dns1123(
 
 def _qualified_key_problem(key: str) -> str | None:
     prefix, slash, name = key.rpartition("/")
-    if slash and (not prefix or len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
+    if slash and (not prefix or len(prefix) > 253 or not DNS1123_SUBDOMAIN.fullmatch(prefix)):
         return f'prefix "{prefix}" is not a DNS-1123 subdomain'
     if not name:
         return "name part is empty"
     if len(name) > 63:
         return f"name part is {len(name)} characters, more than 63"
-    if not _QUALIFIED_NAME.match(name):
+    if not _QUALIFIED_NAME.fullmatch(name):
         return "name part may only hold letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
     return None
 
@@ -185,7 +186,7 @@ def check_label_map(
                     at_key=True,
                 )
             )
-        if values and isinstance(v, str) and (len(v) > 63 or not _LABEL_VALUE.match(v)):
+        if values and isinstance(v, str) and (len(v) > 63 or not _LABEL_VALUE.fullmatch(v)):
             out.append(
                 doc.problem(
                     (*path, k),
@@ -291,7 +292,8 @@ def ifname_problem(name: str) -> str | None:
     """Why ``name`` cannot be a Linux network interface name, or None when it can.
 
     Linux ``dev_valid_name()`` (net/core/dev.c): not empty, shorter than IFNAMSIZ (16, so at
-    most 15 characters), not "." or "..", no "/", ":" or whitespace.
+    most 15 characters), not "." or "..", no "/", ":" or whitespace; and no control character
+    (a NUL would cut the name short).
     """
     if not name:
         return "it is empty"
@@ -301,6 +303,8 @@ def ifname_problem(name: str) -> str | None:
         return f"it has {len(name)} characters; Linux allows at most 15 (IFNAMSIZ 16 with the NUL)"
     if _IFNAME_BAD.search(name):
         return "Linux interface names may not hold '/', ':' or whitespace"
+    if not name.isprintable():
+        return "it holds a control character (a NUL ends the name for the kernel)"
     return None
 
 
@@ -367,7 +371,7 @@ def check_label_selector(
             )
         if isinstance(values, list):
             for j, v in enumerate(values):
-                if isinstance(v, str) and (len(v) > 63 or not _LABEL_VALUE.match(v)):
+                if isinstance(v, str) and (len(v) > 63 or not _LABEL_VALUE.fullmatch(v)):
                     out.append(
                         doc.problem(
                             (*base, "values", j),

@@ -28,7 +28,13 @@ import netaddr
 
 from reconciler import vocab
 from reconciler.loader import MAX_SAFE_INTEGER, WARNING, Document, Problem, format_path
-from reconciler.rules_common import Context, PoolInfo, check_label_selector, duplicates
+from reconciler.rules_common import (
+    Context,
+    PoolInfo,
+    check_dns1123,
+    check_label_selector,
+    duplicates,
+)
 
 Path = tuple[str | int, ...]
 
@@ -349,6 +355,13 @@ def check_pool(doc: Document, ctx: Context) -> list[Problem]:
             info.gateway = gw
     out += _check_routes(doc, spec.get("routes"), net, info)
     out += _check_multus_names(doc, ctx, spec.get("multusName"))
+    for key, what, label in (
+        ("nodeName", "node name", False),
+        ("namespaceName", "namespace", True),
+    ):
+        names = spec.get(key)
+        for i, value in enumerate(names if isinstance(names, list) else []):
+            out += check_dns1123(doc, ("spec", key, i), value, what, label=label)
     for selector in ("podAffinity", "namespaceAffinity", "nodeAffinity"):
         out += check_label_selector(doc, ("spec", selector), spec.get(selector))
     return out

@@ -57,8 +57,8 @@ __all__ = [
     "verification_from_secret",
 ]
 
-_SHA = re.compile(r"^[0-9a-f]{7,40}$")
-_FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA = re.compile(r"[0-9a-f]{7,40}")  # fullmatch only
+_FULL_SHA = re.compile(r"[0-9a-f]{40}")
 _TARGET = "refs/underlay/target"
 DEFAULT_TIMEOUT = 300.0
 """Seconds a single git command may run before it is killed (a hung server never stalls the loop)."""
@@ -207,9 +207,9 @@ def ls_remote(
     to know. ``credentials`` as for :func:`fetch`. Raises SourceError (redacted) when the remote
     is unreachable, refuses the credentials or host key, or has no such ref.
     """
-    if _FULL_SHA.match(ref):
+    if _FULL_SHA.fullmatch(ref):
         return ref
-    if _SHA.match(ref) or (not is_git_url(url) and Path(url).is_dir()):
+    if _SHA.fullmatch(ref) or (not is_git_url(url) and Path(url).is_dir()):
         return None
     git_url, creds = _prepare(url, credentials)
     secrets = creds.secrets() if creds else []
@@ -333,7 +333,7 @@ def _fetch_ref(
     candidates = [f"refs/heads/{ref}", f"refs/tags/{ref}", ref]
     if ref.startswith("refs/"):
         candidates = [ref]
-    elif _FULL_SHA.match(ref):
+    elif _FULL_SHA.fullmatch(ref):
         candidates = [ref]  # a pinned commit: one round trip, not three
     last: git.GitCommandError | None = None
     for cand in candidates:
@@ -353,7 +353,7 @@ def _fetch_ref(
             last = exc
             if not _missing_ref(exc):
                 raise  # unreachable, auth, host key: the other candidates would fail the same way
-    if _SHA.match(ref):
+    if _SHA.fullmatch(ref):
         # servers that refuse to serve a bare SHA: fetch every branch and tag, then look it up
         try:
             repo.git.fetch(

@@ -83,15 +83,58 @@ def load_schema(res: Resource) -> dict[str, Any]:
 
 
 @functools.cache
+def ecma_regex(pattern: str) -> re.Pattern[str]:
+    """``pattern`` compiled so that ``$`` means what it means in a JSON Schema (ECMA-262
+    without the ``m`` flag) and in the API server's Go regexps: the end of the string. Python's
+    ``$`` also matches before a final newline, which let ``"br9\\n"`` pass
+    ``^[A-Za-z0-9_.-]+$``; every ``$`` outside a character class and not escaped becomes
+    ``\\Z``. Source: ECMA-262 "Assertion" (``$``); JSON Schema 2020-12 Validation, "pattern".
+    """
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if pattern[i + 1 : i + 2] == "]" or pattern[i + 1 : i + 3] == "^]":
+                out.append(pattern[i : i + (2 if pattern[i + 1] == "]" else 3)])
+                i += len(out[-1])
+                continue
+        elif c == "$":
+            out.append(r"\Z")
+            i += 1
+            continue
+        out.append(c)
+        i += 1
+    return re.compile("".join(out))
+
+
+def _pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Any:
+    """The ``pattern`` keyword with :func:`ecma_regex` (jsonschema's own uses ``re.search``
+    on the pattern as written); the same error message."""
+    if validator.is_type(instance, "string") and not ecma_regex(patrn).search(instance):
+        yield ValidationError(f"{instance!r} does not match {patrn!r}")
+
+
+@functools.cache
 def validator_for(res: Resource) -> jsonschema.protocols.Validator:
-    """A Draft 2020-12 validator of ``res``'s schema (checked once, then cached)."""
+    """A Draft 2020-12 validator of ``res``'s schema (checked once, then cached), with
+    ``pattern`` evaluated as JSON Schema means it (:func:`ecma_regex`)."""
     schema = load_schema(res)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     cls.check_schema(schema)
     # JSON Schema counts 4.0 as an integer; Go (Spiderpool's structs, our CNI configs) does not,
     # and a NAD rendered with "vlan": 100.0 fails every pod ADD: a YAML float is never an integer
     checker = cls.TYPE_CHECKER.redefine("integer", _is_int)
-    return jsonschema.validators.extend(cls, type_checker=checker)(schema)
+    return jsonschema.validators.extend(
+        cls, validators={"pattern": _pattern}, type_checker=checker
+    )(schema)
 
 
 def _is_int(_checker: Any, value: Any) -> bool:

@@ -34,6 +34,7 @@ class Agent:
         *,
         kubeconfig: str | None = None,
         node_name: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.node = node
         self.socket = str(workdir / f"{node.name}.sock")
@@ -56,6 +57,7 @@ class Agent:
         ]
         if kubeconfig:
             cmd += ["--kubeconfig", kubeconfig]
+        cmd += extra_args
         with open(self.log, "wb") as logf:
             self.proc = node.popen(
                 *cmd, stdout=subprocess.PIPE, stderr=logf, cwd=str(Path(__file__).parents[2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -28,9 +29,10 @@ DESCRIPTION = (
     "and underlay-ipam CNI plugins over a unix socket."
 )
 
-DEFAULT_HTTP_ADDRESS = ":9441"
-"""Where ``/healthz``, ``/readyz`` and ``/metrics`` are served by default (the DaemonSet's
-probes; hostNetwork, so the port is the node's)."""
+DEFAULT_HTTP_ADDRESS = "127.0.0.1:9441"
+"""Where ``/healthz``, ``/readyz`` and ``/metrics`` are served by default: loopback only (the
+agent runs with hostNetwork, so any other address is reachable from the node's LAN; the
+DaemonSet's probes ask ``127.0.0.1``)."""
 
 DEFAULT_STUCK_AFTER = 600.0
 """Seconds a bridge pass may run (the bridge loop gives no heartbeat) before ``/healthz`` fails."""
@@ -46,11 +48,31 @@ examples:
 """
 
 
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def label_problem(key: str, value: str) -> str | None:
+    """Why ``key=value`` is not a Kubernetes label, or None: the key an optional DNS-1123
+    subdomain prefix and ``/`` and a name of at most 63 characters, the value at most 63
+    characters, both letters, digits, ``-``, ``_``, ``.`` starting and ending alphanumeric,
+    matched whole (k8s.io/apimachinery ``IsQualifiedName``, ``IsValidLabelValue``)."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(prefix)):
+        return f"label key {key!r}: prefix {prefix!r} is not a DNS-1123 subdomain"
+    if len(name) > 63 or not _LABEL_NAME.fullmatch(name):
+        return f"label key {key!r} is not a qualified name"
+    if value and (len(value) > 63 or not _LABEL_NAME.fullmatch(value)):
+        return f"label value {value!r} (of {key}) is not a label value"
+    return None
+
+
 def node_labels(text: str) -> dict[str, str]:
     """Parse ``--node-labels``: ``k=v[,k=v...]`` -> {k: v}; "" -> {} (a node without labels).
 
-    Raises argparse.ArgumentTypeError naming the bad item (no ``=``, empty key, a key twice).
-    Keys and values are taken as written (the nodeSelector compares them verbatim).
+    Raises argparse.ArgumentTypeError naming the bad item (no ``=``, empty key, a key twice,
+    a key or value that is not a Kubernetes label: :func:`label_problem`). Keys and values are
+    taken as written otherwise (the nodeSelector compares them verbatim).
     """
     labels: dict[str, str] = {}
     for item in (i.strip() for i in text.split(",")):
@@ -62,6 +84,9 @@ def node_labels(text: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE (e.g. zone=a,rack=r1)")
         if key in labels:
             raise argparse.ArgumentTypeError(f"label {key!r} given twice")
+        why = label_problem(key, value.strip())
+        if why:
+            raise argparse.ArgumentTypeError(why)
         labels[key] = value.strip()
     return labels
 
@@ -169,8 +194,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_HTTP_ADDRESS,
         metavar="[HOST]:PORT",
         help="where /healthz (bridge loop and CNI server alive), /readyz (first bridge pass "
-        "done, CNI server serving) and /metrics are served; empty to disable "
-        "(default: %(default)s)",
+        "done, CNI server serving) and /metrics are served: loopback by default, where the "
+        "DaemonSet's probes ask; empty to disable (default: %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-address",
+        default="",
+        metavar="[HOST]:PORT",
+        help="also serve /metrics alone here, e.g. :9442 for a Prometheus that scrapes the "
+        "node's address (hostNetwork: every host on the node's LAN can reach it); empty: only "
+        "on --http-address (default: none)",
+    )
+    p.add_argument(
+        "--cni-managed-bridges-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="attach pods only to OVS bridges this agent made for an OvsBridge (a CNI config "
+        "naming another bridge on the node fails with code 112); --no-cni-managed-bridges-only "
+        "allows any OVS bridge (default: on)",
+    )
+    p.add_argument(
+        "--cni-state-dir",
+        type=Path,
+        default=None,
+        help="where CNI ADD records the veths it made, so DEL deletes exactly those (a tmpfs: "
+        "records last as long as the pods' namespaces) (default: the --socket path without "
+        "its extension + .attachments, /run/underlay/agent.attachments)",
     )
     p.add_argument(
         "--stuck-after",

@@ -53,6 +53,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -66,6 +67,9 @@ from node_agent.persistence import NodeNetConfig
 
 IFNAMSIZ_MAX = 15
 """Longest Linux interface name (IFNAMSIZ 16 including the NUL)."""
+NIC_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+"""Bridge and uplink names the agent accepts (the OvsBridge schema's ``^[A-Za-z0-9_.-]+$``),
+matched against the whole name: ``re``'s ``$`` would let ``br9\\n`` through."""
 log = logging.getLogger(__name__)
 
 RECORD_DIR = "/var/lib/underlay/bridges"
@@ -125,7 +129,9 @@ class DesiredBridge:
     def from_object(cls, obj: Mapping[str, Any], node_name: str) -> DesiredBridge:
         """Build from an OvsBridge object (a dict as the Kubernetes API returns it) for node
         ``node_name``: the nodeOverrides entry whose nodeName matches replaces uplinks, mtu,
-        moveAddresses and persistence. Raises InvalidBridge naming the object and field."""
+        moveAddresses and persistence. Raises InvalidBridge naming the object and field (also
+        for a bridge or uplink name that is not an interface name as a whole,
+        :data:`NIC_NAME`)."""
         meta = obj.get("metadata") or {}
         spec = obj.get("spec") or {}
         oname = meta.get("name")
@@ -151,6 +157,13 @@ class DesiredBridge:
             )
         if len(set(uplinks)) != len(uplinks):
             raise InvalidBridge(f"OvsBridge {oname}: spec.uplinks names a NIC twice: {uplinks}")
+        name = spec.get("bridge") or oname
+        for what, value in (("the bridge name", name), *(("spec.uplinks", u) for u in uplinks)):
+            if not isinstance(value, str) or not NIC_NAME.fullmatch(value):
+                raise InvalidBridge(
+                    f"OvsBridge {oname}: {what} {value!r} is not a network interface name "
+                    "(letters, digits, '_', '.', '-')"
+                )
         if pers not in ("auto", *persistence.BACKENDS):
             raise InvalidBridge(f"OvsBridge {oname}: unknown spec.persistence {pers!r}")
         dp = spec.get("datapathType", "auto")
@@ -158,7 +171,7 @@ class DesiredBridge:
             raise InvalidBridge(f"OvsBridge {oname}: unknown spec.datapathType {dp!r}")
         return cls(
             object_name=oname,
-            name=spec.get("bridge") or oname,
+            name=name,
             uplinks=tuple(uplinks),
             bond_mode=spec.get("bondMode", DEFAULT_BOND_MODE),
             move_addresses=bool(move),
@@ -387,7 +400,9 @@ def _kept_on_uplink(desired: DesiredBridge, obs: Observed, root: Path) -> NodeNe
 def validate(desired: DesiredBridge, node: NodeContext) -> list[str]:
     """Node-local problems of ``desired`` on ``node``, one clear sentence each ([] = fine).
 
-    Checks: bridge name at most 15 characters (Linux interface name), no other network
+    Checks: bridge and uplink names are interface names (:data:`NIC_NAME`, the whole name: a
+    name with a newline or a NUL is refused before anything reads the node), bridge name at
+    most 15 characters (Linux interface name), no other network
     interface on the node already has the bridge's name, each uplink exists on the node, no
     uplink is already a port of another OVS bridge, an uplink is not named like the bridge,
     the requested datapath is usable, and the persistence backend's refusals
@@ -401,11 +416,21 @@ def _validate(desired: DesiredBridge, node: NodeContext) -> tuple[list[str], tup
     """:func:`validate`'s reasons and the persistence backend's notes."""
     reasons = []
     macs: dict[str, str] = {}
-    if len(desired.name) > IFNAMSIZ_MAX:
-        reasons.append(
-            f"bridge name {desired.name!r} is {len(desired.name)} characters; Linux interface "
-            f"names are at most {IFNAMSIZ_MAX} (set spec.bridge to a shorter name)"
-        )
+    for name in (desired.name, *desired.uplinks):
+        what = "bridge" if name == desired.name else "uplink"
+        if not NIC_NAME.fullmatch(name):
+            reasons.append(
+                f"{what} name {name!r} is not a network interface name (letters, digits, '_', "
+                "'.', '-'); nothing is made for it"
+            )
+        elif len(name) > IFNAMSIZ_MAX:
+            fix = "set spec.bridge to a shorter name" if what == "bridge" else "no NIC has it"
+            reasons.append(
+                f"{what} name {name!r} is {len(name)} characters; Linux interface "
+                f"names are at most {IFNAMSIZ_MAX} ({fix})"
+            )
+    if reasons:  # nothing on the node is read for a name that cannot be an interface's
+        return reasons, ()
     if desired.name in desired.uplinks:
         reasons.append(f"uplink {desired.name} has the bridge's own name")
     with links.open_iproute(node.netns) as ipr:

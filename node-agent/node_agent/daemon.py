@@ -1602,8 +1602,10 @@ class AgentHealth:
     :class:`BridgeAgent` whose loop runs, set once it exists (:func:`run` serves the
     endpoints before); ``bridges``: False with ``--no-bridges`` (no bridge loop: the CNI
     server alone counts); ``stuck_after``: s a bridge pass may run before the agent is not
-    alive. Probes return None when healthy, else one line naming what failed. Source:
-    Kubernetes "Configure Liveness, Readiness and Startup Probes".
+    alive. Probes return None when healthy, else one line naming what failed. One CNI call
+    runs at a time for all of them: a probe that arrives while one runs shares its answer, so
+    a flood of HTTP requests never becomes a flood of CNI connections. Source: Kubernetes
+    "Configure Liveness, Readiness and Startup Probes".
     """
 
     def __init__(
@@ -1619,6 +1621,28 @@ class AgentHealth:
         self.cni_socket, self.node_name, self.agent = cni_socket, node_name, agent
         self.bridges = bridges
         self.stuck_after, self.cni_timeout = stuck_after, cni_timeout
+        self._cni_lock = threading.Lock()
+        self._cni_running: threading.Event | None = None
+        self._cni_answer: str | None = None
+
+    def _cni(self) -> str | None:
+        """:func:`cni_check`, single-flight: joins the check already running, if any."""
+        with self._cni_lock:
+            running = self._cni_running
+            if running is None:
+                running = self._cni_running = threading.Event()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            running.wait(self.cni_timeout + 1)
+            with self._cni_lock:
+                return self._cni_answer
+        answer = cni_check(self.cni_socket, self.cni_timeout)
+        with self._cni_lock:
+            self._cni_answer, self._cni_running = answer, None
+        running.set()
+        return answer
 
     def _loop(self) -> str | None:
         if not self.bridges:
@@ -1630,7 +1654,7 @@ class AgentHealth:
     def healthz(self) -> str | None:
         """Liveness: the bridge loop turns (:meth:`BridgeAgent.liveness`) and the CNI server
         answers a call (:func:`cni_check`)."""
-        why = [w for w in (self._loop(), cni_check(self.cni_socket, self.cni_timeout)) if w]
+        why = [w for w in (self._loop(), self._cni()) if w]
         return "; ".join(why) or None
 
     def readyz(self) -> str | None:
@@ -1642,7 +1666,7 @@ class AgentHealth:
             text = f"the first bridge pass on node {self.node_name} has not finished"
             err = a.last_pass_error if a is not None else None
             why.append(text + (f": {err}" if err else ""))
-        cni = cni_check(self.cni_socket, self.cni_timeout)
+        cni = self._cni()
         if cni:
             why.append(cni)
         return "; ".join(why) or None
@@ -1865,8 +1889,9 @@ def run(args: argparse.Namespace) -> int:
     OVSDB connection is closed; exit code 0. ``--noop``: :func:`run_noop`.
 
     ``/healthz``, ``/readyz`` and ``/metrics`` (:class:`AgentHealth`) are served on
-    ``--http-address`` from the start (before OVSDB is connected; an address already taken is
-    an error before anything else starts); with ``--no-bridges`` only the CNI server counts."""
+    ``--http-address`` (loopback by default) from the start (before OVSDB is connected; an
+    address already taken is an error before anything else starts), and ``/metrics`` alone on
+    ``--metrics-address`` when set; with ``--no-bridges`` only the CNI server counts."""
     for noisy in ("pyroute2", "watchfiles", "ovsdbapp", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     if args.noop:
@@ -1878,25 +1903,26 @@ def run(args: argparse.Namespace) -> int:
     health = AgentHealth(
         args.socket, args.node_name, bridges=not args.no_bridges, stuck_after=args.stuck_after
     )
-    http = (
-        HttpServer(args.http_address, health.metrics, health.healthz, health.readyz)
-        if args.http_address
-        else None
-    )  # the address is checked here, before anything starts
+    servers: list[tuple[str, str, HttpServer]] = []  # the addresses are checked here, first
+    if args.http_address:
+        http = HttpServer(args.http_address, health.metrics, health.healthz, health.readyz)
+        servers.append((f"--http-address {args.http_address}", "/healthz and /readyz", http))
+    if args.metrics_address:
+        metrics = HttpServer(args.metrics_address, health.metrics, None, None)
+        servers.append((f"--metrics-address {args.metrics_address}", "/metrics", metrics))
     api = kube.api_client(args.kubeconfig, args.context)
-    if http is not None:
-        try:
-            http.start()  # first: a port already taken leaves the node as it was
-        except OSError as exc:
-            raise RuntimeError(
-                f"--http-address {args.http_address}: cannot serve /healthz and /readyz: "
-                f"{exc.strerror or exc}"
-            ) from exc
+    started: list[HttpServer] = []
     try:
+        for option, what, srv in servers:
+            try:
+                srv.start()  # first: a port already taken leaves the node as it was
+            except OSError as exc:
+                raise RuntimeError(f"{option}: cannot serve {what}: {exc.strerror or exc}") from exc
+            started.append(srv)
         return _serve(args, api, health)
     finally:
-        if http is not None:
-            http.stop()
+        for srv in started:
+            srv.stop()
 
 
 def _serve(args: argparse.Namespace, api: client.ApiClient, health: AgentHealth) -> int:
@@ -1915,7 +1941,16 @@ def _serve(args: argparse.Namespace, api: client.ApiClient, health: AgentHealth)
     # The CNI calls get their own API client (never re-sends a request that timed out) and
     # their own OVSDB connection, which monitors only the columns the plugins read.
     cni_api = ipam_api_client(args.kubeconfig, args.context)
-    cni = CniAgent(args.node_name, ovsdb=args.ovsdb, kube=cni_api, api_timeout=args.cni_api_timeout)
+    from node_agent.cni.records import default_state_dir
+
+    cni = CniAgent(
+        args.node_name,
+        ovsdb=args.ovsdb,
+        kube=cni_api,
+        api_timeout=args.cni_api_timeout,
+        state_dir=str(args.cni_state_dir or default_state_dir(args.socket)),
+        managed_bridges_only=args.cni_managed_bridges_only,
+    )
     agent = BridgeAgent(
         kube.api_client(args.kubeconfig, args.context),
         node,

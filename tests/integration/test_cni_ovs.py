@@ -311,10 +311,9 @@ def _host_veths(node: Any) -> list[str]:
 def test_del_without_its_port_still_removes_the_interfaces(
     one_node: Any, tmp_path: Path, gone: str
 ) -> None:
-    """ovs-cni semantics: DEL removes CNI_IFNAME in CNI_NETNS whether or not the OVS port is
-    found (deleted by hand, or with its bridge); the host veth goes with it, the IP is
-    released, DEL exits 0 (also a second time), and a retried ADD in the same netns works
-    (no EEXIST) once the bridge is there."""
+    """DEL removes the veth its ADD recorded whether or not the OVS port is found (deleted by
+    hand, or with its bridge): both ends go, the IP is released, DEL exits 0 (also a second
+    time), and a retried ADD in the same netns works (no EEXIST) once the bridge is there."""
     rig, node, _agent, rt = one_node
     pod = rig.add_pod("p1")
     hl = tmp_path / "hl"

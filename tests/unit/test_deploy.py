@@ -177,12 +177,17 @@ def test_agent_daemonset() -> None:
     assert required <= set(host.values())
     args = cli.build_parser().parse_args(_expand(c["args"], c["env"]))
     assert args.command == "agent"
-    # probes on the agent's --http-address (hostNetwork: the node's port, named in ports)
-    port = int(args.http_address.rsplit(":", 1)[1])
+    # probes on the agent's --http-address: the node's loopback (hostNetwork: any other address
+    # is open to the node's LAN), where the kubelet, on the node, asks
+    probe_host, _, port_text = args.http_address.rpartition(":")
+    port = int(port_text)
+    assert probe_host == "127.0.0.1", "the probe endpoint must not be bound to the node's LAN"
     (p,) = c["ports"]
-    assert p["name"] == "http" and p["containerPort"] == port == p.get("hostPort", port)
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert p["name"] == "http" and p["containerPort"] == port and "hostPort" not in p
+    live, ready = c["livenessProbe"]["httpGet"], c["readinessProbe"]["httpGet"]
+    assert live == {"host": probe_host, "path": "/healthz", "port": "http"}
+    assert ready == {"host": probe_host, "path": "/readyz", "port": "http"}
+    assert not args.metrics_address and args.cni_managed_bridges_only
     live = c["livenessProbe"]
     # a liveness check (CNI call up to 2 s) fits its timeout; a restart needs a minute of failures
     assert live["timeoutSeconds"] >= 3 and live["periodSeconds"] * live["failureThreshold"] >= 60

@@ -3,7 +3,8 @@
 Source: CNI spec 1.0.0, section "Error" (codes 1-99 are reserved by the spec: 1 incompatible
 version, 2 unsupported field, 3 unknown container, 4 invalid environment variables, 5 I/O
 failure, 6 decoding failure, 7 invalid network config, 11 try again later). Codes 100 and up
-are ours and listed here so the runtime's log names a stable number.
+are ours and listed here so the runtime's log names a stable number; 999 is libcni's
+``ErrInternal`` (containernetworking/cni ``pkg/types``), used for an unexpected exception.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ TRY_AGAIN_LATER = 11
 
 # --- ours (>= 100) ------------------------------------------------------------------------
 INTERNAL = 100
-"""An unexpected failure inside the agent; the msg carries the exception."""
+"""The agent cannot serve this call as configured (no OVSDB, no Kubernetes API), or lost an
+update it queued; the msg says which."""
 POOL_EXHAUSTED = 101
 """Every candidate SpiderIPPool is full; the msg names the pools and their sizes."""
 POOL_NOT_FOUND = 102
@@ -44,6 +46,14 @@ DELEGATE_FAILED = 109
 """A delegated IPAM plugin failed; the msg carries its own code and message."""
 POD_NOT_FOUND = 110
 """The Pod named by CNI_ARGS does not exist in the API server."""
+PEER_REFUSED = 111
+"""The process calling the agent's socket is not root (uid 0, checked with SO_PEERCRED)."""
+BRIDGE_NOT_MANAGED = 112
+"""The OVS bridge named by the config exists but the node agent did not make it for an
+OvsBridge, and the agent attaches pods to its own bridges only (``--cni-managed-bridges-only``)."""
+UNEXPECTED = 999
+"""An unexpected exception in the agent's handler (libcni ``ErrInternal``); the msg names the
+exception class, the agent's log has the traceback."""
 
 
 class CniError(Exception):

@@ -18,11 +18,17 @@ veth, fails the ADD with 106); the gratuitous ARP per IPv4 goes out right after 
 Any failure undoes what was done (port, veth, IP allocation). ``vlan`` > 0
 without ``trunk`` makes an access port; ``trunk`` a trunk port; ``vlan`` 0 or absent and no
 trunk: untagged (all VLANs).
-DEL: finds the port by ``contId`` + ``contIface`` and deletes it, IPAM DEL concurrently; the
-host veth (and with it the pod end) is deleted right after the answer, and CNI_IFNAME in
-CNI_NETNS too whether or not the port was found (its port deleted by hand, its bridge deleted;
-ovs-cni does the same), so a later ADD of the same netns/ifname (which waits for that) does
-not find it there; tolerates a missing netns/port and repeats.
+With ``managed_bridges_only`` (the agent's default) the bridge must be one the node agent made
+for an OvsBridge (``external_ids`` ``underlay.dev/owner=agent``; code 112 otherwise). ADD
+records the veth it made (:mod:`node_agent.cni.records`: names, ifindexes, MACs).
+DEL: finds the port by ``contId`` + ``contIface`` and deletes it, IPAM DEL concurrently; right
+after the answer it deletes the host veth ADD recorded, only while a link with that name,
+ifindex and MAC is still there (the pod end goes with it), whether or not the port was found
+(its port deleted by hand, its bridge deleted), so a later ADD of the same netns/ifname (which
+waits for that) does not find it there. It never deletes a link by the name CNI_IFNAME gives,
+and never enters CNI_NETNS: another plugin's interface of that name, or the node's own, stays.
+A port without a record (made by an agent before records existed) has its host veth, named
+by the port, deleted. Tolerates a missing netns/port and repeats.
 CHECK: port, veth, pod interface and the prevResult addresses must be present.
 Ports of dead pods (an OVS ``error`` on the Interface, or the host veth gone) are purged in
 the background after an ADD/DEL, at most once per ``purge_interval``.
@@ -33,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import time
 from concurrent.futures import Future, wait
@@ -46,8 +51,10 @@ from reconciler.vocab import CNI_IPAM_TYPE
 from . import delegate, ports
 from .errors import (
     BRIDGE_MISSING,
+    BRIDGE_NOT_MANAGED,
     CHECK_FAILED,
     INVALID_CONFIG,
+    IO_FAILURE,
     LINK_FAILURE,
     OVS_FAILURE,
     TRY_AGAIN_LATER,
@@ -61,13 +68,14 @@ from .podnet import (
     configure_pod_interface,
     create_veth,
     delete_link,
-    delete_pod_interface,
+    delete_own_link,
     host_link_names,
     link_exists,
     mac_from_ipv4,
     pod_interface_state,
 )
-from .request import CniRequest
+from .records import Attachment
+from .request import CniRequest, valid_ifname
 from .result import parse
 
 if TYPE_CHECKING:
@@ -81,7 +89,10 @@ MAX_ACCESS_VLAN = 4094
 """Highest access VLAN (Spiderpool SpiderMultusConfig ovs.vlan; 4095 is reserved)."""
 PORT_TIMEOUT = 5.0
 """Seconds ADD waits for ovs-vswitchd to give the new port an ofport (or report an error)."""
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+"""A unicast or multicast MAC address in lower case, matched against the whole value."""
+OWNER_KEY, OWNER_AGENT = "underlay.dev/owner", "agent"
+"""The mark the node agent puts on the bridges it makes (:data:`node_agent.ovs.OWNER_KEY`)."""
 
 
 @dataclass
@@ -137,6 +148,12 @@ def parse_conf(config: dict[str, Any], args: dict[str, str] | None = None) -> Ov
     bridge = config.get("bridge")
     if not isinstance(bridge, str) or not bridge:
         raise CniError(INVALID_CONFIG, 'underlay-ovs config needs "bridge" (an OVS bridge name)')
+    if not valid_ifname(bridge):
+        raise CniError(
+            INVALID_CONFIG,
+            f"bridge {bridge!r} is not an OVS bridge name (its interface name: 1-15 printable "
+            "characters, no '/', ':' or whitespace)",
+        )
     if config.get("deviceID"):
         raise CniError(UNSUPPORTED_FIELD, "deviceID (OVS hardware offload) is not supported")
     vlan = _int_field(config, "vlan", 0, MAX_ACCESS_VLAN)
@@ -161,7 +178,7 @@ def parse_conf(config: dict[str, Any], args: dict[str, str] | None = None) -> Ov
     for where, candidate in sources:
         if candidate in (None, ""):
             continue
-        if not isinstance(candidate, str) or not _MAC.match(candidate.lower()):
+        if not isinstance(candidate, str) or not _MAC.fullmatch(candidate.lower()):
             raise CniError(
                 INVALID_CONFIG,
                 f"{where} {candidate!r} is not a MAC address (six hex pairs, e.g. "
@@ -225,24 +242,40 @@ def _ipam_check(agent: CniAgent, req: CniRequest, conf: OvsNetConf) -> None:
 
 
 # --- port bookkeeping -----------------------------------------------------------------------
-def _remove(agent: CniAgent, found: list[ports.PodPort], *, defer: bool = False) -> None:
-    """Delete these ports from OVSDB, then their host veths (which takes the pod end too).
+OwnLink = tuple[str, "int | None", "str | None"]
+"""A host link to delete: name, and the ifindex and MAC ADD recorded (None: not recorded)."""
 
-    With ``defer`` the veth deletion (a kernel RCU grace period, ~20 ms) runs after the
-    answer; a later ADD of the same netns/ifname waits for it (:meth:`CniAgent.defer`).
-    """
-    if not found:
-        return
-    ports.detach_ports(agent.ovs, [p.name for p in found])
-    for p in found:
-        if defer:
-            key = (
-                p.external_ids.get(ports.EXT_NETNS, ""),
-                p.external_ids.get(ports.EXT_IFNAME, ""),
-            )
-            agent.defer(key, partial(delete_link, p.name, agent.host_netns))
-        else:
-            delete_link(p.name, agent.host_netns)
+
+def _own_links(rec: Attachment | None, found: list[ports.PodPort]) -> list[OwnLink]:
+    """The host veths of one attachment: the recorded one, and those of ports without a record
+    (made by an agent before records existed: known by the port's name only)."""
+    out: list[OwnLink] = []
+    if rec is not None:
+        out.append((rec.host, rec.host_index, rec.host_mac))
+    out += [(p.name, None, None) for p in found if rec is None or p.name != rec.host]
+    return out
+
+
+def _delete_own(agent: CniAgent, links: list[OwnLink], what: str) -> None:
+    """Delete these host links (a veth takes its pod end along), each only while it is still
+    the link ADD made (:func:`~node_agent.cni.podnet.delete_own_link`)."""
+    for name, index, mac in links:
+        if index is None or mac is None:
+            delete_link(name, agent.host_netns)
+        elif not delete_own_link(name, index, mac, agent.host_netns):
+            log.info("%s: veth %s (ifindex %d, %s) is gone or is another link now: left alone",
+                     what, name, index, mac)  # fmt: skip
+
+
+def _release(agent: CniAgent, container_id: str, ifname: str, *, what: str) -> None:
+    """Remove what an earlier ADD of this container and interface made: its ports, its veth
+    (as recorded), its record. Used by a retried ADD before it starts again."""
+    rec = agent.records.load(container_id, ifname)
+    found = ports.find_pod_ports(agent.ovs, contId=container_id, contIface=ifname)
+    if found:
+        ports.detach_ports(agent.ovs, [p.name for p in found])
+    _delete_own(agent, _own_links(rec, found), what)
+    agent.records.remove(container_id, ifname)
 
 
 def purge_error_ports(agent: CniAgent) -> list[str]:
@@ -255,10 +288,12 @@ def purge_error_ports(agent: CniAgent) -> list[str]:
     logged, never raised (opportunistic).
     """
     try:
+        records = list(agent.records.all())  # before the dump: an ADD saves after its veth exists
         owned = ports.find_pod_ports(agent.ovs)
-        if not owned:
-            return []
         present = host_link_names(agent.host_netns)
+        for rec in records:  # records whose veth is gone (the pod died without a DEL)
+            if rec.host not in present:
+                agent.records.remove(rec.container_id, rec.ifname)
         stale = [p for p in owned if p.errors or p.name not in present]
         if stale:
             ports.detach_ports(agent.ovs, [p.name for p in stale])
@@ -334,14 +369,16 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
     the answer, once ovs-vswitchd has the port.
     """
     conf = parse_conf(req.config, req.args)
-    if not os.path.exists(req.netns):
+    if req.netns_id is None:
+        agent.check_netns(req)  # Refused 4: not a network namespace, or the node's own
+    if req.netns_id is None:
         raise CniError(UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
     ovs = agent.ovs
     try:
-        present = ports.bridge_exists(ovs, conf.bridge)
+        bridge_ids = ports.bridge_external_ids(ovs, conf.bridge)
         # a retried ADD (runtime restarted mid-way) replaces what the first try left
         agent.wait_deferred((req.netns, req.ifname))
-        _remove(agent, ports.find_pod_ports(ovs, contId=req.container_id, contIface=req.ifname))
+        _release(agent, req.container_id, req.ifname, what=f"ADD {req.describe()}")
     except CniError:
         raise
     except LinkError as exc:
@@ -352,11 +389,18 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             f"OVSDB {agent.ovsdb_remote or 'of the agent'} on node {agent.node_name}: "
             f"{type(exc).__name__}: {exc}",
         ) from exc
-    if not present:
+    if bridge_ids is None:
         raise CniError(
             BRIDGE_MISSING,
             f"OVS bridge {conf.bridge} does not exist on node {agent.node_name} "
             f"(OVSDB {agent.ovsdb_remote or 'of the agent'})",
+        )
+    if agent.managed_bridges_only and bridge_ids.get(OWNER_KEY) != OWNER_AGENT:
+        raise CniError(
+            BRIDGE_NOT_MANAGED,
+            f"OVS bridge {conf.bridge} on node {agent.node_name} was not made by the underlay "
+            "agent for an OvsBridge, and the agent attaches pods only to its own bridges "
+            "(agent option --no-cni-managed-bridges-only allows any bridge)",
         )
     # after the existence check: a bridge being created exists only once its creation began
     unready = agent.bridge_gate(conf.bridge) if agent.bridge_gate is not None else None
@@ -402,6 +446,25 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
             )
         except (LinkError, OSError) as exc:
             raise CniError(LINK_FAILURE, str(exc)) from exc
+        record = Attachment(
+            container_id=req.container_id,
+            ifname=req.ifname,
+            netns=req.netns,
+            netns_id=req.netns_id,
+            host=host,
+            host_index=veth.ifindex,
+            host_mac=host_mac,
+            pod_index=veth.peer_index,
+            pod_mac=pod_mac,
+            bridge=conf.bridge,
+        )
+        try:
+            agent.records.save(record)  # what DEL will delete, and only that
+        except OSError as exc:
+            raise CniError(
+                IO_FAILURE,
+                f"cannot record veth {host} in {agent.records.directory}: {exc.strerror or exc}",
+            ) from exc
         if recorded is not None:
             recorded.result()  # the SpiderEndpoint is written before we answer
         try:
@@ -427,7 +490,9 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
                 ports.detach_ports(ovs, [host])
         with contextlib.suppress(Exception):
             if host:
-                delete_link(host, agent.host_netns)
+                delete_own_link(host, veth.ifindex, host_mac, agent.host_netns)
+        with contextlib.suppress(Exception):
+            agent.records.remove(req.container_id, req.ifname)
         if ipam_future.exception() is None:
             try:
                 _ipam_del(agent, req, conf)
@@ -447,14 +512,11 @@ def cmd_add(agent: CniAgent, req: CniRequest) -> dict[str, Any]:
     }
 
 
-def _delete_links(agent: CniAgent, hosts: list[str], req: CniRequest) -> None:
-    """DEL's link cleanup: the host veths ``hosts``, then the pod's interface ``req.ifname``
-    in ``req.netns`` (a missing namespace or interface is fine)."""
-    for host in hosts:
-        delete_link(host, agent.host_netns)
-    if req.netns and delete_pod_interface(req.netns, req.ifname):
-        log.info("DEL %s: deleted %s in %s (its OVS port was gone)", req.describe(), req.ifname,
-                 req.netns)  # fmt: skip
+def _delete_links(agent: CniAgent, links: list[OwnLink], req: CniRequest) -> None:
+    """DEL's link cleanup, after the answer: the host veths ADD made (as recorded), then the
+    record."""
+    _delete_own(agent, links, f"DEL {req.describe()}")
+    agent.records.remove(req.container_id, req.ifname)
 
 
 def _why(exc: BaseException) -> str:
@@ -475,17 +537,19 @@ def cmd_del(agent: CniAgent, req: CniRequest) -> None:
         conf = None
         problems.append(f"config: {exc.msg}")
     ipam_future = agent.executor.submit(_ipam_del, agent, req, conf) if conf else None
+    rec = agent.records.load(req.container_id, req.ifname)
     found: list[ports.PodPort] = []
     try:
         found = ports.find_pod_ports(agent.ovs, contId=req.container_id, contIface=req.ifname)
         ports.detach_ports(agent.ovs, [p.name for p in found])
     except Exception as exc:
         problems.append(f"OVS port: {_why(exc)}")
-    # the links go whether or not the port was found (deleted by hand, bridge deleted, OVSDB
-    # unreachable): the host veths of the ports, then CNI_IFNAME in CNI_NETNS (ovs-cni), so a
-    # retried ADD in the same netns does not find it there; after the answer
-    hosts = [p.name for p in found]
-    agent.defer((req.netns, req.ifname), partial(_delete_links, agent, hosts, req))
+    # the veth ADD made goes whether or not the port was found (deleted by hand, bridge
+    # deleted, OVSDB unreachable), so a retried ADD in the same netns does not find its pod end
+    # there; after the answer. Nothing is deleted by CNI_IFNAME's name in CNI_NETNS.
+    links = _own_links(rec, found)
+    if links or rec is not None:
+        agent.defer((req.netns, req.ifname), partial(_delete_links, agent, links, req))
     if ipam_future is not None:
         try:
             ipam_future.result()

@@ -24,6 +24,8 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .netns import open_netns
+
 T = TypeVar("T")
 
 VETH_PREFIX = "veth"
@@ -39,12 +41,14 @@ def run_in_netns(path: str | None, fn: Callable[[], T]) -> T:
 
     ``path=None`` runs ``fn`` in the caller's thread unchanged. Otherwise a new thread calls
     setns(2) and runs ``fn``; the thread then ends, so the caller's namespace never changes.
-    Raises FileNotFoundError when ``path`` does not exist, OSError when setns fails, or
-    whatever ``fn`` raises.
+    ``path`` is opened without blocking and must be a network namespace
+    (:func:`node_agent.cni.netns.open_netns`). Raises FileNotFoundError when ``path`` does not
+    exist, :class:`node_agent.cni.netns.NotNetns` when it is not a network namespace, OSError
+    when setns fails, or whatever ``fn`` raises.
     """
     if path is None:
         return fn()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, _ = open_netns(path)
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -98,10 +102,11 @@ def create_veth(
     The peer is created directly inside the pod namespace (its name is checked against the
     pod's links, not the host's), with ``peer_mac`` and ``mtu`` when given; the host end gets
     the same ``mtu``, accept_ra=0 and is up. ``host_netns`` selects the host namespace
-    (None: the caller's). Returns a :class:`Veth`. Raises LinkError naming the links, or
-    FileNotFoundError when ``peer_netns`` is missing.
+    (None: the caller's). Returns a :class:`Veth`. Raises LinkError naming the links,
+    FileNotFoundError when ``peer_netns`` is missing, NotNetns when it is not a network
+    namespace (:func:`node_agent.cni.netns.open_netns`).
     """
-    pod_fd = os.open(peer_netns, os.O_RDONLY | os.O_CLOEXEC)
+    pod_fd, _ = open_netns(peer_netns)
 
     def work() -> Veth:
         with IPRoute() as ipr:
@@ -165,34 +170,32 @@ def delete_link(name: str, host_netns: str | None = None) -> bool:
     return run_in_netns(host_netns, work)
 
 
-def delete_pod_interface(netns_path: str, ifname: str) -> bool:
-    """Delete interface ``ifname`` inside the pod namespace ``netns_path`` (a veth takes its
-    host peer with it); False when the namespace or the interface is already gone, or the
-    path is not a network namespace (nothing to delete there). Raises LinkError when netlink
-    refuses. Source: ovs-cni CmdDel (deletes CNI_IFNAME in CNI_NETNS whether or not the
-    port was found); CNI spec 1.0.0, DEL ("missing netns" is not an error)."""
+def delete_own_link(name: str, index: int, mac: str, host_netns: str | None = None) -> bool:
+    """Delete the link that ADD created: the one with ifindex ``index`` in ``host_netns`` (None:
+    the caller's namespace), and only while it still has name ``name`` and MAC ``mac`` (its veth
+    peer goes with it). Returns False, deleting nothing, when no such link is there (gone, or
+    the ifindex now belongs to another link). Raises LinkError when netlink refuses.
+    Source: rtnetlink(7) (RTM_GETLINK/RTM_DELLINK by ifindex); veth(4)."""
 
     def work() -> bool:
         with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                return False
             try:
-                ipr.link("del", index=found[0])
+                link = ipr.get_links(index)[0]
             except NetlinkError as exc:
                 if exc.code in (errno.ENODEV, errno.ENOENT):
                     return False
-                raise LinkError(f"cannot delete {ifname} in {netns_path}: {exc}") from exc
+                raise LinkError(f"cannot read link {name} (ifindex {index}): {exc}") from exc
+            if link.get("ifname") != name or (link.get("address") or "") != mac:
+                return False
+            try:
+                ipr.link("del", index=index)
+            except NetlinkError as exc:
+                if exc.code in (errno.ENODEV, errno.ENOENT):
+                    return False
+                raise LinkError(f"cannot delete link {name} (ifindex {index}): {exc}") from exc
             return True
 
-    try:
-        return run_in_netns(netns_path, work)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOENT):  # setns: not a network namespace
-            return False
-        raise
+    return run_in_netns(host_netns, work)
 
 
 def host_link_names(host_netns: str | None = None) -> set[str]:

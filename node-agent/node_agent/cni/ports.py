@@ -30,7 +30,7 @@ OWNER = "underlay-ovs"
 
 MONITORED: dict[str, list[str]] = {
     "Open_vSwitch": ["next_cfg", "cur_cfg"],
-    "Bridge": ["name", "ports"],
+    "Bridge": ["name", "ports", "external_ids"],
     "Port": ["name", "interfaces", "external_ids", "tag", "trunks", "vlan_mode"],
     "Interface": [
         "name",
@@ -230,6 +230,33 @@ class InterfaceStateCommand(command.ReadOnlyCommand):
         self.result = PodPort(
             self.name, None, dict(iface.external_ids), tuple(iface.error), tuple(iface.ofport)
         )
+
+
+class BridgeIdsCommand(command.ReadOnlyCommand):
+    """Read-only: the external_ids of Bridge ``bridge`` (a dict), or None when there is none."""
+
+    def __init__(self, api: Any, bridge: str) -> None:
+        super().__init__(api)
+        self.bridge = bridge
+
+    def run_idl(self, txn: Any) -> None:
+        self.result = next(
+            (
+                dict(b.external_ids)
+                for b in self.api.tables["Bridge"].rows.values()
+                if b.name == self.bridge
+            ),
+            None,
+        )
+
+
+def bridge_external_ids(api: Any, bridge: str) -> dict[str, str] | None:
+    """The external_ids of ``bridge`` on this node (None: no such bridge). The node agent marks
+    the bridges it makes with ``underlay.dev/owner=agent`` (:data:`node_agent.ovs.OWNER_KEY`)."""
+    found: dict[str, str] | None = BridgeIdsCommand(api, bridge).execute(
+        check_error=True, log_errors=False
+    )
+    return found
 
 
 def bridge_exists(api: Any, bridge: str) -> bool:
