@@ -1,8 +1,9 @@
 """``/healthz``, ``/readyz`` and ``/metrics`` of ``underlay agent`` (the DaemonSet's probes).
 
 The agent runs as a process inside a rig node against the real control plane (as in
-test_agent.py); the endpoints are fetched with curl from inside the node's namespace at the
-node's address and the default port 9441, as the kubelet probes a hostNetwork pod. The CNI
+test_agent.py); the endpoints are fetched with curl from inside the node's namespace at
+127.0.0.1 and the default port 9441, as the kubelet probes the DaemonSet's hostNetwork pod
+(deploy/agent.yaml: probes on host 127.0.0.1); the node's LAN address does not answer. The CNI
 server's socket is a real unix socket: removed, or replaced by one that never answers.
 """
 
@@ -35,9 +36,9 @@ PORT = int(agent_args.DEFAULT_HTTP_ADDRESS.rsplit(":", 1)[1])
 
 
 def get(node: Node, path: str, host: str | None = None) -> tuple[int, str]:
-    """(HTTP status, body) of ``GET http://<node IP>:9441<path>`` from inside ``node``;
-    status 0 when nothing answered."""
-    url = f"http://{host or node.ip}:{PORT}{path}"
+    """(HTTP status, body) of ``GET http://<host, default 127.0.0.1>:9441<path>`` from inside
+    ``node``; status 0 when nothing answered."""
+    url = f"http://{host or '127.0.0.1'}:{PORT}{path}"
     out = node.run(
         "curl", "-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}", url, check=False, timeout=15
     ).stdout
@@ -86,8 +87,8 @@ def test_ready_only_after_the_first_pass_alive_throughout(world: World) -> None:
     line = next(x for x in text.splitlines() if x.startswith("underlay_agent_last_pass_timestamp"))
     assert float(line.split()[1]) >= started
     assert 'underlay_agent_ovsbridges{outcome="' in text, text
-    # the port is the node's, on every address (0.0.0.0), loopback included
-    assert get(n1, "/healthz", host="127.0.0.1") == (200, "ok\n")
+    # loopback only: another host on the node's segment cannot reach the probes
+    assert get(n1, "/healthz", host=n1.ip)[0] == 0
     assert a.proc.poll() is None
 
 
