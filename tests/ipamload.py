@@ -98,6 +98,22 @@ def run_ipam_shim(
 ) -> tuple[int, bytes]:
     """Execute the installed ``underlay-ipam`` shim in ``bins`` as a runtime does (env +
     stdin) for pod ``namespace/pod``; returns (exit code, stdout)."""
+    rc, out, _ = shim_call(bins, conf, command, cid, pod, uid, namespace, ifname)
+    return rc, out
+
+
+def shim_call(
+    bins: Path,
+    conf: dict[str, Any],
+    command: str,
+    cid: str,
+    pod: str,
+    uid: str,
+    namespace: str = "default",
+    ifname: str = "net1",
+) -> tuple[int, bytes, bytes]:
+    """:func:`run_ipam_shim`, returning (exit code, stdout, stderr): a DEL that could not
+    finish exits 0 and says so on stderr."""
     env = {
         "CNI_COMMAND": command,
         "CNI_CONTAINERID": cid,
@@ -114,7 +130,7 @@ def run_ipam_shim(
         timeout=120,
         check=False,
     )
-    return p.returncode, p.stdout
+    return p.returncode, p.stdout, p.stderr
 
 
 def ipam_conf(pool: str) -> dict[str, Any]:
@@ -130,20 +146,26 @@ def ipam_conf(pool: str) -> dict[str, Any]:
 
 @dataclass
 class Storm:
-    """What :func:`storm` did: ``results`` {pod: (exit code, stdout)}, wall ``seconds``."""
+    """What :func:`storm` did: ``results`` {pod: (exit code, stdout, stderr)}, wall
+    ``seconds``."""
 
-    results: dict[str, tuple[int, bytes]]
+    results: dict[str, tuple[int, bytes, bytes]]
     seconds: float
 
-    def failures(self) -> list[tuple[str, int, bytes]]:
-        """The calls that exited non-zero: [(pod, code, stdout)]."""
-        return [(n, rc, out) for n, (rc, out) in sorted(self.results.items()) if rc != 0]
+    def failures(self) -> list[tuple[str, int, bytes, bytes]]:
+        """The calls that exited non-zero or wrote to stderr (a DEL left incomplete):
+        [(pod, code, stdout, stderr)]."""
+        return [
+            (n, rc, out, err)
+            for n, (rc, out, err) in sorted(self.results.items())
+            if rc != 0 or err.strip()
+        ]
 
     def addresses(self) -> dict[str, str]:
         """{pod: the address its ADD answered (CIDR form)}, for the calls that succeeded."""
         return {
             n: json.loads(out)["ips"][0]["address"]
-            for n, (rc, out) in self.results.items()
+            for n, (rc, out, _) in self.results.items()
             if rc == 0 and out.strip()
         }
 
@@ -160,12 +182,12 @@ def storm(
     """Run ``command`` for every ``(pod name, uid)`` through the shims, pod ``i`` on agent
     ``i % len(agents)`` (container ID ``cid<i>``), ``parallel`` calls in flight at once
     (default: all of them)."""
-    results: dict[str, tuple[int, bytes]] = {}
+    results: dict[str, tuple[int, bytes, bytes]] = {}
     lock = threading.Lock()
 
     def call(i: int) -> None:
         name, uid = pods[i]
-        out = run_ipam_shim(agents[i % len(agents)].bin_dir, conf, command, f"cid{i}", name, uid, namespace)  # fmt: skip
+        out = shim_call(agents[i % len(agents)].bin_dir, conf, command, f"cid{i}", name, uid, namespace)  # fmt: skip
         with lock:
             results[name] = out
 

@@ -27,6 +27,7 @@ POOL = {"default_ipv4_ippool": ["ippool-test"]}
 def test_leaked_allocations_and_endpoints_are_released_live_ones_stay(cluster: Cluster) -> None:
     cluster.node("n1")
     cluster.pool("ippool-test")
+    cluster.wait_gc_ready()
     ipam = Ipam(cluster.agent, "n1")
     uids = {name: cluster.pod(name) for name in ("live", "gone", "again", "done")}
     ips = {}
@@ -41,11 +42,10 @@ def test_leaked_allocations_and_endpoints_are_released_live_ones_stay(cluster: C
     pod.status.phase = "Succeeded"
     cluster.core.replace_namespaced_pod_status("done", "default", pod)
     # the endpoints of deleted pods go with them (ownerReference to the Pod; "again"'s names
-    # its old UID), deleted by kube-controller-manager's garbage collector: up to ~30 s after
-    # the control plane started, it does not watch the SpiderEndpoint CRD yet
+    # its old UID), deleted by kube-controller-manager's garbage collector, asynchronously
     wait_for(
         lambda: [cluster.endpoint(n) for n in ("gone", "again")] == [None, None],
-        60,
+        30,
         "kube-controller-manager to collect the deleted pods' SpiderEndpoints",
     )
 
@@ -108,6 +108,7 @@ def test_sandbox_switches_and_recreated_pods_keep_what_is_in_use(cluster: Cluste
     new UID's record and endpoint while the old UID's record (its DEL never came) goes."""
     cluster.node("n1")
     cluster.pool("ippool-test")
+    cluster.wait_gc_ready()  # so that the Orphan deletion below orphans the endpoint
     ipam = Ipam(cluster.agent, "n1")
     uid = cluster.pod("web")
     (a,) = ipam.allocate(IpamRequest("default", "web", uid, "sandbox-A", "eth0", POOL))

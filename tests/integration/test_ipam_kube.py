@@ -53,6 +53,10 @@ AGENT_ENV = {**os.environ, "POD_NAMESPACE": "underlay-system"}
 
 
 # --- fixtures and helpers --------------------------------------------------------------------
+_GC_READY: set[int] = set()
+"""ids of the ControlPlanes whose garbage collector was seen collecting SpiderEndpoints."""
+
+
 class Cluster:
     """The real control plane as the IPAM tests see it.
 
@@ -149,6 +153,43 @@ class Cluster:
                 return True
             raise
         return False
+
+    def wait_gc_ready(self, timeout: float = 90) -> None:
+        """Wait until kube-controller-manager's garbage collector handles SpiderEndpoints.
+
+        It watches a CRD's objects only from its first resync after the CRD is established
+        (up to ~30 s after the control plane started): before that, a pod deleted with
+        ``propagationPolicy: Orphan`` leaves its endpoint's ownerReference in place, and the
+        endpoint of a deleted pod stays. Probed once per control plane: an endpoint owned by a
+        ConfigMap goes when the ConfigMap is deleted.
+        """
+        if id(self.kube.cp) in _GC_READY:
+            return
+        owner = self.core.create_namespaced_config_map(
+            "default", client.V1ConfigMap(metadata=client.V1ObjectMeta(generate_name="gc-probe-"))
+        )
+        md = owner.metadata
+        self.endpoints.create(
+            {
+                "apiVersion": "spiderpool.spidernet.io/v2beta1",
+                "kind": "SpiderEndpoint",
+                "metadata": {
+                    "name": md.name,
+                    "namespace": "default",
+                    "ownerReferences": [
+                        {"apiVersion": "v1", "kind": "ConfigMap", "name": md.name, "uid": md.uid}
+                    ],
+                },
+            }
+        )
+        self.core.delete_namespaced_config_map(md.name, "default")
+        wait_for(
+            lambda: self.endpoint(md.name) is None,
+            timeout,
+            "kube-controller-manager's garbage collector to collect SpiderEndpoints",
+            step=0.5,
+        )
+        _GC_READY.add(id(self.kube.cp))
 
     def pool(self, name: str, ips: list[str] | str = POOL_IPS, **spec: Any) -> None:
         body = {
@@ -400,6 +441,7 @@ def agents_promise(
     order = [(f"c{i}", uids[f"c{i}"]) for i in range(pods)]
     procs = start_cni_agents(cluster, tmp_path, agents)
     conf = ipam_conf("big")
+    ok = False
     try:
         add = storm(procs, conf, "ADD", order, parallel=parallel)
         assert add.failures() == [], add.failures()[:3]
@@ -411,14 +453,17 @@ def agents_promise(
         rate = pods / add.seconds
         print(f"{agents} agents, {pods} ADDs: {add.seconds:.1f} s, {rate:.0f} allocations/s")
         rm = storm(procs, conf, "DEL", order, parallel=parallel)
-        assert rm.failures() == [] and all(out == b"" for _, out in rm.results.values())
+        assert rm.failures() == [] and all(out == b"" for _, out, _ in rm.results.values())
         st = cluster.status("big")
         assert st["allocatedIPCount"] == 0 and "allocatedIPs" not in st
         assert cluster.endpoints.list("default")["items"] == []
+        ok = True
         return rate
     finally:
         for p in procs:
             p.stop()
+            if not ok:
+                print(f"--- agent {p.node} log:\n{p.log.read_text()[-3000:]}")
 
 
 def test_two_agent_processes_allocate_200_distinct_ips(cluster: Cluster, tmp_path: Path) -> None:

@@ -1,18 +1,18 @@
-"""underlay-ipam against the API emulator: the promises users judge us on.
+"""underlay-ipam against the real control plane: the promises users judge us on.
 
 An IP is never handed out twice (late DELs of dead sandboxes, DELs without a pod UID,
 parallel interfaces of one pod, retried ADDs after a pool fallback, gateways of other pools);
 what Git says is what the cluster has (pool edits seen by the next ADD); a hung API server
 fails a call with code 11 instead of stalling every pod; malformed objects get clear codes.
 Each test started as a hostile tester's reproducer. The engine runs in-process with a real
-``kubernetes`` client over HTTP; the shim tests run agent processes as a runtime calls them.
+``kubernetes`` client as the agent's ServiceAccount through the test's fault proxy; the shim
+tests run agent processes as a runtime calls them.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,13 +22,12 @@ from typing import Any
 import pytest
 from kubernetes import client
 from node_agent.cni.errors import CniError
-from node_agent.cni.install import install_shims
 from node_agent.ipam import MAX_RECORDS, MAX_SAFE_INTEGER, Ipam, IpamRequest
 
 from reconciler.ippool import allocated_ips
-from reconciler.kube import api_client
-from tests.cniruntime import PYTHON
 from tests.integration.test_ipam_kube import Cluster, cluster
+from tests.ipamload import start_agents
+from tests.rig import wait_for
 
 __all__ = ["cluster"]  # the fixture, shared with test_ipam_kube
 
@@ -53,7 +52,7 @@ def test_late_del_of_a_dead_sandbox_leaves_the_live_sandbox_its_ip(cluster: Clus
     other pod gets it."""
     cluster.pool("pool")
     uid = cluster.pod("web")
-    ipam = Ipam(cluster.api, "n1")
+    ipam = Ipam(cluster.agent, "n1")
     (a,) = ipam.allocate(sandbox("web", uid, "sandbox-A"))
     (b,) = ipam.allocate(sandbox("web", uid, "sandbox-B"))
     assert b.ip == a.ip  # the pod keeps its address across sandboxes
@@ -79,7 +78,7 @@ def test_del_without_pod_uid_never_releases_another_uids_records(cluster: Cluste
     """A runtime that passes no K8S_POD_UID: StatefulSet pod web-0 is recreated (new UID) and
     attached; the old sandbox's late DEL must not release the new pod's IP."""
     cluster.pool("pool")
-    ipam = Ipam(cluster.api, "n1")
+    ipam = Ipam(cluster.agent, "n1")
     old_uid = cluster.pod("web-0")
     (old,) = ipam.allocate(sandbox("web-0", "", "old"))
     cluster.delete_pod("web-0")
@@ -103,9 +102,9 @@ def test_del_without_pod_uid_never_releases_another_uids_records(cluster: Cluste
 def test_pool_edits_are_seen_by_the_next_add(cluster: Cluster) -> None:
     cluster.node("n1")
     cluster.pool("pool")
-    ipam = Ipam(cluster.api, "n1")
+    ipam = Ipam(cluster.agent, "n1")
     ipam.allocate(sandbox("p1", cluster.pod("p1"), "c1"))  # the agent now holds a copy
-    edit = client.CustomObjectsApi(cluster.api).patch_cluster_custom_object
+    edit = client.CustomObjectsApi(cluster.api).patch_cluster_custom_object  # admin: Git's edits
 
     def patch(spec: dict[str, Any]) -> None:
         edit("spiderpool.spidernet.io", "v2beta1", "spiderippools", "pool", {"spec": spec})
@@ -137,7 +136,7 @@ def test_pool_edits_are_seen_by_the_next_add(cluster: Cluster) -> None:
 # --- 3. two interfaces of one pod in parallel ---------------------------------------------------
 def test_parallel_interfaces_of_one_pod_get_distinct_ips(cluster: Cluster) -> None:
     cluster.pool("pool")
-    ipam = Ipam(cluster.api, "n1")
+    ipam = Ipam(cluster.agent, "n1")
     for k in range(6):
         uid = cluster.pod(f"m{k}")
         got: dict[str, str] = {}
@@ -164,7 +163,7 @@ def test_retried_add_after_a_fallback_keeps_its_ip_and_leaks_nothing(cluster: Cl
     cluster.pool("a", ips="172.18.30.1")
     cluster.pool("b", ips="172.18.31.1-172.18.31.5")
     conf: dict[str, Any] = {"default_ipv4_ippool": ["a", "b"]}
-    ipam = Ipam(cluster.api, "n1")
+    ipam = Ipam(cluster.agent, "n1")
     x = cluster.pod("x")
     assert ipam.allocate(sandbox("x", x, "cx", **conf))[0].pool == "a"
     p = cluster.pod("p")
@@ -176,7 +175,7 @@ def test_retried_add_after_a_fallback_keeps_its_ip_and_leaks_nothing(cluster: Cl
     assert allocated_ips(cluster.status("a")) == {}
     # a leftover in another candidate pool (an earlier attempt whose endpoint write failed)
     # is released when the interface is allocated
-    cluster.em.inject_fault(r"/spiderendpoints/q/status$", method="PUT", status=500, count=1)
+    cluster.kube.inject_fault(r"/spiderendpoints/q/status$", method="PUT", status=500, count=1)
     q = cluster.pod("q")
     with pytest.raises(CniError):
         ipam.allocate(sandbox("q", q, "cq", **conf))
@@ -196,7 +195,7 @@ def test_leftover_records_of_the_pod_in_other_candidate_pools_are_released(
         pool = cluster.pools.get(name)
         pool["status"] = {"allocatedIPs": json.dumps({ip: {"pod": "default/p", "podUid": p}})}
         cluster.pools.replace_status(pool)
-    ipam = Ipam(cluster.api, "n1")
+    ipam = Ipam(cluster.agent, "n1")
     got = ipam.allocate(sandbox("p", p, "cp", **conf))[0]
     assert (got.pool, got.ip) == ("a", "172.18.30.1")
     assert set(allocated_ips(cluster.status("a"))) == {"172.18.30.1"}
@@ -214,7 +213,7 @@ def test_malformed_record_key_is_invalid_config_naming_the_pool(cluster: Cluster
     cluster.pools.replace_status(pool)
     uid = cluster.pod("p1")
     with pytest.raises(CniError) as e:
-        Ipam(cluster.api, "n1").allocate(sandbox("p1", uid, "c1", default_ipv4_ippool="odd"))
+        Ipam(cluster.agent, "n1").allocate(sandbox("p1", uid, "c1", default_ipv4_ippool="odd"))
     assert e.value.code == 7
     assert "SpiderIPPool odd" in e.value.msg and repr(key) in e.value.msg
     assert cluster.endpoint("p1") is None
@@ -233,7 +232,7 @@ def test_ipv6_64_pool_writes_counts_a_json_client_reads_exactly(cluster: Cluster
             },
         }
     )
-    (a,) = Ipam(cluster.api, "n1").allocate(
+    (a,) = Ipam(cluster.agent, "n1").allocate(
         sandbox("p6", cluster.pod("p6"), "c6", default_ipv6_ippool=["v6"])
     )
     assert (a.address, a.gateway) == ("fd00::2/64", "fd00::1")
@@ -245,7 +244,7 @@ def test_ipv6_64_pool_writes_counts_a_json_client_reads_exactly(cluster: Cluster
 def test_a_pool_holds_at_most_max_records(cluster: Cluster) -> None:
     assert MAX_RECORDS == 5000  # Spiderpool's SPIDERPOOL_IPPOOL_MAX_ALLOCATED_IPS default
     cluster.pool("pool")  # 10 addresses
-    ipam = Ipam(cluster.api, "n1", max_records=3)
+    ipam = Ipam(cluster.agent, "n1", max_records=3)
     for i in range(3):
         ipam.allocate(sandbox(f"p{i}", cluster.pod(f"p{i}"), f"c{i}"))
     with pytest.raises(CniError) as e:
@@ -257,7 +256,7 @@ def test_a_pool_holds_at_most_max_records(cluster: Cluster) -> None:
 def test_the_gateway_of_another_pool_is_never_handed_out(cluster: Cluster) -> None:
     cluster.pool("a", ips="172.18.30.131-172.18.30.140", gateway="172.18.31.3")
     cluster.pool("b", ips="172.18.31.1-172.18.31.5")
-    ipam = Ipam(cluster.api, "n1")
+    ipam = Ipam(cluster.agent, "n1")
     got = [
         ipam.allocate(sandbox(f"b{i}", cluster.pod(f"b{i}"), f"c{i}", default_ipv4_ippool="b"))[
             0
@@ -284,13 +283,13 @@ def test_reused_endpoint_follows_the_current_pod(cluster: Cluster) -> None:
     collector has not got to it): the endpoint's ownerReference must move to the new pod, so
     that it goes with the pod that uses it and never with another one."""
     cluster.pool("pool")
-    ipam = Ipam(cluster.api, "n1")
+    cluster.wait_gc_ready()
+    ipam = Ipam(cluster.agent, "n1")
     old_uid = cluster.pod("web-0")
     ipam.allocate(sandbox("web-0", old_uid, "old"))
-    cluster.core.delete_namespaced_pod(
-        "web-0", "default", grace_period_seconds=0, propagation_policy="Orphan"
-    )
-    cluster.em.wait_idle()
+    # kube-controller-manager's garbage collector removes the endpoint's ownerReference, then
+    # lets the pod go
+    cluster.delete_pod("web-0", propagation_policy="Orphan")
     kept = cluster.endpoint("web-0")
     assert kept is not None and not kept["metadata"].get("ownerReferences")
     new_uid = cluster.pod("web-0")
@@ -301,8 +300,8 @@ def test_reused_endpoint_follows_the_current_pod(cluster: Cluster) -> None:
     assert ep["status"]["current"]["uid"] == new_uid
     assert [e["containerID"] for e in ep["status"]["current"]["ips"]] == ["new"]
     cluster.delete_pod("web-0")
-    cluster.em.wait_idle()
-    assert cluster.endpoint("web-0") is None  # collected with the pod that owns it now
+    # collected with the pod that owns it now, by kube-controller-manager (asynchronously)
+    wait_for(lambda: cluster.endpoint("web-0") is None, 30, "SpiderEndpoint web-0 collected")
 
 
 def test_endpoint_delete_never_drops_a_concurrent_write(cluster: Cluster) -> None:
@@ -311,11 +310,11 @@ def test_endpoint_delete_never_drops_a_concurrent_write(cluster: Cluster) -> Non
     DELETE arrives (held by the API server here). The DELETE carries the resourceVersion it
     read, so it is refused, and the new interface's entry survives."""
     cluster.pool("pool")
-    one, two = Ipam(cluster.api, "n1"), Ipam(api_client(cluster.kubeconfig), "n1")
+    one, two = Ipam(cluster.agent, "n1"), Ipam(cluster.agent_client(), "n1")
     for k in range(3):
         uid = cluster.pod(f"w{k}")
         one.allocate(sandbox(f"w{k}", uid, f"c{k}", "eth0"))
-        cluster.em.inject_fault(rf"/spiderendpoints/w{k}$", method="DELETE", hang=0.5, count=1)
+        cluster.kube.inject_fault(rf"/spiderendpoints/w{k}$", method="DELETE", hang=0.5, count=1)
         rm = threading.Thread(target=one.release, args=(sandbox(f"w{k}", uid, f"c{k}", "eth0"),))
         rm.start()
         time.sleep(0.2)  # the DELETE is on its way
@@ -330,21 +329,14 @@ def test_endpoint_delete_never_drops_a_concurrent_write(cluster: Cluster) -> Non
 # --- 6. a hung API server ------------------------------------------------------------------------
 @pytest.fixture
 def agent_process(cluster: Cluster, tmp_path: Path) -> Iterator[Path]:
-    """One agent process (``--api-timeout 2``) and its installed shims; yields the bin dir."""
-    sock = str(tmp_path / "a.sock")
-    install_shims(tmp_path / "bin", sock, python=PYTHON)
-    with open(tmp_path / "agent.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "node_agent.cni.server", "--socket", sock, "--kubeconfig",
-             cluster.kubeconfig, "--node-name", "n1", "--api-timeout", "2"],
-            stdout=subprocess.PIPE, stderr=log, cwd=str(Path(__file__).parents[2]),
-        )  # fmt: skip
+    """One agent process (node n1, ``--api-timeout 2``) as the agent's ServiceAccount through
+    the test's proxy, and its installed shims; yields the bin dir."""
+    cluster.node("n1")
+    (agent,) = start_agents(cluster.kubeconfig, tmp_path, ["n1"], extra=("--api-timeout", "2"))
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        yield tmp_path / "bin"
+        yield agent.bin_dir
     finally:
-        proc.terminate()
-        proc.wait(10)
+        agent.stop()
 
 
 def shim_call(
@@ -378,7 +370,7 @@ def test_a_hung_request_fails_its_call_with_11_and_stalls_no_other_pod(
     cluster.pool("pool")
     u0, u1, u2 = cluster.pod("p0"), cluster.pod("p1"), cluster.pod("p2")
     assert shim_call(agent_process, "ADD", "p0", u0, "c0")[0] == 0  # warm: the pool is known
-    cluster.em.inject_fault(r"/spiderippools/pool/status$", method="PUT", hang=20.0, count=1)
+    cluster.kube.inject_fault(r"/spiderippools/pool/status$", method="PUT", hang=20.0, count=1)
     done: dict[str, tuple[float, int, dict[str, Any] | None]] = {}
     t0 = time.monotonic()
 
