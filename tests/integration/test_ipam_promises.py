@@ -15,18 +15,20 @@ import json
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import netaddr
 import pytest
 from kubernetes import client
 from node_agent.cni.errors import CniError
-from node_agent.ipam import MAX_RECORDS, MAX_SAFE_INTEGER, Ipam, IpamRequest
+from node_agent.ipam import MAX_RECORDS, MAX_SAFE_INTEGER, Ipam, IpamRequest, size_refusal
 
-from reconciler.ippool import allocated_ips
+from reconciler.ippool import allocated_ips, pool_status
 from tests.integration.test_ipam_kube import Cluster, cluster
-from tests.ipamload import start_agents
+from tests.ipamload import ipam_conf, run_ipam_shim, start_agents
 from tests.rig import wait_for
 
 __all__ = ["cluster"]  # the fixture, shared with test_ipam_kube
@@ -274,6 +276,138 @@ def test_the_gateway_of_another_pool_is_never_handed_out(cluster: Cluster) -> No
         ipam.allocate(sandbox("c0", cluster.pod("c0"), "c", default_ipv4_ippool="c"))[0].ip
         == "172.18.32.2"
     )
+
+
+# --- 12. a pool whose status outgrows what the API server stores -------------------------------
+LIMIT_NS = "ipam-limit-" + "x" * 52  # 63 characters, the most a namespace name may have
+LIMIT_IPS = [f"172.18.{c}.100-172.18.{c}.255" for c in range(100, 140)]
+"""6,240 addresses, every one written with 14 characters: every record weighs the same."""
+
+
+def long_name(prefix: str, i: int) -> str:
+    """A 253-character pod name (the most a Pod may have), the same length for every ``i``."""
+    return f"{prefix * 248}-{i:04d}"
+
+
+def filler_records(n: int) -> dict[str, dict[str, str]]:
+    """``n`` records of pods that do not exist, each as long as a record of a
+    :func:`long_name` pod in :data:`LIMIT_NS`, on the pool's lowest addresses."""
+    ips = [ip for r in LIMIT_IPS for ip in _range(r)][:n]
+    return {
+        ip: {"pod": f"{LIMIT_NS}/{long_name('f', i)}", "podUid": str(uuid.UUID(int=i + 1))}
+        for i, ip in enumerate(ips)
+    }
+
+
+def _range(text: str) -> list[str]:
+    first, last = text.split("-")
+    return [str(ip) for ip in netaddr.IPRange(first, last)]
+
+
+def write_records(cluster: Cluster, pool: str, records: dict[str, dict[str, str]]) -> bool:
+    """Write ``records`` into the pool's status as the admin; False when the API server refuses
+    the object as too large."""
+    body = cluster.pools.get(pool)
+    body["status"] = pool_status(body["spec"], records)
+    try:
+        cluster.pools.replace_status(body)
+    except client.ApiException as exc:
+        assert size_refusal(exc), (exc.status, exc.body)
+        return False
+    return True
+
+
+def most_records_that_fit(cluster: Cluster, pool: str) -> int:
+    """How many filler records the API server stores in ``pool``'s status (binary search with
+    real writes); the pool is left with fewer."""
+    lo, hi = 1000, 6000  # 1,000 fit; 6,000 (2.4 MB) do not
+    assert write_records(cluster, pool, filler_records(lo))
+    assert not write_records(cluster, pool, filler_records(hi))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if write_records(cluster, pool, filler_records(mid)):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def test_a_pool_at_the_api_servers_size_limit_gives_a_clear_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Records of pods with the longest names (317-character pod references) in one pool: the
+    API server refuses to store the status long before the 5,000-record cap. Measured here
+    with real writes; then, with room for two more records, three ADDs at once (the last two
+    in one group commit, held behind the first by the proxy): two succeed, the third gets
+    code 101 naming the pool and etcd's limit, and nothing is left of it. A candidate pool
+    with room is used instead; a DEL makes room again; the runtime sees the same error."""
+    cluster.namespace(LIMIT_NS)
+    cluster.pool("big", ips=LIMIT_IPS)
+    cluster.pool("spare", ips="172.18.30.131-172.18.30.140")
+    fit = most_records_that_fit(cluster, "big")
+    print(f"{fit} records of 317-character pod references fit in one SpiderIPPool")
+    assert 3000 < fit < MAX_RECORDS, fit  # about 1.5 MiB of ~410-byte records
+    assert write_records(cluster, "big", filler_records(fit - 2))
+    names = [long_name("p", i) for i in range(5)]
+    uids = cluster.pods(names, ns=LIMIT_NS)
+    ipam = Ipam(cluster.agent, "n1")
+
+    def add(name: str, *pools: str) -> Any:
+        r = IpamRequest(LIMIT_NS, name, uids[name], f"c-{name[-4:]}", "eth0", {"default_ipv4_ippool": list(pools or ["big"])})  # fmt: skip
+        try:
+            return ipam.allocate(r)[0]
+        except CniError as exc:
+            return exc
+
+    cluster.kube.inject_fault(r"/spiderippools/big/status$", method="PUT", hang=1.0, count=1)
+    got: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: got.update({names[0]: add(names[0])}))
+    first.start()
+    time.sleep(0.3)  # its status write is held by the proxy: the next two queue behind it
+    rest = [threading.Thread(target=lambda n=n: got.update({n: add(n)})) for n in names[1:3]]
+    for t in rest:
+        t.start()
+    for t in [first, *rest]:
+        t.join()
+    errors = {n: e for n, e in got.items() if isinstance(e, CniError)}
+    assert len(errors) == 1, got
+    ((failed, err),) = errors.items()
+    assert err.code == 101, err
+    assert err.msg.startswith("IP pool exhausted: SpiderIPPool big cannot record another address")
+    assert (
+        f"it holds {fit} allocation records and the API server refused its status with {fit + 1}"
+        in err.msg
+    )
+    assert "etcdserver: request is too large" in err.msg
+    assert "etcd's --max-request-bytes, 1.5 MiB by default" in err.msg
+    assert f"pod {LIMIT_NS}/{failed} interface eth0" in err.msg
+    records = allocated_ips(cluster.status("big"))
+    assert len(records) == fit == cluster.status("big")["allocatedIPCount"]
+    assert {r["podUid"] for r in records.values()} >= {uids[n] for n in got if n != failed}
+    assert uids[failed] not in {r["podUid"] for r in records.values()}
+    assert cluster.endpoint(failed, LIMIT_NS) is None
+
+    # another candidate pool with room is used; a DEL makes room in "big" again
+    fallback = add(names[3], "big", "spare")
+    assert not isinstance(fallback, CniError) and fallback.pool == "spare", fallback
+    done = next(n for n in got if n != failed)
+    ipam.release(IpamRequest(LIMIT_NS, done, uids[done], f"c-{done[-4:]}", "eth0", {}))
+    again = add(failed)
+    assert not isinstance(again, CniError) and again.pool == "big", again
+
+    # the runtime sees the same error from the agent process
+    (agent,) = start_agents(cluster.kubeconfig, tmp_path, ["n1"])
+    try:
+        rc, out = run_ipam_shim(
+            agent.bin_dir, ipam_conf("big"), "ADD", "c-4", names[4], uids[names[4]], LIMIT_NS
+        )
+    finally:
+        agent.stop()
+    answer = json.loads(out)
+    assert rc == 1 and answer["code"] == 101, answer
+    assert "SpiderIPPool big cannot record another address" in answer["msg"]
+    assert "1.5 MiB" in answer["msg"]
+    assert len(allocated_ips(cluster.status("big"))) == fit
 
 
 # --- 11. SpiderEndpoint ownership and conditional deletes ---------------------------------------
