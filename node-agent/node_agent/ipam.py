@@ -101,13 +101,19 @@ def ip_value(text: str, what: str = "status.allocatedIPs key") -> int:
     non-canonical form such as ``172.18.030.131`` or ``fd00::0001``, an empty string): a
     record key that differs from the canonical form could hide a taken address.
     """
+    return _ip_key(text, what)[1]
+
+
+def _ip_key(text: str, what: str = "status.allocatedIPs key") -> tuple[int, int]:
+    """``(version, value)`` of a canonical IP address string; BadRecordKey as :func:`ip_value`."""
+    key = ippool.canonical_ip(text) if isinstance(text, str) else None
+    if key is not None:
+        return key
     try:
         addr = netaddr.IPAddress(text)
     except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
         raise BadRecordKey(f"{what} {text!r} is not an IP address") from exc
-    if str(addr) != text:
-        raise BadRecordKey(f"{what} {text!r} is not in canonical form ({addr})")
-    return int(addr)
+    raise BadRecordKey(f"{what} {text!r} is not in canonical form ({addr})")
 
 
 def lowest_free(
@@ -123,10 +129,9 @@ def lowest_free(
     Raises BadRecordKey when a ``taken`` key is not a canonical IP, PoolSyntaxError (a
     ValueError) for a malformed ``ips``/``excludeIPs`` entry.
     """
-    busy = {(_family_of(ip), ip_value(ip)) for ip in taken}
+    busy = {_ip_key(ip) for ip in taken}
     if spec.get("gateway"):
-        gw = str(spec["gateway"])
-        busy.add((_family_of(gw), ip_value(gw, "spec.gateway")))
+        busy.add(_ip_key(str(spec["gateway"]), "spec.gateway"))
     for gw in reserved:
         addr = netaddr.IPAddress(gw)
         busy.add((addr.version, int(addr)))
@@ -138,10 +143,6 @@ def lowest_free(
             if (cidr.version, value) not in busy:
                 return str(netaddr.IPAddress(value, cidr.version))
     return None
-
-
-def _family_of(text: str) -> int:
-    return 6 if ":" in text else 4
 
 
 def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str] | None) -> bool:
@@ -1784,6 +1785,9 @@ def _is_ip(text: str) -> bool:
 
 
 def _sort_key(ip: str) -> tuple[int, int]:
+    key = ippool.canonical_ip(ip) if isinstance(ip, str) else None
+    if key is not None:
+        return key
     try:
         addr = netaddr.IPAddress(ip)
     except (netaddr.AddrFormatError, ValueError, TypeError):
