@@ -178,10 +178,11 @@ def storm(
     *,
     parallel: int | None = None,
     namespace: str = "default",
+    only: set[str] | None = None,
 ) -> Storm:
-    """Run ``command`` for every ``(pod name, uid)`` through the shims, pod ``i`` on agent
-    ``i % len(agents)`` (container ID ``cid<i>``), ``parallel`` calls in flight at once
-    (default: all of them)."""
+    """Run ``command`` for every ``(pod name, uid)`` (or those named in ``only``) through the
+    shims, pod ``i`` on agent ``i % len(agents)`` (container ID ``cid<i>``), ``parallel``
+    calls in flight at once (default: all of them)."""
     results: dict[str, tuple[int, bytes, bytes]] = {}
     lock = threading.Lock()
 
@@ -191,9 +192,10 @@ def storm(
         with lock:
             results[name] = out
 
+    todo = [i for i, (name, _) in enumerate(pods) if only is None or name in only]
     t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=parallel or max(1, len(pods))) as ex:
-        list(ex.map(call, range(len(pods))))
+    with ThreadPoolExecutor(max_workers=parallel or max(1, len(todo))) as ex:
+        list(ex.map(call, todo))
     return Storm(results, time.monotonic() - t0)
 
 
