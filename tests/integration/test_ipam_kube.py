@@ -213,9 +213,14 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(kube: Kube, tmp_path: Path) -> Cluster:
-    """The IPAM's view of the test's control plane (see :class:`Cluster`)."""
-    return Cluster(kube, tmp_path)
+def cluster(kube: Kube, tmp_path: Path) -> Iterator[Cluster]:
+    """The IPAM's view of the test's control plane (see :class:`Cluster`). Afterwards no
+    request of the programs under test may have been forbidden (a 403 the IPAM swallowed, such
+    as a refused ownerReference move, would otherwise go unnoticed): deploy/rbac.yaml must
+    allow everything they do."""
+    yield Cluster(kube, tmp_path)
+    forbidden = [(r.method, r.path) for r in kube.requests() if r.code == 403]
+    assert forbidden == [], f"forbidden by deploy/rbac.yaml: {forbidden[:5]}"
 
 
 def req(name: str, uid: str, ifname: str = "eth0", ns: str = "default", **conf: Any) -> IpamRequest:
