@@ -7,14 +7,18 @@ runtime does (CNI_* env, config on stdin; the child joins the node's network nam
 before exec) for ADD and then DEL, and is timed as a whole. Cases, interleaved cycle by
 cycle so machine noise hits all alike:
 
-- ``underlay-ovs + underlay-ipam``: our plugins, IPAM through the Kubernetes API emulator
-  (tests/kube/emulator.py) reached from the node at the rig's API server address;
+- ``underlay-ovs + underlay-ipam``: our plugins, IPAM through the real control plane
+  (tests/controlplane: etcd, kube-apiserver, kube-controller-manager with deploy/'s CRDs and
+  RBAC), the agent authenticating as its ServiceAccount and reaching kube-apiserver from the
+  node at the rig's API server address (a byte relay in the switch namespace);
 - ``underlay-ovs + host-local``: our main plugin with Debian's IPAM;
 - ``bridge + host-local``: Debian's reference plugins from /usr/lib/cni (the baseline).
 
-Prints median and p95 per case and the ratio of medians to the baseline. Needs root.
+Prints median and p95 per case and the ratio of medians to the baseline. Every ADD must
+succeed and every DEL must clean up (exit 1 otherwise). Needs root.
 
-    /tmp/venv/bin/python bench/bench_cni.py [--cycles 100]
+    .venv/bin/python bench/bench_cni.py [--cycles 100]
+    .venv/bin/python bench/bench_cni.py --smoke     # CI: 3 cycles per case, no timing
 """
 
 from __future__ import annotations
@@ -29,15 +33,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import contextlib
-
+from kubernetes import client
 from node_agent.cni.install import install_shims
 
+from reconciler.kube import Objects
+from reconciler.vocab import SPIDER_ENDPOINT, SPIDER_IPPOOL
+from tests.controlplane.server import ControlPlane
 from tests.rig import APISERVER_IP, GATEWAY, Node, Rig
 
 REF = "/usr/lib/cni"
@@ -92,15 +99,64 @@ def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
 
-def main() -> None:
+def start_controlplane(work: Path, rig: Rig) -> tuple[ControlPlane, Any, str, str]:
+    """The real control plane with Node n1, pod default/bench bound to it and SpiderIPPool
+    bench; returns it, a relay carrying kube-apiserver to the rig's API address, the agent's
+    kubeconfig for that address and the pod's UID."""
+    cp = ControlPlane(work / "controlplane")
+    cp.start()
+    print(f"control plane {cp.version()['gitVersion']} up in {cp.started_in:.1f} s")
+    api = cp.api_client()
+    core = client.CoreV1Api(api)
+    core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name="n1")))
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name="bench"),
+        spec=client.V1PodSpec(
+            node_name="n1", containers=[client.V1Container(name="c", image="busybox")]
+        ),
+    )
+    uid = str(core.create_namespaced_pod("default", pod).metadata.uid)
+    Objects(api, SPIDER_IPPOOL).create(
+        {
+            "apiVersion": "spiderpool.spidernet.io/v2beta1",
+            "kind": "SpiderIPPool",
+            "metadata": {"name": "bench"},
+            "spec": {"subnet": "172.18.0.0/16", "ips": ["172.18.40.1-172.18.40.254"], "gateway": GATEWAY},
+        }
+    )  # fmt: skip
+    relay = cp.relay(APISERVER_IP, 6443, rig.switch.path)
+    kubeconfig = cp.serviceaccount_kubeconfig(
+        work / "agent.kubeconfig", "underlay-system", "underlay-agent", relay.url
+    )
+    return cp, relay, str(kubeconfig), uid
+
+
+def leftovers(cp: ControlPlane) -> list[str]:
+    """What the IPAM cycles left in the cluster: records in pool bench, SpiderEndpoints."""
+    api = cp.api_client()
+    out = []
+    status = Objects(api, SPIDER_IPPOOL).get("bench").get("status") or {}
+    if status.get("allocatedIPCount") or status.get("allocatedIPs"):
+        out.append(f"SpiderIPPool bench still records {status.get('allocatedIPs')}")
+    for ep in Objects(api, SPIDER_ENDPOINT).list("default")["items"]:
+        out.append(f"SpiderEndpoint default/{ep['metadata']['name']} left")
+    return out
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cycles", type=int, default=100)
+    ap.add_argument("--smoke", action="store_true", help="3 cycles per case, no timing (CI)")
     ap.add_argument("--keep", action="store_true", help="keep the agent log and scratch files")
     a = ap.parse_args()
+    warmups = 5
+    if a.smoke:
+        a.cycles, warmups = 3, 1
     tmp = Path(tempfile.mkdtemp(prefix="bench-cni-"))
     rig = Rig()
     agent = None
-    em = None
+    cp = relay = None
+    failed: list[str] = []
     try:
         node = rig.add_node("n1", "172.18.10.11")
         node.vsctl("add-br", "br1", "--", "set", "Bridge", "br1", "datapath_type=netdev")
@@ -122,53 +178,8 @@ def main() -> None:
             "n1",
             "-v",
         ]
-        uid = "bench-uid"
-        try:
-            from reconciler.kube import Objects, api_client
-            from reconciler.vocab import SPIDER_ENDPOINT, SPIDER_IPPOOL
-            from tests.kube.emulator import Emulator
-
-            em = Emulator()
-            em.start()
-            em.register(SPIDER_IPPOOL)
-            em.register(SPIDER_ENDPOINT)
-            local_kc = str(tmp / "kc-local")
-            em.write_kubeconfig(local_kc)
-            api = api_client(local_kc)
-            from kubernetes import client
-
-            core = client.CoreV1Api(api)
-            for ns in ("default",):
-                with contextlib.suppress(Exception):
-                    core.create_namespace({"metadata": {"name": ns}})
-            core.create_node({"metadata": {"name": "n1"}})
-            created = core.create_namespaced_pod(
-                "default",
-                {
-                    "metadata": {"name": "bench"},
-                    "spec": {"containers": [{"name": "c", "image": "x"}]},
-                },
-            )
-            uid = created.metadata.uid
-            Objects(api, SPIDER_IPPOOL).create(
-                {
-                    "apiVersion": "spiderpool.spidernet.io/v2beta1",
-                    "kind": "SpiderIPPool",
-                    "metadata": {"name": "bench"},
-                    "spec": {
-                        "subnet": "172.18.0.0/16",
-                        "ips": ["172.18.40.1-172.18.40.254"],
-                        "gateway": GATEWAY,
-                    },
-                }
-            )
-            url = em.listen_in_netns(rig.switch.path, APISERVER_IP, 6443)
-            node_kc = str(tmp / "kc-node")
-            em.write_kubeconfig(node_kc, server_url=url)
-            cmd += ["--kubeconfig", node_kc]
-        except ImportError:
-            print("tests/kube/emulator.py not available: skipping underlay-ovs + underlay-ipam")
-            em = None
+        cp, relay, node_kc, uid = start_controlplane(tmp, rig)
+        cmd += ["--kubeconfig", node_kc]
         with open(tmp / "agent.log", "wb") as log:
             agent = node.popen(*cmd, stdout=subprocess.PIPE, stderr=log)
         assert agent.stdout is not None and agent.stdout.readline().strip() == b"ready"
@@ -189,13 +200,12 @@ def main() -> None:
         }
         base = {"cniVersion": "1.0.0", "name": "bench"}
         cases: dict[str, dict[str, Any]] = {}
-        if em is not None:
-            cases["underlay-ovs + underlay-ipam"] = {
-                **base,
-                "type": "underlay-ovs",
-                "bridge": "br1",
-                "ipam": {"type": "underlay-ipam", "default_ipv4_ippool": ["bench"]},
-            }
+        cases["underlay-ovs + underlay-ipam"] = {
+            **base,
+            "type": "underlay-ovs",
+            "bridge": "br1",
+            "ipam": {"type": "underlay-ipam", "default_ipv4_ippool": ["bench"]},
+        }
         cases["underlay-ovs + host-local"] = {
             **base,
             "type": "underlay-ovs",
@@ -209,7 +219,7 @@ def main() -> None:
             "ipam": hl,
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
-        for _ in range(5):  # warm-up: connections, page cache, first bridge creation
+        for _ in range(warmups):  # warm-up: connections, page cache, first bridge creation
             for conf in cases.values():
                 cycle(node, cni_path, conf, pod.path, uid)
         rig.delete_pod("p1")
@@ -221,24 +231,36 @@ def main() -> None:
                 sandbox = rig.add_pod(f"s{n}")
                 times[name].append(cycle(node, cni_path, conf, sandbox.path, uid))
                 rig.delete_pod(f"s{n}")
+        failed += leftovers(cp)
+        if a.smoke:
+            print(f"smoke: {a.cycles} ADD+DEL cycles per case: {', '.join(cases)}")
+            return 1 if failed else 0
         ref = statistics.median(times["bridge + host-local (reference)"])
         print(f"ADD+DEL cycles: {a.cycles} per case, interleaved; one node, userspace datapath")
         print(f"{'case':34} {'median ms':>10} {'p95 ms':>8} {'ratio':>6}")
         for name, ts in times.items():
             med = statistics.median(ts)
             print(f"{name:34} {med * 1000:10.1f} {pct(ts, 0.95) * 1000:8.1f} {med / ref:6.2f}")
+    except Exception:
+        failed.append(traceback.format_exc())
+        return 1
     finally:
         if agent is not None:
             agent.terminate()
             agent.wait(10)
-        if em is not None:
-            em.stop()
+        if relay is not None:
+            relay.stop()
+        if cp is not None:
+            cp.stop()
         rig.close()
-        if a.keep:
+        for f in failed:
+            print(f"FAIL: {f}")
+        if a.keep or failed:
             print(f"agent log and scratch files kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -101,13 +101,19 @@ def ip_value(text: str, what: str = "status.allocatedIPs key") -> int:
     non-canonical form such as ``172.18.030.131`` or ``fd00::0001``, an empty string): a
     record key that differs from the canonical form could hide a taken address.
     """
+    return _ip_key(text, what)[1]
+
+
+def _ip_key(text: str, what: str = "status.allocatedIPs key") -> tuple[int, int]:
+    """``(version, value)`` of a canonical IP address string; BadRecordKey as :func:`ip_value`."""
+    key = ippool.canonical_ip(text) if isinstance(text, str) else None
+    if key is not None:
+        return key
     try:
         addr = netaddr.IPAddress(text)
     except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
         raise BadRecordKey(f"{what} {text!r} is not an IP address") from exc
-    if str(addr) != text:
-        raise BadRecordKey(f"{what} {text!r} is not in canonical form ({addr})")
-    return int(addr)
+    raise BadRecordKey(f"{what} {text!r} is not in canonical form ({addr})")
 
 
 def lowest_free(
@@ -123,10 +129,9 @@ def lowest_free(
     Raises BadRecordKey when a ``taken`` key is not a canonical IP, PoolSyntaxError (a
     ValueError) for a malformed ``ips``/``excludeIPs`` entry.
     """
-    busy = {(_family_of(ip), ip_value(ip)) for ip in taken}
+    busy = {_ip_key(ip) for ip in taken}
     if spec.get("gateway"):
-        gw = str(spec["gateway"])
-        busy.add((_family_of(gw), ip_value(gw, "spec.gateway")))
+        busy.add(_ip_key(str(spec["gateway"]), "spec.gateway"))
     for gw in reserved:
         addr = netaddr.IPAddress(gw)
         busy.add((addr.version, int(addr)))
@@ -138,10 +143,6 @@ def lowest_free(
             if (cidr.version, value) not in busy:
                 return str(netaddr.IPAddress(value, cidr.version))
     return None
-
-
-def _family_of(text: str) -> int:
-    return 6 if ":" in text else 4
 
 
 def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str] | None) -> bool:
@@ -447,6 +448,44 @@ class _Exhausted(Exception):
                 f"({self.used} allocation records)"
             )
         return f"SpiderIPPool {self.pool} has all {self.total} IPs allocated ({self.used} records)"
+
+
+ETCD_REQUEST_LIMIT = "1.5 MiB"
+"""etcd's default ``--max-request-bytes``: the most one object (with its status) may weigh."""
+
+
+def size_refusal(exc: ApiException) -> str | None:
+    """The API server's message when it refused a write because the object is too large, else
+    None.
+
+    kube-apiserver answers 413 (RequestEntityTooLarge) to a body over its own limit (3 MiB for
+    JSON), and 500 with etcd's ``etcdserver: request is too large`` (or its gRPC client's
+    ``trying to send message larger than max``) to an object over what one etcd request may
+    carry (``--max-request-bytes``, 1.5 MiB by default: reached first). Sources: etcd
+    configuration flags (``--max-request-bytes``); Kubernetes API concepts.
+    """
+    if exc.status not in (413, 500):
+        return None
+    text = str(exc.body or exc.reason or "")
+    try:
+        message = str(json.loads(text).get("message") or text)
+    except (ValueError, AttributeError):
+        message = text
+    if exc.status == 413 or "request is too large" in message or "larger than max" in message:
+        return message.strip() or f"{exc.status} {exc.reason}"
+    return None
+
+
+def _too_large(before: int, after: int, size: int, refusal: str) -> str:
+    """The ``why`` of a pool holding ``before`` records whose status with ``after`` records
+    (``size`` bytes of JSON) the API server refused as too large."""
+    return (
+        f"cannot record another address: it holds {before} allocation records and the API "
+        f"server refused its status with {after} (a {size}-byte object) as too large "
+        f"({refusal}); an object must fit in one etcd request (etcd's --max-request-bytes, "
+        f"{ETCD_REQUEST_LIMIT} by default): release addresses, or split its spec.ips into "
+        f"smaller pools"
+    )
 
 
 class _Ineligible(Exception):
@@ -1032,6 +1071,20 @@ class Ipam:
                     if exc.status == 404:
                         self._pool_cache.pop(name, None)
                         raise CniError(POOL_NOT_FOUND, f"SpiderIPPool {name} was deleted") from exc
+                    refusal = size_refusal(exc)
+                    if refusal is not None:
+                        if len(ops) > 1:  # the first ones may fit on their own
+                            self._apply_one_by_one(name, ops)
+                            return
+                        if not fresh:  # a newer copy may have fewer records
+                            pool = None
+                            continue
+                        log.warning(
+                            "SpiderIPPool %s: status refused as too large: %s", name, refusal
+                        )
+                        before = len(ippool.allocated_ips(pool.get("status")))
+                        why = _too_large(before, len(records), len(json.dumps(body)), refusal)
+                        raise _Exhausted(name, 0, before, why) from exc
                     if exc.status != 409:
                         raise CniError(
                             TRY_AGAIN_LATER,
@@ -1051,6 +1104,17 @@ class Ipam:
             TRY_AGAIN_LATER,
             f"SpiderIPPool {name}: {self.max_attempts} conflicting status writes in a row; try again",
         )
+
+    def _apply_one_by_one(self, name: str, ops: list[_PoolOp]) -> None:
+        """Apply ``ops`` as batches of one, in order (a group commit the API server refused as
+        too large: as many of them as fit are written). Each starts from this agent's last
+        written copy, so nothing is decided from the refused batch's copy."""
+        for op in ops:
+            op.first, op.fresh = None, False
+            try:
+                self._apply_batch(name, [op])
+            except BaseException as exc:
+                op.error = exc
 
     # --- allocation ---------------------------------------------------------------------
     def allocate(self, req: IpamRequest) -> list[Allocation]:
@@ -1523,6 +1587,8 @@ class Ipam:
             if exc.code == POOL_NOT_FOUND:
                 return []
             raise
+        except _Exhausted as exc:  # refused as too large (a release only shrinks a pool)
+            raise CniError(TRY_AGAIN_LATER, exc.describe()) from exc
 
     def release(self, req: IpamRequest) -> list[tuple[str, str]]:
         """Release what container ``req.container_id`` was given for ``req.ifname``.
@@ -1719,6 +1785,9 @@ def _is_ip(text: str) -> bool:
 
 
 def _sort_key(ip: str) -> tuple[int, int]:
+    key = ippool.canonical_ip(ip) if isinstance(ip, str) else None
+    if key is not None:
+        return key
     try:
         addr = netaddr.IPAddress(ip)
     except (netaddr.AddrFormatError, ValueError, TypeError):

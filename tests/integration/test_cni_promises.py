@@ -1,7 +1,8 @@
 """underlay-ovs + underlay-ipam on the rig: a wrong call never breaks a running pod.
 
-Real OVS in a rig node, the agent inside it, the API emulator reached over the rig network,
-the shims executed as a runtime executes them. Each test started as a hostile tester's
+Real OVS in a rig node, the agent inside it as the agent's ServiceAccount, the real control
+plane (tests/controlplane) reached over the rig network through the test's fault proxy, the
+shims executed as a runtime executes them. Each test started as a hostile tester's
 reproducer: a late DEL of a pod's dead sandbox, many ADDs and DELs at once (half of the DELs
 after their netns is gone), and a port that ovs-vswitchd refuses.
 """
@@ -119,7 +120,8 @@ def test_parallel_adds_retries_and_dels_leave_nothing_behind(
     cluster.pool("pool", ips="172.18.40.1-172.18.40.100")
     conf = {"type": "underlay-ovs", "bridge": "br1", "ipam": IPAM}
     n = 16
-    pods = {i: (rig.add_pod(f"q{i}"), ("default", f"q{i}", cluster.pod(f"q{i}"))) for i in range(n)}
+    uids = cluster.pods([f"q{i}" for i in range(n)])
+    pods = {i: (rig.add_pod(f"q{i}"), ("default", f"q{i}", uids[f"q{i}"])) for i in range(n)}
     results: list[tuple[int, int, dict[str, Any] | None, str]] = []
 
     def run(i: int, command: str, netns: str) -> None:

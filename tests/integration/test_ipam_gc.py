@@ -1,4 +1,10 @@
-"""IPAM garbage collection against the API emulator: leaks go, live allocations stay."""
+"""IPAM garbage collection against the real control plane: leaks go, live allocations stay.
+
+The GC runs as the agent's ServiceAccount through the test's fault proxy. Pods are deleted as
+their kubelet finishes them (grace period 0); the SpiderEndpoints of deleted pods are
+kube-controller-manager's garbage collector's to delete (ownerReference to the Pod),
+asynchronously, which the tests wait for.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ POOL = {"default_ipv4_ippool": ["ippool-test"]}
 def test_leaked_allocations_and_endpoints_are_released_live_ones_stay(cluster: Cluster) -> None:
     cluster.node("n1")
     cluster.pool("ippool-test")
-    ipam = Ipam(cluster.api, "n1")
+    cluster.wait_gc_ready()
+    ipam = Ipam(cluster.agent, "n1")
     uids = {name: cluster.pod(name) for name in ("live", "gone", "again", "done")}
     ips = {}
     for name, uid in uids.items():
@@ -34,8 +41,15 @@ def test_leaked_allocations_and_endpoints_are_released_live_ones_stay(cluster: C
     pod = cluster.core.read_namespaced_pod("done", "default")
     pod.status.phase = "Succeeded"
     cluster.core.replace_namespaced_pod_status("done", "default", pod)
+    # the endpoints of deleted pods go with them (ownerReference to the Pod; "again"'s names
+    # its old UID), deleted by kube-controller-manager's garbage collector, asynchronously
+    wait_for(
+        lambda: [cluster.endpoint(n) for n in ("gone", "again")] == [None, None],
+        30,
+        "kube-controller-manager to collect the deleted pods' SpiderEndpoints",
+    )
 
-    report = collect(cluster.api)
+    report = collect(cluster.agent)
 
     released = {(pool, ip, pod) for pool, ip, pod, _ in report.ips}
     assert released == {
@@ -56,21 +70,21 @@ def test_leaked_allocations_and_endpoints_are_released_live_ones_stay(cluster: C
     assert cluster.endpoint("live") is not None
     assert [cluster.endpoint(n) for n in ("gone", "again", "done")] == [None, None, None]
     # a second pass finds nothing
-    again = collect(cluster.api)
+    again = collect(cluster.agent)
     assert again.ips == [] and again.endpoints == []
 
 
 def test_gc_racing_allocations_never_loses_a_record(cluster: Cluster) -> None:
     cluster.node("n1")
     cluster.pool("big", ips="172.18.40.1-172.18.40.200")
-    ipam = Ipam(cluster.api, "n1")
-    pods = [(f"p{i}", cluster.pod(f"p{i}")) for i in range(40)]
+    ipam = Ipam(cluster.agent, "n1")
+    pods = list(cluster.pods([f"p{i}" for i in range(40)]).items())
     stop = threading.Event()
     passes = []
 
     def gc_loop() -> None:
         while not stop.is_set():
-            passes.append(collect(cluster.api))
+            passes.append(collect(cluster.agent))
 
     t = threading.Thread(target=gc_loop)
     t.start()
@@ -94,20 +108,19 @@ def test_sandbox_switches_and_recreated_pods_keep_what_is_in_use(cluster: Cluste
     new UID's record and endpoint while the old UID's record (its DEL never came) goes."""
     cluster.node("n1")
     cluster.pool("ippool-test")
-    ipam = Ipam(cluster.api, "n1")
+    cluster.wait_gc_ready()  # so that the Orphan deletion below orphans the endpoint
+    ipam = Ipam(cluster.agent, "n1")
     uid = cluster.pod("web")
     (a,) = ipam.allocate(IpamRequest("default", "web", uid, "sandbox-A", "eth0", POOL))
     (b,) = ipam.allocate(IpamRequest("default", "web", uid, "sandbox-B", "eth0", POOL))
     assert a.ip == b.ip
     old = cluster.pod("db-0")
     (o,) = ipam.allocate(IpamRequest("default", "db-0", old, "db-old", "eth0", POOL))
-    cluster.core.delete_namespaced_pod(
-        "db-0", "default", grace_period_seconds=0, propagation_policy="Orphan"
-    )
+    cluster.delete_pod("db-0", propagation_policy="Orphan")  # its endpoint stays
     new = cluster.pod("db-0")
     (n,) = ipam.allocate(IpamRequest("default", "db-0", new, "db-new", "eth0", POOL))
 
-    report = collect(cluster.api)
+    report = collect(cluster.agent)
 
     assert [(ip, pod) for _, ip, pod, _ in report.ips] == [(o.ip, "default/db-0")]
     assert report.endpoints == []
@@ -125,7 +138,7 @@ def test_sandbox_switches_and_recreated_pods_keep_what_is_in_use(cluster: Cluste
 def test_gc_loop_passes_at_start_and_every_interval(cluster: Cluster) -> None:
     cluster.node("n1")
     cluster.pool("ippool-test")
-    ipam = Ipam(cluster.api, "n1")
+    ipam = Ipam(cluster.agent, "n1")
 
     def leak(name: str) -> None:
         uid = cluster.pod(name)
@@ -133,11 +146,11 @@ def test_gc_loop_passes_at_start_and_every_interval(cluster: Cluster) -> None:
         cluster.delete_pod(name)  # and its DEL never comes
 
     leak("gone")
-    loop = GcLoop(cluster.api, interval=0.3, request_timeout=5)
+    loop = GcLoop(cluster.agent, interval=0.3, request_timeout=5)
     loop.start()
     try:
         wait_for(lambda: allocated_ips(cluster.status("ippool-test")) == {}, what="first pass")
-        cluster.em.inject_fault(r"/spiderippools$", method="GET", status=500, count=1)
+        cluster.kube.inject_fault(r"/spiderippools$", method="GET", status=500, count=1)
         leak("gone-later")
         wait_for(lambda: loop.failures == 1, what="a failing pass")
         wait_for(lambda: allocated_ips(cluster.status("ippool-test")) == {}, what="a later pass")

@@ -6,8 +6,8 @@ Git whose old copy is kept while it has allocations). The IPAM then hands out no
 another pool of the family covers (its ``ips - excludeIPs`` or its ``status.allocatedIPs``),
 keeps a pod's own address on a retried ADD, and says which pools and ranges overlap when a pool
 has nothing left. Real ``Ipam`` engines (each with its own ``kubernetes`` client, as agents on
-different nodes) and two agent processes served through the installed shim, against the API
-emulator in tests/kube.
+different nodes) and two agent processes served through the installed shim, as the agent's
+ServiceAccount against the real control plane (tests/controlplane), through the test's proxy.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from node_agent.cni.errors import CniError
 from node_agent.ipam import Ipam
 
 from reconciler.ippool import allocated_ips
-from reconciler.kube import api_client
-from tests.integration.test_ipam_kube import Cluster, cluster, req, run_ipam_shim, start_cni_agents
+from tests.integration.test_ipam_kube import Cluster, cluster, req, start_cni_agents
+from tests.ipamload import run_ipam_shim
 
 __all__ = ["cluster"]  # the fixture, shared with test_ipam_kube
 LIST_POOLS = r"/spiderippools$"
 
 
 def lists(c: Cluster) -> int:
-    """LIST requests of every SpiderIPPool the emulator has served."""
-    return len(c.em.requests("GET", LIST_POOLS))
+    """LIST requests of every SpiderIPPool the agents under test made (through the proxy)."""
+    return len(c.kube.requests("GET", LIST_POOLS))
 
 
 def records(c: Cluster, pool: str) -> dict[str, dict[str, Any]]:
@@ -46,7 +46,7 @@ def in_range(ip: str, first: str, last: str) -> bool:
 def engine(c: Cluster, node: str, **kw: Any) -> Ipam:
     """An engine with its own API client, as the agent of ``node`` has."""
     c.node(node)
-    return Ipam(api_client(c.kubeconfig), node, **kw)
+    return Ipam(c.agent_client(), node, **kw)
 
 
 def test_two_overlapping_pools_never_give_one_address_twice(cluster: Cluster) -> None:
@@ -91,7 +91,7 @@ def test_concurrent_adds_on_two_nodes_into_overlapping_pools(cluster: Cluster) -
     cluster.pool("left", ips="172.18.31.0-172.18.31.99")
     cluster.pool("right", ips="172.18.31.50-172.18.31.149")
     engines = [engine(cluster, "n1"), engine(cluster, "n2")]
-    uids = {f"p{i}": cluster.pod(f"p{i}") for i in range(60)}
+    uids = cluster.pods([f"p{i}" for i in range(60)])
     got: dict[str, str] = {}
     errors: list[BaseException] = []
 
@@ -126,7 +126,7 @@ def test_two_agent_processes_through_the_shim(cluster: Cluster, tmp_path: Path) 
     pools sharing 172.18.32.20-39: distinct addresses outside the shared range; then DEL."""
     cluster.pool("one", ips="172.18.32.0-172.18.32.39")
     cluster.pool("two", ips="172.18.32.20-172.18.32.79")
-    pods = [(f"c{i}", cluster.pod(f"c{i}")) for i in range(60)]
+    pods = list(cluster.pods([f"c{i}" for i in range(60)]).items())
     agents = start_cni_agents(cluster, tmp_path)
     results: dict[str, tuple[int, bytes]] = {}
 
@@ -138,7 +138,7 @@ def test_two_agent_processes_through_the_shim(cluster: Cluster, tmp_path: Path) 
             "type": "macvlan",
             "ipam": {"type": "underlay-ipam", "default_ipv4_ippool": ["one" if i < 30 else "two"]},
         }
-        results[name] = run_ipam_shim(agents[i % 2][1], conf, command, f"cid{i}", name, uid)
+        results[name] = run_ipam_shim(agents[i % 2].bin_dir, conf, command, f"cid{i}", name, uid)
 
     try:
         for command in ("ADD", "DEL"):
@@ -169,9 +169,8 @@ def test_two_agent_processes_through_the_shim(cluster: Cluster, tmp_path: Path) 
                 assert all(rc == 0 for rc, _ in results.values())
                 assert records(cluster, "one") == {} and records(cluster, "two") == {}
     finally:
-        for proc, _ in agents:
-            proc.terminate()
-            proc.wait(10)
+        for agent in agents:
+            agent.stop()
 
 
 def test_pool_covered_by_another_fails_with_a_clear_error(cluster: Cluster) -> None:

@@ -807,13 +807,22 @@ def _parse_head(head: bytes) -> tuple[int, int]:
     return nenv, nstdin
 
 
+IPAM_CONNECTIONS = 48
+"""Kept-alive connections to the API server: one per request the CNI calls may have in flight
+(the worker threads of CniAgent and of the IPAM engine)."""
+
+
 def ipam_api_client(kubeconfig: str | None = None, context: str | None = None) -> Any:
     """A ``kubernetes.client.ApiClient`` for the CNI calls: connection failures are retried
-    twice, a request that was sent is never retried by the transport.
+    twice, a request that was sent is never retried by the transport, and up to
+    :data:`IPAM_CONNECTIONS` connections are kept alive.
 
     The generated client's default (urllib3 ``Retry(3)``) re-sends a PUT whose answer timed
     out, so one hung request would hold a CNI call for four request timeouts; the IPAM
-    retries conflicts itself and the runtime retries a failed ADD. Source: urllib3 ``Retry``.
+    retries conflicts itself and the runtime retries a failed ADD. Its default pool keeps
+    5 connections per CPU: on a small node, concurrent ADDs then close the connections
+    beyond those after each request and make a new TLS connection for the next ("Connection
+    pool is full, discarding connection"). Source: urllib3 ``Retry``, ``PoolManager``.
     """
     from kubernetes import client
     from urllib3.util.retry import Retry
@@ -822,6 +831,7 @@ def ipam_api_client(kubeconfig: str | None = None, context: str | None = None) -
 
     cfg = load_configuration(kubeconfig, context)
     cfg.retries = Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0)
+    cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, IPAM_CONNECTIONS)
     return client.ApiClient(cfg)
 
 
