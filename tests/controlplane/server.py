@@ -337,7 +337,12 @@ class ControlPlane:
         for f in files:
             args += ["-f", str(f)]
         # deploy/ is a kustomization with namespace underlay-system; the RBAC names it already.
-        self.kubectl("apply", "--server-side", "--field-manager=underlay-test-install", *args)
+        # --force-conflicts: a test that changed a CRD or a Role (another field manager) is
+        # undone here, so deploy/'s version wins over that manager's fields.
+        self.kubectl(
+            "apply", "--server-side", "--force-conflicts", "--field-manager=underlay-test-install",
+            *args,
+        )  # fmt: skip
         self.kubectl(
             "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all", timeout=90
         )
