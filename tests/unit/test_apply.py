@@ -178,22 +178,33 @@ class World:
 
     def crd(self, name: str) -> dict[str, Any] | None:
         """The CustomResourceDefinition ``name`` as the server holds it, or None."""
-        try:
-            return _raw(self.api, "GET", f"{CRD_PATH}/{name}")
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return crd(self.api, name)
 
-    def delete_crd(self, name: str, timeout: float = 60) -> None:
-        """Delete a CRD of deploy/crds and wait until its resource is no longer served
-        (tests/controlplane's reset installs it again after the test)."""
-        _raw(self.api, "DELETE", f"{CRD_PATH}/{name}")
-        plural, group = name.split(".", 1)
-        res = next(r for r in vocab.ALL_CUSTOM if (r.plural, r.group) == (plural, group))
-        path = f"/apis/{res.group}/{res.version}/{res.plural}"
-        _wait(lambda: self.crd(name) is None and _status_of(self.api, path) == 404, timeout,
-              f"CRD {name} gone")  # fmt: skip
+    def delete_crd(self, name: str) -> None:
+        """Delete CRD ``name`` (see :func:`delete_crd`)."""
+        delete_crd(self.api, name)
+
+
+def crd(api: Any, name: str) -> dict[str, Any] | None:
+    """The CustomResourceDefinition ``name`` as the server holds it, or None."""
+    try:
+        return _raw(api, "GET", f"{CRD_PATH}/{name}")
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def delete_crd(api: Any, name: str, timeout: float = 60) -> None:
+    """Delete a CRD of deploy/crds and wait until its resource is no longer served
+    (tests/controlplane's reset installs it again after the test)."""
+    _raw(api, "DELETE", f"{CRD_PATH}/{name}")
+    plural, group = name.split(".", 1)
+    res = next(r for r in vocab.ALL_CUSTOM if (r.plural, r.group) == (plural, group))
+    path = f"/apis/{res.group}/{res.version}/{res.plural}"
+    _wait(
+        lambda: crd(api, name) is None and _status_of(api, path) == 404, timeout, f"CRD {name} gone"
+    )
 
 
 CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
