@@ -131,7 +131,8 @@ class World:
         return dict(self.gitsync().get("status") or {})
 
     def condition(self, ctype: str) -> dict[str, Any]:
-        return next(c for c in self.status()["conditions"] if c["type"] == ctype)
+        """Condition ``ctype`` of the GitSync status ({} before the first status has it)."""
+        return next((c for c in self.status().get("conditions") or [] if c["type"] == ctype), {})
 
     def events(self) -> list[tuple[str, str, str]]:
         """(type, reason, message) of the Events about the GitSync, oldest first."""

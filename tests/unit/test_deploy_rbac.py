@@ -208,7 +208,7 @@ def test_reconciler_rbac_covers_every_request_and_nothing_more(tmp_path: Path) -
         )  # fmt: skip
         wait_for(lambda: w.status().get("lastHandledReconcileAt") == when, 30, "annotation")
         w.commit({"pool-a.yaml": pool("pool-a", 1, gateway="192.168.0.1")})
-        wait_for(lambda: w.condition("Ready")["reason"] == "ValidationFailed", 30, "invalid")
+        wait_for(lambda: w.condition("Ready").get("reason") == "ValidationFailed", 30, "invalid")
         assert p.stop(signal.SIGTERM) == 0  # releases the Lease
         for cmd in ("plan", "apply"):
             r = subprocess.run(
