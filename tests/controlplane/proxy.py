@@ -170,6 +170,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         proxy = self.server.proxy
+        # answers go out as several writes (status and headers, then the body): without
+        # TCP_NODELAY, Nagle holds the body until the client ACKs the headers, which it
+        # delays (up to 40 ms): every request through the proxy took 40 ms more
+        with contextlib.suppress(OSError):
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.settimeout(30)
         self.request = proxy.server_ctx.wrap_socket(self.request, server_side=True)
         self.request.settimeout(None)
