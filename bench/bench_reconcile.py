@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 kc = str(cluster.kubeconfig)
                 apply = [UNDERLAY, "apply", "--repo", str(origin), "--kubeconfig", kc,
                          "--namespace", NS, "--cache-dir", str(tmp / "cache")]  # fmt: skip
-                direct = [*apply[:4], str(cluster.direct_kubeconfig), *apply[5:]]
+                direct = [*apply[:5], str(cluster.direct_kubeconfig), *apply[6:]]
                 wall, rss, r = timed(direct)
                 n_objects = int(re.search(r"(\d+) created", r.stdout).group(1))  # type: ignore[union-attr]
                 print(f"first apply ({a.docs} documents -> {n_objects} objects): {wall:.1f} s, "
