@@ -618,3 +618,30 @@ def test_status_shape_and_generation(world: World) -> None:
     world.commit({"pool-b.yaml": pool("pool-b", 2)})
     rep = rec.run_once()
     assert rep.suspended and world.get(vocab.SPIDER_IPPOOL, "pool-b") is None
+
+
+def test_a_pass_reads_the_whole_gitsync_only_when_it_changed(world: World) -> None:
+    """The GitSync holds the inventory (a megabyte with thousands of objects): a pass reads its
+    metadata from the server's watch cache and the whole object only when its resourceVersion
+    moved, by anyone; a change someone else made is seen by the next pass."""
+    world.commit(QUICK)
+    rec = world.reconciler()
+    assert rec.run_once().converged
+    rec.run_once()  # the first pass after writes plans again
+    assert rec.run_once().quiet
+    path = r"/gitsyncs/underlay$"
+    world.reset_requests()
+    assert rec.run_once().quiet
+    (meta,) = world.requests("GET", path)
+    assert meta.params == {"resourceVersion": "0"}, "metadata from the watch cache"
+    # someone asks for a pass (the annotation): the next pass reads it whole and handles it
+    world.custom.patch_namespaced_custom_object(
+        "underlay.dev", "v1alpha1", NS, "gitsyncs", "underlay",
+        {"metadata": {"annotations": {"underlay.dev/reconcile-requested-at": "now"}}},
+    )  # fmt: skip
+    _wait(lambda: rec.gitsync._unchanged() is False, 10, "the watch cache to see the annotation")
+    world.reset_requests()
+    rep = rec.run_once()
+    assert not rep.quiet and world.status()["lastHandledReconcileAt"] == "now"
+    full = [r for r in world.requests("GET", path) if "resourceVersion" not in r.params]
+    assert len(full) == 1, world.requests("GET", path)
