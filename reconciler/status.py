@@ -249,6 +249,8 @@ class GitSyncs:
                 self.obj = self.objs.replace_status(body)
                 return True
             except client.ApiException as exc:
+                if exc.status == 500 and "request is too large" in str(exc.body or ""):
+                    raise StatusTooLarge(self.namespace, self.name, status) from None
                 if exc.status != 409:
                     raise
                 self.get()
@@ -260,6 +262,23 @@ class GitSyncs:
 
 class NamespaceMissing(RuntimeError):
     """The namespace the GitSync belongs in does not exist."""
+
+
+class StatusTooLarge(RuntimeError):
+    """The GitSync status is larger than the API server stores (its inventory lists every
+    object applied, about 180 bytes each; etcd keeps objects up to 1.5 MiB by default)."""
+
+    def __init__(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        import json
+
+        size = len(json.dumps(status, separators=(",", ":")))
+        entries = len(status.get("inventory") or [])
+        super().__init__(
+            f"cannot write the status of GitSync {namespace}/{name}: the API server refuses "
+            f"an object this large ({size / 1048576:.1f} MiB, {entries} inventory entries; "
+            "etcd stores up to 1.5 MiB by default): split the repository over several "
+            "instances (--instance, one path each), about 8,000 objects at most per instance"
+        )
 
 
 def _not_served(exc: client.ApiException) -> bool:
