@@ -645,3 +645,27 @@ def test_a_pass_reads_the_whole_gitsync_only_when_it_changed(world: World) -> No
     assert not rep.quiet and world.status()["lastHandledReconcileAt"] == "now"
     full = [r for r in world.requests("GET", path) if "resourceVersion" not in r.params]
     assert len(full) == 1, world.requests("GET", path)
+
+
+def test_a_status_larger_than_the_server_stores_is_named_not_retried(world: World) -> None:
+    """etcd keeps objects up to 1.5 MiB: a GitSync whose inventory lists 12,000 objects is
+    refused by the real server (500, "etcdserver: request is too large"); the reconciler says
+    so, with what to do, after one try (the same status is as large on every try)."""
+    from reconciler.status import GitSyncs, StatusTooLarge
+
+    api = kube.api_client(world.kubeconfig, retry=RetryPolicy(base=0.05, timeout=60))
+    gs = GitSyncs(api, NS, "underlay", "underlay")
+    gs.ensure()
+    entry = {"apiVersion": vocab.SPIDERPOOL_API_VERSION, "kind": "SpiderIPPool",
+             "uid": "0b8f5a8e-5d2c-4a57-9d0e-2f1f6f0c1a2b", "digest": "0123456789abcdef"}  # fmt: skip
+    big = {"inventory": [{**entry, "name": f"pool-{i:05d}"} for i in range(12000)]}
+    world.reset_requests()
+    try:
+        gs.write(big)
+    except StatusTooLarge as exc:
+        msg = str(exc)
+    else:
+        raise AssertionError("the server stored a 2 MiB object")
+    assert "12000 inventory entries" in msg and "--instance" in msg, msg
+    assert len(world.requests("PUT", r"/gitsyncs/underlay/status$")) == 1
+    assert "inventory" not in world.status()
