@@ -187,6 +187,10 @@ def test_only_the_leader_writes_and_the_standby_takes_over(world: World) -> None
     world.commit(QUICK)
     a = replica(world, "a")
     wait_for(lambda: holder(world) == "a", 30, f"a leads ({a.log})")
+    # what an operator sees: the server's Table for leases has a HOLDER column
+    table = world.kube.kubectl("get", "lease", LEASE, "-n", NS).stdout.splitlines()
+    assert table[0].split() == ["NAME", "HOLDER", "AGE"], table
+    assert table[1].split()[:2] == [LEASE, "a"], table
     wait_for(lambda: pool_ips(world, "pool-a"), 30, "first apply")
     b = replica(world, "b")
     wait_for(lambda: b.http("/readyz")[0] == 200, 30, f"standby ready ({b.log})")
