@@ -135,10 +135,10 @@ class RetryingApiClient(client.ApiClient):
             if resp.status not in RETRY_STATUS or attempt >= self.policy.attempts:
                 return resp
             after = retry_after_seconds(resp.getheader("Retry-After"))
-            body = b""
+            answer = b""
             with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
-                body = resp.read() or b""  # drain so the connection goes back to the pool
-            if resp.status == 500 and TOO_LARGE in body:
+                answer = resp.read() or b""  # drain so the connection goes back to the pool
+            if resp.status == 500 and TOO_LARGE in answer:
                 return resp  # the same object is as large on every try (read() keeps the body)
             self._wait(method, url, str(resp.status), self.policy.delay(attempt, after))
 
