@@ -1,6 +1,14 @@
-"""Benchmark the reconciler against the API emulator (run by hand, not in CI).
+"""Benchmark the reconciler against a real control plane (run by hand; ``--smoke`` in CI).
 
-    /tmp/venv/bin/python bench/bench_reconcile.py [--docs 5000] [--passes 5] [--commits 10]
+    .venv/bin/python bench/bench_reconcile.py [--docs 5000] [--passes 5] [--commits 10]
+    .venv/bin/python bench/bench_reconcile.py --smoke        # a few iterations, no targets
+
+The control plane is tests/controlplane's: etcd, kube-apiserver and kube-controller-manager
+built from Kubernetes' own Go modules (``tests/controlplane/build.sh``), deploy/'s CRDs and
+RBAC. ``underlay`` runs as the reconciler's ServiceAccount, in ``underlay-system``, as in a
+cluster. The no-op runs go through a fault proxy (tests/controlplane/proxy.py, no faults armed)
+whose request log counts the reconciler's writes (dry runs included); the first apply and the
+latency runs talk to kube-apiserver directly.
 
 1. No-op pass over a ``--docs``-document repository (bench_validate's generator: 60 % pools,
    30 % Multus configs, each rendering a NAD as well, 10 % bridges) already applied:
@@ -13,11 +21,14 @@
    ``git commit`` in the origin to the changed SpiderIPPool being visible in the API, over
    ``--commits`` commits, on a small repository (the quick start) and on the large one.
    Target: under 2 s (the median on the large repository; every commit on the small one).
-   Commits start after the process's first pass (counted on its /metrics).
+   Commits start after the process's first pass (counted on its /metrics), each once the pass
+   that applied the one before has written its status (an idle reconciler, as when commits
+   are minutes apart).
+3. Edit-to-applied latency of ``underlay reconcile DIR --watch --interval 1h``. Target: under
+   1 s.
 
-The emulator runs as its own process (``python -m tests.kube.emulator``), as an API server
-would, so it does not share the reconciler's interpreter. Exit status 0 when every target is
-met, 1 otherwise.
+Exit status 0 when every target is met (with ``--smoke``: when everything ran and nothing was
+written by a no-op pass), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -45,59 +56,86 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
-class EmulatorProcess:
-    """``python -m tests.kube.emulator`` with the CRDs of deploy/crds and a kubeconfig."""
+NS = "underlay-system"
+"""Where the reconciler keeps its GitSync, Events and Lease (deploy/rbac.yaml's Role)."""
+
+
+class Cluster:
+    """A real control plane (tests/controlplane/server.py) with a fault proxy in front.
+
+    :attr:`kubeconfig`: the reconciler's ServiceAccount through the proxy (its requests are
+    logged: :meth:`writes`); :attr:`direct_kubeconfig`: the same, straight to kube-apiserver;
+    :attr:`admin_kubeconfig`: the admin, straight (the bench's own reads and writes).
+    """
 
     def __init__(self, tmp: Path) -> None:
-        self.kubeconfig = tmp / "kubeconfig"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.kube.emulator", "--listen", "127.0.0.1:0",
-             "--crds", str(REPO / "deploy" / "crds"), "--kubeconfig", str(self.kubeconfig)],
-            cwd=REPO, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http"):
-            raise SystemExit(f"emulator did not start: {self.url!r}")
+        from tests.controlplane.server import ControlPlane
 
-    def control(self, what: str, method: str = "GET", **query: str) -> Any:
-        q = "&".join(f"{k}={v}" for k, v in query.items())
-        req = urllib.request.Request(f"{self.url}/__emulator/{what}?{q}", method=method)
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())
+        self.cp = ControlPlane(tmp / "controlplane")
+        self.cp.start()
+        self.proxy = self.cp.proxy()
+        url = self.proxy.listen()
+        ns, name = "underlay-system", "underlay-reconciler"
+        self.kubeconfig = self.cp.serviceaccount_kubeconfig(tmp / "via-proxy", ns, name, url)
+        self.direct_kubeconfig = self.cp.serviceaccount_kubeconfig(tmp / "direct", ns, name)
+        self.admin_kubeconfig = self.cp.admin_kubeconfig
+        self.api = self.cp.api_client()
 
-    def writes(self) -> list[dict[str, Any]]:
-        """Writes by underlay (its User-Agent), not by the bench's own client."""
-        reqs = self.control("requests", writes="true")["requests"]
-        return [r for r in reqs if str(r.get("user_agent", "")).startswith("underlay/")]
+    def warm_up(self) -> None:
+        """List each kind the reconciler observes once: the first LIST of a custom resource
+        after kube-apiserver started takes about a second (its watch cache catches up with
+        etcd before it answers; right after the CRD was created, 429 with Retry-After: 1), a
+        cost of the server's start, not of a pass."""
+        from reconciler.controller import OBSERVED
+
+        for r in OBSERVED:
+            self.get(f"/apis/{r.group}/{r.version}/{r.plural}")
+
+    def wait_applied(self, gitsync: str, done: Any, timeout: float = 60) -> None:
+        """Wait until ``done(status.lastAppliedRevision)`` of GitSync ``gitsync`` (a path)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = self.get(gitsync + "?resourceVersion=0") or {}
+            if done(str((obj.get("status") or {}).get("lastAppliedRevision") or "")):
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{gitsync}: not applied within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def writes(self) -> list[Any]:
+        """Writes by underlay (its User-Agent) through the proxy since the last reset."""
+        return [r for r in self.proxy.requests(writes=True) if r.user_agent.startswith("underlay/")]
 
     def reset(self) -> None:
-        self.control("requests", "DELETE")
+        self.proxy.reset_requests()
 
     def get(self, path: str) -> Any:
+        from kubernetes import client
+
+        from reconciler import kube
+
         try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
+            return kube.request(self.api, "GET", path)
+        except client.ApiException as e:
+            if e.status == 404:
                 return None
             raise
 
     def create_namespace(self, name: str) -> None:
-        body = json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-        req = urllib.request.Request(
-            f"{self.url}/api/v1/namespaces", body.encode(), method="POST",
-            headers={"Content-Type": "application/json"},
-        )  # fmt: skip
+        from kubernetes import client
+
+        from reconciler import kube
+
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
         try:
-            urllib.request.urlopen(req, timeout=10).close()
-        except urllib.error.HTTPError as e:
-            if e.code != 409:
+            kube.request(self.api, "POST", "/api/v1/namespaces", body)
+        except client.ApiException as e:
+            if e.status != 409:
                 raise
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        self.proxy.stop()
+        self.cp.stop()
 
 
 def git(repo: Path, *args: str) -> str:
@@ -152,8 +190,8 @@ def worker(a: argparse.Namespace) -> int:
     cache.start()
     cache.wait_synced(300)
     out: dict[str, Any] = {"passes": [], "cache_sync_seconds": time.perf_counter() - t}
-    rec = Reconciler(api, src, Options(namespace="default"), out=lambda s: None, cache=cache)
-    other = kube.Objects(kube.api_client(a.kubeconfig), vocab.SPIDER_IPPOOL)
+    rec = Reconciler(api, src, Options(namespace=NS), out=lambda s: None, cache=cache)
+    other = kube.Objects(kube.api_client(a.admin_kubeconfig), vocab.SPIDER_IPPOOL)
     pool = other.list()["items"][0]["metadata"]["name"]
     for i in range(2 * a.passes + 1):
         touched = i > a.passes
@@ -189,7 +227,7 @@ def worker(a: argparse.Namespace) -> int:
 
 
 def latency(
-    emu: EmulatorProcess, tmp: Path, origin: Path, commits: int, name: str, instance: str
+    cluster: Cluster, tmp: Path, origin: Path, commits: int, name: str, instance: str
 ) -> list[float]:
     """Seconds from ``git commit`` (a label added to one pool) to the label in the API.
 
@@ -202,7 +240,7 @@ def latency(
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [UNDERLAY, "--log-format", "json", "reconcile", "--repo", str(origin), "--interval", "1s",
-         "--kubeconfig", str(emu.kubeconfig), "--namespace", "default",
+         "--kubeconfig", str(cluster.direct_kubeconfig), "--namespace", NS,
          "--http-address", f"127.0.0.1:{port}",
          "--instance", instance, "--cache-dir", str(tmp / f"cache-{name}")],
         stdout=subprocess.DEVNULL, stderr=open(tmp / f"lat-{name}.log", "w"),  # noqa: SIM115
@@ -230,13 +268,8 @@ def latency(
     pool_name = m.group(1)
     path = f"/apis/spiderpool.spidernet.io/v2beta1/spiderippools/{pool_name}"
     deadline = time.monotonic() + 600
-    while emu.get(
-        f"/apis/underlay.dev/v1alpha1/namespaces/default/gitsyncs/{instance}"
-    ) is None or not (
-        (emu.get(f"/apis/underlay.dev/v1alpha1/namespaces/default/gitsyncs/{instance}") or {})
-        .get("status", {})
-        .get("lastAppliedRevision")
-    ):
+    gitsync = f"/apis/underlay.dev/v1alpha1/namespaces/{NS}/gitsyncs/{instance}"
+    while not ((cluster.get(gitsync) or {}).get("status") or {}).get("lastAppliedRevision"):
         if time.monotonic() > deadline or proc.poll() is not None:
             raise SystemExit(f"first apply did not finish: see {tmp / f'lat-{name}.log'}")
         time.sleep(0.2)
@@ -253,20 +286,23 @@ def latency(
         git(origin, "commit", "-q", "-am", marker)
         t0 = time.perf_counter()
         while True:
-            obj = emu.get(path) or {}
+            obj = cluster.get(path) or {}
             if (obj.get("metadata", {}).get("labels") or {}).get("bench") == marker:
                 break
             if time.perf_counter() - t0 > 30:
                 raise SystemExit(f"commit {i} not applied in 30 s")
             time.sleep(0.01)
         out.append(time.perf_counter() - t0)
+        # the next commit lands on an idle reconciler: its pass has written its status
+        sha = git(origin, "rev-parse", "HEAD")
+        cluster.wait_applied(gitsync, lambda rev, sha=sha: rev == sha)
         time.sleep(0.3)
     proc.terminate()
     proc.wait(20)
     return out
 
 
-def watch_latency(emu: EmulatorProcess, tmp: Path, edits: int) -> list[float]:
+def watch_latency(cluster: Cluster, tmp: Path, edits: int) -> list[float]:
     """Seconds from writing a file under the watched directory (``underlay reconcile DIR
     --watch --interval 1h``) to the change being visible in the API."""
     local = tmp / "watched"
@@ -274,15 +310,15 @@ def watch_latency(emu: EmulatorProcess, tmp: Path, edits: int) -> list[float]:
     log = open(tmp / "watch.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [UNDERLAY, "--log-format", "json", "reconcile", str(local), "--watch", "--interval", "1h",
-         "--kubeconfig", str(emu.kubeconfig), "--namespace", "default", "--http-address", "",
+         "--kubeconfig", str(cluster.direct_kubeconfig), "--namespace", NS, "--http-address", "",
          "--instance", "small"],  # the quick start objects the small latency run applied
         stdout=subprocess.DEVNULL, stderr=log,
     )  # fmt: skip
     path = "/apis/spiderpool.spidernet.io/v2beta1/spiderippools/ippool-test"
-    gitsync = "/apis/underlay.dev/v1alpha1/namespaces/default/gitsyncs/small"
+    gitsync = f"/apis/underlay.dev/v1alpha1/namespaces/{NS}/gitsyncs/small"
     deadline = time.monotonic() + 120
     while not str(
-        ((emu.get(gitsync) or {}).get("status") or {}).get("lastAppliedRevision", "")
+        ((cluster.get(gitsync) or {}).get("status") or {}).get("lastAppliedRevision", "")
     ).startswith("local@"):  # the watching process made its first pass
         if time.monotonic() > deadline or proc.poll() is not None:
             raise SystemExit(f"--watch run did not apply: see {tmp / 'watch.log'}")
@@ -293,19 +329,21 @@ def watch_latency(emu: EmulatorProcess, tmp: Path, edits: int) -> list[float]:
     out = []
     for i in range(edits):
         marker = f"w{i}"
+        before = str(((cluster.get(gitsync) or {}).get("status") or {}).get("lastAppliedRevision"))
         pool_file.write_text(
             text.replace(
                 "  name: ippool-test\n", f"  name: ippool-test\n  labels:\n    bench: {marker}\n"
             )
         )
         t0 = time.perf_counter()
-        while ((emu.get(path) or {}).get("metadata", {}).get("labels") or {}).get(
+        while ((cluster.get(path) or {}).get("metadata", {}).get("labels") or {}).get(
             "bench"
         ) != marker:
             if time.perf_counter() - t0 > 30:
                 raise SystemExit(f"edit {i} not applied in 30 s")
             time.sleep(0.01)
         out.append(time.perf_counter() - t0)
+        cluster.wait_applied(gitsync, lambda rev, before=before: rev not in ("", before))
         time.sleep(0.5)
     proc.terminate()
     proc.wait(20)
@@ -323,39 +361,55 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--latency-only", action="store_true", help="only the latency runs (small repository)"
     )
+    ap.add_argument(
+        "--smoke", action="store_true",
+        help="a few iterations on a small repository (60 documents, 2 passes, 3 commits); no "
+        "timing targets; exit 1 on any failure or on a write by a no-op pass",
+    )  # fmt: skip
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kubeconfig", help=argparse.SUPPRESS)
+    ap.add_argument("--admin-kubeconfig", help=argparse.SUPPRESS)
     ap.add_argument("--repo-url", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a)
-    ok = True
+    if a.smoke:
+        a.docs, a.passes, a.commits = 60, 2, 3
+    ok = True  # the targets
     with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as tmpd:
         tmp = Path(tmpd)
-        emu = EmulatorProcess(tmp)
-        emu.create_namespace("net")  # the generated Multus configs live there
+        t0 = time.perf_counter()
+        cluster = Cluster(tmp)
+        print(f"control plane up in {time.perf_counter() - t0:.1f} s "
+              f"(kube-apiserver {cluster.cp.version()['gitVersion']})")  # fmt: skip
+        cluster.create_namespace("net")  # the generated Multus configs live there
+        cluster.warm_up()
         try:
             origin: Path | None = None
             if not a.latency_only:
                 origin = make_repo(tmp / "origin", a.docs)
-                kc = str(emu.kubeconfig)
+                kc = str(cluster.kubeconfig)
                 apply = [UNDERLAY, "apply", "--repo", str(origin), "--kubeconfig", kc,
-                         "--namespace", "default", "--cache-dir", str(tmp / "cache")]  # fmt: skip
-                wall, rss, r = timed(apply)
+                         "--namespace", NS, "--cache-dir", str(tmp / "cache")]  # fmt: skip
+                direct = [*apply[:5], str(cluster.direct_kubeconfig), *apply[6:]]
+                wall, rss, r = timed(direct)
                 n_objects = int(re.search(r"(\d+) created", r.stdout).group(1))  # type: ignore[union-attr]
                 print(f"first apply ({a.docs} documents -> {n_objects} objects): {wall:.1f} s, "
                       f"peak RSS {rss:.0f} MiB")  # fmt: skip
 
-                emu.reset()
+                cluster.reset()
                 wall, rss, r = timed(apply)
-                writes = emu.writes()
+                writes = cluster.writes()
                 print(f"cold no-op pass (underlay apply, fresh process): {wall:.2f} s, "
                       f"{len(writes)} writes, peak RSS {rss:.0f} MiB  [{r.stdout.strip()[:60]}...]")  # fmt: skip
-                ok &= not writes and rss < 300
+                if writes:
+                    raise SystemExit(f"a no-op apply wrote: {writes[:5]}")
+                ok &= rss < 300
 
-                emu.reset()
-                cmd = [sys.executable, __file__, "--worker", "--kubeconfig", kc, "--repo-url",
+                cluster.reset()
+                cmd = [sys.executable, __file__, "--worker", "--kubeconfig", kc,
+                       "--admin-kubeconfig", str(cluster.admin_kubeconfig), "--repo-url",
                        str(origin), "--cache", str(tmp / "cache-w"), "--passes", str(a.passes)]  # fmt: skip
                 if a.profile:
                     cmd.append("--profile")
@@ -365,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                 if a.profile:
                     print(r.stderr)
                 res = json.loads(r.stdout.strip().splitlines()[-1])
-                writes = emu.writes()
+                writes = cluster.writes()
                 first, *rest = res["passes"]
                 quiet = [p["seconds"] for p in rest if not p["touched"]]
                 touched = [p["seconds"] for p in rest if p["touched"]]
@@ -378,12 +432,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{first['seconds']:.2f} s after a {res['cache_sync_seconds']:.1f} s cache "
                       f"sync; {len(writes)} writes in all these passes; peak RSS "
                       f"{res['rss_peak_mib']:.0f} MiB")  # fmt: skip
+                errors = [p["error"] for p in res["passes"] if p["error"]]
+                if errors or writes:
+                    raise SystemExit(f"steady passes failed or wrote: {errors[:3]} {writes[:5]}")
                 assert all(p["cached"] for p in rest) and not any(
                     p["changes"] for p in res["passes"]
                 )
                 assert all(p["quiet"] for p in rest[1:] if not p["touched"])
                 assert not any(p["quiet"] for p in rest if p["touched"])
-                ok &= not writes and max(quiet + touched) < 1.0 and res["rss_peak_mib"] < 300
+                ok &= max(quiet + touched) < 1.0 and res["rss_peak_mib"] < 300
 
             # the small repository under its own instance; the large one is the applied one
             small = make_repo(tmp / "origin-small", 0)
@@ -391,17 +448,20 @@ def main(argv: list[str] | None = None) -> int:
             if origin is not None:
                 runs.append(("large", a.docs, origin, "underlay"))
             for name, docs, repo, inst in runs:
-                lat = latency(emu, tmp, repo, a.commits, name, inst)
+                lat = latency(cluster, tmp, repo, a.commits, name, inst)
                 print(f"commit-to-applied, 1 s poll, {name} repository "
-                      f"({docs or 'quick start'} documents): median {statistics.median(lat):.2f} s, "
-                      f"max {max(lat):.2f} s over {len(lat)} commits")  # fmt: skip
+                      f"({docs or 'quick start'} documents): {[round(x, 2) for x in lat]} median "
+                      f"{statistics.median(lat):.2f} s, max {max(lat):.2f} s over {len(lat)} commits")  # fmt: skip
                 ok &= statistics.median(lat) < 2.0 and (name != "small" or max(lat) < 2.0)
-            lat = watch_latency(emu, tmp, a.commits)
+            lat = watch_latency(cluster, tmp, a.commits)
             print(f"edit-to-applied with --watch (quick start, 1 h interval): {[round(x, 2) for x in lat]} median "
                   f"{statistics.median(lat):.2f} s, max {max(lat):.2f} s over {len(lat)} edits")  # fmt: skip
             ok &= max(lat) < 1.0
         finally:
-            emu.stop()
+            cluster.stop()
+    if a.smoke:
+        print("smoke run passed (timings not judged)")
+        return 0
     print("targets met" if ok else "targets NOT met")
     return 0 if ok else 1
 

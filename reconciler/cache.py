@@ -5,9 +5,10 @@ every pass costs seconds with thousands of objects (megabytes of JSON to encode,
 decode). Instead one thread per kind lists once, then watches from the list's resourceVersion
 and applies each ADDED/MODIFIED/DELETED event to an in-memory map; a pass reads a snapshot of
 the map. A watch that ends is resumed from the last resourceVersion seen (bookmarks keep it
-fresh); 410 Gone or an error means a fresh LIST. A kind the API server does not serve (404 on
-the LIST: no CRD) is reported as missing and listed again every ``retry`` seconds, so a CRD
-installed later is picked up.
+fresh); 410 (the server's ERROR event ``Expired``: the resourceVersion is older than its
+history) means a fresh LIST at once, an error a fresh LIST after a backoff. A kind the API
+server does not serve (404 on the LIST: no CRD) is reported as missing and listed again every
+``retry`` seconds, so a CRD installed later is picked up.
 
 Writes of this process are recorded at once (:meth:`ObjectCache.record` with the object the API
 server answered, :meth:`ObjectCache.forget` after a delete), so the next pass never plans against
@@ -19,6 +20,7 @@ bookmarks); Kubernetes API concepts, "Efficient detection of changes".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -26,7 +28,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from kubernetes import client, watch
+from kubernetes import client
 
 from reconciler.vocab import Resource
 
@@ -77,10 +79,12 @@ class ObjectCache:
         self.retry = retry
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._watches: list[watch.Watch] = []
+        self._streams: list[Any] = []
         self._threads: list[threading.Thread] = []
         self.lists = 0
         """How many LISTs were made (initial and after 410/errors)."""
+        self.expired = 0
+        """How many watches the API server ended with 410 Expired (resourceVersion too old)."""
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -96,8 +100,10 @@ class ObjectCache:
     def stop(self) -> None:
         """Stop every thread (open watches are closed)."""
         self._stop.set()
-        for w in list(self._watches):
-            w.stop()
+        with self._lock:
+            streams = list(self._streams)
+        for resp in streams:
+            _shutdown(resp)
 
     def wait_synced(self, timeout: float) -> bool:
         """True once every kind was listed (or found missing) at least once."""
@@ -194,6 +200,54 @@ class ObjectCache:
             k.error = None
         k.synced.set()
 
+    def _watch(self, k: _Kind) -> None:
+        """One watch of ``k`` from its resourceVersion, applying events until it ends.
+
+        The stream is read here rather than through ``kubernetes.watch.Watch``: that one,
+        without deserializing, fails on the ERROR event an API server sends when the
+        resourceVersion is too old (``KeyError: 'raw_object'``), so a 410 looked like a broken
+        connection (backoff, no log of why). An ERROR event raises ApiException with its code.
+        """
+        r = k.res
+        resp = self.custom.list_cluster_custom_object(
+            r.group, r.version, r.plural, watch=True, resource_version=k.rv,
+            timeout_seconds=self.timeout_seconds, allow_watch_bookmarks=True,
+            _request_timeout=self.timeout_seconds + 30, _preload_content=False,
+        )  # fmt: skip
+        with self._lock:
+            self._streams.append(resp)
+        try:
+            pending = b""
+            for chunk in resp.stream(65536, decode_content=False):
+                if self._stop.is_set():
+                    return
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self._line(k, line)
+            if pending.strip() and not self._stop.is_set():
+                self._line(k, pending)
+        finally:
+            with self._lock:
+                if resp in self._streams:
+                    self._streams.remove(resp)
+            resp.close()
+            resp.release_conn()
+
+    def _line(self, k: _Kind, line: bytes) -> None:
+        ev = json.loads(line)
+        if ev.get("type") == "ERROR":
+            st = ev.get("object") or {}
+            code = st.get("code") if isinstance(st, dict) else None
+            raise client.ApiException(
+                status=int(code) if isinstance(code, int) else 500,
+                reason=f"{st.get('reason', '')}: {st.get('message', '')}"
+                if isinstance(st, dict)
+                else str(st),
+            )
+        self._event(k, ev)
+
     def _run(self, k: _Kind) -> None:
         r = k.res
         need_list = True
@@ -203,21 +257,8 @@ class ObjectCache:
                 if need_list:
                     self._list(k)
                     need_list = False
-                w = watch.Watch()
-                self._watches.append(w)
-                try:
-                    for ev in w.stream(
-                        self.custom.list_cluster_custom_object, r.group, r.version, r.plural,
-                        resource_version=k.rv, timeout_seconds=self.timeout_seconds,
-                        allow_watch_bookmarks=True, _request_timeout=self.timeout_seconds + 30,
-                        deserialize=False,
-                    ):  # fmt: skip
-                        if self._stop.is_set():
-                            return
-                        self._event(k, ev)
-                        failures = 0
-                finally:
-                    self._watches.remove(w)
+                    failures = 0
+                self._watch(k)
             except client.ApiException as exc:
                 if self._stop.is_set():
                     return
@@ -228,11 +269,14 @@ class ObjectCache:
                     k.synced.set()
                     self._stop.wait(self.retry)
                     continue
-                if exc.status != 410:
-                    failures += 1
-                    k.error = f"{exc.status} {exc.reason}"
-                    log.warning("watch of %s: %s", r.plural, k.error)
-                    self._stop.wait(min(self.retry, 0.5 * 2**failures))
+                if exc.status == 410:
+                    self.expired += 1
+                    log.debug("watch of %s: %s; listing again", r.plural, exc.reason)
+                    continue
+                failures += 1
+                k.error = f"{exc.status} {exc.reason}"
+                log.warning("watch of %s: %s", r.plural, k.error)
+                self._stop.wait(min(self.retry, 0.5 * 2**failures))
             except Exception as exc:  # dropped connections, timeouts
                 if self._stop.is_set():
                     return
@@ -259,3 +303,13 @@ class ObjectCache:
                     k.objs.pop(key, None)
                 k.tombstones.pop(key, None)
         k.rv = (obj.get("metadata") or {}).get("resourceVersion") or k.rv
+
+
+def _shutdown(resp: Any) -> None:
+    """Unblock a thread reading ``resp`` (a urllib3 response): shut its socket down."""
+    import socket
+
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

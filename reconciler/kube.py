@@ -326,14 +326,16 @@ def request(
     path: str,
     body: Any = None,
     query: dict[str, str] | None = None,
+    accept: str = "application/json",
 ) -> dict[str, Any]:
     """One API request by path (``/api/v1/namespaces/x/events``), JSON in and out.
 
     For the few core/v1 calls the reconciler makes: going through ``CoreV1Api`` would import
     the generated models of every core kind (about 2 s of start-up). Authentication, retries
-    and timeouts are the ApiClient's. Raises ApiException for a non-2xx answer.
+    and timeouts are the ApiClient's. ``accept`` may ask for another representation (e.g.
+    :data:`METADATA_ONLY`). Raises ApiException for a non-2xx answer.
     """
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": accept}
     if body is not None:
         headers["Content-Type"] = "application/json"
     params = api.param_serialize(
@@ -351,6 +353,10 @@ def request(
     out: dict[str, Any] = json.loads(data) if data else {}
     return out
 
+
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+"""``Accept`` for an object's metadata alone (Kubernetes API concepts, "Receiving resources as
+Tables" and partial object metadata): what a metadata informer reads."""
 
 Key = tuple[str, str | None, str]
 

@@ -661,15 +661,50 @@ def make_plan(
     )
 
 
-def _pool_addresses(pool: Mapping[str, Any]) -> netaddr.IPSet:
-    """What a live SpiderIPPool covers: its allocatable addresses (none when they cannot be
-    read: no IPAM hands those out) and every recorded one (read whatever the spec says)."""
+Spans = tuple[tuple[int, int, int], ...]
+"""(IP version, first, last) of each range of an IPSet, as integers."""
+
+_COVERAGE: dict[str, tuple[netaddr.IPSet, Spans]] = {}
+"""What :func:`_coverage` found, by the fields it reads (see there)."""
+_COVERAGE_MAX = 100_000
+
+
+def _coverage(pool: Mapping[str, Any]) -> tuple[netaddr.IPSet, Spans]:
+    """What a live SpiderIPPool covers, and its ranges as integers: its allocatable addresses
+    (none when they cannot be read: no IPAM hands those out) and every recorded one (read
+    whatever the spec says).
+
+    Remembered by the three fields it reads (``spec.ips``, ``spec.excludeIPs``,
+    ``status.allocatedIPs``): a pass that writes a pool checks it against every pool that stays
+    in the cluster, thousands of them that another instance or a person made, and working out
+    an IPSet costs about a millisecond each (3,000 staying pools: seconds of every such pass).
+    The set returned is shared: callers must not change it.
+    """
+    spec = pool.get("spec")
+    spec = spec if isinstance(spec, Mapping) else {}
+    status = pool.get("status")
+    status = status if isinstance(status, Mapping) else {}
     try:
-        covered = ippool.allocatable(pool.get("spec") or {})
+        key = json.dumps(
+            [spec.get("ips"), spec.get("excludeIPs"), status.get("allocatedIPs")],
+            sort_keys=True, separators=(",", ":"),
+        )  # fmt: skip
+    except (TypeError, ValueError):
+        key = None
+    if key is not None and (hit := _COVERAGE.get(key)) is not None:
+        return hit
+    try:
+        covered = ippool.allocatable(spec)
     except (ValueError, TypeError, netaddr.AddrFormatError):
         covered = netaddr.IPSet()
     records, _problem = pool_records(pool)
-    return covered | netaddr.IPSet(records)
+    ips = covered | netaddr.IPSet(records)
+    out = (ips, tuple((r.version, r.first, r.last) for r in ips.iter_ipranges()))
+    if key is not None:
+        if len(_COVERAGE) >= _COVERAGE_MAX:
+            _COVERAGE.clear()
+        _COVERAGE[key] = out
+    return out
 
 
 def _block_overlaps(
@@ -702,10 +737,9 @@ def _block_overlaps(
                                "not pruned by this reconciler"))  # fmt: skip
     if not staying:
         return
-    covered: dict[str, netaddr.IPSet] = {
-        name: _pool_addresses(pool) for name, (pool, _) in staying.items()
-    }
-    union = _Intervals(covered.values())
+    coverage = {name: _coverage(pool) for name, (pool, _) in staying.items()}
+    covered: dict[str, netaddr.IPSet] = {name: c[0] for name, c in coverage.items()}
+    union = _Intervals.of_spans(span for c in coverage.values() for span in c[1])
     mine: dict[str, netaddr.IPSet] = {}
     for a in writes:
         try:
@@ -737,8 +771,9 @@ def _block_overlaps(
                 )
                 if a.live is not None:  # an update held back: its live addresses stay
                     staying[a.name] = (a.live, _kept_because(a))
-                    covered[a.name] = _pool_addresses(a.live)
-                    union = _Intervals(covered.values())
+                    coverage[a.name] = _coverage(a.live)
+                    covered[a.name] = coverage[a.name][0]
+                    union = _Intervals.of_spans(span for c in coverage.values() for span in c[1])
                     blocked_one = True
                 break
 
@@ -748,10 +783,19 @@ class _Intervals:
     in O(log n) per range (an IPSet intersection walks every range of both sets)."""
 
     def __init__(self, sets: Iterable[netaddr.IPSet]) -> None:
+        self._merge((r.version, r.first, r.last) for ips in sets for r in ips.iter_ipranges())
+
+    @classmethod
+    def of_spans(cls, spans: Iterable[tuple[int, int, int]]) -> _Intervals:
+        """The intervals of (IP version, first, last) ranges (see :func:`_coverage`)."""
+        out = cls.__new__(cls)
+        out._merge(spans)
+        return out
+
+    def _merge(self, spans_in: Iterable[tuple[int, int, int]]) -> None:
         by: dict[int, list[tuple[int, int]]] = {}
-        for ips in sets:
-            for r in ips.iter_ipranges():
-                by.setdefault(r.version, []).append((r.first, r.last))
+        for version, first, last in spans_in:
+            by.setdefault(version, []).append((first, last))
         self._by: dict[int, tuple[list[int], list[int]]] = {}
         for version, spans in by.items():
             spans.sort()

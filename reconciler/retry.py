@@ -33,6 +33,10 @@ log = logging.getLogger("underlay.api")
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 """HTTP answers worth another try: throttled, or the server (or a proxy) briefly unwell."""
 
+TOO_LARGE = b"etcdserver: request is too large"
+"""What kube-apiserver answers (500) for an object larger than etcd stores (1.5 MiB by
+default, etcd ``--max-request-bytes``): never worth another try."""
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -131,8 +135,11 @@ class RetryingApiClient(client.ApiClient):
             if resp.status not in RETRY_STATUS or attempt >= self.policy.attempts:
                 return resp
             after = retry_after_seconds(resp.getheader("Retry-After"))
+            answer = b""
             with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
-                resp.read()  # drain so the connection goes back to the pool
+                answer = resp.read() or b""  # drain so the connection goes back to the pool
+            if resp.status == 500 and TOO_LARGE in answer:
+                return resp  # the same object is as large on every try (read() keeps the body)
             self._wait(method, url, str(resp.status), self.policy.delay(attempt, after))
 
     def _wait(self, method: str, url: str, reason: str, delay: float) -> None:

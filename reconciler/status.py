@@ -111,6 +111,7 @@ class GitSyncs:
         instance: str,
         guard: Callable[[], None] | None = None,
     ) -> None:
+        self.api = api
         self.objs = Objects(api, vocab.GIT_SYNC)
         self.namespace, self.name, self.instance = namespace, name, instance
         self.guard = guard
@@ -133,6 +134,9 @@ class GitSyncs:
         """
         from reconciler.kube import MissingCRD
 
+        if self._unchanged():
+            assert self.obj is not None
+            return self.obj
         try:
             self.obj = self.objs.get(self.name, self.namespace)
             return self.obj
@@ -170,6 +174,38 @@ class GitSyncs:
                 raise
             self.obj = self.objs.get(self.name, self.namespace)
         return self.obj
+
+    def _unchanged(self) -> bool:
+        """True when the GitSync read or written last is still the stored one: its metadata
+        alone, from the API server's watch cache (``resourceVersion=0``), carries the same
+        resourceVersion.
+
+        The status holds the inventory, one entry per object applied: with thousands of
+        objects the GitSync is a megabyte, and reading it whole on every pass cost more than
+        the rest of a pass that changes nothing (a quorum read of 6,500 entries: 240 ms on a
+        busy control plane, its metadata alone 120 ms, from the watch cache 1 ms). Any change
+        to the object, by anyone, changes its resourceVersion. The watch cache may lag the
+        latest write by moments: an older version there means a full read; a change it has
+        not seen yet is seen by the next pass (the GitSync watch, which requests a pass for
+        an annotation or a spec change, reads the same cache), and a status write against a
+        version that moved on is refused (409) and read again.
+        """
+        from reconciler.kube import METADATA_ONLY, request
+
+        rv = ((self.obj or {}).get("metadata") or {}).get("resourceVersion")
+        if not rv:
+            return False
+        r = vocab.GIT_SYNC
+        path = f"/apis/{r.group}/{r.version}/namespaces/{self.namespace}/{r.plural}/{self.name}"
+        try:
+            meta = request(
+                self.api, "GET", path, query={"resourceVersion": "0"}, accept=METADATA_ONLY
+            )
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return False  # gone (or its CRD): the full read says which
+            raise
+        return bool((meta.get("metadata") or {}).get("resourceVersion") == rv)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -213,6 +249,8 @@ class GitSyncs:
                 self.obj = self.objs.replace_status(body)
                 return True
             except client.ApiException as exc:
+                if exc.status == 500 and "request is too large" in str(exc.body or ""):
+                    raise StatusTooLarge(self.namespace, self.name, status) from None
                 if exc.status != 409:
                     raise
                 self.get()
@@ -224,6 +262,23 @@ class GitSyncs:
 
 class NamespaceMissing(RuntimeError):
     """The namespace the GitSync belongs in does not exist."""
+
+
+class StatusTooLarge(RuntimeError):
+    """The GitSync status is larger than the API server stores (its inventory lists every
+    object applied, about 180 bytes each; etcd keeps objects up to 1.5 MiB by default)."""
+
+    def __init__(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        import json
+
+        size = len(json.dumps(status, separators=(",", ":")))
+        entries = len(status.get("inventory") or [])
+        super().__init__(
+            f"cannot write the status of GitSync {namespace}/{name}: the API server refuses "
+            f"an object this large ({size / 1048576:.1f} MiB, {entries} inventory entries; "
+            "etcd stores up to 1.5 MiB by default): split the repository over several "
+            "instances (--instance, one path each), about 8,000 objects at most per instance"
+        )
 
 
 def _not_served(exc: client.ApiException) -> bool:

@@ -1,4 +1,5 @@
-"""Leader election on a coordination.k8s.io/v1 Lease against the API emulator.
+"""Leader election on a real coordination.k8s.io/v1 Lease (the real control plane, as the
+reconciler's ServiceAccount with deploy/rbac.yaml, through the fault proxy).
 
 In-process electors pin the algorithm (one leader at a time, takeover after the lease
 expires, a leader that cannot renew stops before anyone else may start, release on stop);
@@ -18,35 +19,31 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from reconciler import kube, vocab
+from reconciler import kube as rk
+from reconciler import vocab
 from reconciler.leader import ElectionConfig, LeaderElector, LeadershipLost
 from reconciler.retry import RetryPolicy
+from tests.controlplane.cluster import Kube
 from tests.integration.test_reconcile import Process, pool_ips, wait_for
-from tests.kube.emulator import Emulator
 from tests.unit.test_apply import NS, QUICK, World, pool
 
 LEASE = "underlay-reconciler-underlay"
 
 
 @pytest.fixture
-def emu(tmp_path: Path) -> Iterator[Emulator]:
-    e = Emulator()
-    e.start()
-    e.write_kubeconfig(tmp_path / "kubeconfig")
-    try:
-        yield e
-    finally:
-        e.stop()
+def kubeconfig(kube: Kube, tmp_path: Path) -> str:
+    """The reconciler's ServiceAccount through the test's fault proxy."""
+    return str(kube.reconciler_kubeconfig(tmp_path / "reconciler.kubeconfig"))
 
 
-def elector(emu: Emulator, identity: str, **timing: float) -> LeaderElector:
-    api = kube.api_client(str(emu.kubeconfig), retry=RetryPolicy(attempts=1, timeout=0.5))
-    cfg = ElectionConfig("lock", "default", identity, **timing)
+def elector(kubeconfig: str, identity: str, **timing: float) -> LeaderElector:
+    api = rk.api_client(kubeconfig, retry=RetryPolicy(attempts=1, timeout=0.5))
+    cfg = ElectionConfig("lock", NS, identity, **timing)
     return LeaderElector(api, cfg)
 
 
-def lease(emu: Emulator, name: str = "lock", ns: str = "default") -> Any:
-    return client.CoordinationV1Api(emu.api_client()).read_namespaced_lease(name, ns).spec
+def lease(kube: Kube, name: str = "lock", ns: str = NS) -> Any:
+    return kube.coord.read_namespaced_lease(name, ns).spec
 
 
 class Sampler:
@@ -74,8 +71,8 @@ class Sampler:
 TIMING = {"lease_duration": 3.0, "renew_deadline": 2.0, "retry_period": 0.2}
 
 
-def test_one_leader_and_takeover_after_the_lease_expires(emu: Emulator) -> None:
-    a, b = elector(emu, "a", **TIMING), elector(emu, "b", **TIMING)
+def test_one_leader_and_takeover_after_the_lease_expires(kube: Kube, kubeconfig: str) -> None:
+    a, b = elector(kubeconfig, "a", **TIMING), elector(kubeconfig, "b", **TIMING)
     a.start()
     wait_for(a.is_leader, 30, "a leads")
     b.start()
@@ -85,45 +82,47 @@ def test_one_leader_and_takeover_after_the_lease_expires(emu: Emulator) -> None:
     with pytest.raises(LeadershipLost):
         b.check()
     a.check()
-    assert lease(emu).holder_identity == "a"
+    assert lease(kube).holder_identity == "a"
     # a crashes (stops renewing, does not release): b waits out the lease, then takes over
     t0 = time.monotonic()
     a.stop(release=False)
     wait_for(b.is_leader, 30, "b takes over")
     took = time.monotonic() - t0
     assert took >= 2.8, f"took over after {took:.1f}s, before the 3 s lease ran out"
-    spec = lease(emu)
+    spec = lease(kube)
     assert spec.holder_identity == "b" and spec.lease_transitions == 1
     assert sampler.close() == 0
     # b stops cleanly: the Lease is released, a new candidate gets it within a retry period
-    c = elector(emu, "c", **TIMING)
+    c = elector(kubeconfig, "c", **TIMING)
     c.start()
     time.sleep(0.5)
     assert not c.is_leader()
     t0 = time.monotonic()
     b.stop(release=True)
-    assert lease(emu).holder_identity in ("", "c")
+    assert lease(kube).holder_identity in ("", "c")
     wait_for(c.is_leader, 30, "c takes over")
     assert time.monotonic() - t0 < 2.5, "released: no need to wait out the 3 s lease"
     c.stop()
 
 
-def test_a_leader_that_cannot_renew_stops_before_another_can_start(emu: Emulator) -> None:
-    a, b = elector(emu, "a", **TIMING), elector(emu, "b", **TIMING)
+def test_a_leader_that_cannot_renew_stops_before_another_can_start(
+    kube: Kube, kubeconfig: str
+) -> None:
+    a, b = elector(kubeconfig, "a", **TIMING), elector(kubeconfig, "b", **TIMING)
     a.start()
     wait_for(a.is_leader, 30, "a leads")
     b.start()
     sampler = Sampler(a, b)
     time.sleep(0.5)
     # a's renewals fail (the API server answers 500 to its Lease writes); b's reads still work
-    emu.inject_fault(r"/leases/lock$", method="PUT", status=500, count=1000)
+    kube.inject_fault(r"/leases/lock$", method="PUT", status=500, count=1000)
     t0 = time.monotonic()
     wait_for(lambda: not a.is_leader(), 30, "a steps down")
     stepped = time.monotonic() - t0
     assert stepped < 3.0, f"stepped down after {stepped:.1f}s, not within the lease"
     with pytest.raises(LeadershipLost):
         a.check()
-    emu.clear_faults()
+    kube.clear_faults()
     wait_for(lambda: a.is_leader() or b.is_leader(), 30, "someone leads again")
     assert sampler.close() == 0, "two leaders at the same time"
     a.stop()
@@ -143,8 +142,8 @@ def test_timings_are_validated() -> None:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
+def world(kube: Kube, tmp_path: Path) -> Iterator[World]:
+    w = World(kube, tmp_path)
     procs: list[Process] = []
     w.procs = procs  # type: ignore[attr-defined]
     try:
@@ -152,7 +151,6 @@ def world(tmp_path: Path) -> Iterator[World]:
     finally:
         for p in procs:
             p.stop(signal.SIGKILL)
-        w.stop()
 
 
 ELECT = (
@@ -180,7 +178,7 @@ def writers(world: World, since: float = 0.0) -> set[str]:
     """Replicas (from the User-Agent) that wrote anything but their Lease since ``since``."""
     return {
         r.user_agent.rsplit("(", 1)[-1].rstrip(")")
-        for r in world.emu.requests(writes=True)
+        for r in world.requests(writes=True)
         if r.time >= since and "/leases/" not in r.path and "underlay/" in r.user_agent
     }
 
@@ -189,6 +187,10 @@ def test_only_the_leader_writes_and_the_standby_takes_over(world: World) -> None
     world.commit(QUICK)
     a = replica(world, "a")
     wait_for(lambda: holder(world) == "a", 30, f"a leads ({a.log})")
+    # what an operator sees: the server's Table for leases has a HOLDER column
+    table = world.kube.kubectl("get", "lease", LEASE, "-n", NS).stdout.splitlines()
+    assert table[0].split() == ["NAME", "HOLDER", "AGE"], table
+    assert table[1].split()[:2] == [LEASE, "a"], table
     wait_for(lambda: pool_ips(world, "pool-a"), 30, "first apply")
     b = replica(world, "b")
     wait_for(lambda: b.http("/readyz")[0] == 200, 30, f"standby ready ({b.log})")
@@ -207,9 +209,9 @@ def test_only_the_leader_writes_and_the_standby_takes_over(world: World) -> None
     )  # fmt: skip
     time.sleep(1.0)
     assert writers(world) == {"a"}
-    assert not any(
-        r.is_write for r in world.emu.requests(path="/leases/") if "(b)" in r.user_agent
-    ), "a standby only reads a Lease that is held"
+    assert not any(r.is_write for r in world.requests(path="/leases/") if "(b)" in r.user_agent), (
+        "a standby only reads a Lease that is held"
+    )
 
     # the leader dies without releasing: b takes over once the 4 s lease ran out
     killed = time.time()

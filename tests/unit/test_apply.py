@@ -1,9 +1,10 @@
-"""Apply, prune, drift and status against the API emulator, from real Git repositories.
+"""Apply, prune, drift and status against the real control plane, from real Git repositories.
 
 Every test drives :class:`reconciler.controller.Reconciler` (what ``underlay apply`` and
-``underlay reconcile`` run) over a Git repository with real commits, against the Kubernetes API
-emulator in tests/kube, and checks the cluster, the GitSync status, the Events and the
-emulator's request log (what was written, in which order, with or without dryRun).
+``underlay reconcile`` run) over a Git repository with real commits, against kube-apiserver,
+kube-controller-manager and etcd (tests/controlplane) as the reconciler's ServiceAccount, and
+checks the cluster, the GitSync status, the Events and the fault proxy's request log (what was
+written, in which order, with or without dryRun).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,10 @@ from reconciler import kube, vocab
 from reconciler.controller import GitSource, Options, PassReport, Reconciler
 from reconciler.plan import Op, format_plan
 from reconciler.retry import RetryPolicy
-from tests.kube.emulator import Emulator
+from tests.controlplane.cluster import Kube
+from tests.controlplane.proxy import RequestRecord
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = sorted((ROOT / "deploy" / "crds").glob("*.yaml"))
 NS = "underlay-system"
 
 BRIDGE = """\
@@ -70,19 +72,21 @@ def smc(name: str, pool_name: str) -> str:
 
 
 class World:
-    """An emulated cluster (CRDs from deploy/crds, namespace underlay-system) and an origin
-    Git repository; :meth:`reconciler` builds the controller the CLI builds."""
+    """The real control plane as the reconciler's tests see it (see tests/controlplane: CRDs
+    from deploy/crds, namespace underlay-system, deploy/rbac.yaml) and an origin Git repository.
 
-    def __init__(self, tmp: Path, crds: list[Path] | None = None) -> None:
+    :meth:`reconciler` builds the controller the CLI builds, authenticated as the reconciler's
+    ServiceAccount (exactly deploy/rbac.yaml) through the test's fault proxy, whose request log
+    :meth:`writes` reads. :attr:`api`, :attr:`core` and :attr:`custom` are the admin, straight
+    to the server, for setup and assertions (never logged)."""
+
+    def __init__(self, kube: Kube, tmp: Path) -> None:
         self.tmp = tmp
-        self.emu = Emulator()
-        self.emu.start()
-        self.kubeconfig = str(self.emu.write_kubeconfig(tmp / "kubeconfig"))
-        self.emu.install_crds(CRDS if crds is None else crds)
-        self.api = self.emu.api_client()
-        self.core = client.CoreV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
-        self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
+        self.kube = kube
+        self.kubeconfig = str(kube.reconciler_kubeconfig(tmp / "reconciler.kubeconfig"))
+        self.api = kube.api
+        self.core = kube.core
+        self.custom = kube.custom
         self.origin_dir = tmp / "origin"
         self.repo = git.Repo.init(self.origin_dir, initial_branch="main")
         with self.repo.config_writer() as cw:
@@ -127,18 +131,33 @@ class World:
         return dict(self.gitsync().get("status") or {})
 
     def condition(self, ctype: str) -> dict[str, Any]:
-        return next(c for c in self.status()["conditions"] if c["type"] == ctype)
+        """Condition ``ctype`` of the GitSync status ({} before the first status has it)."""
+        return next((c for c in self.status().get("conditions") or [] if c["type"] == ctype), {})
 
     def events(self) -> list[tuple[str, str, str]]:
-        evs = self.core.list_namespaced_event(NS).items
+        """(type, reason, message) of the Events about the GitSync, oldest first."""
+        evs = [
+            e
+            for e in self.core.list_namespaced_event(NS).items
+            if e.involved_object.kind == vocab.GIT_SYNC.kind
+        ]
         evs.sort(key=lambda e: e.metadata.name)
         return [(e.type, e.reason, e.message) for e in evs]
+
+    def requests(
+        self, method: str | None = None, path: str | None = None, *, writes: bool = False
+    ) -> list[RequestRecord]:
+        """What went through the proxy (the programs under test) since the last reset."""
+        return self.kube.requests(method, path, writes=writes)
+
+    def reset_requests(self) -> None:
+        self.kube.reset_requests()
 
     def writes(self, *, dry_run: bool | None = None) -> list[tuple[str, str]]:
         """(method, path) of write requests since the last reset (dry runs included unless
         ``dry_run`` says otherwise)."""
         out = []
-        for r in self.emu.requests(writes=True):
+        for r in self.kube.requests(writes=True):
             is_dry = "dryRun" in r.params
             if dry_run is None or dry_run == is_dry:
                 out.append((r.method, r.path))
@@ -158,8 +177,59 @@ class World:
             (e["kind"], e.get("namespace"), e["name"]) for e in self.status().get("inventory", [])
         }
 
-    def stop(self) -> None:
-        self.emu.stop()
+    def crd(self, name: str) -> dict[str, Any] | None:
+        """The CustomResourceDefinition ``name`` as the server holds it, or None."""
+        return crd(self.api, name)
+
+    def delete_crd(self, name: str) -> None:
+        """Delete CRD ``name`` (see :func:`delete_crd`)."""
+        delete_crd(self.api, name)
+
+
+def crd(api: Any, name: str) -> dict[str, Any] | None:
+    """The CustomResourceDefinition ``name`` as the server holds it, or None."""
+    try:
+        return _raw(api, "GET", f"{CRD_PATH}/{name}")
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def delete_crd(api: Any, name: str, timeout: float = 60) -> None:
+    """Delete a CRD of deploy/crds and wait until its resource is no longer served
+    (tests/controlplane's reset installs it again after the test)."""
+    _raw(api, "DELETE", f"{CRD_PATH}/{name}")
+    plural, group = name.split(".", 1)
+    res = next(r for r in vocab.ALL_CUSTOM if (r.plural, r.group) == (plural, group))
+    path = f"/apis/{res.group}/{res.version}/{res.plural}"
+    _wait(
+        lambda: crd(api, name) is None and _status_of(api, path) == 404, timeout, f"CRD {name} gone"
+    )
+
+
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+
+
+def _raw(api: Any, method: str, path: str, body: Any = None) -> Any:
+    """One admin request by path (JSON); ApiException for a non-2xx answer."""
+    return kube.request(api, method, path, body)
+
+
+def _status_of(api: Any, path: str) -> int:
+    try:
+        _raw(api, "GET", path)
+    except client.ApiException as exc:
+        return int(exc.status)
+    return 200
+
+
+def _wait(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
 
 
 QUICK = {
@@ -189,7 +259,7 @@ def test_first_pass_dry_runs_everything_then_writes_in_dependency_order(world: W
         "create NetworkAttachmentDefinition kube-system/net-a",
     ]
     user = ("ovsbridges", "spiderippools", "spidermultusconfigs", "network-attachment-definitions")
-    log = [r for r in world.emu.requests(writes=True) if any(f"/{u}/" in r.path for u in user)]
+    log = [r for r in world.requests(writes=True) if any(f"/{u}/" in r.path for u in user)]
     dry = [r for r in log if r.params.get("dryRun") == "All"]
     real = [r for r in log if "dryRun" not in r.params and r.method == "PATCH"]
     # the only other write: the pool's status counts (totalIPCount), right after its apply
@@ -219,7 +289,7 @@ def test_first_pass_dry_runs_everything_then_writes_in_dependency_order(world: W
     ]
 
     # a pass over the same revision writes nothing at all: no object, no status, no Event
-    world.emu.reset_requests()
+    world.reset_requests()
     again = rec.run_once()
     assert again.skipped_pipeline and again.outcome is None and again.converged
     assert not again.quiet, "the first pass after writes plans again"
@@ -243,9 +313,29 @@ def test_dry_run_rejection_applies_nothing(world: World) -> None:
     strict = copy.deepcopy(crd)
     props = strict["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
     props["spec"]["properties"]["config"]["maxLength"] = 20
-    world.emu.apply_crd(strict)
+    live = world.crd(crd["metadata"]["name"])
+    assert live is not None
+    strict["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+    _raw(world.api, "PUT", f"{CRD_PATH}/{crd['metadata']['name']}", strict)
+    # the server serves the new schema a moment after the update (its CRD handler is
+    # rebuilt asynchronously): wait until it refuses a long config
+    nad = vocab.NETWORK_ATTACHMENT_DEFINITION
+    probe = {"apiVersion": vocab.NAD_API_VERSION, "kind": nad.kind,
+             "metadata": {"name": "probe", "namespace": "kube-system"},
+             "spec": {"config": "x" * 21}}  # fmt: skip
+
+    def refused() -> bool:
+        try:
+            world.custom.create_namespaced_custom_object(
+                nad.group, nad.version, "kube-system", nad.plural, probe, dry_run="All"
+            )
+        except client.ApiException as exc:
+            return exc.status == 422
+        return False
+
+    _wait(refused, 30, "the stricter schema to be served")
     world.commit(QUICK)
-    world.emu.reset_requests()
+    world.reset_requests()
     rep = world.reconciler().run_once()
     assert rep.reason == "DryRunFailed" and rep.outcome is not None
     ((a, msg),) = rep.outcome.dry_run_failed
@@ -263,26 +353,23 @@ def test_dry_run_rejection_applies_nothing(world: World) -> None:
     assert world.inventory_keys() == set()
 
 
-def test_missing_crd_is_named_and_nothing_is_written(tmp_path: Path) -> None:
-    w = World(tmp_path, [c for c in CRDS if "ovsbridges.underlay.dev" not in c.name])
-    try:
-        w.commit(QUICK)
-        rep = w.reconciler().run_once()
-        assert rep.reason == "MissingCRD"
-        assert rep.error is not None and "ovsbridges.underlay.dev" in rep.error
-        assert "install the CustomResourceDefinition" in rep.error
-        assert w.get(vocab.SPIDER_IPPOOL, "pool-a") is None
-        ready = w.condition("Ready")
-        assert ready["reason"] == "MissingCRD" and "ovsbridges.underlay.dev" in ready["message"]
-        assert w.condition("Stalled")["status"] == "True"
-        assert ("Warning", "MissingCRD", ready["message"]) in w.events()
-        # a repository without OvsBridge does not need that CRD
-        w.commit({"bridge.yaml": None, "smc.yaml": None})
-        ok = w.reconciler().run_once()
-        assert ok.error is None and ok.converged, ok.error
-        assert w.get(vocab.SPIDER_IPPOOL, "pool-a") is not None
-    finally:
-        w.stop()
+def test_missing_crd_is_named_and_nothing_is_written(world: World) -> None:
+    world.delete_crd("ovsbridges.underlay.dev")
+    world.commit(QUICK)
+    rep = world.reconciler().run_once()
+    assert rep.reason == "MissingCRD"
+    assert rep.error is not None and "ovsbridges.underlay.dev" in rep.error
+    assert "install the CustomResourceDefinition" in rep.error
+    assert world.get(vocab.SPIDER_IPPOOL, "pool-a") is None
+    ready = world.condition("Ready")
+    assert ready["reason"] == "MissingCRD" and "ovsbridges.underlay.dev" in ready["message"]
+    assert world.condition("Stalled")["status"] == "True"
+    assert ("Warning", "MissingCRD", ready["message"]) in world.events()
+    # a repository without OvsBridge does not need that CRD
+    world.commit({"bridge.yaml": None, "smc.yaml": None})
+    ok = world.reconciler().run_once()
+    assert ok.error is None and ok.converged, ok.error
+    assert world.get(vocab.SPIDER_IPPOOL, "pool-a") is not None
 
 
 # --- prune -------------------------------------------------------------------------------------
@@ -323,7 +410,7 @@ def test_failed_delete_stays_in_the_inventory_and_is_retried(world: World) -> No
     rec = world.reconciler()
     assert rec.run_once().converged
     world.commit({"pool-b.yaml": None})
-    world.emu.inject_fault(r"/spiderippools/pool-b$", method="DELETE", status=500, count=50)
+    world.kube.inject_fault(r"/spiderippools/pool-b$", method="DELETE", status=500, count=50)
     rep = rec.run_once()
     assert rep.reason == "ApplyFailed"
     assert rep.outcome is not None and [a.ref() for a, _ in rep.outcome.failed] == [
@@ -333,7 +420,7 @@ def test_failed_delete_stays_in_the_inventory_and_is_retried(world: World) -> No
     assert world.condition("Ready")["reason"] == "ApplyFailed"
     assert world.condition("Reconciling")["status"] == "True"
     assert world.status()["lastAppliedRevision"] != world.status()["lastAttemptedRevision"]
-    world.emu.clear_faults()
+    world.kube.clear_faults()
     rep = rec.run_once()
     assert rep.converged and applied(rep) == ["prune SpiderIPPool pool-b"]
     assert world.get(vocab.SPIDER_IPPOOL, "pool-b") is None
@@ -410,7 +497,7 @@ def test_hand_edit_is_reported_and_reverted_on_the_next_pass(world: World) -> No
     world.custom.delete_namespaced_custom_object(
         "k8s.cni.cncf.io", "v1", "kube-system", "network-attachment-definitions", "net-a"
     )
-    world.emu.reset_requests()
+    world.reset_requests()
     rep = rec.run_once()
     assert rep.converged and not rep.quiet, rep.error
     assert sorted(applied(rep)) == [
@@ -432,7 +519,7 @@ def test_hand_edit_is_reported_and_reverted_on_the_next_pass(world: World) -> No
     # the next pass clears the drift report; the one after writes nothing
     rec.run_once()
     assert "drift" not in world.status()
-    world.emu.reset_requests()
+    world.reset_requests()
     assert rec.run_once().outcome is None
     assert world.writes() == []
 
@@ -451,7 +538,7 @@ def test_no_self_heal_reports_drift_without_reverting(world: World) -> None:
     assert ready["status"] == "False" and ready["reason"] == "DriftDetected"
     assert world.status()["drift"][0]["reverted"] is False
     assert len([e for e in world.events() if e[1] == "DriftDetected"]) == 1
-    world.emu.reset_requests()
+    world.reset_requests()
     rec.run_once()  # same drift: reported once, no new Event, no write
     assert world.writes() == []
     # a Git change to the object is applied (and overwrites the hand edit)
@@ -487,7 +574,7 @@ def test_invalid_revision_stalls_and_the_cluster_keeps_the_last_good_one(world: 
     assert [e[1] for e in world.events()].count("ValidationFailed") == 1
     # the last good revision is still enforced: drift is reverted while Git is broken
     _hand_edit_gateway(world, "10.1.0.254")
-    world.emu.reset_requests()
+    world.reset_requests()
     rep = rec.run_once()
     assert rep.skipped_pipeline and applied(rep) == ["update SpiderIPPool pool-a"]
     assert [e[1] for e in world.events()].count("ValidationFailed") == 1
@@ -531,3 +618,54 @@ def test_status_shape_and_generation(world: World) -> None:
     world.commit({"pool-b.yaml": pool("pool-b", 2)})
     rep = rec.run_once()
     assert rep.suspended and world.get(vocab.SPIDER_IPPOOL, "pool-b") is None
+
+
+def test_a_pass_reads_the_whole_gitsync_only_when_it_changed(world: World) -> None:
+    """The GitSync holds the inventory (a megabyte with thousands of objects): a pass reads its
+    metadata from the server's watch cache and the whole object only when its resourceVersion
+    moved, by anyone; a change someone else made is seen by the next pass."""
+    world.commit(QUICK)
+    rec = world.reconciler()
+    assert rec.run_once().converged
+    rec.run_once()  # the first pass after writes plans again
+    assert rec.run_once().quiet
+    path = r"/gitsyncs/underlay$"
+    world.reset_requests()
+    assert rec.run_once().quiet
+    (meta,) = world.requests("GET", path)
+    assert meta.params == {"resourceVersion": "0"}, "metadata from the watch cache"
+    # someone asks for a pass (the annotation): the next pass reads it whole and handles it
+    world.custom.patch_namespaced_custom_object(
+        "underlay.dev", "v1alpha1", NS, "gitsyncs", "underlay",
+        {"metadata": {"annotations": {"underlay.dev/reconcile-requested-at": "now"}}},
+    )  # fmt: skip
+    _wait(lambda: rec.gitsync._unchanged() is False, 10, "the watch cache to see the annotation")
+    world.reset_requests()
+    rep = rec.run_once()
+    assert not rep.quiet and world.status()["lastHandledReconcileAt"] == "now"
+    full = [r for r in world.requests("GET", path) if "resourceVersion" not in r.params]
+    assert len(full) == 1, world.requests("GET", path)
+
+
+def test_a_status_larger_than_the_server_stores_is_named_not_retried(world: World) -> None:
+    """etcd keeps objects up to 1.5 MiB: a GitSync whose inventory lists 12,000 objects is
+    refused by the real server (500, "etcdserver: request is too large"); the reconciler says
+    so, with what to do, after one try (the same status is as large on every try)."""
+    from reconciler.status import GitSyncs, StatusTooLarge
+
+    api = kube.api_client(world.kubeconfig, retry=RetryPolicy(base=0.05, timeout=60))
+    gs = GitSyncs(api, NS, "underlay", "underlay")
+    gs.ensure()
+    entry = {"apiVersion": vocab.SPIDERPOOL_API_VERSION, "kind": "SpiderIPPool",
+             "uid": "0b8f5a8e-5d2c-4a57-9d0e-2f1f6f0c1a2b", "digest": "0123456789abcdef"}  # fmt: skip
+    big = {"inventory": [{**entry, "name": f"pool-{i:05d}"} for i in range(12000)]}
+    world.reset_requests()
+    try:
+        gs.write(big)
+    except StatusTooLarge as exc:
+        msg = str(exc)
+    else:
+        raise AssertionError("the server stored a 2 MiB object")
+    assert "12000 inventory entries" in msg and "--instance" in msg, msg
+    assert len(world.requests("PUT", r"/gitsyncs/underlay/status$")) == 1
+    assert "inventory" not in world.status()

@@ -1,21 +1,23 @@
-"""The reconciler's LIST+WATCH cache against the API emulator: it follows other clients'
-changes, resumes after 410 Gone with a fresh LIST, reports a missing CRD until it is installed,
-and never lets an older event replace a newer object this process wrote."""
+"""The reconciler's LIST+WATCH cache against the real control plane (as the reconciler's
+ServiceAccount, through the fault proxy): it follows other clients' changes, resumes after the
+server's 410 Expired with a fresh LIST, reports a missing CRD until it is installed, and never
+lets an older event replace a newer object this process wrote."""
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from reconciler import kube, vocab
+from reconciler import vocab
 from reconciler.cache import ObjectCache
 from reconciler.controller import OBSERVED
-from tests.kube.emulator import Emulator
+from tests.controlplane.cluster import Kube
+from tests.unit.test_apply import delete_crd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,27 +40,21 @@ def pool(name: str, third: int = 1) -> dict[str, Any]:
     }
 
 
+SMC_CRD = "spidermultusconfigs.spiderpool.spidernet.io"
+POOL_CRD = "spiderippools.spiderpool.spidernet.io"
+
+
 @pytest.fixture
-def emu(tmp_path: Path) -> Iterator[Emulator]:
-    e = Emulator()
-    e.start()
-    e.write_kubeconfig(tmp_path / "kubeconfig")
-    e.install_crds(
-        [p for p in sorted((ROOT / "deploy/crds").glob("*.yaml")) if "spidermultus" not in p.name]
-    )
-    try:
-        yield e
-    finally:
-        e.stop()
+def cache_api(kube: Kube, tmp_path: Path) -> Any:
+    """The reconciler's ServiceAccount through the test's fault proxy."""
+    return kube.api_client(kube.reconciler_kubeconfig(tmp_path / "reconciler.kubeconfig"))
 
 
-def test_follows_changes_relists_after_410_and_finds_a_late_crd(emu: Emulator) -> None:
-    api = emu.api_client()
-    pools = kube.Objects(api, vocab.SPIDER_IPPOOL)
+def test_follows_changes_relists_after_410_and_finds_a_late_crd(kube: Kube, cache_api: Any) -> None:
+    delete_crd(kube.api, SMC_CRD)  # installed again below, and by the fixture's reset
+    pools = _pools(kube)
     pools.create(pool("before"))
-    cache = ObjectCache(
-        kube.api_client(str(emu.kubeconfig)), OBSERVED, timeout_seconds=1, retry=0.2
-    )
+    cache = ObjectCache(cache_api, OBSERVED, timeout_seconds=1, retry=0.2)
     cache.start()
     try:
         assert cache.wait_synced(10)
@@ -70,7 +66,7 @@ def test_follows_changes_relists_after_410_and_finds_a_late_crd(emu: Emulator) -
         pools.create(pool("after", 2))
         live = pools.get("before")
         live["spec"]["ips"] = ["10.1.0.11"]
-        kube.Objects(api, vocab.SPIDER_IPPOOL).api.replace_cluster_custom_object(
+        pools.api.replace_cluster_custom_object(
             "spiderpool.spidernet.io", "v2beta1", "spiderippools", "before", live
         )
         wait_for(lambda: ("SpiderIPPool", None, "after") in cache.snapshot()[0])
@@ -83,27 +79,60 @@ def test_follows_changes_relists_after_410_and_finds_a_late_crd(emu: Emulator) -
         pools.delete("after")
         wait_for(lambda: ("SpiderIPPool", None, "after") not in cache.snapshot()[0])
         assert cache.lists == lists, "events, not lists"
-        # the watch ends (timeout 1 s) and its resume is held up; meanwhile a pool is created
-        # and the history compacted: the resume gets 410 Gone, and a fresh LIST finds the pool
-        emu.inject_fault(r"/spiderippools$", method="GET", hang=1.0)
-        wait_for(lambda: emu.open_watches("spiderippools") == 0, 5)
-        pools.create(pool("during", 3))
-        emu.compact()
-        wait_for(lambda: ("SpiderIPPool", None, "during") in cache.snapshot()[0], 10)
+        expired = cache.expired
+        # the watch ends (timeout 1 s) and its resume is held up by the proxy; meanwhile the
+        # pool CRD is deleted and installed again (the server's watch cache of pools starts
+        # over, at a later resourceVersion) and a pool is created: the held resume asks for a
+        # resourceVersion the server calls too old (410 Expired), and a fresh LIST finds the
+        # pool (and no longer the pools that went with the old CRD)
+        kube.inject_fault(r"/spiderippools$", method="GET", hang=4.0)
+        wait_for(lambda: not kube.faults(), 5)  # taken: the resume is held
+        delete_crd(kube.api, POOL_CRD)
+        kube.cp.install()
+        _pools(kube).create(pool("during", 3))
+        wait_for(lambda: ("SpiderIPPool", None, "during") in cache.snapshot()[0], 20)
+        assert ("SpiderIPPool", None, "before") not in cache.snapshot()[0]
+        assert cache.expired > expired, "the server's 410 Expired, not a failure"
         assert cache.lists >= lists + 1  # the 410 made a fresh LIST (a loaded machine may add one)
-        # the CRD installed later is found at the next retry
-        emu.install_crds([ROOT / "deploy/crds/spidermultusconfigs.spiderpool.spidernet.io.yaml"])
+        # the Multus config CRD, installed above, is found at the next retry
         wait_for(lambda: cache.snapshot()[1] == [], 10)
     finally:
         cache.stop()
 
 
-def test_own_writes_win_over_older_events(emu: Emulator) -> None:
-    cache = ObjectCache(emu.api_client(), OBSERVED, retry=0.2)
+def test_a_watch_answered_with_410_lists_again_at_once(kube: Kube, cache_api: Any) -> None:
+    """The proxy answers the resume of a watch with the ERROR event a server sends when the
+    resourceVersion is older than its history (after etcd compaction): the cache lists again
+    at once, as for the server's own 410, instead of backing off as after an error."""
+    cache = ObjectCache(cache_api, OBSERVED, timeout_seconds=1, retry=30)
     cache.start()
     try:
         assert cache.wait_synced(10)
-        pools = kube.Objects(emu.api_client(), vocab.SPIDER_IPPOOL)
+        lists, expired = cache.lists, cache.expired
+        kube.inject_fault(r"/spiderippools$", method="GET", gone=True, hang=0.5)
+        wait_for(lambda: not kube.faults(), 5)
+        _pools(kube).create(pool("later", 4))
+        wait_for(lambda: ("SpiderIPPool", None, "later") in cache.snapshot()[0], 10)
+        assert cache.expired == expired + 1 and cache.lists >= lists + 1
+        kind = cache.kinds["SpiderIPPool"]
+        assert kind.error is None
+    finally:
+        cache.stop()
+
+
+def _pools(kube: Kube) -> Any:
+    from reconciler import kube as rk
+
+    return rk.Objects(kube.api, vocab.SPIDER_IPPOOL)
+
+
+def test_own_writes_win_over_older_events(kube: Kube, cache_api: Any) -> None:
+    delete_crd(kube.api, SMC_CRD)
+    cache = ObjectCache(cache_api, OBSERVED, retry=0.2)
+    cache.start()
+    try:
+        assert cache.wait_synced(10)
+        pools = _pools(kube)
         first = pools.create(pool("p"))
         body = copy.deepcopy(first)
         body["spec"]["ips"] = ["10.1.0.12"]
@@ -126,15 +155,14 @@ def test_own_writes_win_over_older_events(emu: Emulator) -> None:
 
 
 def test_our_write_recorded_after_someone_deleted_the_object_does_not_bring_it_back(
-    emu: Emulator,
+    kube: Kube, cache_api: Any
 ) -> None:
     """The reconciler records the answer to its own write after the write; if someone deleted
     the object in between and the watch already delivered the DELETED, recording the older
     answer must not put it back (it did: the deleted object stayed in the cache, so the
     reconciler never re-created it; found in a loaded CI run)."""
-    api = emu.api_client()
-    pools = kube.Objects(api, vocab.SPIDER_IPPOOL)
-    cache = ObjectCache(kube.api_client(str(emu.kubeconfig)), OBSERVED, timeout_seconds=30)
+    pools = _pools(kube)
+    cache = ObjectCache(cache_api, OBSERVED, timeout_seconds=30)
     cache.start()
     try:
         assert cache.wait_synced(10)

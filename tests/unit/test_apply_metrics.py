@@ -87,7 +87,7 @@ def test_healthz_fails_while_a_pass_is_stuck(world: World) -> None:
     assert rec.readyz() is not None, "not ready before the API server answered"
     assert rec.run_once().converged
     assert rec.readyz() is None and rec.healthz(stuck_after=0.5) is None
-    world.emu.inject_fault(r"/gitsyncs/underlay$", method="GET", hang=2.0)
+    world.kube.inject_fault(r"/gitsyncs/underlay$", method="GET", hang=2.0)
     t = threading.Thread(target=rec.run_once)
     t.start()
     time.sleep(1.0)

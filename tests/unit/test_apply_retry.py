@@ -1,11 +1,10 @@
-"""Retries with exponential backoff on 429/5xx/timeouts/dropped connections, against the
-emulator's fault injection; and a pass that converges through failures injected in the middle
-of its apply, with nothing duplicated or orphaned."""
+"""Retries with exponential backoff on 429/5xx/timeouts/dropped connections, against the real
+control plane behind the fault proxy; and a pass that converges through failures injected in
+the middle of its apply, with nothing duplicated or orphaned."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,68 +12,63 @@ import pytest
 import urllib3
 from kubernetes import client
 
-from reconciler import kube, vocab
+from reconciler import kube as rk
+from reconciler import vocab
 from reconciler.controller import GitSource, Options, Reconciler
 from reconciler.metrics import ReconcilerMetrics
 from reconciler.retry import RetryPolicy, retry_after_seconds
-from tests.kube.emulator import Emulator
+from tests.controlplane.cluster import Kube
 from tests.unit.test_apply import NS, QUICK, World, applied, pool
 
 POOL_PATH = "/apis/spiderpool.spidernet.io/v2beta1/spiderippools"
 
 
 @pytest.fixture
-def emu(tmp_path: Path) -> Iterator[Emulator]:
-    e = Emulator()
-    e.start()
-    e.write_kubeconfig(tmp_path / "kubeconfig")
-    e.register(vocab.SPIDER_IPPOOL)
-    try:
-        yield e
-    finally:
-        e.stop()
+def kubeconfig(kube: Kube, tmp_path: Path) -> str:
+    """The reconciler's ServiceAccount through the test's fault proxy."""
+    return str(kube.reconciler_kubeconfig(tmp_path / "reconciler.kubeconfig"))
 
 
-def retrying(emu: Emulator, policy: RetryPolicy) -> tuple[Any, list[tuple[str, str, float]]]:
+def retrying(kubeconfig: str, policy: RetryPolicy) -> tuple[Any, list[tuple[str, str, float]]]:
     seen: list[tuple[str, str, float]] = []
-    api = kube.api_client(
-        str(emu.kubeconfig), retry=policy, on_retry=lambda m, p, r, d: seen.append((m, r, d))
+    api = rk.api_client(
+        kubeconfig, retry=policy, on_retry=lambda m, p, r, d: seen.append((m, r, d))
     )
     return api, seen
 
 
-def test_429_honours_retry_after(emu: Emulator) -> None:
-    api, seen = retrying(emu, RetryPolicy(base=0.01, jitter=0))
-    emu.inject_fault(POOL_PATH + "$", method="GET", status=429, retry_after=1, count=1)
+def test_429_honours_retry_after(kube: Kube, kubeconfig: str) -> None:
+    api, seen = retrying(kubeconfig, RetryPolicy(base=0.01, jitter=0))
+    kube.inject_fault(POOL_PATH + "$", method="GET", status=429, retry_after=1, count=1)
     started = time.monotonic()
-    kube.Objects(api, vocab.SPIDER_IPPOOL).list()
+    rk.Objects(api, vocab.SPIDER_IPPOOL).list()
     assert time.monotonic() - started >= 0.95
     assert seen == [("GET", "429", 1.0)]
-    codes = [r.code for r in emu.requests("GET", POOL_PATH + "$")]
+    codes = [r.code for r in kube.requests("GET", POOL_PATH + "$")]
     assert codes == [429, 200]
 
 
-def test_5xx_backs_off_exponentially_then_gives_up(emu: Emulator) -> None:
-    api, seen = retrying(emu, RetryPolicy(attempts=4, base=0.02, factor=2, jitter=0))
-    emu.inject_fault(POOL_PATH + "$", method="GET", status=503, count=3)
-    kube.Objects(api, vocab.SPIDER_IPPOOL).list()
+def test_5xx_backs_off_exponentially_then_gives_up(kube: Kube, kubeconfig: str) -> None:
+    api, seen = retrying(kubeconfig, RetryPolicy(attempts=4, base=0.02, factor=2, jitter=0))
+    kube.inject_fault(POOL_PATH + "$", method="GET", status=503, count=3)
+    rk.Objects(api, vocab.SPIDER_IPPOOL).list()
     assert [(r, d) for _m, r, d in seen] == [("503", 0.02), ("503", 0.04), ("503", 0.08)]
-    emu.inject_fault(POOL_PATH + "$", method="GET", status=500, count=10)
+    kube.inject_fault(POOL_PATH + "$", method="GET", status=500, count=10)
     with pytest.raises(client.ApiException) as info:
-        kube.Objects(api, vocab.SPIDER_IPPOOL).list()
+        rk.Objects(api, vocab.SPIDER_IPPOOL).list()
     assert info.value.status == 500
-    assert len(emu.requests("GET", POOL_PATH + "$")) == 4 + 4
+    assert len(kube.requests("GET", POOL_PATH + "$")) == 4 + 4
     # 409/404/422 are answers, not failures: never retried
-    emu.clear_faults()
+    kube.clear_faults()
     seen.clear()
     with pytest.raises(client.ApiException) as info:
-        kube.Objects(api, vocab.SPIDER_IPPOOL).get("absent")
+        rk.Objects(api, vocab.SPIDER_IPPOOL).get("absent")
     assert info.value.status == 404 and seen == []
 
 
-def test_timeouts_and_dropped_connections_are_retried(emu: Emulator) -> None:
-    api, seen = retrying(emu, RetryPolicy(base=0.01, timeout=0.5))
-    objs = kube.Objects(api, vocab.SPIDER_IPPOOL)
+def test_timeouts_and_dropped_connections_are_retried(kube: Kube, kubeconfig: str) -> None:
+    api, seen = retrying(kubeconfig, RetryPolicy(base=0.01, timeout=0.5))
+    objs = rk.Objects(api, vocab.SPIDER_IPPOOL)
     body = {
         "apiVersion": vocab.SPIDERPOOL_API_VERSION,
         "kind": "SpiderIPPool",
@@ -82,8 +76,8 @@ def test_timeouts_and_dropped_connections_are_retried(emu: Emulator) -> None:
         "spec": {"subnet": "10.0.0.0/24", "ips": ["10.0.0.10"]},
     }
     # the server applies after the client gave up; the retried apply finds it done
-    emu.inject_fault(POOL_PATH + "/p$", method="PATCH", hang=1.0, count=1)
-    emu.inject_fault(POOL_PATH + "/p$", method="GET", drop=True, count=1)
+    kube.inject_fault(POOL_PATH + "/p$", method="PATCH", hang=1.0, count=1)
+    kube.inject_fault(POOL_PATH + "/p$", method="GET", drop=True, count=1)
     live = objs.apply(body, "underlay")
     assert live["spec"]["ips"] == ["10.0.0.10"]
     assert objs.get("p")["metadata"]["uid"] == live["metadata"]["uid"]
@@ -91,10 +85,10 @@ def test_timeouts_and_dropped_connections_are_retried(emu: Emulator) -> None:
     assert "ReadTimeoutError" in reasons and "ProtocolError" in reasons
     assert len(objs.list()["items"]) == 1
     # without retries the same faults surface as transport errors
-    plain = kube.api_client(str(emu.kubeconfig), retry=RetryPolicy(attempts=1, timeout=0.5))
-    emu.inject_fault(POOL_PATH + "/p$", method="GET", hang=1.0, count=1)
+    plain = rk.api_client(kubeconfig, retry=RetryPolicy(attempts=1, timeout=0.5))
+    kube.inject_fault(POOL_PATH + "/p$", method="GET", hang=1.0, count=1)
     with pytest.raises(urllib3.exceptions.ReadTimeoutError):
-        kube.Objects(plain, vocab.SPIDER_IPPOOL).get("p")
+        rk.Objects(plain, vocab.SPIDER_IPPOOL).get("p")
 
 
 def test_retry_after_header_forms() -> None:
@@ -107,7 +101,7 @@ def test_retry_after_header_forms() -> None:
 
 
 def _reconciler(world: World, out: Any, metrics: ReconcilerMetrics) -> Reconciler:
-    api = kube.api_client(
+    api = rk.api_client(
         world.kubeconfig,
         retry=RetryPolicy(base=0.05, cap=0.5, timeout=0.8),
         on_retry=metrics.on_retry,
@@ -139,13 +133,13 @@ def test_failures_in_the_middle_of_an_apply_converge(world: World) -> None:
         lines.append(line)
         if line == "created SpiderIPPool pool-a":
             smc = r"/spidermultusconfigs/net-a$"
-            world.emu.inject_fault(smc, method="PATCH", hang=1.5, count=1)
-            world.emu.inject_fault(
+            world.kube.inject_fault(smc, method="PATCH", hang=1.5, count=1)
+            world.kube.inject_fault(
                 r"/network-attachment-definitions/net-a$", method="PATCH", status=503,
                 retry_after=1, count=1,
             )  # fmt: skip
-            world.emu.inject_fault(r"/spiderippools/pool-b$", method="PATCH", drop=True, count=1)
-            world.emu.inject_fault(r"/spiderippools/pool-b/status$", method="PUT", status=429)
+            world.kube.inject_fault(r"/spiderippools/pool-b$", method="PATCH", drop=True, count=1)
+            world.kube.inject_fault(r"/spiderippools/pool-b/status$", method="PUT", status=429)
 
     rec = _reconciler(world, out, metrics)
     rep = rec.run_once()
@@ -157,7 +151,7 @@ def test_failures_in_the_middle_of_an_apply_converge(world: World) -> None:
         "create SpiderIPPool pool-b",
         "create SpiderMultusConfig kube-system/net-a",
     ]
-    assert world.emu.faults() == [], "every fault was hit"
+    assert world.kube.faults() == [], "every fault was hit"
     nad = world.get(vocab.NETWORK_ATTACHMENT_DEFINITION, "net-a", "kube-system")
     smc = world.get(vocab.SPIDER_MULTUS_CONFIG, "net-a", "kube-system")
     assert nad is not None and smc is not None
@@ -168,7 +162,7 @@ def test_failures_in_the_middle_of_an_apply_converge(world: World) -> None:
     retried = {k[0]: v for k, v in metrics.retries.values.items()}
     assert {"ReadTimeoutError", "503", "ProtocolError", "429"} <= set(retried)
     assert 'underlay_api_retries_total{reason="503"} 1' in metrics.render()
-    world.emu.reset_requests()
+    world.kube.reset_requests()
     assert rec.run_once().outcome is None
     assert world.writes() == []
 
@@ -179,7 +173,7 @@ def test_exhausted_retries_leave_no_orphan_and_the_next_pass_converges(world: Wo
 
     def out(line: str) -> None:
         if line == "created SpiderIPPool pool-a":
-            world.emu.inject_fault(
+            world.kube.inject_fault(
                 r"/spidermultusconfigs/net-a$", method="PATCH", status=500, count=100
             )
 
@@ -203,7 +197,7 @@ def test_exhausted_retries_leave_no_orphan_and_the_next_pass_converges(world: Wo
     )
     assert world.condition("Reconciling")["reason"] == "ProgressingWithRetry"
     assert metrics.passes.get(result="failure") == 1
-    world.emu.clear_faults()
+    world.kube.clear_faults()
     rep = rec.run_once()
     assert rep.converged
     _no_orphans(world)

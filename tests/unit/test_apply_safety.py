@@ -1,5 +1,5 @@
 """Apply keeps its safety promises at the moment of the write, from real Git repositories
-against the API emulator (found by the hostile tester, /tmp/breaker/repro/apply_*.py):
+against the real control plane (found by the hostile tester):
 
 - an IP is never handed out twice: a pool that received an allocation after the plan looked
   at it is neither pruned nor shrunk (resourceVersion preconditions, 409 -> judged again);
@@ -59,12 +59,12 @@ def during_held_request(world: World, rec: Any, path: str, method: str, act: Any
     """Run a pass while the API server holds the first ``method`` on ``path`` for a second;
     ``act()`` runs while it is held (after the plan looked at the cluster, before the write
     is carried out)."""
-    world.emu.inject_fault(path, method=method, hang=1.0)
+    world.kube.inject_fault(path, method=method, hang=1.0)
     out: dict[str, PassReport] = {}
     t = threading.Thread(target=lambda: out.setdefault("rep", rec.run_once()))
     t.start()
     deadline = time.monotonic() + 20
-    while world.emu.faults():  # taken: the request is in flight, held by the API server
+    while world.kube.faults():  # taken: the request is in flight, held by the API server
         assert time.monotonic() < deadline, "the pass never sent the request"
         time.sleep(0.01)
     act()
@@ -144,7 +144,7 @@ def test_collision_applies_nothing_and_says_how_to_adopt(world: World) -> None:
     )  # fmt: skip
     world.commit(QUICK)
     rec = world.reconciler()
-    world.emu.reset_requests()
+    world.reset_requests()
     rep = rec.run_once()
     assert rep.reason == "OwnershipConflict" and not rep.converged
     assert rep.outcome is not None and {a.ref() for a in rep.outcome.refused} == {
@@ -273,14 +273,14 @@ def test_fields_set_by_hand_that_git_leaves_unset_are_reverted_once(world: World
         "kind": "SpiderIPPool", "name": "pool-a", "reverted": False,
         "fields": ["spec.disable", "spec.excludeIPs"],
     }  # fmt: skip
-    world.emu.reset_requests()
+    world.reset_requests()
     rep = rec.run_once()
     assert rep.converged and applied(rep) == ["update SpiderIPPool pool-a"], rep.error
     live = world.get(vocab.SPIDER_IPPOOL, "pool-a")
     assert live is not None
     assert live["spec"]["disable"] is False  # removed, then defaulted by the API server
     assert "excludeIPs" not in live["spec"]
-    patches = [r for r in world.emu.requests(writes=True) if "/spiderippools/pool-a" in r.path]
+    patches = [r for r in world.requests(writes=True) if "/spiderippools/pool-a" in r.path]
     assert [r.content_type for r in patches if "dryRun" not in r.params][:2] == [
         "application/merge-patch+json", "application/apply-patch+yaml",
     ]  # fmt: skip
@@ -291,14 +291,14 @@ def test_fields_set_by_hand_that_git_leaves_unset_are_reverted_once(world: World
     )
     # no endless drift: the report clears, then a pass writes nothing
     rec.run_once()
-    world.emu.reset_requests()
+    world.reset_requests()
     rep = rec.run_once()
     assert rep.outcome is None and rep.converged and world.writes() == []
     # a field set by hand to its default is not drift: nothing to write
     world.custom.patch_cluster_custom_object(
         *POOLS, "pool-a", {"spec": {"default": False}}, field_manager="kubectl-patch"
     )
-    world.emu.reset_requests()
+    world.reset_requests()
     rep = rec.run_once()
     assert rep.outcome is None and rep.converged
     assert [w for w in world.writes() if "/events" not in w[1]] == []

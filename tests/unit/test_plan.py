@@ -454,3 +454,25 @@ def test_a_staying_pool_whose_addresses_are_all_excluded_blocks_nothing() -> Non
     x_live = live_of(_pool("x", excluded, excludeIPs=excluded), uid="ux")
     plan = make_plan(desired(_pool("c", excluded)), {("SpiderIPPool", None, "x"): x_live})
     assert [a.op for a in plan.actions if a.name == "c"] == [Op.CREATE]
+
+
+def test_a_staying_pool_is_judged_on_what_it_holds_now_at_every_plan() -> None:
+    """What a staying pool covers is remembered between plans (by the fields it is read from):
+    the same pool, unchanged, is not worked out again, and a pool that changed (an allocation
+    recorded, its range moved) is judged on what it holds now, never on what was remembered."""
+    x_live = live_of(_pool("x", ["172.18.30.150-172.18.30.160"]), uid="ux")
+    d = desired(_pool("c", ["172.18.30.131-172.18.30.140"]))
+    for _ in range(2):  # nothing overlaps, remembered or not
+        plan = make_plan(d, {("SpiderIPPool", None, "x"): x_live})
+        assert [a.op for a in plan.actions if a.name == "c"] == [Op.CREATE]
+    records = json.dumps({"172.18.30.133": {"pod": "default/a", "podUid": "p"}})
+    held = live_of(_pool("x", ["172.18.30.150-172.18.30.160"]), uid="ux", allocatedIPs=records)
+    plan = make_plan(d, {("SpiderIPPool", None, "x"): held})
+    (c,) = [a for a in plan.actions if a.name == "c"]
+    assert c.op is Op.BLOCKED and "overlap SpiderIPPool x (172.18.30.133)" in (c.reason or "")
+    moved = live_of(_pool("x", ["172.18.30.139-172.18.30.160"]), uid="ux")
+    plan = make_plan(d, {("SpiderIPPool", None, "x"): moved})
+    (c,) = [a for a in plan.actions if a.name == "c"]
+    assert c.op is Op.BLOCKED and "(172.18.30.139-172.18.30.140)" in (c.reason or "")
+    plan = make_plan(d, {("SpiderIPPool", None, "x"): x_live})
+    assert [a.op for a in plan.actions if a.name == "c"] == [Op.CREATE]

@@ -1,5 +1,5 @@
 """Signature verification wired into the reconciler and the CLI, on real signed commits against
-the API emulator: the allowed keys come from ``--verify-gpg-key``/``--verify-ssh-signers`` files
+the real control plane (as the reconciler's ServiceAccount): the allowed keys come from ``--verify-gpg-key``/``--verify-ssh-signers`` files
 or a Secret (read on every pass), the signer is recorded in GitSync status, and a revision that
 does not verify is refused and reported (Stalled, lastError, an Event) with nothing applied."""
 
