@@ -11,6 +11,7 @@ median and p90 per version and the ratio, and the median time each agent logged 
 and DEL calls (the call inside the agent, without process starts). Needs root.
 
     .venv/bin/python bench/bench_cni_compare.py --baseline /tmp/base [--cycles 60]
+    .venv/bin/python bench/bench_cni_compare.py --smoke     # CI: 3 cycles, this checkout twice
 """
 
 from __future__ import annotations
@@ -54,9 +55,16 @@ def start_agent(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--baseline", type=Path, required=True, help="the other checkout")
+    p.add_argument("--baseline", type=Path, help="the other checkout (required unless --smoke)")
     p.add_argument("--cycles", type=int, default=60)
+    p.add_argument(
+        "--smoke", action="store_true", help="3 cycles against this checkout itself, for CI"
+    )
     a = p.parse_args()
+    if a.smoke:
+        a.baseline, a.cycles = a.baseline or ROOT, 3
+    if a.baseline is None:
+        p.error("--baseline is required (or --smoke)")
     work = Path(tempfile.mkdtemp(prefix="cni-compare-"))
     rig = Rig()
     agents = []
@@ -74,7 +82,8 @@ def main() -> None:
             cases[name] = (Runtime(node, cni_path), conf)
         times: dict[str, list[float]] = {k: [] for k in cases}
         n = 0
-        for cycle in range(a.cycles + 5):  # the first 5: warm-up
+        warm = 1 if a.smoke else 5
+        for cycle in range(a.cycles + warm):  # the first ones: warm-up
             for name, (rt, conf) in cases.items():
                 n += 1
                 pod = rig.add_pod(f"s{n}")
@@ -83,7 +92,7 @@ def main() -> None:
                 rt.delete(conf, pod, f"c{n}")
                 took = time.perf_counter() - t0
                 rig.delete_pod(f"s{n}")
-                if cycle >= 5:
+                if cycle >= warm:
                     times[name].append(took)
         base = statistics.median(times["baseline"])
         print(f"ADD+DEL cycles (underlay-ovs + host-local): {a.cycles} per version, alternating")
@@ -97,7 +106,7 @@ def main() -> None:
             for cmd in ("ADD", "DEL"):
                 ms = [float(line.rsplit("(", 1)[1].split(" ms")[0])
                       for line in text.splitlines() if f"underlay-ovs {cmd} " in line and "-> ok (" in line]  # fmt: skip
-                print(f"  {name:9} {cmd} {statistics.median(ms[5:]):6.2f} ({len(ms)} calls)")
+                print(f"  {name:9} {cmd} {statistics.median(ms[warm:]):6.2f} ({len(ms)} calls)")
     finally:
         for proc in agents:
             proc.terminate()

@@ -99,7 +99,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--python", default="/usr/bin/python3")
+    ap.add_argument("--smoke", action="store_true", help="5 runs each, for CI (no targets)")
     a = ap.parse_args()
+    if a.smoke:
+        a.runs = 5
     with tempfile.TemporaryDirectory() as tmp:
         sock = str(Path(tmp) / "agent.sock")
         srv = trivial_agent(sock)
@@ -118,14 +121,14 @@ def main() -> None:
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
         rss: dict[str, list[int]] = {k: [] for k in cases}
-        for _ in range(10):  # warm the page cache
+        for _ in range(2 if a.smoke else 10):  # warm the page cache
             for cmd, env, stdin in cases.values():
                 run_once(cmd, env, stdin)
         for _ in range(a.runs):
             for name, (cmd, env, stdin) in cases.items():
                 times[name].append(run_once(cmd, env, stdin))
         if os.path.exists(TIME):
-            for _ in range(20):
+            for _ in range(2 if a.smoke else 20):
                 for name, (cmd, env, stdin) in cases.items():
                     rss[name].append(peak_rss(cmd, env, stdin))
         srv.close()

@@ -127,9 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=int, default=5000)
     ap.add_argument("--files", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="200 documents once, for CI: every step runs, no speed target, check-jsonschema "
+        "only when installed",
+    )
     a = ap.parse_args(argv)
+    if a.smoke:
+        a.docs, a.files, a.repeat = 200, 20, 1
     cjs = shutil.which("check-jsonschema") or str(Path(sys.executable).parent / "check-jsonschema")
-    if not Path(cjs).exists():
+    have_cjs = Path(cjs).exists()
+    if not have_cjs and not a.smoke:
         print("check-jsonschema is not installed: pip install check-jsonschema", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO))
@@ -157,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                 files = sorted(str(p) for p in (single / kind).glob("*.yaml"))
                 run([cjs, "--schemafile", str(SCHEMAS / schema), *files])
 
+        if not have_cjs:
+            print(f"smoke: underlay validated {a.docs} documents in {t_cli_a:.2f} s")
+            return 0
         t_cjs = best_of(a.repeat, check_jsonschema)
 
     rows = [
@@ -174,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up over check-jsonschema, same files (B): {speedup_same:.1f}x")
     print(f"speed-up over check-jsonschema, operators' layout (A) vs B: {speedup_grouped:.1f}x")
     print("(underlay also runs every semantic rule; check-jsonschema only the JSON Schemas)")
-    return 0 if min(speedup_same, speedup_grouped) >= 2.0 else 1
+    return 0 if a.smoke or min(speedup_same, speedup_grouped) >= 2.0 else 1
 
 
 if __name__ == "__main__":

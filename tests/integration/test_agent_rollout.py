@@ -217,7 +217,7 @@ def test_at_most_n_holders_when_many_agents_race(kube: Kube) -> None:
     """Six agents, two slots, five turns each: never more than two hold a slot at once, two do
     at times, and everybody gets its turns (create-or-CAS on the Lease is atomic on the API
     server). A holder keeps its slot until a second one is held (at most 0.5 s): each request
-    to the real server takes longer than the emulator's, so short turns rarely overlapped."""
+    to the real server takes long enough that short turns rarely overlapped."""
     held: set[str] = set()
     most = 0
     lock = threading.Lock()
