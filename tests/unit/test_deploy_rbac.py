@@ -343,6 +343,7 @@ def test_agent_daemon_calls_are_granted(kube: Kube) -> None:
         assert not allowed(kube, AGENT_SA, a), str(a)
     src = (ROOT / "node-agent/node_agent/daemon.py").read_text()
     assert 'EVENT_NAMESPACE = "default"' in src
+    rules = rules_for("underlay-agent")
     assert not any(
         r.allows(Attrs("create", "", "events", "", "underlay-system", None)) for r in rules
     ), "the agent's Events go to default only"

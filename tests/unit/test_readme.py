@@ -1,4 +1,5 @@
-"""README's two set-up commands: the first works as written, the second is what .ci/run runs."""
+"""README's set-up commands: the first works as written, the second (the control plane's build)
+and the third (the test command) are what .ci/run runs."""
 
 from __future__ import annotations
 
@@ -16,12 +17,19 @@ def setup_commands() -> list[str]:
     return [b.strip() for b in re.findall(r"```sh\n(.*?)```", section, re.S)]
 
 
-def test_exactly_two_setup_commands() -> None:
-    assert len(setup_commands()) == 2
+def test_exactly_three_setup_commands() -> None:
+    assert len(setup_commands()) == 3
+
+
+def test_ci_builds_the_control_plane_as_the_readme_says() -> None:
+    build = setup_commands()[1].split("#", 1)[0].strip()
+    assert build == "tests/controlplane/build.sh"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(rf"\$\({re.escape(build)}\)", ci), f"{build!r} not in .ci/run"
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    test_cmd = setup_commands()[1]
+    test_cmd = setup_commands()[2]
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(rf"^\s*{re.escape(test_cmd)}\s*$", ci, re.M), f"{test_cmd!r} not in .ci/run"
 
