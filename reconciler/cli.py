@@ -950,3 +950,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def entry() -> None:
+    """The ``underlay`` console script: :func:`main`, then exit with its code.
+
+    When worker threads are still running (the agent's and the reconciler's watches, retries
+    and servers are daemon threads), the process ends with ``os._exit`` once logs and output
+    are flushed: interpreter finalization would end those threads with ``pthread_exit`` in the
+    middle of whatever call they are in, and unwinding through a compiled extension's frames
+    (the kubernetes client's pydantic-validated calls) aborts the process (SIGABRT, exit -6)
+    after a clean stop.
+    """
+    import os
+    import threading
+
+    rc = main()
+    if threading.active_count() > 1:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(rc)
+    sys.exit(rc)

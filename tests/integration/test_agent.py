@@ -42,7 +42,7 @@ DATA_IPS = {"n1": "172.19.10.11", "n2": "172.19.10.12", "n3": "172.19.10.13"}
 NETPLAN_FILE = "etc/netplan/60-underlay-br1.yaml"
 RECORD_FILE = "var/lib/underlay/bridges/br1.json"
 AGENT_NAMESPACE = "underlay-system"
-AGENT_ENV = {**os.environ, "POD_NAMESPACE": AGENT_NAMESPACE}
+AGENT_ENV = {**os.environ, "POD_NAMESPACE": AGENT_NAMESPACE, "PYTHONFAULTHANDLER": "1"}
 """The DaemonSet's environment (deploy/agent.yaml: POD_NAMESPACE from the downward API), so
 the rollout slot Leases live in underlay-system, where deploy/rbac.yaml's Role grants them."""
 ROLLOUT_CONDITIONS = ("Ready", "Progressing", "Failing", "Pending", "Aborted")

@@ -126,7 +126,7 @@ def test_agent_killed_during_the_probe_is_rolled_back_at_restart(world: World) -
     assert b.text().count("changing n1") <= 1, b.text()
     assert w.cluster.condition("n1", "br2")[0] == "Failing"
     assert_same_state(node_state(n1), before)
-    assert b.stop() == 0
+    assert b.stop() == 0, b.text()[-6000:]
 
 
 # --- 2. moveAddresses true -> false ----------------------------------------------------------
@@ -185,7 +185,7 @@ def test_move_addresses_turned_off_gives_the_node_back_to_the_uplink(world: Worl
     assert [x["cidr"] for x in rec["addresses"]] == [ip]
     assert any(r["dst"] == "default" and r["gateway"] == GATEWAY for r in rec["routes"])
     assert journals(n1) == []
-    assert a.stop() == 0
+    assert a.stop() == 0, a.text()[-3000:]
 
     # reboot: OVS database wiped, br1 gone, eth0 flushed; the agent replays the record
     n1.reboot_ovs()
@@ -205,7 +205,7 @@ def test_move_addresses_turned_off_gives_the_node_back_to_the_uplink(world: Worl
     assert not n1.link_exists("br1")
     assert n1.addresses("eth0") == [ip] and n1.default_route_dev() == "eth0"
     assert not (n1.root / NETPLAN_FILE).exists() and not (n1.root / RECORD_FILE).exists()
-    assert b.stop() == 0
+    assert b.stop() == 0, b.text()[-6000:]
 
 
 def test_move_addresses_turned_off_is_rolled_back_when_the_probe_fails(world: World) -> None:
@@ -233,7 +233,7 @@ def test_move_addresses_turned_off_is_rolled_back_when_the_probe_fails(world: Wo
     assert n1.addresses("br2") == [ip] and n1.addresses("eth1") == []
     assert record(n1, "br2")["carrier"] == "br2"
     assert journals(n1) == []
-    assert a.stop() == 0
+    assert a.stop() == 0, a.text()[-3000:]
 
 
 # --- 3. spec.mtu unset -----------------------------------------------------------------------
@@ -292,7 +292,7 @@ def test_mtu_unset_sets_the_uplink_and_bridge_back(world: World) -> None:
     wait_for(lambda: w.cluster.enactment("n1") is None, 20, "removed")
     assert mtu(n1, "eth0") == 1500
     assert n1.addresses("eth0") == [f"{IPS['n1']}/16"]
-    assert a.stop() == 0
+    assert a.stop() == 0, a.text()[-3000:]
 
 
 def test_an_unreadable_journal_never_stops_the_agent(world: World) -> None:
@@ -312,4 +312,4 @@ def test_an_unreadable_journal_never_stops_the_agent(world: World) -> None:
     w.cluster.wait_condition("n1", "Ready", timeout=30)
     assert "unreadable enactment journal /var/lib/underlay/bridges/old.journal" in a.text()
     assert not (d / "old.journal").exists()
-    assert a.stop() == 0
+    assert a.stop() == 0, a.text()[-3000:]
