@@ -969,9 +969,7 @@ def entry() -> None:
     if threading.active_count() > 1:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
         os._exit(rc)
     sys.exit(rc)
